@@ -1,1 +1,384 @@
-//! (placeholder)
+//! Connection strings: one parsed, validated description of how to reach a PostgreSQL server.
+//!
+//! Owns: parsing a libpq URI (`postgresql://user@host:5432/db`) or key=value string
+//! (`host=… dbname=…`) — the parser is tokio-postgres's, so the syntax is libpq's — and filling
+//! what it omits from the `PG*` environment variables and `~/.pgpass`, as libpq does. Hands out a
+//! [`tokio_postgres::Config`] for ordinary connections, the same parameters for the replication
+//! client, and a libpq string plus environment for child processes (`pg_dump`, `pg_restore`), so
+//! that a password never appears on a command line.
+//!
+//! Does not own: TLS (connections are plaintext; `sslmode=require` and stricter are refused with a
+//! clear error until TLS lands) or opening replication connections (see `replication`).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio_postgres::config::{Host, SslMode};
+
+/// Why a connection string cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnInfoError {
+    #[error("invalid connection string: {0}")]
+    Parse(String),
+    #[error("sslmode={0} is not supported yet by tidemark (connections are plaintext); use sslmode=disable or prefer, or a TLS-terminating proxy")]
+    TlsUnsupported(String),
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// A fully resolved connection description.
+#[derive(Clone)]
+pub struct ConnInfo {
+    config: tokio_postgres::Config,
+}
+
+impl ConnInfo {
+    /// Parses `s` and fills omitted parameters from the environment (`PGHOST`, `PGPORT`,
+    /// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGAPPNAME`, `PGCONNECT_TIMEOUT`,
+    /// `PGPASSFILE` or `~/.pgpass`) and libpq's defaults.
+    pub fn parse(s: &str) -> Result<ConnInfo, ConnInfoError> {
+        Self::parse_with_env(s, &|k| std::env::var(k).ok())
+    }
+
+    /// Like [`ConnInfo::parse`] with an explicit environment (for tests).
+    pub fn parse_with_env(
+        s: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<ConnInfo, ConnInfoError> {
+        let mut config = if s.trim().is_empty() {
+            tokio_postgres::Config::new()
+        } else {
+            tokio_postgres::Config::from_str(s).map_err(|e| ConnInfoError::Parse(e.to_string()))?
+        };
+        if config.get_hosts().is_empty() {
+            match env("PGHOST").filter(|h| !h.is_empty()) {
+                Some(hosts) => {
+                    for h in hosts.split(',') {
+                        add_host(&mut config, h);
+                    }
+                }
+                None => {
+                    let dir = ["/var/run/postgresql", "/tmp"]
+                        .into_iter()
+                        .find(|d| Path::new(d).is_dir());
+                    match dir {
+                        Some(d) => config.host_path(d),
+                        None => config.host("localhost"),
+                    };
+                }
+            }
+        }
+        if config.get_ports().is_empty() {
+            let port = match env("PGPORT") {
+                Some(p) => p
+                    .parse::<u16>()
+                    .map_err(|_| ConnInfoError::Parse(format!("PGPORT={p:?} is not a port")))?,
+                None => 5432,
+            };
+            config.port(port);
+        }
+        if config.get_user().is_none() {
+            let user = env("PGUSER")
+                .or_else(|| env("USER"))
+                .or_else(|| env("LOGNAME"))
+                .unwrap_or_else(|| "postgres".to_string());
+            config.user(&user);
+        }
+        if config.get_dbname().is_none() {
+            let db = env("PGDATABASE")
+                .unwrap_or_else(|| config.get_user().unwrap_or("postgres").to_string());
+            config.dbname(&db);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name(&env("PGAPPNAME").unwrap_or_else(|| "tidemark".to_string()));
+        }
+        if config.get_connect_timeout().is_none() {
+            let secs = env("PGCONNECT_TIMEOUT")
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(10);
+            config.connect_timeout(Duration::from_secs(secs.max(2)));
+        }
+        let sslmode_in_string = s.contains("sslmode");
+        if !sslmode_in_string {
+            if let Some(mode) = env("PGSSLMODE") {
+                match mode.as_str() {
+                    "disable" | "allow" => config.ssl_mode(SslMode::Disable),
+                    "prefer" => config.ssl_mode(SslMode::Prefer),
+                    other => return Err(ConnInfoError::TlsUnsupported(other.to_string())),
+                };
+            }
+        }
+        if config.get_ssl_mode() == SslMode::Require || s.contains("verify-") {
+            return Err(ConnInfoError::TlsUnsupported("require".into()));
+        }
+        // Connections are plaintext; "prefer" then means "disable", as with a libpq built without SSL.
+        config.ssl_mode(SslMode::Disable);
+        let mut info = ConnInfo { config };
+        if info.config.get_password().is_none() {
+            if let Some(pw) = env("PGPASSWORD") {
+                info.config.password(pw);
+            } else if let Some(pw) = info.passfile_lookup(env) {
+                info.config.password(pw);
+            }
+        }
+        Ok(info)
+    }
+
+    fn passfile_lookup(&self, env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
+        let path = env("PGPASSFILE")
+            .map(PathBuf::from)
+            .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+        let text = std::fs::read_to_string(path).ok()?;
+        let host = self.host_string();
+        let host = if host.starts_with('/') {
+            "localhost".to_string()
+        } else {
+            host
+        };
+        passfile_match(
+            &text,
+            &host,
+            &self.port().to_string(),
+            self.dbname(),
+            self.user(),
+        )
+    }
+
+    /// The configuration for an ordinary (non-replication) connection.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    pub fn user(&self) -> &str {
+        self.config.get_user().unwrap_or("postgres")
+    }
+
+    pub fn dbname(&self) -> &str {
+        self.config.get_dbname().unwrap_or("postgres")
+    }
+
+    pub fn password(&self) -> Option<&[u8]> {
+        self.config.get_password()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.config.get_ports().first().copied().unwrap_or(5432)
+    }
+
+    pub fn hosts(&self) -> &[Host] {
+        self.config.get_hosts()
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    /// The first host as text: a name, an address, or a socket directory.
+    pub fn host_string(&self) -> String {
+        match self.config.get_hosts().first() {
+            Some(Host::Tcp(h)) => h.clone(),
+            Some(Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        }
+    }
+
+    /// Returns a copy pointing at another database on the same server.
+    pub fn with_dbname(&self, db: &str) -> ConnInfo {
+        let mut c = self.clone();
+        c.config.dbname(db);
+        c
+    }
+
+    /// Opens an ordinary connection and spawns its driver task.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnInfoError> {
+        let (client, connection) =
+            self.config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| ConnInfoError::Connect {
+                    target: self.to_string(),
+                    source,
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// A libpq key=value string without the password, for child processes; pass
+    /// [`ConnInfo::child_env`] as their environment.
+    pub fn libpq_string(&self) -> String {
+        let q = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
+        format!(
+            "host={} port={} user={} dbname={} sslmode=disable application_name={}",
+            q(&self.host_string()),
+            self.port(),
+            q(self.user()),
+            q(self.dbname()),
+            q(self.config.get_application_name().unwrap_or("tidemark"))
+        )
+    }
+
+    /// Environment for child processes (the password, if any).
+    pub fn child_env(&self) -> Vec<(String, String)> {
+        match self.password() {
+            Some(pw) => vec![(
+                "PGPASSWORD".into(),
+                String::from_utf8_lossy(pw).into_owned(),
+            )],
+            None => vec![],
+        }
+    }
+}
+
+fn add_host(config: &mut tokio_postgres::Config, h: &str) {
+    if h.starts_with('/') {
+        config.host_path(h);
+    } else {
+        config.host(h);
+    }
+}
+
+/// Finds the password for (host, port, db, user) in the text of a `.pgpass` file.
+fn passfile_match(text: &str, host: &str, port: &str, db: &str, user: &str) -> Option<String> {
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let mut fields = Vec::new();
+        let mut cur = String::new();
+        let mut chars = line.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => cur.extend(chars.next()),
+                ':' if fields.len() < 4 => fields.push(std::mem::take(&mut cur)),
+                _ => cur.push(c),
+            }
+        }
+        fields.push(cur);
+        if fields.len() != 5 {
+            continue;
+        }
+        let ok = |pat: &str, v: &str| pat == "*" || pat == v;
+        if ok(&fields[0], host)
+            && ok(&fields[1], port)
+            && ok(&fields[2], db)
+            && ok(&fields[3], user)
+        {
+            return Some(fields[4].clone());
+        }
+    }
+    None
+}
+
+impl fmt::Display for ConnInfo {
+    /// Prints the target without the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user(),
+            self.host_string(),
+            self.port(),
+            self.dbname()
+        )
+    }
+}
+
+impl fmt::Debug for ConnInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ConnInfo({self}, password: [redacted])")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn uri_and_keyvalue_forms_parse_alike() {
+        let e = env(&[]);
+        let a = ConnInfo::parse_with_env("postgresql://alice:pw@db.example:6543/app", &e).unwrap();
+        let b = ConnInfo::parse_with_env(
+            "host=db.example port=6543 user=alice password=pw dbname=app",
+            &e,
+        )
+        .unwrap();
+        for c in [&a, &b] {
+            assert_eq!(c.host_string(), "db.example");
+            assert_eq!(c.port(), 6543);
+            assert_eq!(c.user(), "alice");
+            assert_eq!(c.dbname(), "app");
+            assert_eq!(c.password(), Some(&b"pw"[..]));
+        }
+        assert!(!format!("{a:?} {a}").contains("pw"));
+        assert!(!a.libpq_string().contains("pw"));
+    }
+
+    #[test]
+    fn environment_fills_what_the_string_omits() {
+        let e = env(&[
+            ("PGHOST", "/sock"),
+            ("PGPORT", "7777"),
+            ("PGUSER", "bob"),
+            ("PGDATABASE", "shop"),
+            ("PGPASSWORD", "s3"),
+        ]);
+        let c = ConnInfo::parse_with_env("", &e).unwrap();
+        assert_eq!(
+            (c.host_string().as_str(), c.port(), c.user(), c.dbname()),
+            ("/sock", 7777, "bob", "shop")
+        );
+        assert_eq!(c.password(), Some(&b"s3"[..]));
+        let c = ConnInfo::parse_with_env("dbname=other port=1", &e).unwrap();
+        assert_eq!((c.port(), c.dbname()), (1, "other"));
+    }
+
+    #[test]
+    fn tls_modes_we_cannot_honour_are_refused() {
+        let e = env(&[]);
+        assert!(matches!(
+            ConnInfo::parse_with_env("host=x sslmode=require", &e),
+            Err(ConnInfoError::TlsUnsupported(_))
+        ));
+        assert!(ConnInfo::parse_with_env("host=x sslmode=prefer", &e).is_ok());
+        assert!(matches!(
+            ConnInfo::parse_with_env("host=x", &env(&[("PGSSLMODE", "verify-full")])),
+            Err(ConnInfoError::TlsUnsupported(_))
+        ));
+        assert!(matches!(
+            ConnInfo::parse_with_env("host=x port=notaport", &e),
+            Err(ConnInfoError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn pgpass_lines_match_with_wildcards_and_escapes() {
+        let text = "# comment\nother:5432:*:bob:nope\n*:5432:shop:bob:pa\\:ss\n";
+        assert_eq!(
+            passfile_match(text, "h", "5432", "shop", "bob").as_deref(),
+            Some("pa:ss")
+        );
+        assert_eq!(passfile_match(text, "h", "5433", "shop", "bob"), None);
+    }
+}

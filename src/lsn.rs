@@ -91,13 +91,21 @@ impl PgTimestamp {
 
 impl fmt::Display for PgTimestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.to_datetime().format("%Y-%m-%d %H:%M:%S%.6f+00"))
+        write!(
+            f,
+            "{}",
+            self.to_datetime().format("%Y-%m-%d %H:%M:%S%.6f+00")
+        )
     }
 }
 
 impl serde::Serialize for PgTimestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.to_datetime().to_rfc3339_opts(chrono::SecondsFormat::Micros, true))
+        s.collect_str(
+            &self
+                .to_datetime()
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        )
     }
 }
 
@@ -132,6 +140,9 @@ mod tests {
         assert_eq!(t.to_rfc3339(), "2000-01-01T00:00:00+00:00");
         let json = serde_json::to_string(&PgTimestamp(1_500_000)).unwrap();
         assert_eq!(json, "\"2000-01-01T00:00:01.500000Z\"");
-        assert_eq!(serde_json::from_str::<PgTimestamp>(&json).unwrap(), PgTimestamp(1_500_000));
+        assert_eq!(
+            serde_json::from_str::<PgTimestamp>(&json).unwrap(),
+            PgTimestamp(1_500_000)
+        );
     }
 }
