@@ -96,7 +96,7 @@ impl ConnInfo {
             config.dbname(&db);
         }
         if config.get_application_name().is_none() {
-            config.application_name(&env("PGAPPNAME").unwrap_or_else(|| "tidemark".to_string()));
+            config.application_name(env("PGAPPNAME").unwrap_or_else(|| "tidemark".to_string()));
         }
         if config.get_connect_timeout().is_none() {
             let secs = env("PGCONNECT_TIMEOUT")

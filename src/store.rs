@@ -1,0 +1,119 @@
+//! Where archive objects live: one small interface, one implementation per kind of storage.
+//!
+//! Owns: the [`Store`] trait (put, get, list, delete of immutable objects by key) and the
+//! choice of implementation from a repository URL (`/path`, `file:///path`; `s3://` later).
+//!
+//! Invariant protected here: **objects are immutable and writes are create-only.** A put of bytes
+//! identical to an existing object is a no-op (so a re-upload after a crash is idempotent); a put
+//! of different bytes under an existing key is [`StoreError::Conflict`], never an overwrite — it
+//! means two writers or a split brain. A put that returns `Ok` is durable.
+//!
+//! Keys are `/`-separated relative paths (`segments/00000001/…seg`); stores map them to their
+//! own namespace.
+
+pub mod local;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use local::LocalStore;
+
+/// A stored object as a listing shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Errors of a store operation. Each names the store location and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{location}: object {key} not found")]
+    NotFound { location: String, key: String },
+    #[error("{location}: object {key} already exists with different content ({existing} bytes stored, {new} bytes offered); refusing to overwrite an archived object: is another archiver writing to this repository?")]
+    Conflict {
+        location: String,
+        key: String,
+        existing: u64,
+        new: u64,
+    },
+    #[error("{location}: {op} {key}: {source}")]
+    Io {
+        location: String,
+        op: &'static str,
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{location}: {op} {key}: {message}")]
+    Remote {
+        location: String,
+        op: &'static str,
+        key: String,
+        message: String,
+        retryable: bool,
+    },
+    #[error("invalid repository {0}")]
+    InvalidUrl(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+            ),
+            StoreError::Remote { retryable, .. } => *retryable,
+            _ => false,
+        }
+    }
+}
+
+/// The archive's storage.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Human-readable location (`/var/lib/tidemark`, `s3://bucket/prefix`), for messages.
+    fn location(&self) -> String;
+
+    /// Stores `data` under `key`, durably, create-only (see the module doc).
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
+
+    /// Reads a whole object. `NotFound` if absent.
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+
+    /// Lists objects whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
+
+    /// Deletes an object; deleting an absent object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Checks that the store can be written (creates and deletes a probe object).
+    async fn check_writable(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a repository URL names: a folder path or `file://` URL.
+pub fn open(repo: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if let Some(path) = repo.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            return Err(StoreError::InvalidUrl(format!(
+                "{repo:?}: a file:// URL needs an absolute path (file:///var/lib/tidemark)"
+            )));
+        }
+        return Ok(Arc::new(LocalStore::new(path)));
+    }
+    if repo.contains("://") {
+        return Err(StoreError::InvalidUrl(format!(
+            "{repo:?}: unsupported scheme; use a folder path or a file:// URL"
+        )));
+    }
+    if repo.is_empty() {
+        return Err(StoreError::InvalidUrl("an empty path".into()));
+    }
+    Ok(Arc::new(LocalStore::new(repo)))
+}
