@@ -1,1 +1,270 @@
-fn main() {}
+//! The `tidemark` command line: parses flags (each with a `TIDEMARK_…` environment variable),
+//! runs one command, and turns errors into a message with a hint and a stable exit code.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use tidemark::archive::{self, ArchiveOptions};
+use tidemark::conninfo::ConnInfo;
+use tidemark::exit::{exit_code, ExitStatus};
+use tidemark::lsn::Lsn;
+use tidemark::restore::{self, Target};
+use tidemark::store::{self, Store};
+use tidemark::{demo, list, setup};
+
+/// Continuous archiving and point-in-time recovery for PostgreSQL over logical replication.
+#[derive(Parser, Debug)]
+#[command(name = "tidemark", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, or a tracing filter like tidemark=debug).
+    #[arg(long, global = true, env = "TIDEMARK_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check the source server and create the publication and the replication slot.
+    Setup(SetupArgs),
+    /// Archive the slot's change stream into the repository until SIGINT/SIGTERM.
+    Archive(ArchiveArgs),
+    /// Take a base backup now, aligned exactly with a point of the change stream.
+    Backup(BackupArgs),
+    /// Show the repository's base backups and the archived LSN and time range.
+    List(ListArgs),
+    /// Restore into an existing empty database, up to a point in time.
+    Restore(RestoreArgs),
+    /// Run everything end to end on a throwaway local PostgreSQL and check the result.
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct SourceArgs {
+    /// Source database: a libpq URI or key=value string; PG* variables fill what it omits.
+    #[arg(long, env = "TIDEMARK_SOURCE", default_value = "")]
+    source: String,
+}
+
+#[derive(Args, Debug)]
+struct SlotArgs {
+    /// Publication to stream (default "tidemark"; created FOR ALL TABLES when the default is missing).
+    #[arg(long, env = "TIDEMARK_PUBLICATION")]
+    publication: Option<String>,
+    /// Logical replication slot (default "tidemark"; created when the default is missing).
+    #[arg(long, env = "TIDEMARK_SLOT")]
+    slot: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct RepoArgs {
+    /// Repository: a folder path or file:// URL.
+    #[arg(long, env = "TIDEMARK_REPO")]
+    repo: String,
+}
+
+#[derive(Args, Debug)]
+struct SetupArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    slot: SlotArgs,
+}
+
+#[derive(Args, Debug)]
+struct ArchiveArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[command(flatten)]
+    slot: SlotArgs,
+    /// Seal the open segment this long after its first commit (the RPO).
+    #[arg(long, env = "TIDEMARK_SEAL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    seal_interval: Duration,
+    /// Seal a segment once it holds this many bytes (at the next commit boundary).
+    #[arg(long, env = "TIDEMARK_SEGMENT_BYTES", default_value_t = 16 << 20)]
+    segment_bytes: usize,
+    /// Commit a heartbeat message this often so a quiet database's restore window advances ("0s" disables).
+    #[arg(long, env = "TIDEMARK_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// Send a standby status update at least this often.
+    #[arg(long, env = "TIDEMARK_STATUS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    status_interval: Duration,
+    /// Connections used by base backups.
+    #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
+    parallel: usize,
+}
+
+#[derive(Args, Debug)]
+struct BackupArgs {
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[command(flatten)]
+    slot: SlotArgs,
+    /// Connections used to copy tables.
+    #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
+    parallel: usize,
+}
+
+#[derive(Args, Debug)]
+struct ListArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("stop").required(true).args(["to_time", "to_lsn", "latest"])))]
+struct RestoreArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Target database (must exist and be empty): a libpq URI or key=value string.
+    #[arg(long, env = "TIDEMARK_TARGET")]
+    target: String,
+    /// Restore every transaction committed at or before this instant (e.g. "2026-11-28 14:03:07.25+00"; without a zone, UTC).
+    #[arg(long, env = "TIDEMARK_TO_TIME")]
+    to_time: Option<String>,
+    /// Restore every transaction whose commit record is at or before this LSN (e.g. 0/16B3748).
+    #[arg(long, env = "TIDEMARK_TO_LSN")]
+    to_lsn: Option<Lsn>,
+    /// Restore everything archived.
+    #[arg(long)]
+    latest: bool,
+    /// Connections used to load tables.
+    #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
+    parallel: usize,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// Use this server instead of starting a throwaway one (it must allow wal_level=logical).
+    #[arg(long, env = "TIDEMARK_SOURCE")]
+    source: Option<String>,
+    /// Keep the archive in this folder (default: a temporary folder).
+    #[arg(long, env = "TIDEMARK_REPO")]
+    repo: Option<String>,
+    /// How long the workload runs.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = exit_code(&e);
+            eprintln!("error: {}", tidemark::exit::render(&e));
+            ExitCode::from(code as u8)
+        }
+    }
+}
+
+fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        for n in 0..2 {
+            tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+            if n == 0 {
+                tracing::info!("shutting down: sealing and storing the open segment (signal again to abort)");
+                t.cancel();
+            } else {
+                eprintln!("aborted by a second signal");
+                std::process::exit(ExitStatus::Aborted as i32);
+            }
+        }
+    });
+    token
+}
+
+fn open_repo(repo: &RepoArgs) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(store::open(&repo.repo)?)
+}
+
+fn archive_options(slot: &SlotArgs) -> ArchiveOptions {
+    let d = ArchiveOptions::default();
+    ArchiveOptions {
+        slot_explicit: slot.slot.is_some(),
+        publication_explicit: slot.publication.is_some(),
+        slot: slot.slot.clone().unwrap_or(d.slot.clone()),
+        publication: slot.publication.clone().unwrap_or(d.publication.clone()),
+        ..d
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Setup(a) => {
+            let source = ConnInfo::parse(&a.source.source)?;
+            let o = archive_options(&a.slot);
+            setup::run(&source, &o.slot, &o.publication).await?;
+        }
+        Command::Archive(a) => {
+            let source = ConnInfo::parse(&a.source.source)?;
+            let repo = open_repo(&a.repo)?;
+            let opts = ArchiveOptions {
+                seal_interval: a.seal_interval,
+                segment_bytes: a.segment_bytes,
+                heartbeat: (!a.heartbeat.is_zero()).then_some(a.heartbeat),
+                status_interval: a.status_interval,
+                backup_parallel: a.parallel.max(1),
+                ..archive_options(&a.slot)
+            };
+            let summary = archive::run(&source, repo, &opts, shutdown_on_signals()).await?;
+            eprintln!(
+                "archived generation {} from {} to {} ({} transactions in {} segments this run)",
+                summary.generation, summary.start, summary.durable, summary.transactions, summary.segments
+            );
+        }
+        Command::Backup(a) => {
+            let source = ConnInfo::parse(&a.source.source)?;
+            let repo = open_repo(&a.repo)?;
+            let opts = ArchiveOptions { backup_parallel: a.parallel.max(1), ..archive_options(&a.slot) };
+            let m = tidemark::backup_cmd::run(&source, repo, &opts).await?;
+            println!("base backup {} at {} ({})", m.id, m.consistent_point, m.snapshot_time);
+        }
+        Command::List(a) => {
+            let repo = open_repo(&a.repo)?;
+            list::run(&repo, a.json).await?;
+        }
+        Command::Restore(a) => {
+            let target_db = ConnInfo::parse(&a.target)?;
+            let repo = open_repo(&a.repo)?;
+            let target = match (a.to_time, a.to_lsn, a.latest) {
+                (Some(t), _, _) => Target::Time(tidemark::exit::parse_time(&t)?),
+                (_, Some(l), _) => Target::Lsn(l),
+                _ => Target::Latest,
+            };
+            let s = restore::run(&repo, &target_db, target, a.parallel.max(1)).await?;
+            println!(
+                "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s",
+                s.backup_id,
+                s.transactions_replayed,
+                s.last_commit_lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
+                s.last_commit_time.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                s.seconds
+            );
+        }
+        Command::Demo(a) => demo::run(a.source.as_deref(), a.repo.as_deref(), a.duration).await?,
+    }
+    Ok(())
+}

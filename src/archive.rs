@@ -1,0 +1,673 @@
+//! The continuous archiver: slot → segments → store, acknowledging only what is durable.
+//!
+//! ```text
+//! receiver (reads the slot) ──events──▶ writer (builds and seals segments) ──sealed──▶ uploader
+//!     ▲                                                                                   │
+//!     └───────────────── durable LSN (watch channel): the only LSN ever acknowledged ◀─────┘
+//! ```
+//!
+//! Owns the archiving run: choosing where the stream resumes (the archive's own end, never the
+//! slot's word alone), taking the first base backup of a generation, the pipeline above, and the
+//! clean shutdown order (stop reading, seal, store, acknowledge, finish the stream).
+//!
+//! Invariants:
+//! * **received ≥ sealed ≥ durable**, and only *durable* (every segment up to it is stored)
+//!   is sent to PostgreSQL as the flush LSN. A crash at any instant therefore loses nothing:
+//!   the slot replays from at most the archive's end.
+//! * A segment holds whole transactions only; a transaction cut by a shutdown or crash is
+//!   dropped and received again on the next run.
+//! * The stream resumes at the archive's end; a transaction whose commit LSN is below it is a
+//!   duplicate and is dropped; a slot already beyond the archive's end is a gap and stops the run.
+//! * Memory is bounded: the channels between the stages are bounded, so a slow store makes the
+//!   receiver stop reading (the slot holds the WAL meanwhile).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::backup::{self, BackupRequest};
+use crate::conninfo::ConnInfo;
+use crate::lsn::{Lsn, PgTimestamp};
+use crate::pgoutput::{self, Message};
+use crate::replication::{ReplicationClient, ReplicationMessage};
+use crate::repo::{self, Identity};
+use crate::segment::{self, CommitEntry, Record, SegmentBuilder};
+use crate::source::{Source, SourceError};
+use crate::store::Store;
+
+/// Settings of an archiving run.
+#[derive(Clone, Debug)]
+pub struct ArchiveOptions {
+    pub slot: String,
+    pub publication: String,
+    /// The slot was named explicitly: it must exist (never created).
+    pub slot_explicit: bool,
+    /// The publication was named explicitly: it must exist (never created).
+    pub publication_explicit: bool,
+    /// Seal the open segment this long after its first commit (the RPO knob).
+    pub seal_interval: Duration,
+    /// Seal when the open segment reaches this many bytes (at the next commit).
+    pub segment_bytes: usize,
+    /// While idle, record the stream's progress in an empty segment at most this often.
+    pub idle_interval: Duration,
+    /// Send a standby status update at least this often.
+    pub status_interval: Duration,
+    /// Emit a heartbeat (a logical message) when no commit was seen for this long; None: never.
+    pub heartbeat: Option<Duration>,
+    /// Segments uploading at once.
+    pub upload_concurrency: usize,
+    /// Connections used by a base backup.
+    pub backup_parallel: usize,
+}
+
+impl Default for ArchiveOptions {
+    fn default() -> Self {
+        ArchiveOptions {
+            slot: "tidemark".into(),
+            publication: "tidemark".into(),
+            slot_explicit: false,
+            publication_explicit: false,
+            seal_interval: Duration::from_secs(1),
+            segment_bytes: 16 << 20,
+            idle_interval: Duration::from_secs(60),
+            status_interval: Duration::from_secs(10),
+            heartbeat: Some(Duration::from_secs(10)),
+            upload_concurrency: 4,
+            backup_parallel: 2,
+        }
+    }
+}
+
+/// Why an archiving run stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("replication: {0}")]
+    Replication(#[from] crate::replication::ReplicationError),
+    #[error(transparent)]
+    Repo(#[from] repo::RepoError),
+    #[error("storing segment {range}: {source}")]
+    Upload { range: String, #[source] source: crate::store::StoreError },
+    #[error("repository: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("base backup: {0}")]
+    Backup(#[from] backup::BackupError),
+    #[error("the slot {slot:?} has confirmed position {confirmed} but the archive (generation {generation}) ends at {archive_end}: the changes between were consumed elsewhere and are not in the archive\nHINT: if this is expected (the slot was advanced by hand), drop the slot (SELECT pg_drop_replication_slot('{slot}')) and run archive again: it starts a new generation with a fresh base backup")]
+    Gap { slot: String, confirmed: Lsn, archive_end: Lsn, generation: u32 },
+    #[error("decoding the change stream at {lsn}: {detail}")]
+    Decode { lsn: Lsn, detail: String },
+    #[error("the replication stream ended unexpectedly")]
+    StreamEnded,
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+/// What a finished run did.
+#[derive(Clone, Debug, Default)]
+pub struct ArchiveSummary {
+    pub generation: u32,
+    pub start: Lsn,
+    pub durable: Lsn,
+    pub segments: u64,
+    pub transactions: u64,
+}
+
+/// Where the stream resumes and in which generation.
+struct Resume {
+    generation: u32,
+    start: Lsn,
+}
+
+/// Runs the archiver until `shutdown` is cancelled (clean stop) or an error occurs.
+pub async fn run(
+    source_info: &ConnInfo,
+    store: Arc<dyn Store>,
+    opts: &ArchiveOptions,
+    shutdown: CancellationToken,
+) -> Result<ArchiveSummary, ArchiveError> {
+    let source = Source::connect(source_info).await?;
+    source.check_server().await?;
+    if !source.publication_exists(&opts.publication).await? {
+        if opts.publication_explicit {
+            return Err(SourceError::NoPublication(
+                opts.publication.clone(),
+                source.database.clone(),
+                crate::statement::quote_ident(&opts.publication),
+            )
+            .into());
+        }
+        info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
+        source.create_publication(&opts.publication).await?;
+    }
+    let slot = source.slot(&opts.slot).await?;
+    match &slot {
+        None if opts.slot_explicit => return Err(SourceError::NoSlot(opts.slot.clone()).into()),
+        None => source.check_free_slot().await?,
+        Some(s) => {
+            if let Some(pid) = &s.active_pid {
+                return Err(SourceError::SlotActive(opts.slot.clone(), pid.clone()).into());
+            }
+        }
+    }
+    store.check_writable().await?;
+
+    let mut repl = ReplicationClient::connect(source_info).await?;
+    let sys = repl.identify_system().await?;
+    let identity = repo::read_identity(&store).await?;
+    repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    let manifests = backup::list_manifests(&store).await?;
+    let chains = repo::list_segments(&store).await?;
+    let current_gen = manifests
+        .iter()
+        .map(|m| m.generation)
+        .chain(chains.keys().copied())
+        .max()
+        .unwrap_or(0);
+
+    let backup_req = |snapshot: &str, point: Lsn, generation: u32| BackupRequest {
+        source: source_info,
+        snapshot: snapshot.to_string(),
+        consistent_point: point,
+        system_id: sys.system_id,
+        timeline: sys.timeline,
+        generation,
+        publication: opts.publication.clone(),
+        parallel: opts.backup_parallel,
+    };
+
+    let resume = match slot {
+        None => {
+            let generation = current_gen + 1;
+            if current_gen > 0 {
+                warn!(slot = %opts.slot, generation, "the slot is gone: starting a new generation; changes after the end of generation {current_gen} were not archived");
+            }
+            let created = repl.create_logical_slot(&opts.slot, false, true).await?;
+            let snapshot = created.snapshot_name.clone().ok_or_else(|| {
+                ArchiveError::Internal("CREATE_REPLICATION_SLOT returned no snapshot".into())
+            })?;
+            info!(slot = %opts.slot, point = %created.consistent_point, "created slot; taking the base backup of generation {generation}");
+            let m = backup::take(&store, backup_req(&snapshot, created.consistent_point, generation)).await?;
+            info!(backup = %m.id, "base backup stored");
+            Resume { generation, start: created.consistent_point }
+        }
+        Some(slot) => {
+            let generation = current_gen.max(1);
+            let chain = chains.get(&generation).map(Vec::as_slice).unwrap_or(&[]);
+            let chain_end = repo::check_chain(chain)?;
+            let has_backup = manifests.iter().any(|m| m.generation == generation);
+            let start = chain_end.unwrap_or(slot.confirmed_flush);
+            if slot.confirmed_flush > start {
+                return Err(ArchiveError::Gap {
+                    slot: opts.slot.clone(),
+                    confirmed: slot.confirmed_flush,
+                    archive_end: start,
+                    generation,
+                });
+            }
+            if !has_backup {
+                info!(generation, "no base backup in this generation yet: taking one");
+                let m = take_backup_with_temporary_slot(source_info, &store, |s, p| backup_req(s, p, generation)).await?;
+                info!(backup = %m.id, "base backup stored");
+            }
+            Resume { generation, start }
+        }
+    };
+    if identity.is_none() {
+        repo::write_identity(
+            &store,
+            &Identity {
+                format_version: 1,
+                system_id: sys.system_id.to_string(),
+                database: source.database.clone(),
+                created_at: PgTimestamp::now(),
+            },
+        )
+        .await?;
+    }
+    drop(source);
+
+    let proto = "1";
+    let pubs = format!("\"{}\"", opts.publication.replace('"', "\"\""));
+    let stream = repl
+        .start_replication(
+            &opts.slot,
+            resume.start,
+            &[("proto_version", proto), ("publication_names", &pubs), ("messages", "true")],
+        )
+        .await?;
+    info!(slot = %opts.slot, generation = resume.generation, start = %resume.start, "archiving");
+
+    let ctx = WriterContext {
+        system_id: sys.system_id,
+        timeline: sys.timeline,
+        generation: resume.generation,
+        database: sys.dbname.clone().unwrap_or_default(),
+        slot: opts.slot.clone(),
+    };
+    pipeline(stream, store, opts, ctx, resume.start, source_info.clone(), shutdown).await
+}
+
+/// Takes a base backup aligned with the stream through a temporary slot's exported snapshot.
+pub async fn take_backup_with_temporary_slot<'a>(
+    source_info: &'a ConnInfo,
+    store: &Arc<dyn Store>,
+    req: impl FnOnce(&str, Lsn) -> BackupRequest<'a>,
+) -> Result<backup::Manifest, ArchiveError> {
+    let mut tmp = ReplicationClient::connect(source_info).await?;
+    let name = format!("tidemark_backup_{}", rand::random::<u32>());
+    let slot = tmp.create_logical_slot(&name, true, true).await?;
+    let snapshot = slot
+        .snapshot_name
+        .clone()
+        .ok_or_else(|| ArchiveError::Internal("temporary slot returned no snapshot".into()))?;
+    let m = backup::take(store, req(&snapshot, slot.consistent_point)).await?;
+    // The temporary slot disappears with its connection.
+    drop(tmp);
+    Ok(m)
+}
+
+/// Identity fields every segment of this run carries.
+#[derive(Clone)]
+struct WriterContext {
+    system_id: u64,
+    timeline: u32,
+    generation: u32,
+    database: String,
+    slot: String,
+}
+
+enum Event {
+    Data(Record),
+    Idle { wal_end: Lsn, server_time: PgTimestamp },
+}
+
+struct Sealed {
+    key: String,
+    range: String,
+    end: Lsn,
+    bytes: Bytes,
+}
+
+async fn pipeline(
+    mut stream: crate::replication::ReplicationStream,
+    store: Arc<dyn Store>,
+    opts: &ArchiveOptions,
+    ctx: WriterContext,
+    start: Lsn,
+    source_info: ConnInfo,
+    shutdown: CancellationToken,
+) -> Result<ArchiveSummary, ArchiveError> {
+    let (event_tx, event_rx) = mpsc::channel::<Event>(4096);
+    let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(opts.upload_concurrency.max(1) * 2);
+    let (durable_tx, mut durable_rx) = watch::channel(start);
+    let failed = CancellationToken::new();
+
+    let writer = tokio::spawn(writer_task(event_rx, sealed_tx, opts.clone(), ctx.clone(), start));
+    let uploader = tokio::spawn(uploader_task(
+        sealed_rx,
+        store,
+        durable_tx,
+        opts.upload_concurrency.max(1),
+        failed.clone(),
+    ));
+    let heartbeat = opts.heartbeat.map(|every| {
+        let token = shutdown.child_token();
+        tokio::spawn(heartbeat_task(source_info, every, token))
+    });
+
+    let mut status_tick = tokio::time::interval(opts.status_interval);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut acked = start;
+    let mut received = start;
+    let mut result: Result<(), ArchiveError> = Ok(());
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = failed.cancelled() => break,
+            changed = durable_rx.changed() => {
+                if changed.is_err() { break; }
+                let durable = *durable_rx.borrow();
+                if durable > acked {
+                    acked = durable;
+                    if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
+                        result = Err(e.into());
+                        break;
+                    }
+                }
+            }
+            _ = status_tick.tick() => {
+                if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
+                    result = Err(e.into());
+                    break;
+                }
+            }
+            msg = stream.next() => {
+                match msg {
+                    Ok(Some(ReplicationMessage::XLogData { wal_start, server_time, data, .. })) => {
+                        received = received.max(wal_start);
+                        let rec = Record { lsn: wal_start, server_time, payload: data };
+                        if event_tx.send(Event::Data(rec)).await.is_err() { break; }
+                    }
+                    Ok(Some(ReplicationMessage::Keepalive { wal_end, server_time, reply_requested })) => {
+                        if reply_requested {
+                            if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
+                                result = Err(e.into());
+                                break;
+                            }
+                        }
+                        if event_tx.send(Event::Idle { wal_end, server_time }).await.is_err() { break; }
+                    }
+                    Ok(None) => { result = Err(ArchiveError::StreamEnded); break; }
+                    Err(e) => { result = Err(e.into()); break; }
+                }
+            }
+        }
+    }
+    // Shutdown order: stop reading (done), seal what is whole, store it, acknowledge, finish.
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
+    drop(event_tx);
+    let writer_result = writer.await.map_err(|e| ArchiveError::Internal(e.to_string()))?;
+    let upload_result = uploader.await.map_err(|e| ArchiveError::Internal(e.to_string()))?;
+    let durable = *durable_rx.borrow();
+    let (segments, transactions) = match (&result, writer_result, upload_result) {
+        (_, Err(e), _) | (_, _, Err(e)) => return Err(e),
+        (_, Ok(tx), Ok(segs)) => (segs, tx),
+    };
+    result?;
+    stream.send_status(durable, durable, durable, false).await?;
+    if let Err(e) = stream.finish().await {
+        debug!(error = %e, "finishing the replication stream");
+    }
+    info!(durable = %durable, segments, "archiver stopped cleanly");
+    Ok(ArchiveSummary { generation: ctx.generation, start, durable, segments, transactions })
+}
+
+/// The transaction being received.
+struct OpenTxn {
+    final_lsn: Lsn,
+    xid: u32,
+    commit_time: PgTimestamp,
+    records: Vec<Record>,
+    skip: bool,
+}
+
+async fn writer_task(
+    mut events: mpsc::Receiver<Event>,
+    sealed: mpsc::Sender<Sealed>,
+    opts: ArchiveOptions,
+    ctx: WriterContext,
+    start: Lsn,
+) -> Result<u64, ArchiveError> {
+    let new_builder = |start: Lsn| {
+        SegmentBuilder::new(ctx.system_id, ctx.timeline, ctx.generation, &ctx.database, &ctx.slot, start)
+    };
+    let mut seg_start = start;
+    let mut builder = new_builder(seg_start);
+    let mut commits_in_segment = 0u64;
+    let mut first_commit_at: Option<Instant> = None;
+    let mut last_seal = Instant::now();
+    let mut end = start; // end of the last whole transaction or idle position
+    let mut last_server_time = PgTimestamp(0);
+    let mut txn: Option<OpenTxn> = None;
+    let mut transactions = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+
+    async fn seal(
+        builder: SegmentBuilder,
+        sealed: &mpsc::Sender<Sealed>,
+        generation: u32,
+        start: Lsn,
+        end: Lsn,
+        last_server_time: PgTimestamp,
+    ) -> Result<(), ArchiveError> {
+        let bytes = builder.finish(end, last_server_time);
+        let key = segment::object_name(generation, start, end);
+        let range = format!("{start}-{end}");
+        debug!(%range, bytes = bytes.len(), "sealed segment");
+        sealed
+            .send(Sealed { key, range, end, bytes })
+            .await
+            .map_err(|_| ArchiveError::Internal("uploader stopped".into()))
+    }
+
+    loop {
+        let ev = tokio::select! {
+            ev = events.recv() => ev,
+            _ = tick.tick() => {
+                let due = txn.is_none()
+                    && ((commits_in_segment > 0
+                        && first_commit_at.is_some_and(|t| t.elapsed() >= opts.seal_interval))
+                        || (commits_in_segment == 0 && end > seg_start
+                            && last_seal.elapsed() >= opts.idle_interval));
+                if due {
+                    let b = std::mem::replace(&mut builder, new_builder(end));
+                    seal(b, &sealed, ctx.generation, seg_start, end, last_server_time).await?;
+                    seg_start = end;
+                    commits_in_segment = 0;
+                    first_commit_at = None;
+                    last_seal = Instant::now();
+                }
+                continue;
+            }
+        };
+        let Some(ev) = ev else { break };
+        match ev {
+            Event::Idle { wal_end, server_time } => {
+                last_server_time = last_server_time.max(server_time);
+                if txn.is_none() && wal_end > end {
+                    end = wal_end;
+                }
+            }
+            Event::Data(rec) => {
+                last_server_time = last_server_time.max(rec.server_time);
+                let tag = rec.payload.first().copied();
+                match tag {
+                    Some(b'B') => {
+                        let msg = decode(&rec)?;
+                        let Message::Begin { final_lsn, commit_time, xid } = msg else {
+                            return Err(ArchiveError::Decode { lsn: rec.lsn, detail: "expected Begin".into() });
+                        };
+                        if txn.is_some() {
+                            return Err(ArchiveError::Decode {
+                                lsn: rec.lsn,
+                                detail: "Begin inside an open transaction".into(),
+                            });
+                        }
+                        // A transaction committed below our start is already archived.
+                        let skip = final_lsn < start;
+                        if skip {
+                            debug!(commit = %final_lsn, "dropping duplicate transaction");
+                        }
+                        txn = Some(OpenTxn { final_lsn, xid, commit_time, records: vec![rec], skip });
+                    }
+                    Some(b'C') => {
+                        let msg = decode(&rec)?;
+                        let Message::Commit { commit_lsn, end_lsn, commit_time, .. } = msg else {
+                            return Err(ArchiveError::Decode { lsn: rec.lsn, detail: "expected Commit".into() });
+                        };
+                        let Some(mut t) = txn.take() else {
+                            return Err(ArchiveError::Decode {
+                                lsn: rec.lsn,
+                                detail: "Commit without Begin".into(),
+                            });
+                        };
+                        if t.skip {
+                            continue;
+                        }
+                        if commit_lsn != t.final_lsn {
+                            warn!(begin = %t.final_lsn, commit = %commit_lsn, "commit LSN differs from Begin's final LSN");
+                        }
+                        t.records.push(rec);
+                        let first_record = builder.record_count() as u32;
+                        for r in &t.records {
+                            builder.push(r);
+                        }
+                        builder.commit(CommitEntry {
+                            commit_lsn,
+                            end_lsn,
+                            xid: t.xid,
+                            commit_time: commit_time.max(t.commit_time),
+                            first_record,
+                        });
+                        end = end.max(end_lsn);
+                        commits_in_segment += 1;
+                        transactions += 1;
+                        first_commit_at.get_or_insert_with(Instant::now);
+                        if builder.encoded_len() >= opts.segment_bytes {
+                            let b = std::mem::replace(&mut builder, new_builder(end));
+                            seal(b, &sealed, ctx.generation, seg_start, end, last_server_time).await?;
+                            seg_start = end;
+                            commits_in_segment = 0;
+                            first_commit_at = None;
+                            last_seal = Instant::now();
+                        }
+                    }
+                    _ => match &mut txn {
+                        Some(t) => {
+                            if !t.skip {
+                                t.records.push(rec)
+                            }
+                        }
+                        None => {
+                            // Non-transactional logical messages arrive outside transactions;
+                            // tidemark emits only transactional ones, so they are not archived.
+                            debug!(lsn = %rec.lsn, tag = ?tag.map(|t| t as char), "record outside a transaction ignored");
+                        }
+                    },
+                }
+            }
+        }
+    }
+    // Input closed: seal what is whole. An open transaction is dropped; it is received again.
+    if let Some(t) = &txn {
+        info!(xid = t.xid, "dropping the transaction in progress; it will be received again");
+    }
+    if commits_in_segment > 0 || end > seg_start {
+        seal(builder, &sealed, ctx.generation, seg_start, end, last_server_time).await?;
+    }
+    Ok(transactions)
+}
+
+fn decode(rec: &Record) -> Result<Message, ArchiveError> {
+    pgoutput::decode(&rec.payload, false)
+        .map_err(|e| ArchiveError::Decode { lsn: rec.lsn, detail: e.to_string() })
+}
+
+/// Uploads sealed segments with bounded concurrency and publishes the durable LSN: the end
+/// of the longest prefix of segments (in seal order) that are all stored.
+async fn uploader_task(
+    mut sealed: mpsc::Receiver<Sealed>,
+    store: Arc<dyn Store>,
+    durable: watch::Sender<Lsn>,
+    concurrency: usize,
+    failed: CancellationToken,
+) -> Result<u64, ArchiveError> {
+    let permits = Arc::new(Semaphore::new(concurrency));
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Result<(), ArchiveError>)>();
+    let mut pending: VecDeque<(u64, Lsn, bool)> = VecDeque::new();
+    let mut next_id = 0u64;
+    let mut stored = 0u64;
+    let mut input_open = true;
+    let mut first_error: Option<ArchiveError> = None;
+    while input_open || !pending.is_empty() {
+        tokio::select! {
+            item = sealed.recv(), if input_open && first_error.is_none() => {
+                let Some(seg) = item else { input_open = false; continue };
+                let permit = permits.clone().acquire_owned().await.expect("semaphore open");
+                let id = next_id;
+                next_id += 1;
+                pending.push_back((id, seg.end, false));
+                let store = store.clone();
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    let r = put_with_retry(&*store, &seg).await;
+                    drop(permit);
+                    let _ = done.send((id, r));
+                });
+            }
+            Some((id, r)) = done_rx.recv() => {
+                match r {
+                    Ok(()) => {
+                        stored += 1;
+                        if let Some(p) = pending.iter_mut().find(|p| p.0 == id) { p.2 = true; }
+                        let mut advanced = None;
+                        while pending.front().is_some_and(|p| p.2) {
+                            advanced = pending.pop_front().map(|p| p.1);
+                        }
+                        if let Some(lsn) = advanced {
+                            durable.send_replace(lsn);
+                        }
+                    }
+                    Err(e) => {
+                        pending.retain(|p| p.0 != id);
+                        failed.cancel();
+                        first_error.get_or_insert(e);
+                        if !input_open || pending.iter().all(|p| p.2) { break; }
+                    }
+                }
+            }
+            else => break,
+        }
+        if first_error.is_some() && pending.iter().all(|p| p.2) {
+            break;
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(stored),
+    }
+}
+
+async fn put_with_retry(store: &dyn Store, seg: &Sealed) -> Result<(), ArchiveError> {
+    let mut delay = Duration::from_millis(200);
+    let started = Instant::now();
+    loop {
+        match store.put(&seg.key, seg.bytes.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() => {
+                warn!(segment = %seg.range, error = %e, waited = ?started.elapsed(), "storing the segment failed; retrying");
+                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(source) => return Err(ArchiveError::Upload { range: seg.range.clone(), source }),
+        }
+    }
+}
+
+/// Keeps a quiet database's restore window current: a transactional logical message commits
+/// every `every`, so the archive sees the server's clock pass.
+async fn heartbeat_task(info: ConnInfo, every: Duration, stop: CancellationToken) {
+    let client = match info.connect().await {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "heartbeat disabled: cannot connect");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let r = client
+                    .execute("SELECT pg_logical_emit_message(true, 'tidemark.heartbeat', '')", &[])
+                    .await;
+                if let Err(e) = r {
+                    warn!(error = %e, "heartbeat disabled: cannot emit a logical message; a quiet database's restore window advances only with its own commits");
+                    return;
+                }
+            }
+        }
+    }
+}

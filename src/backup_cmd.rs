@@ -1,0 +1,63 @@
+//! `tidemark backup`: a base backup taken now, aligned with the change stream through a
+//! temporary slot's exported snapshot, into the repository's current generation.
+
+use std::sync::Arc;
+
+use crate::archive::{self, ArchiveError, ArchiveOptions};
+use crate::backup::{self, BackupRequest, Manifest};
+use crate::conninfo::ConnInfo;
+use crate::lsn::PgTimestamp;
+use crate::replication::ReplicationClient;
+use crate::repo::{self, Identity};
+use crate::source::{Source, SourceError};
+use crate::store::Store;
+
+pub async fn run(info: &ConnInfo, store: Arc<dyn Store>, opts: &ArchiveOptions) -> Result<Manifest, ArchiveError> {
+    let source = Source::connect(info).await?;
+    source.check_server().await?;
+    if !source.publication_exists(&opts.publication).await? {
+        return Err(SourceError::NoPublication(
+            opts.publication.clone(),
+            source.database.clone(),
+            crate::statement::quote_ident(&opts.publication),
+        )
+        .into());
+    }
+    source.check_free_slot().await?;
+    store.check_writable().await?;
+    let sys = ReplicationClient::connect(info).await?.identify_system().await?;
+    let identity = repo::read_identity(&store).await?;
+    repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    let manifests = backup::list_manifests(&store).await?;
+    let chains = repo::list_segments(&store).await?;
+    let generation = manifests
+        .iter()
+        .map(|m| m.generation)
+        .chain(chains.keys().copied())
+        .max()
+        .unwrap_or(1);
+    let m = archive::take_backup_with_temporary_slot(info, &store, |snapshot, point| BackupRequest {
+        source: info,
+        snapshot,
+        consistent_point: point,
+        system_id: sys.system_id,
+        timeline: sys.timeline,
+        generation,
+        publication: &opts.publication,
+        parallel: opts.backup_parallel,
+    })
+    .await?;
+    if identity.is_none() {
+        repo::write_identity(
+            &store,
+            &Identity {
+                format_version: 1,
+                system_id: sys.system_id.to_string(),
+                database: source.database.clone(),
+                created_at: PgTimestamp::now(),
+            },
+        )
+        .await?;
+    }
+    Ok(m)
+}

@@ -1,0 +1,163 @@
+//! The repository: one archive of one database, and the views over its objects.
+//!
+//! Owns the identity object (`archive.json`: which cluster and database this archive belongs
+//! to), and the reading of segment chains from a listing. A repository holds one or more
+//! *generations*: a generation is an unbroken chain of segments that starts at a base backup's
+//! stream position. A lost or recreated slot starts a new generation (with a new base backup);
+//! progress of two generations is never mixed.
+//!
+//! Invariant checked here: within a generation, each segment starts exactly where the previous
+//! one ended. A gap or an overlap is an error naming both segments, never skipped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::lsn::{Lsn, PgTimestamp};
+use crate::segment;
+use crate::store::{Store, StoreError};
+
+/// Key of the identity object.
+pub const IDENTITY_KEY: &str = "archive.json";
+/// Prefix of all segment objects.
+pub const SEGMENTS_PREFIX: &str = "segments/";
+
+/// Which cluster and database a repository archives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub format_version: u32,
+    /// The cluster's system identifier (as a string: JSON numbers cannot carry every u64).
+    pub system_id: String,
+    pub database: String,
+    pub created_at: PgTimestamp,
+}
+
+/// Errors about the repository's content.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("repository {location}: {IDENTITY_KEY} is not valid: {detail}")]
+    BadIdentity { location: String, detail: String },
+    #[error("repository {location} archives database {repo_db:?} of cluster {repo_system}, but the source is database {src_db:?} of cluster {src_system}; use another --repo for this source")]
+    WrongSource { location: String, repo_system: String, repo_db: String, src_system: String, src_db: String },
+    #[error("segment chain of generation {generation} is broken: {prev} ends at {prev_end} but the next segment {next} starts at {next_start}; the archive has a {kind} there")]
+    Broken { generation: u32, prev: String, prev_end: Lsn, next: String, next_start: Lsn, kind: &'static str },
+}
+
+/// A segment as its object name describes it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SegmentRef {
+    pub generation: u32,
+    pub start: Lsn,
+    pub end: Lsn,
+    pub key: String,
+    pub size: u64,
+}
+
+impl SegmentRef {
+    /// `0/16B3748-0/16C0000`, for messages.
+    pub fn range(&self) -> String {
+        format!("{}-{}", self.start, self.end)
+    }
+}
+
+pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, RepoError> {
+    match store.get(IDENTITY_KEY).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| RepoError::BadIdentity {
+            location: store.location(),
+            detail: e.to_string(),
+        }),
+        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Checks that the repository belongs to (system_id, database), or is new.
+pub fn check_identity(
+    store: &Arc<dyn Store>,
+    found: Option<&Identity>,
+    system_id: u64,
+    database: &str,
+) -> Result<(), RepoError> {
+    match found {
+        Some(id) if id.system_id != system_id.to_string() || id.database != database => {
+            Err(RepoError::WrongSource {
+                location: store.location(),
+                repo_system: id.system_id.clone(),
+                repo_db: id.database.clone(),
+                src_system: system_id.to_string(),
+                src_db: database.to_string(),
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
+    let body = serde_json::to_vec_pretty(id).expect("identity serializes");
+    store.put(IDENTITY_KEY, Bytes::from(body)).await?;
+    Ok(())
+}
+
+/// Lists every segment of the repository, grouped by generation, each chain sorted by LSN.
+pub async fn list_segments(store: &Arc<dyn Store>) -> Result<BTreeMap<u32, Vec<SegmentRef>>, RepoError> {
+    let objects = store.list(SEGMENTS_PREFIX).await?;
+    Ok(group_segments(objects.into_iter().map(|o| (o.key, o.size))))
+}
+
+/// Groups segment object names by generation; names that are not segments are ignored.
+pub fn group_segments(objects: impl IntoIterator<Item = (String, u64)>) -> BTreeMap<u32, Vec<SegmentRef>> {
+    let mut out: BTreeMap<u32, Vec<SegmentRef>> = BTreeMap::new();
+    for (key, size) in objects {
+        if let Some((generation, start, end)) = segment::parse_object_name(&key) {
+            out.entry(generation).or_default().push(SegmentRef { generation, start, end, key, size });
+        }
+    }
+    for chain in out.values_mut() {
+        chain.sort();
+    }
+    out
+}
+
+/// Checks the continuity of one generation's chain and returns its end, if any.
+pub fn check_chain(chain: &[SegmentRef]) -> Result<Option<Lsn>, RepoError> {
+    for w in chain.windows(2) {
+        let (prev, next) = (&w[0], &w[1]);
+        if next.start != prev.end {
+            return Err(RepoError::Broken {
+                generation: prev.generation,
+                prev: prev.range(),
+                prev_end: prev.end,
+                next: next.range(),
+                next_start: next.start,
+                kind: if next.start > prev.end { "gap" } else { "overlap" },
+            });
+        }
+    }
+    Ok(chain.last().map(|s| s.end))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(g: u32, s: u64, e: u64) -> (String, u64) {
+        (segment::object_name(g, Lsn(s), Lsn(e)), 10)
+    }
+
+    #[test]
+    fn chains_group_by_generation_and_check_continuity() {
+        let groups = group_segments([seg(1, 0x200, 0x300), seg(1, 0x100, 0x200), seg(2, 0x900, 0xA00), ("basebackups/x".into(), 1)]);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(check_chain(&groups[&1]).unwrap(), Some(Lsn(0x300)));
+        let groups = group_segments([seg(1, 0x100, 0x200), seg(1, 0x250, 0x300)]);
+        let err = check_chain(&groups[&1]).unwrap_err().to_string();
+        assert!(err.contains("gap") && err.contains("0/200") && err.contains("0/250"), "{err}");
+        let groups = group_segments([seg(1, 0x100, 0x200), seg(1, 0x150, 0x300)]);
+        assert!(check_chain(&groups[&1]).unwrap_err().to_string().contains("overlap"));
+        assert_eq!(check_chain(&[]).unwrap(), None);
+    }
+}

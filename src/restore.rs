@@ -1,0 +1,557 @@
+//! Point-in-time restore: a pure *plan* (which base backup, which segments, where to stop),
+//! then the *apply* (schema, data, replay, sequences, indexes) into an empty database.
+//!
+//! Stop semantics are PostgreSQL's own `recovery_target_time` / `recovery_target_lsn` with
+//! `recovery_target_inclusive = on`: transactions are replayed in commit-LSN order, and replay
+//! stops before the first transaction that committed after the target time (or whose commit
+//! record lies beyond the target LSN). The result equals a physical PITR of the same cluster.
+//!
+//! Invariants:
+//! * A target the archive cannot prove is refused, never moved: a time before the earliest base
+//!   backup, or not yet passed by an archived commit (the server's clock must be seen past it),
+//!   names the earliest and latest restorable instants.
+//! * Nothing is written to the target before the target is checked empty and every segment the
+//!   plan needs has been read and verified (checksums, continuity).
+//! * Each source transaction is applied as one target transaction; one that the backup already
+//!   holds (commit LSN below the backup's consistent point) is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::Serialize;
+use tracing::{debug, info};
+
+use crate::backup::{self, LoadPhase, Manifest};
+use crate::conninfo::ConnInfo;
+use crate::lsn::{Lsn, PgTimestamp};
+use crate::pgoutput::{self, Message};
+use crate::repo::{self, SegmentRef};
+use crate::segment::{self, Segment};
+use crate::statement::{self, RelationInfo};
+use crate::store::Store;
+
+/// Where a restore stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Every transaction that committed at or before this instant.
+    Time(PgTimestamp),
+    /// Every transaction whose commit record starts at or before this LSN.
+    Lsn(Lsn),
+    /// Everything archived.
+    Latest,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Time(t) => write!(f, "time {t}"),
+            Target::Lsn(l) => write!(f, "LSN {l}"),
+            Target::Latest => write!(f, "the latest archived commit"),
+        }
+    }
+}
+
+/// Errors of planning or applying a restore.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("repository {0} holds no archive (no base backup found)\nHINT: check --repo; `tidemark list --repo …` shows what a repository holds")]
+    Empty(String),
+    #[error("{target} is outside what the archive covers: the earliest restorable instant is {earliest}, the latest is {latest}{lsn_hint}\nHINT: choose a target in that range{latest_hint}")]
+    OutOfRange { target: Target, earliest: String, latest: String, lsn_hint: String, latest_hint: &'static str },
+    #[error("the target database {0} is not empty ({1})\nHINT: restore into a new, empty database: CREATE DATABASE …; tidemark never overwrites existing data")]
+    TargetNotEmpty(String, String),
+    #[error("segment {range}: {detail}\nHINT: the archive is damaged from this segment on; restore to a point before {start}, or from another copy of the repository")]
+    Corrupt { range: String, start: Lsn, detail: String },
+    #[error(transparent)]
+    Repo(#[from] repo::RepoError),
+    #[error("repository: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Backup(#[from] backup::BackupError),
+    #[error("target database: {0}")]
+    Target(String),
+    #[error("replaying the transaction committed at {commit_lsn} ({commit_time}): {detail}")]
+    Replay { commit_lsn: Lsn, commit_time: PgTimestamp, detail: String },
+}
+
+/// What a restore will do, computed without touching the target.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub backup_id: String,
+    pub generation: u32,
+    /// Replay starts here: the backup's consistent point.
+    pub start: Lsn,
+    pub target: String,
+    /// Segments to read, in order.
+    pub segments: Vec<String>,
+    pub earliest: PgTimestamp,
+    pub latest: Option<PgTimestamp>,
+}
+
+/// Facts about one generation, for planning.
+#[derive(Clone, Debug)]
+pub struct GenerationFacts {
+    pub generation: u32,
+    pub backups: Vec<(String, Lsn, PgTimestamp)>,
+    pub segments: Vec<SegmentRef>,
+    /// Latest commit time archived in this generation (None: no commit yet).
+    pub latest_commit: Option<PgTimestamp>,
+    pub end: Option<Lsn>,
+}
+
+/// Chooses the base backup and segments for `target`. Pure.
+pub fn plan(gens: &[GenerationFacts], target: Target) -> Result<Plan, RestoreError> {
+    let earliest = gens
+        .iter()
+        .flat_map(|g| g.backups.iter().map(|b| b.2))
+        .min()
+        .ok_or_else(|| RestoreError::Empty(String::new()))?;
+    let newest = gens.iter().filter(|g| !g.backups.is_empty()).max_by_key(|g| g.generation);
+    let latest = newest.and_then(|g| g.latest_commit);
+    let out_of_range = |lsn_hint: String| RestoreError::OutOfRange {
+        target,
+        earliest: earliest.to_string(),
+        latest: match latest {
+            Some(t) => format!("just before {t} (the last archived commit)"),
+            None => "not yet known (no commit archived since the base backup)".into(),
+        },
+        lsn_hint,
+        latest_hint: ", or --latest",
+    };
+    // Candidates: (generation, backup) newest first.
+    let mut candidates: Vec<(&GenerationFacts, &(String, Lsn, PgTimestamp))> =
+        gens.iter().flat_map(|g| g.backups.iter().map(move |b| (g, b))).collect();
+    candidates.sort_by_key(|(g, b)| std::cmp::Reverse((g.generation, b.1)));
+    let chosen = match target {
+        Target::Latest => candidates.first().copied(),
+        Target::Time(t) => candidates.iter().copied().find(|(_, b)| b.2 <= t),
+        Target::Lsn(l) => candidates.iter().copied().find(|(_, b)| b.1 <= l),
+    };
+    let lsn_range = || {
+        let lo = gens.iter().flat_map(|g| g.backups.iter().map(|b| b.1)).min().unwrap_or_default();
+        let hi = newest.and_then(|g| g.end).unwrap_or(lo);
+        format!(" (LSN {lo} to {hi})")
+    };
+    let Some((g, b)) = chosen else { return Err(out_of_range(lsn_range())) };
+    // The target must be provably inside this generation's archived stream.
+    match target {
+        Target::Time(t) => {
+            if !g.latest_commit.is_some_and(|lc| t < lc) {
+                return Err(out_of_range(String::new()));
+            }
+        }
+        Target::Lsn(l) => {
+            if !g.end.is_some_and(|e| l <= e) && b.1 != l {
+                return Err(out_of_range(lsn_range()));
+            }
+        }
+        Target::Latest => {}
+    }
+    let segments: Vec<String> = g
+        .segments
+        .iter()
+        .filter(|s| s.end > b.1)
+        .map(|s| s.key.clone())
+        .collect();
+    Ok(Plan {
+        backup_id: b.0.clone(),
+        generation: g.generation,
+        start: b.1,
+        target: target.to_string(),
+        segments,
+        earliest,
+        latest,
+    })
+}
+
+/// Reads what planning needs from the repository.
+pub async fn gather(store: &Arc<dyn Store>) -> Result<(Vec<GenerationFacts>, Vec<Manifest>), RestoreError> {
+    let manifests = backup::list_manifests(store).await?;
+    let chains = repo::list_segments(store).await?;
+    let mut gens: BTreeMap<u32, GenerationFacts> = BTreeMap::new();
+    for m in &manifests {
+        gens.entry(m.generation)
+            .or_insert_with(|| empty_facts(m.generation))
+            .backups
+            .push((m.id.clone(), m.consistent_point, m.snapshot_time));
+    }
+    for (generation, chain) in chains {
+        let facts = gens.entry(generation).or_insert_with(|| empty_facts(generation));
+        facts.end = repo::check_chain(&chain)?;
+        // The latest commit: walk back from the end to the last segment with a commit.
+        for s in chain.iter().rev() {
+            let bytes = store.get(&s.key).await?;
+            let (_, commits) = segment::read_info(&bytes)
+                .map_err(|e| RestoreError::Corrupt { range: s.range(), start: s.start, detail: e.to_string() })?;
+            if let Some(t) = commits.iter().map(|c| c.commit_time).max() {
+                facts.latest_commit = Some(t);
+                break;
+            }
+        }
+        facts.segments = chain;
+    }
+    Ok((gens.into_values().collect(), manifests))
+}
+
+fn empty_facts(generation: u32) -> GenerationFacts {
+    GenerationFacts { generation, backups: vec![], segments: vec![], latest_commit: None, end: None }
+}
+
+/// What a restore did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RestoreSummary {
+    pub backup_id: String,
+    pub transactions_replayed: u64,
+    pub last_commit_lsn: Option<Lsn>,
+    pub last_commit_time: Option<PgTimestamp>,
+    pub seconds: f64,
+}
+
+/// Restores the repository into `target` (an existing, empty database).
+pub async fn run(
+    store: &Arc<dyn Store>,
+    target_info: &ConnInfo,
+    to: Target,
+    parallel: usize,
+) -> Result<RestoreSummary, RestoreError> {
+    let started = Instant::now();
+    let (gens, manifests) = gather(store).await?;
+    if manifests.is_empty() {
+        return Err(RestoreError::Empty(store.location()));
+    }
+    let plan = plan(&gens, to)?;
+    let manifest = manifests
+        .iter()
+        .find(|m| m.id == plan.backup_id)
+        .expect("the plan chose a listed backup");
+    info!(backup = %plan.backup_id, start = %plan.start, segments = plan.segments.len(), target = %plan.target, "restore plan");
+
+    let client = target_info.connect().await.map_err(|e| RestoreError::Target(e.to_string()))?;
+    check_empty(&client, target_info).await?;
+
+    // Read and verify every segment before writing anything.
+    let spool = tempfile::tempdir().map_err(|e| RestoreError::Target(format!("temporary folder: {e}")))?;
+    let verified = fetch_and_verify(store, &gens, &plan, spool.path()).await?;
+
+    backup::load(store, manifest, target_info, parallel, LoadPhase::PreData).await?;
+    backup::load(store, manifest, target_info, parallel, LoadPhase::Data).await?;
+    backup::load(store, manifest, target_info, parallel, LoadPhase::Keys).await?;
+
+    let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
+    for path in &verified {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|e| RestoreError::Target(format!("reading the spooled segment {}: {e}", path.display())))?;
+        let seg = Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))?;
+        if !replayer.apply_segment(&seg).await? {
+            break;
+        }
+    }
+    replayer.flush().await?;
+
+    backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
+    let summary = RestoreSummary {
+        backup_id: plan.backup_id,
+        transactions_replayed: replayer.applied,
+        last_commit_lsn: replayer.last_commit.map(|c| c.0),
+        last_commit_time: replayer.last_commit.map(|c| c.1),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    info!(?summary, "restore complete");
+    Ok(summary)
+}
+
+async fn check_empty(client: &tokio_postgres::Client, info: &ConnInfo) -> Result<(), RestoreError> {
+    let row = client
+        .query_one(
+            "SELECT count(*), coalesce(string_agg(format('%I.%I', n.nspname, c.relname), ', '), '')
+               FROM (SELECT * FROM pg_class LIMIT 1000) c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
+                AND n.nspname NOT LIKE 'pg\\_temp%' AND n.nspname NOT LIKE 'pg\\_toast%'",
+            &[],
+        )
+        .await
+        .map_err(|e| RestoreError::Target(e.to_string()))?;
+    let n: i64 = row.get(0);
+    if n > 0 {
+        let names: String = row.get(1);
+        let shown: String = names.chars().take(200).collect();
+        return Err(RestoreError::TargetNotEmpty(info.to_string(), format!("{n} relation(s): {shown}")));
+    }
+    Ok(())
+}
+
+/// Downloads the planned segments (several at once), verifies each completely and checks that
+/// they continue each other from the backup's position; returns the spooled files in order.
+async fn fetch_and_verify(
+    store: &Arc<dyn Store>,
+    gens: &[GenerationFacts],
+    plan: &Plan,
+    spool: &std::path::Path,
+) -> Result<Vec<std::path::PathBuf>, RestoreError> {
+    let refs: HashMap<&str, &SegmentRef> = gens
+        .iter()
+        .flat_map(|g| g.segments.iter())
+        .map(|s| (s.key.as_str(), s))
+        .collect();
+    let mut expected_start: Option<Lsn> = None;
+    let mut out = Vec::new();
+    let mut fetches = futures_util::stream::iter(plan.segments.iter().cloned())
+        .map(|key| {
+            let store = store.clone();
+            async move { store.get(&key).await.map(|b| (key, b)) }
+        })
+        .buffered(4);
+    while let Some(item) = fetches.next().await {
+        let (key, bytes) = item?;
+        let r = refs[key.as_str()];
+        let corrupt = |detail: String| RestoreError::Corrupt { range: r.range(), start: r.start, detail };
+        match expected_start {
+            None if r.start > plan.start => {
+                return Err(corrupt(format!(
+                    "the archive continues only from {} but the base backup is at {}: the changes between are missing",
+                    r.start, plan.start
+                )))
+            }
+            Some(e) if r.start != e => {
+                return Err(corrupt(format!("expected the segment starting at {e}: the chain has a gap")))
+            }
+            _ => {}
+        }
+        let seg = Segment::parse(bytes.clone()).map_err(|e| corrupt(e.to_string()))?;
+        if seg.info.start_lsn != r.start || seg.info.end_lsn != r.end {
+            return Err(corrupt(format!(
+                "its header says {}-{}, which does not match its name",
+                seg.info.start_lsn, seg.info.end_lsn
+            )));
+        }
+        for rec in seg.records() {
+            rec.map_err(|e| corrupt(e.to_string()))?;
+        }
+        expected_start = Some(r.end);
+        let path = spool.join(format!("{:06}.seg", out.len()));
+        tokio::fs::write(&path, &bytes)
+            .await
+            .map_err(|e| RestoreError::Target(format!("spooling a segment to {}: {e}", path.display())))?;
+        out.push(path);
+    }
+    debug!(segments = out.len(), "segments verified");
+    Ok(out)
+}
+
+/// Applies decoded transactions to the target, batching several per round trip.
+struct Replayer<'a> {
+    client: &'a tokio_postgres::Client,
+    relations: HashMap<u32, RelationInfo>,
+    start: Lsn,
+    target: Target,
+    batch: String,
+    txn: Option<(Lsn, PgTimestamp)>,
+    applied: u64,
+    last_commit: Option<(Lsn, PgTimestamp)>,
+    stopped: bool,
+}
+
+const BATCH_BYTES: usize = 1 << 20;
+
+impl<'a> Replayer<'a> {
+    async fn new(
+        client: &'a tokio_postgres::Client,
+        manifest: &Manifest,
+        start: Lsn,
+        target: Target,
+    ) -> Result<Replayer<'a>, RestoreError> {
+        client
+            .batch_execute(
+                "SET synchronous_commit = off; SET extra_float_digits = 3; SET DateStyle = ISO;
+                 SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET bytea_output = hex;",
+            )
+            .await
+            .map_err(|e| RestoreError::Target(e.to_string()))?;
+        // Replay reproduces the source's effects; the target's triggers and FK checks must not
+        // fire again. Needs superuser; without it, triggers fire (logged).
+        if let Err(e) = client.batch_execute("SET session_replication_role = replica").await {
+            tracing::warn!(error = %e, "cannot set session_replication_role = replica: triggers on the target will fire during replay");
+        }
+        Ok(Replayer {
+            client,
+            relations: backup::relations_at_backup(manifest),
+            start,
+            target,
+            batch: String::new(),
+            txn: None,
+            applied: 0,
+            last_commit: None,
+            stopped: false,
+        })
+    }
+
+    /// Applies one segment; returns false once the target is reached.
+    async fn apply_segment(&mut self, seg: &Segment) -> Result<bool, RestoreError> {
+        for rec in seg.records() {
+            let rec = rec.map_err(|e| RestoreError::Target(e.to_string()))?;
+            let msg = pgoutput::decode(&rec.payload, false).map_err(|e| RestoreError::Replay {
+                commit_lsn: self.txn.map(|t| t.0).unwrap_or(rec.lsn),
+                commit_time: self.txn.map(|t| t.1).unwrap_or_default(),
+                detail: format!("undecodable record at {}: {e}", rec.lsn),
+            })?;
+            self.apply(msg).await?;
+            if self.stopped {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn apply(&mut self, msg: Message) -> Result<(), RestoreError> {
+        match msg {
+            Message::Begin { final_lsn, commit_time, .. } => {
+                let past = match self.target {
+                    Target::Time(t) => commit_time > t,
+                    Target::Lsn(l) => final_lsn > l,
+                    Target::Latest => false,
+                };
+                if past {
+                    self.stopped = true;
+                    return Ok(());
+                }
+                self.txn = Some((final_lsn, commit_time));
+                if final_lsn >= self.start {
+                    self.batch.push_str("BEGIN;\n");
+                }
+            }
+            Message::Commit { commit_lsn, commit_time, .. } => {
+                let Some((final_lsn, _)) = self.txn.take() else {
+                    return Err(self.replay_err("Commit without Begin"));
+                };
+                if final_lsn >= self.start {
+                    self.batch.push_str("COMMIT;\n");
+                    self.applied += 1;
+                    self.last_commit = Some((commit_lsn, commit_time));
+                    if self.batch.len() >= BATCH_BYTES {
+                        self.flush().await?;
+                    }
+                }
+            }
+            Message::Relation { .. } => {
+                if let Some(rel) = RelationInfo::from_message(&msg) {
+                    self.relations.insert(rel.oid, rel);
+                }
+            }
+            other => {
+                let Some((final_lsn, _)) = self.txn else { return Ok(()) };
+                if final_lsn < self.start {
+                    return Ok(());
+                }
+                self.render(other)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rel(&self, relid: u32) -> Result<&RelationInfo, RestoreError> {
+        self.relations
+            .get(&relid)
+            .ok_or_else(|| self.replay_err(&format!("a change to relation {relid}, which the archive never described")))
+    }
+
+    fn render(&mut self, msg: Message) -> Result<(), RestoreError> {
+        let mut out = std::mem::take(&mut self.batch);
+        let r = match &msg {
+            Message::Insert { relid, new, .. } => {
+                let rel = self.rel(*relid)?;
+                statement::render_insert(rel, new, &mut out).map_err(|e| e.to_string())
+            }
+            Message::Update { relid, old, new, .. } => {
+                let rel = self.rel(*relid)?;
+                statement::render_update(rel, old.as_ref(), new, &mut out).map_err(|e| e.to_string())
+            }
+            Message::Delete { relid, old, .. } => {
+                let rel = self.rel(*relid)?;
+                statement::render_delete(rel, old, &mut out).map_err(|e| e.to_string())
+            }
+            Message::Truncate { options, relids, .. } => {
+                let rels: Result<Vec<&RelationInfo>, _> = relids.iter().map(|r| self.rel(*r)).collect();
+                statement::render_truncate(&rels?, *options, &mut out).map_err(|e| e.to_string())
+            }
+            // Type, Origin and logical messages (heartbeats) change no rows.
+            _ => Ok(()),
+        };
+        self.batch = out;
+        r.map_err(|d| self.replay_err(&d))
+    }
+
+    fn replay_err(&self, detail: &str) -> RestoreError {
+        RestoreError::Replay {
+            commit_lsn: self.txn.map(|t| t.0).unwrap_or_default(),
+            commit_time: self.txn.map(|t| t.1).unwrap_or_default(),
+            detail: detail.to_string(),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), RestoreError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        // Only whole transactions are sent: an open one stays in the batch.
+        let cut = if self.txn.is_some() {
+            self.batch.rfind("BEGIN;\n").unwrap_or(0)
+        } else {
+            self.batch.len()
+        };
+        if cut == 0 {
+            return Ok(());
+        }
+        let rest = self.batch.split_off(cut);
+        let sql = std::mem::replace(&mut self.batch, rest);
+        self.client.batch_execute(&sql).await.map_err(|e| RestoreError::Replay {
+            commit_lsn: self.last_commit.map(|c| c.0).unwrap_or_default(),
+            commit_time: self.last_commit.map(|c| c.1).unwrap_or_default(),
+            detail: format!("the target refused a batch ending with this transaction: {}", crate::source::error_chain(&e)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> Vec<GenerationFacts> {
+        let seg = |s: u64, e: u64| SegmentRef { generation: 1, start: Lsn(s), end: Lsn(e), key: format!("k{s}"), size: 1 };
+        vec![GenerationFacts {
+            generation: 1,
+            backups: vec![("b1".into(), Lsn(100), PgTimestamp(1000)), ("b2".into(), Lsn(300), PgTimestamp(3000))],
+            segments: vec![seg(100, 200), seg(200, 300), seg(300, 400)],
+            latest_commit: Some(PgTimestamp(4000)),
+            end: Some(Lsn(400)),
+        }]
+    }
+
+    #[test]
+    fn picks_the_newest_backup_before_the_target() {
+        let p = plan(&facts(), Target::Time(PgTimestamp(2000))).unwrap();
+        assert_eq!((p.backup_id.as_str(), p.start), ("b1", Lsn(100)));
+        assert_eq!(p.segments, ["k100", "k200", "k300"]);
+        let p = plan(&facts(), Target::Time(PgTimestamp(3000))).unwrap();
+        assert_eq!((p.backup_id.as_str(), p.segments.len()), ("b2", 1));
+        let p = plan(&facts(), Target::Latest).unwrap();
+        assert_eq!(p.backup_id, "b2");
+        let p = plan(&facts(), Target::Lsn(Lsn(250))).unwrap();
+        assert_eq!(p.backup_id, "b1");
+    }
+
+    #[test]
+    fn refuses_targets_the_archive_cannot_prove() {
+        let before = plan(&facts(), Target::Time(PgTimestamp(999))).unwrap_err().to_string();
+        assert!(before.contains("earliest restorable instant is 2000-01-01 00:00:00.001000+00"), "{before}");
+        // Not yet passed by an archived commit: refused, not moved.
+        let after = plan(&facts(), Target::Time(PgTimestamp(4000))).unwrap_err().to_string();
+        assert!(after.contains("latest is just before 2000-01-01 00:00:00.004000+00"), "{after}");
+        assert!(plan(&facts(), Target::Lsn(Lsn(401))).is_err());
+        assert!(plan(&facts(), Target::Lsn(Lsn(99))).is_err());
+        assert!(matches!(plan(&[], Target::Latest), Err(RestoreError::Empty(_))));
+    }
+}
