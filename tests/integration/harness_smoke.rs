@@ -139,6 +139,8 @@ async fn pitr_oracle_recovers_exactly_the_rows_before_target() {
 
     let recovered = backup.recover_to_time(&target);
     assert_eq!(recovered.psql("app", "SELECT pg_is_in_recovery()"), "f");
+    let log = recovered.log();
+    assert!(log.contains("recovery stopping before commit"), "{log}");
     let restored = snapshot_content(&recovered.client("app").await).await;
     assert_same_content(&expected, &restored, &format!("PITR to {target}"));
     assert_eq!(expected["t"].len(), 20);
