@@ -43,7 +43,7 @@ async fn next(stream: &mut ReplicationStream) -> Option<ReplicationMessage> {
 
 #[tokio::test]
 async fn identify_system_reports_the_cluster() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let cluster = Cluster::start(ClusterOptions::default());
     let mut c = connect(&cluster, "postgres").await;
     assert!(
         c.server_version_num() >= 150000,
@@ -92,7 +92,7 @@ async fn identify_system_reports_the_cluster() {
 
 #[tokio::test]
 async fn hosts_are_tried_in_order() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let cluster = Cluster::start(ClusterOptions::default());
     let good = info(&cluster.conninfo("postgres"));
     let closed_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -113,6 +113,19 @@ async fn hosts_are_tried_in_order() {
     c.identify_system().await.unwrap();
     c.close().await;
 
+    // A Unix-domain socket directory as host.
+    let unix = info(&format!(
+        "host={} port={} user=tidemark dbname=postgres",
+        cluster.socket_dir.display(),
+        cluster.port
+    ));
+    let mut c = ReplicationClient::connect(&unix).await.unwrap();
+    assert_eq!(
+        c.identify_system().await.unwrap().dbname.as_deref(),
+        Some("postgres")
+    );
+    c.close().await;
+
     let only_closed = info(&format!(
         "host=127.0.0.1 port={closed_port} user=tidemark dbname=postgres"
     ));
@@ -123,7 +136,7 @@ async fn hosts_are_tried_in_order() {
 
 #[tokio::test]
 async fn exported_snapshot_is_usable_while_the_connection_is_idle() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let cluster = Cluster::start(ClusterOptions::default());
     let client = cluster.client("postgres").await;
     client
         .batch_execute(
@@ -226,7 +239,7 @@ fn assert_one_transaction(tags: &[u8], inserts: usize) {
 
 #[tokio::test]
 async fn streams_a_transaction_and_acknowledges_only_on_request() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let cluster = Cluster::start(ClusterOptions::default());
     let client = cluster.client("postgres").await;
     client
         .batch_execute(
@@ -314,7 +327,7 @@ async fn streams_a_transaction_and_acknowledges_only_on_request() {
 
 #[tokio::test]
 async fn keepalive_requests_are_surfaced_and_never_answered() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let cluster = Cluster::start(ClusterOptions::default());
     let client = cluster.client("postgres").await;
     client
         .batch_execute("CREATE PUBLICATION tm_ka_pub FOR ALL TABLES")
@@ -370,7 +383,7 @@ async fn keepalive_requests_are_surfaced_and_never_answered() {
 
 #[tokio::test]
 async fn missing_and_active_slots_are_not_retryable() {
-    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let cluster = Cluster::start(ClusterOptions::default());
     let client = cluster.client("postgres").await;
     client
         .batch_execute("CREATE PUBLICATION tm_err_pub FOR ALL TABLES")
@@ -425,13 +438,12 @@ async fn scram_authentication() {
             "host replication tm_scram 127.0.0.1/32 scram-sha-256".into(),
         ],
         extra_conf: vec!["password_encryption = 'scram-sha-256'".into()],
-    })
-    .await;
+        ..ClusterOptions::default()
+    });
     let client = cluster.client("postgres").await;
     client
         .batch_execute(
-            "DROP ROLE IF EXISTS tm_scram;
-             SET password_encryption = 'scram-sha-256';
+            "SET password_encryption = 'scram-sha-256';
              CREATE ROLE tm_scram LOGIN REPLICATION PASSWORD 'c0rrect horse';",
         )
         .await
