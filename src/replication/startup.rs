@@ -1,0 +1,217 @@
+//! Opening a `replication=database` connection: socket, StartupMessage, authentication, and the
+//! server's parameters up to the first ReadyForQuery.
+
+use std::io;
+use std::time::Duration;
+
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::frontend;
+use tokio::net::TcpStream;
+use tokio_postgres::config::Host;
+
+use super::error::ReplicationError;
+use super::wire::{unexpected, Conn, Cursor, Socket};
+use crate::conninfo::ConnInfo;
+
+/// Session settings sent in the StartupMessage, so that pgoutput's text values are unambiguous
+/// and identical to what a restore session prints.
+pub(crate) const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("client_encoding", "UTF8"),
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "postgres"),
+    ("TimeZone", "UTC"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+];
+
+/// Tries each host in order, each within the connect timeout; returns the first connection
+/// that reaches ReadyForQuery, or the last error.
+pub(crate) async fn connect(info: &ConnInfo) -> Result<Conn, ReplicationError> {
+    let ports = info.config().get_ports();
+    let timeout = info.connect_timeout();
+    let mut last = None;
+    for (i, host) in info.hosts().iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let target = target_name(info, host, port);
+        let attempt = async {
+            let sock = open_socket(host, port)
+                .await
+                .map_err(|e| ReplicationError::io(&target, e))?;
+            let mut conn = Conn::new(sock, target.clone());
+            startup(&mut conn, info).await?;
+            Ok::<_, ReplicationError>(conn)
+        };
+        let err = match tokio::time::timeout(timeout, attempt).await {
+            Ok(Ok(conn)) => return Ok(conn),
+            Ok(Err(e)) => e,
+            Err(_) => ReplicationError::io(&target, timed_out(timeout)),
+        };
+        tracing::debug!(%target, error = %err, "replication connection attempt failed");
+        last = Some(err);
+    }
+    Err(last.unwrap_or_else(|| ReplicationError::protocol("connection string names no host")))
+}
+
+fn timed_out(after: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("connection not established within {after:?}"),
+    )
+}
+
+fn target_name(info: &ConnInfo, host: &Host, port: u16) -> String {
+    let host = match host {
+        Host::Tcp(h) => h.clone(),
+        #[cfg(unix)]
+        Host::Unix(dir) => dir.display().to_string(),
+    };
+    format!("{}@{}:{}/{}", info.user(), host, port, info.dbname())
+}
+
+async fn open_socket(host: &Host, port: u16) -> io::Result<Box<dyn Socket>> {
+    match host {
+        Host::Tcp(h) => {
+            let s = TcpStream::connect((h.as_str(), port)).await?;
+            s.set_nodelay(true)?;
+            Ok(Box::new(s))
+        }
+        #[cfg(unix)]
+        Host::Unix(dir) => {
+            let path = dir.join(format!(".s.PGSQL.{port}"));
+            Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+        }
+    }
+}
+
+async fn startup(conn: &mut Conn, info: &ConnInfo) -> Result<(), ReplicationError> {
+    let app = info
+        .config()
+        .get_application_name()
+        .unwrap_or("tidemark")
+        .to_string();
+    let mut params: Vec<(&str, &str)> = vec![
+        ("user", info.user()),
+        ("database", info.dbname()),
+        ("replication", "database"),
+        ("application_name", &app),
+    ];
+    params.extend_from_slice(SESSION_SETTINGS);
+    frontend::startup_message(params, &mut conn.wbuf).map_err(|e| conn.io_err(e))?;
+    conn.flush().await?;
+    authenticate(conn, info).await?;
+    loop {
+        let msg = conn.read().await?;
+        match msg.tag {
+            b'K' => {}
+            b'Z' => return Ok(()),
+            b'v' => tracing::debug!("server negotiated protocol version"),
+            _ => return Err(unexpected(&msg, "ReadyForQuery after authentication")),
+        }
+    }
+}
+
+fn password<'a>(info: &'a ConnInfo, method: &'static str) -> Result<&'a [u8], ReplicationError> {
+    info.password().ok_or(ReplicationError::Auth {
+        method,
+        message: "the server requires a password and none was supplied".into(),
+    })
+}
+
+/// Reads an Authentication ('R') message and returns its code and the rest of its body.
+async fn read_auth(conn: &mut Conn) -> Result<(i32, bytes::Bytes), ReplicationError> {
+    let msg = conn.read().await?;
+    if msg.tag != b'R' {
+        return Err(unexpected(&msg, "an authentication request"));
+    }
+    let code = Cursor::new(&msg.body).i32()?;
+    Ok((code, msg.body.slice(4..)))
+}
+
+async fn authenticate(conn: &mut Conn, info: &ConnInfo) -> Result<(), ReplicationError> {
+    let (code, body) = read_auth(conn).await?;
+    match code {
+        0 => return Ok(()),
+        3 => {
+            let pw = password(info, "password")?;
+            frontend::password_message(pw, &mut conn.wbuf).map_err(|e| conn.io_err(e))?;
+            conn.flush().await?;
+        }
+        5 => {
+            let pw = password(info, "md5")?;
+            let salt = Cursor::new(&body).bytes(4)?;
+            let hash = md5_hash(
+                info.user().as_bytes(),
+                pw,
+                [salt[0], salt[1], salt[2], salt[3]],
+            );
+            frontend::password_message(hash.as_bytes(), &mut conn.wbuf)
+                .map_err(|e| conn.io_err(e))?;
+            conn.flush().await?;
+        }
+        10 => scram(conn, info, &body).await?,
+        2 => return Err(ReplicationError::UnsupportedAuth("Kerberos V5".into())),
+        6 => return Err(ReplicationError::UnsupportedAuth("SCM credentials".into())),
+        7 | 8 => return Err(ReplicationError::UnsupportedAuth("GSSAPI".into())),
+        9 => return Err(ReplicationError::UnsupportedAuth("SSPI".into())),
+        other => {
+            return Err(ReplicationError::UnsupportedAuth(format!(
+                "authentication request code {other}"
+            )))
+        }
+    }
+    match read_auth(conn).await? {
+        (0, _) => Ok(()),
+        (code, _) => Err(ReplicationError::protocol(format!(
+            "unexpected authentication request {code} after the password was sent"
+        ))),
+    }
+}
+
+const SCRAM: &str = "SCRAM-SHA-256";
+
+async fn scram(conn: &mut Conn, info: &ConnInfo, body: &[u8]) -> Result<(), ReplicationError> {
+    let mut mechanisms = Vec::new();
+    let mut c = Cursor::new(body);
+    loop {
+        let m = c.cstr()?;
+        if m.is_empty() {
+            break;
+        }
+        mechanisms.push(m.to_string());
+    }
+    if !mechanisms.iter().any(|m| m == SCRAM) {
+        return Err(ReplicationError::UnsupportedAuth(format!(
+            "SASL ({})",
+            mechanisms.join(", ")
+        )));
+    }
+    let pw = password(info, SCRAM)?;
+    // Plaintext connection: no channel binding ("n,,").
+    let mut scram = ScramSha256::new(pw, ChannelBinding::unsupported());
+    frontend::sasl_initial_response(SCRAM, scram.message(), &mut conn.wbuf)
+        .map_err(|e| conn.io_err(e))?;
+    conn.flush().await?;
+
+    let auth_err = |e: io::Error| ReplicationError::Auth {
+        method: SCRAM,
+        message: e.to_string(),
+    };
+    let (code, data) = read_auth(conn).await?;
+    if code != 11 {
+        return Err(ReplicationError::protocol(format!(
+            "expected SASLContinue, got authentication request {code}"
+        )));
+    }
+    scram.update(&data).map_err(auth_err)?;
+    frontend::sasl_response(scram.message(), &mut conn.wbuf).map_err(|e| conn.io_err(e))?;
+    conn.flush().await?;
+
+    let (code, data) = read_auth(conn).await?;
+    if code != 12 {
+        return Err(ReplicationError::protocol(format!(
+            "expected SASLFinal, got authentication request {code}"
+        )));
+    }
+    scram.finish(&data).map_err(auth_err)
+}
