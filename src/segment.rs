@@ -1,1 +1,1191 @@
-//! (placeholder)
+//! Segment files: the archive's sealed, immutable unit of storage.
+//!
+//! A segment holds a run of the pgoutput change stream losslessly: every [`Record`] is the raw
+//! payload of one XLogData message with its WAL start (`lsn`) and send time (`server_time`).
+//! A segment covers the stream range `(start_lsn, end_lsn]` and only ever holds whole
+//! transactions; its trailer indexes every commit it contains so that restore planning can pick
+//! a stop point without decompressing anything.
+//!
+//! This module owns the byte layout (normatively specified in `proto/segment.md`), the writer
+//! ([`SegmentBuilder`]), the reader ([`Segment`], [`read_info`]) and the object names
+//! ([`object_name`], [`parse_object_name`]). It does not do I/O, does not decode pgoutput
+//! payloads (they are opaque bytes here), and does not check continuity between segments or
+//! the meaning of commit entries: that is the restore planner's job.
+//!
+//! Invariant: **a segment that parses is byte-for-byte what was written.** Every byte of the
+//! file is either compared with a constant or covered by a CRC-32 (header, each block's stored
+//! bytes, each block's decompressed bytes, trailer, footer), and block headers are cross-checked
+//! against the checksummed block index. Reading never panics and never allocates more than the
+//! file's declared, bounds-checked sizes allow, whatever the input bytes are.
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::lsn::{Lsn, PgTimestamp};
+
+/// The 8 bytes at the start and at the very end of every segment file.
+///
+/// The non-ASCII first byte and the trailing line feed catch 7-bit and newline-translating
+/// transfers, as in PNG.
+pub const MAGIC: [u8; 8] = *b"\x89TDMSEG\n";
+
+/// The format version this build writes and the only one it reads.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Default target size of a block's uncompressed contents.
+pub const DEFAULT_BLOCK_SIZE: usize = 64 * 1024;
+
+/// Largest block size [`SegmentBuilder::with_block_size`] accepts (larger values are clamped).
+pub const MAX_BLOCK_SIZE: usize = 16 * 1024 * 1024;
+
+/// Largest record payload [`SegmentBuilder::push`] accepts (PostgreSQL messages are < 1 GiB).
+pub const MAX_PAYLOAD_LEN: usize = i32::MAX as usize;
+
+/// Header flags this build understands (none are defined in version 1).
+const KNOWN_FLAGS: u16 = 0;
+
+/// Header bytes that are not strings or extensions: fixed fields, two length prefixes, crc.
+const HEADER_FIXED_LEN: usize = 56;
+/// Offset of `created_at` in the header.
+const HEADER_CREATED_AT_OFFSET: usize = 40;
+/// Block header: compressed_len, uncompressed_len, record_count, data_crc, block_crc.
+const BLOCK_HEADER_LEN: usize = 20;
+/// Bytes of the block header covered by `block_crc` (all but the block_crc itself).
+const BLOCK_HEADER_CRC_COVERED: usize = 16;
+/// Record framing: lsn, server_time, payload_len.
+const RECORD_HEADER_LEN: usize = 20;
+/// Block index entry: offset followed by a copy of the block header.
+const BLOCK_ENTRY_LEN: usize = 8 + BLOCK_HEADER_LEN;
+/// Commit index entry: commit_lsn, end_lsn, commit_time, xid, first_record.
+const COMMIT_ENTRY_LEN: usize = 32;
+/// Trailer bytes that are not index entries: fixed fields and crc.
+const TRAILER_FIXED_LEN: usize = 36;
+/// Footer: trailer_offset, trailer_len, footer_crc, magic.
+const FOOTER_LEN: usize = 28;
+/// Smallest valid file: empty strings, no blocks, no commits.
+const MIN_SEGMENT_LEN: usize = HEADER_FIXED_LEN + TRAILER_FIXED_LEN + FOOTER_LEN;
+/// Upper bound of the LZ4 block format's expansion: one input byte yields at most 255 output
+/// bytes. Caps the allocation for a block by its (bounds-checked) stored size.
+const MAX_LZ4_RATIO: u64 = 255;
+
+/// One XLogData message of the pgoutput stream, stored losslessly.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// WAL start of the message (`dataStart` in the XLogData header).
+    pub lsn: Lsn,
+    /// Send time from the XLogData header.
+    pub server_time: PgTimestamp,
+    /// The raw pgoutput message (starts with its type byte: `B`, `I`, `C`, …).
+    pub payload: Bytes,
+}
+
+/// One committed transaction in a segment's commit index.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CommitEntry {
+    /// LSN of the commit record.
+    pub commit_lsn: Lsn,
+    /// End LSN of the transaction (the position to acknowledge once it is stored).
+    pub end_lsn: Lsn,
+    /// Transaction id.
+    pub xid: u32,
+    /// Commit time as reported by the server.
+    pub commit_time: PgTimestamp,
+    /// Index, within the segment, of the transaction's Begin record.
+    pub first_record: u32,
+}
+
+/// Everything a segment says about itself, from its header and trailer.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SegmentInfo {
+    /// `pg_control` system identifier of the source cluster.
+    pub system_id: u64,
+    /// Timeline of the source cluster when the segment was written.
+    pub timeline: u32,
+    /// Archive generation (bumped when the slot is recreated and the stream restarts).
+    pub generation: u32,
+    /// Database the slot decodes.
+    pub database: String,
+    /// Replication slot the stream was read from.
+    pub slot: String,
+    /// Exclusive start of the covered range: the previous segment's `end_lsn`.
+    pub start_lsn: Lsn,
+    /// Inclusive end of the covered range: end LSN of the last commit, or an idle position.
+    pub end_lsn: Lsn,
+    /// Latest server time seen in the stream when the segment was sealed.
+    pub last_server_time: PgTimestamp,
+    /// Number of records in the segment.
+    pub record_count: u64,
+    /// When the writer opened the segment.
+    pub created_at: PgTimestamp,
+}
+
+/// The part of a file an error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Region {
+    /// The whole file.
+    File,
+    /// The fixed header with the strings.
+    Header,
+    /// Block `n` (0-based) as stored.
+    Block(u32),
+    /// The trailer: totals, block index, commit index.
+    Trailer,
+    /// The fixed-size footer at the end of the file.
+    Footer,
+}
+
+impl fmt::Display for Region {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Region::File => f.write_str("file"),
+            Region::Header => f.write_str("header"),
+            Region::Block(n) => write!(f, "block {n}"),
+            Region::Trailer => f.write_str("trailer"),
+            Region::Footer => f.write_str("footer"),
+        }
+    }
+}
+
+/// Why a segment was rejected. Messages name the offending region, its file offset and both
+/// the expected and the found value; callers add the segment's name or LSN range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentError {
+    /// The file does not start with [`MAGIC`].
+    #[error(
+        "not a tidemark segment: expected magic {} at offset 0, found {}",
+        hex(expected),
+        hex(found)
+    )]
+    BadMagic {
+        /// [`MAGIC`].
+        expected: [u8; 8],
+        /// The first bytes of the file (fewer than 8 if the file is shorter).
+        found: Vec<u8>,
+    },
+    /// The file was written in a format version this build cannot read.
+    #[error("unsupported segment format version {found}: this build reads version {supported}")]
+    UnsupportedVersion {
+        /// Version in the file.
+        found: u16,
+        /// [`FORMAT_VERSION`].
+        supported: u16,
+    },
+    /// The file is shorter than the smallest valid segment.
+    #[error(
+        "file is {len} bytes, shorter than the smallest valid segment ({min} bytes): truncated"
+    )]
+    TooShort {
+        /// File length.
+        len: u64,
+        /// Smallest valid length.
+        min: u64,
+    },
+    /// The file does not end with the footer magic: truncated, or bytes appended.
+    #[error(
+        "no footer: expected magic {} at offset {offset} (the last 8 bytes), found {}: \
+         the file is truncated or has bytes appended",
+        hex(expected),
+        hex(found)
+    )]
+    MissingFooter {
+        /// Offset of the last 8 bytes.
+        offset: u64,
+        /// [`MAGIC`].
+        expected: [u8; 8],
+        /// The last 8 bytes of the file.
+        found: Vec<u8>,
+    },
+    /// A stored CRC-32 does not match the bytes it covers.
+    #[error("{region} at offset {offset}: crc32 mismatch: expected 0x{expected:08X}, got 0x{actual:08X}")]
+    Checksum {
+        /// Region whose checksum failed.
+        region: Region,
+        /// File offset where the region starts.
+        offset: u64,
+        /// Checksum stored in the file.
+        expected: u32,
+        /// Checksum computed over the bytes read.
+        actual: u32,
+    },
+    /// A block's stored bytes were intact but decompressed to different bytes than were
+    /// compressed (a compressor or memory fault on the writer's side).
+    #[error(
+        "block {block} at offset {offset}: crc32 mismatch in decompressed data: \
+         expected 0x{expected:08X}, got 0x{actual:08X}"
+    )]
+    DataChecksum {
+        /// Block index.
+        block: u32,
+        /// File offset of the block.
+        offset: u64,
+        /// Checksum stored in the block header.
+        expected: u32,
+        /// Checksum of the decompressed bytes.
+        actual: u32,
+    },
+    /// The header sets flags this build does not know.
+    #[error("header at offset 10: unknown flags 0x{found:04X} (this build knows 0x{known:04X})")]
+    UnknownFlags {
+        /// Flags in the file.
+        found: u16,
+        /// Flags this build understands.
+        known: u16,
+    },
+    /// LZ4 decompression of a block failed or produced a different size than declared.
+    #[error("block {block} at offset {offset}: lz4 decompression failed: {detail}")]
+    Decompress {
+        /// Block index.
+        block: u32,
+        /// File offset of the block.
+        offset: u64,
+        /// What went wrong, with both sizes where applicable.
+        detail: String,
+    },
+    /// A structural rule of the format is violated (lengths out of bounds, inconsistent
+    /// counts, a record overrunning its block, …); `detail` names both values.
+    #[error("{region} at offset {offset}: {detail}")]
+    Malformed {
+        /// Region the rule is about.
+        region: Region,
+        /// File offset of the offending field (for records: of their block).
+        offset: u64,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02X}");
+    }
+    s
+}
+
+fn malformed(region: Region, offset: u64, detail: impl Into<String>) -> SegmentError {
+    SegmentError::Malformed {
+        region,
+        offset,
+        detail: detail.into(),
+    }
+}
+
+/// Object name of a segment: `segments/<generation:8 hex>/<start:16 hex>-<end:16 hex>.seg`,
+/// upper-case hex, so that a lexical listing sorts by generation, then LSN.
+pub fn object_name(generation: u32, start: Lsn, end: Lsn) -> String {
+    format!(
+        "segments/{generation:08X}/{}-{}.seg",
+        start.to_hex16(),
+        end.to_hex16()
+    )
+}
+
+/// Parses a name written by [`object_name`]. Only the canonical form is accepted (exact
+/// widths, upper-case hex), so that names and `(generation, start, end)` map one to one.
+pub fn parse_object_name(name: &str) -> Option<(u32, Lsn, Lsn)> {
+    let rest = name.strip_prefix("segments/")?;
+    let (generation, file) = rest.split_once('/')?;
+    let (start, end) = file.strip_suffix(".seg")?.split_once('-')?;
+    let canonical = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    };
+    if generation.len() != 8 || !canonical(generation) || !canonical(start) || !canonical(end) {
+        return None;
+    }
+    let generation = u32::from_str_radix(generation, 16).ok()?;
+    Some((generation, Lsn::from_hex16(start)?, Lsn::from_hex16(end)?))
+}
+
+/// Index entry of one block; its last 20 bytes are the block header exactly as stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BlockEntry {
+    offset: u64,
+    compressed_len: u32,
+    uncompressed_len: u32,
+    record_count: u32,
+    data_crc: u32,
+    block_crc: u32,
+}
+
+impl BlockEntry {
+    fn header_bytes(&self) -> [u8; BLOCK_HEADER_LEN] {
+        let mut h = [0u8; BLOCK_HEADER_LEN];
+        h[0..4].copy_from_slice(&self.compressed_len.to_le_bytes());
+        h[4..8].copy_from_slice(&self.uncompressed_len.to_le_bytes());
+        h[8..12].copy_from_slice(&self.record_count.to_le_bytes());
+        h[12..16].copy_from_slice(&self.data_crc.to_le_bytes());
+        h[16..20].copy_from_slice(&self.block_crc.to_le_bytes());
+        h
+    }
+
+    /// First byte after the block.
+    fn end(&self) -> u64 {
+        self.offset + BLOCK_HEADER_LEN as u64 + u64::from(self.compressed_len)
+    }
+}
+
+/// Writes one segment in memory, block by block.
+///
+/// Records are framed into a reused buffer; when the next record would not fit in the block
+/// size (or the block is exactly full) the block is LZ4-compressed and checksummed into the
+/// output. A record larger than the block size gets a block of its own.
+#[derive(Debug)]
+pub struct SegmentBuilder {
+    /// Header followed by the sealed blocks.
+    out: Vec<u8>,
+    header_len: usize,
+    /// Uncompressed contents of the block being filled.
+    block: Vec<u8>,
+    block_records: u32,
+    block_size: usize,
+    blocks: Vec<BlockEntry>,
+    commits: Vec<CommitEntry>,
+    record_count: u64,
+}
+
+impl SegmentBuilder {
+    /// Starts a segment covering the stream from `start_lsn` (exclusive), with
+    /// [`DEFAULT_BLOCK_SIZE`] and `created_at` set to now.
+    ///
+    /// # Panics
+    /// If `database` or `slot` is longer than 65535 bytes (PostgreSQL limits names to 63).
+    pub fn new(
+        system_id: u64,
+        timeline: u32,
+        generation: u32,
+        database: &str,
+        slot: &str,
+        start_lsn: Lsn,
+    ) -> Self {
+        let db_len = u16::try_from(database.len()).expect("database name longer than 65535 bytes");
+        let slot_len = u16::try_from(slot.len()).expect("slot name longer than 65535 bytes");
+        let header_len = HEADER_FIXED_LEN + database.len() + slot.len();
+        let mut out = Vec::with_capacity(header_len + DEFAULT_BLOCK_SIZE);
+        out.extend_from_slice(&MAGIC);
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes()); // flags
+        out.extend_from_slice(&(header_len as u32).to_le_bytes());
+        out.extend_from_slice(&system_id.to_le_bytes());
+        out.extend_from_slice(&timeline.to_le_bytes());
+        out.extend_from_slice(&generation.to_le_bytes());
+        out.extend_from_slice(&start_lsn.0.to_le_bytes());
+        out.extend_from_slice(&PgTimestamp::now().0.to_le_bytes());
+        out.extend_from_slice(&db_len.to_le_bytes());
+        out.extend_from_slice(database.as_bytes());
+        out.extend_from_slice(&slot_len.to_le_bytes());
+        out.extend_from_slice(slot.as_bytes());
+        out.extend_from_slice(&[0; 4]); // header crc, set by seal_header
+        debug_assert_eq!(out.len(), header_len);
+        let mut builder = SegmentBuilder {
+            out,
+            header_len,
+            block: Vec::new(),
+            block_records: 0,
+            block_size: DEFAULT_BLOCK_SIZE,
+            blocks: Vec::new(),
+            commits: Vec::new(),
+            record_count: 0,
+        };
+        builder.seal_header();
+        builder
+    }
+
+    /// Sets the target uncompressed block size, clamped to `1..=`[`MAX_BLOCK_SIZE`].
+    /// Applies from the next block on.
+    pub fn with_block_size(mut self, bytes: usize) -> Self {
+        self.block_size = bytes.clamp(1, MAX_BLOCK_SIZE);
+        self
+    }
+
+    /// Overrides the `created_at` header field (default: the time of [`SegmentBuilder::new`]).
+    pub fn with_created_at(mut self, created_at: PgTimestamp) -> Self {
+        let at = HEADER_CREATED_AT_OFFSET;
+        self.out[at..at + 8].copy_from_slice(&created_at.0.to_le_bytes());
+        self.seal_header();
+        self
+    }
+
+    fn seal_header(&mut self) {
+        let crc_at = self.header_len - 4;
+        let crc = crc32fast::hash(&self.out[..crc_at]);
+        self.out[crc_at..self.header_len].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Appends a record. Compresses the current block first if the record would not fit.
+    ///
+    /// # Panics
+    /// If the payload is longer than [`MAX_PAYLOAD_LEN`].
+    pub fn push(&mut self, rec: &Record) {
+        let payload_len = rec.payload.len();
+        assert!(
+            payload_len <= MAX_PAYLOAD_LEN,
+            "record payload of {payload_len} bytes exceeds the format's limit of {MAX_PAYLOAD_LEN}"
+        );
+        let framed = RECORD_HEADER_LEN + payload_len;
+        if self.block_records > 0 && self.block.len() + framed > self.block_size {
+            self.seal_block();
+        }
+        if self.block.capacity() == 0 {
+            self.block.reserve(self.block_size.max(framed));
+        }
+        self.block.extend_from_slice(&rec.lsn.0.to_le_bytes());
+        self.block
+            .extend_from_slice(&rec.server_time.0.to_le_bytes());
+        self.block
+            .extend_from_slice(&(payload_len as u32).to_le_bytes());
+        self.block.extend_from_slice(&rec.payload);
+        self.block_records += 1;
+        self.record_count += 1;
+        if self.block.len() >= self.block_size {
+            self.seal_block();
+        }
+    }
+
+    /// Records a commit in the commit index. Call it after pushing the transaction's records;
+    /// `entry.first_record` must be the index of its Begin record in this segment.
+    pub fn commit(&mut self, entry: CommitEntry) {
+        debug_assert!(
+            u64::from(entry.first_record) < self.record_count,
+            "commit's first_record {} is not a record of this segment ({} records)",
+            entry.first_record,
+            self.record_count
+        );
+        self.commits.push(entry);
+    }
+
+    /// Number of records pushed so far.
+    pub fn record_count(&self) -> u64 {
+        self.record_count
+    }
+
+    /// Approximate size of the finished file if it were finished now (the block being filled
+    /// is counted uncompressed). For deciding when to seal on size.
+    pub fn encoded_len(&self) -> usize {
+        let pending = if self.block_records > 0 {
+            BLOCK_HEADER_LEN + self.block.len()
+        } else {
+            0
+        };
+        let blocks = self.blocks.len() + usize::from(self.block_records > 0);
+        self.out.len()
+            + pending
+            + TRAILER_FIXED_LEN
+            + blocks * BLOCK_ENTRY_LEN
+            + self.commits.len() * COMMIT_ENTRY_LEN
+            + FOOTER_LEN
+    }
+
+    /// Compresses and checksums the current block into the output.
+    fn seal_block(&mut self) {
+        if self.block_records == 0 {
+            return;
+        }
+        let entry = append_block(&mut self.out, &self.block, self.block_records);
+        self.blocks.push(entry);
+        self.block.clear();
+        self.block_records = 0;
+    }
+
+    /// Seals the segment at `end_lsn` and returns the complete file.
+    ///
+    /// # Panics
+    /// If the segment has more than `u32::MAX` blocks or commits (each would take a trailer of
+    /// over 100 GiB).
+    pub fn finish(mut self, end_lsn: Lsn, last_server_time: PgTimestamp) -> Bytes {
+        self.seal_block();
+        let mut out = std::mem::take(&mut self.out);
+        append_trailer_and_footer(
+            &mut out,
+            end_lsn,
+            last_server_time,
+            self.record_count,
+            &self.blocks,
+            &self.commits,
+        );
+        Bytes::from(out)
+    }
+}
+
+/// Appends block `data` (framed records, uncompressed) to `out`: header, then LZ4 block.
+fn append_block(out: &mut Vec<u8>, data: &[u8], record_count: u32) -> BlockEntry {
+    let offset = out.len();
+    let data_start = offset + BLOCK_HEADER_LEN;
+    let max = lz4_flex::block::get_maximum_output_size(data.len());
+    out.resize(data_start + max, 0);
+    let compressed_len = lz4_flex::block::compress_into(data, &mut out[data_start..])
+        .expect("output sized with get_maximum_output_size");
+    out.truncate(data_start + compressed_len);
+    let mut entry = BlockEntry {
+        offset: offset as u64,
+        // Both fit: uncompressed ≤ max(MAX_BLOCK_SIZE, 20 + MAX_PAYLOAD_LEN) < 2^31 + 2^20, and
+        // compressed ≤ 1.1 × that + 20.
+        compressed_len: compressed_len as u32,
+        uncompressed_len: data.len() as u32,
+        record_count,
+        data_crc: crc32fast::hash(data),
+        block_crc: 0,
+    };
+    entry.block_crc = block_crc(&entry, &out[data_start..]);
+    out[offset..data_start].copy_from_slice(&entry.header_bytes());
+    entry
+}
+
+/// CRC-32 of a block header's first 16 bytes followed by the block's stored (compressed) bytes.
+fn block_crc(entry: &BlockEntry, stored: &[u8]) -> u32 {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(&entry.header_bytes()[..BLOCK_HEADER_CRC_COVERED]);
+    hasher.update(stored);
+    hasher.finalize()
+}
+
+/// Appends the trailer (totals, block index, commit index, crc) and the footer.
+fn append_trailer_and_footer(
+    out: &mut Vec<u8>,
+    end_lsn: Lsn,
+    last_server_time: PgTimestamp,
+    record_count: u64,
+    blocks: &[BlockEntry],
+    commits: &[CommitEntry],
+) {
+    let block_count = u32::try_from(blocks.len()).expect("more than u32::MAX blocks");
+    let commit_count = u32::try_from(commits.len()).expect("more than u32::MAX commits");
+    let trailer_offset = out.len();
+    let trailer_len =
+        TRAILER_FIXED_LEN + blocks.len() * BLOCK_ENTRY_LEN + commits.len() * COMMIT_ENTRY_LEN;
+    out.reserve(trailer_len + FOOTER_LEN);
+    out.extend_from_slice(&end_lsn.0.to_le_bytes());
+    out.extend_from_slice(&last_server_time.0.to_le_bytes());
+    out.extend_from_slice(&record_count.to_le_bytes());
+    out.extend_from_slice(&block_count.to_le_bytes());
+    out.extend_from_slice(&commit_count.to_le_bytes());
+    for b in blocks {
+        out.extend_from_slice(&b.offset.to_le_bytes());
+        out.extend_from_slice(&b.header_bytes());
+    }
+    for c in commits {
+        out.extend_from_slice(&c.commit_lsn.0.to_le_bytes());
+        out.extend_from_slice(&c.end_lsn.0.to_le_bytes());
+        out.extend_from_slice(&c.commit_time.0.to_le_bytes());
+        out.extend_from_slice(&c.xid.to_le_bytes());
+        out.extend_from_slice(&c.first_record.to_le_bytes());
+    }
+    let crc = crc32fast::hash(&out[trailer_offset..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(out.len(), trailer_offset + trailer_len);
+    let footer_offset = out.len();
+    out.extend_from_slice(&(trailer_offset as u64).to_le_bytes());
+    out.extend_from_slice(&(trailer_len as u64).to_le_bytes());
+    let crc = crc32fast::hash(&out[footer_offset..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&MAGIC);
+}
+
+/// Bounds-checked little-endian reader over a region of the file.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    /// File offset of `buf[0]`.
+    base: u64,
+    region: Region,
+}
+
+impl<'a> Cursor<'a> {
+    fn new(buf: &'a [u8], base: u64, region: Region) -> Self {
+        Cursor {
+            buf,
+            pos: 0,
+            base,
+            region,
+        }
+    }
+
+    fn offset(&self) -> u64 {
+        self.base + self.pos as u64
+    }
+
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], SegmentError> {
+        let left = self.buf.len() - self.pos;
+        if n > left {
+            return Err(malformed(
+                self.region,
+                self.offset(),
+                format!(
+                    "{what} needs {n} bytes, only {left} left in the {}",
+                    self.region
+                ),
+            ));
+        }
+        let bytes = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(bytes)
+    }
+
+    fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N], SegmentError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N, what)?);
+        Ok(a)
+    }
+
+    fn u16(&mut self, what: &str) -> Result<u16, SegmentError> {
+        self.array(what).map(u16::from_le_bytes)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, SegmentError> {
+        self.array(what).map(u32::from_le_bytes)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, SegmentError> {
+        self.array(what).map(u64::from_le_bytes)
+    }
+
+    fn i64(&mut self, what: &str) -> Result<i64, SegmentError> {
+        self.array(what).map(i64::from_le_bytes)
+    }
+
+    fn string(&mut self, what: &str) -> Result<String, SegmentError> {
+        let len = self.u16(what)?;
+        let at = self.offset();
+        let bytes = self.take(usize::from(len), what)?;
+        std::str::from_utf8(bytes)
+            .map(str::to_owned)
+            .map_err(|e| malformed(self.region, at, format!("{what} is not valid UTF-8: {e}")))
+    }
+}
+
+/// Reads a little-endian u32 at `at`, which the caller has bounds-checked.
+fn u32_at(buf: &[u8], at: usize) -> Option<u32> {
+    let b = buf.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Verifies a stored CRC-32 (little-endian, right after `covered`).
+fn check_crc(covered: &[u8], stored: u32, region: Region, offset: u64) -> Result<(), SegmentError> {
+    let actual = crc32fast::hash(covered);
+    if actual != stored {
+        return Err(SegmentError::Checksum {
+            region,
+            offset,
+            expected: stored,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Header, trailer and block table of a file, verified.
+struct Layout {
+    info: SegmentInfo,
+    commits: Vec<CommitEntry>,
+    blocks: Vec<BlockEntry>,
+}
+
+/// Verifies everything but the blocks' contents: magic, version, footer, header, trailer and
+/// the block table (contiguity, block headers equal to their index entries, counts, sizes).
+fn parse_layout(file: &[u8]) -> Result<Layout, SegmentError> {
+    let len = file.len();
+    // 1. Identify the file: magic, then version, so that a future version is reported as such.
+    let head = &file[..len.min(8)];
+    if head != MAGIC {
+        return Err(SegmentError::BadMagic {
+            expected: MAGIC,
+            found: head.to_vec(),
+        });
+    }
+    if let Some(v) = file.get(8..10) {
+        let version = u16::from_le_bytes([v[0], v[1]]);
+        if version != FORMAT_VERSION {
+            return Err(SegmentError::UnsupportedVersion {
+                found: version,
+                supported: FORMAT_VERSION,
+            });
+        }
+    }
+    if len < MIN_SEGMENT_LEN {
+        return Err(SegmentError::TooShort {
+            len: len as u64,
+            min: MIN_SEGMENT_LEN as u64,
+        });
+    }
+
+    // 2. Footer: find the trailer from the end.
+    let footer_offset = len - FOOTER_LEN;
+    let tail = &file[len - 8..];
+    if tail != MAGIC {
+        return Err(SegmentError::MissingFooter {
+            offset: (len - 8) as u64,
+            expected: MAGIC,
+            found: tail.to_vec(),
+        });
+    }
+    let mut f = Cursor::new(&file[footer_offset..], footer_offset as u64, Region::Footer);
+    let trailer_offset = f.u64("trailer offset")?;
+    let trailer_len = f.u64("trailer length")?;
+    let footer_crc = f.u32("footer crc")?;
+    check_crc(
+        &file[footer_offset..footer_offset + 16],
+        footer_crc,
+        Region::Footer,
+        footer_offset as u64,
+    )?;
+
+    // 3. Header.
+    let mut h = Cursor::new(file, 0, Region::Header);
+    h.pos = 12; // magic, version and flags; flags are checked once the crc vouches for them
+    let header_len = h.u32("header length")? as usize;
+    let header_max = footer_offset - TRAILER_FIXED_LEN;
+    if header_len < HEADER_FIXED_LEN || header_len > header_max {
+        return Err(malformed(
+            Region::Header,
+            12,
+            format!(
+                "header length {header_len} is outside the possible range \
+                 {HEADER_FIXED_LEN}..={header_max} for a {len}-byte file"
+            ),
+        ));
+    }
+    let header = &file[..header_len];
+    let stored = u32_at(header, header_len - 4).unwrap_or_default();
+    check_crc(&header[..header_len - 4], stored, Region::Header, 0)?;
+    let flags = u16::from_le_bytes([file[10], file[11]]);
+    if flags & !KNOWN_FLAGS != 0 {
+        return Err(SegmentError::UnknownFlags {
+            found: flags,
+            known: KNOWN_FLAGS,
+        });
+    }
+    // Fields end 4 bytes before header_len; whatever lies between the strings and the crc is
+    // an extension area that version 1 readers skip.
+    let mut h = Cursor::new(&file[..header_len - 4], 0, Region::Header);
+    h.pos = 16;
+    let system_id = h.u64("system_id")?;
+    let timeline = h.u32("timeline")?;
+    let generation = h.u32("generation")?;
+    let start_lsn = Lsn(h.u64("start_lsn")?);
+    let created_at = PgTimestamp(h.i64("created_at")?);
+    let database = h.string("database name")?;
+    let slot = h.string("slot name")?;
+
+    // 4. Trailer: it must sit between the header and the footer, exactly.
+    let trailer_end = trailer_offset.checked_add(trailer_len);
+    if trailer_offset < header_len as u64
+        || trailer_len < TRAILER_FIXED_LEN as u64
+        || trailer_end != Some(footer_offset as u64)
+    {
+        return Err(malformed(
+            Region::Footer,
+            footer_offset as u64,
+            format!(
+                "trailer at offset {trailer_offset} with length {trailer_len} must lie between \
+                 the header (ends at {header_len}) and the footer (starts at {footer_offset}) \
+                 and end where the footer starts"
+            ),
+        ));
+    }
+    // In bounds: header_len ≤ trailer_offset < trailer_offset + trailer_len = footer_offset.
+    let trailer_start = trailer_offset as usize;
+    let trailer = &file[trailer_start..footer_offset];
+    let crc_at = trailer.len() - 4;
+    let stored = u32_at(trailer, crc_at).unwrap_or_default();
+    check_crc(&trailer[..crc_at], stored, Region::Trailer, trailer_offset)?;
+    let mut t = Cursor::new(&trailer[..crc_at], trailer_offset, Region::Trailer);
+    let end_lsn = Lsn(t.u64("end_lsn")?);
+    let last_server_time = PgTimestamp(t.i64("last_server_time")?);
+    let record_count = t.u64("record_count")?;
+    let block_count = t.u32("block_count")?;
+    let commit_count = t.u32("commit_count")?;
+    let expected_len = TRAILER_FIXED_LEN as u64
+        + u64::from(block_count) * BLOCK_ENTRY_LEN as u64
+        + u64::from(commit_count) * COMMIT_ENTRY_LEN as u64;
+    if expected_len != trailer_len {
+        return Err(malformed(
+            Region::Trailer,
+            trailer_offset + 24,
+            format!(
+                "{block_count} blocks and {commit_count} commits need a trailer of \
+                 {expected_len} bytes, the footer declares {trailer_len}"
+            ),
+        ));
+    }
+    // The counts are now bounded by the file length, so these allocations are too.
+    let mut blocks = Vec::with_capacity(block_count as usize);
+    for _ in 0..block_count {
+        blocks.push(BlockEntry {
+            offset: t.u64("block offset")?,
+            compressed_len: t.u32("compressed length")?,
+            uncompressed_len: t.u32("uncompressed length")?,
+            record_count: t.u32("block record count")?,
+            data_crc: t.u32("data crc")?,
+            block_crc: t.u32("block crc")?,
+        });
+    }
+    let mut commits = Vec::with_capacity(commit_count as usize);
+    for _ in 0..commit_count {
+        commits.push(CommitEntry {
+            commit_lsn: Lsn(t.u64("commit_lsn")?),
+            end_lsn: Lsn(t.u64("end_lsn")?),
+            commit_time: PgTimestamp(t.i64("commit_time")?),
+            xid: t.u32("xid")?,
+            first_record: t.u32("first_record")?,
+        });
+    }
+
+    // 5. Block table: blocks tile the space between header and trailer exactly, each block
+    // header equals its index entry, and the counts add up.
+    let mut expected_offset = header_len as u64;
+    let mut records_in_blocks: u64 = 0;
+    for (i, b) in blocks.iter().enumerate() {
+        let i = i as u32;
+        let entry_offset = trailer_offset + 32 + u64::from(i) * BLOCK_ENTRY_LEN as u64;
+        if b.offset != expected_offset {
+            return Err(malformed(
+                Region::Trailer,
+                entry_offset,
+                format!(
+                    "block {i} is indexed at offset {}, expected {expected_offset} \
+                     (blocks must follow the header and each other without gaps)",
+                    b.offset
+                ),
+            ));
+        }
+        if b.end() > trailer_offset {
+            return Err(malformed(
+                Region::Block(i),
+                b.offset,
+                format!(
+                    "block of {} bytes ends at offset {}, past the trailer at offset {trailer_offset}",
+                    BLOCK_HEADER_LEN as u64 + u64::from(b.compressed_len),
+                    b.end()
+                ),
+            ));
+        }
+        // In bounds: b.offset + 20 ≤ b.end() ≤ trailer_offset ≤ file length.
+        let start = b.offset as usize;
+        let stored = &file[start..start + BLOCK_HEADER_LEN];
+        let indexed = b.header_bytes();
+        if stored != indexed {
+            return Err(malformed(
+                Region::Block(i),
+                b.offset,
+                format!(
+                    "block header {} differs from its index entry {}",
+                    hex(stored),
+                    hex(&indexed)
+                ),
+            ));
+        }
+        if b.record_count == 0 {
+            return Err(malformed(
+                Region::Block(i),
+                b.offset,
+                "block holds no records",
+            ));
+        }
+        let min_len = u64::from(b.record_count) * RECORD_HEADER_LEN as u64;
+        let max_len = u64::from(b.compressed_len) * MAX_LZ4_RATIO;
+        let ulen = u64::from(b.uncompressed_len);
+        if ulen < min_len || ulen > max_len {
+            return Err(malformed(
+                Region::Block(i),
+                b.offset,
+                format!(
+                    "uncompressed length {ulen} is impossible for {} records in {} compressed \
+                     bytes (must be {min_len}..={max_len})",
+                    b.record_count, b.compressed_len
+                ),
+            ));
+        }
+        records_in_blocks += u64::from(b.record_count);
+        expected_offset = b.end();
+    }
+    if expected_offset != trailer_offset {
+        return Err(malformed(
+            Region::Trailer,
+            trailer_offset,
+            format!(
+                "blocks end at offset {expected_offset} but the trailer starts at offset \
+                 {trailer_offset}"
+            ),
+        ));
+    }
+    if records_in_blocks != record_count {
+        return Err(malformed(
+            Region::Trailer,
+            trailer_offset + 16,
+            format!(
+                "record count {record_count} differs from the blocks' total {records_in_blocks}"
+            ),
+        ));
+    }
+
+    Ok(Layout {
+        info: SegmentInfo {
+            system_id,
+            timeline,
+            generation,
+            database,
+            slot,
+            start_lsn,
+            end_lsn,
+            last_server_time,
+            record_count,
+            created_at,
+        },
+        commits,
+        blocks,
+    })
+}
+
+/// Reads and verifies a segment's header, trailer and block table without decompressing any
+/// block: enough for listings and restore planning.
+pub fn read_info(bytes: &[u8]) -> Result<(SegmentInfo, Vec<CommitEntry>), SegmentError> {
+    let layout = parse_layout(bytes)?;
+    Ok((layout.info, layout.commits))
+}
+
+/// A parsed segment. Blocks are decompressed lazily by [`Segment::records`].
+#[derive(Clone)]
+pub struct Segment {
+    /// Header and trailer fields.
+    pub info: SegmentInfo,
+    /// The commit index, in the order the commits were recorded.
+    pub commits: Vec<CommitEntry>,
+    blocks: Vec<BlockEntry>,
+    bytes: Bytes,
+}
+
+impl fmt::Debug for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Segment")
+            .field("info", &self.info)
+            .field("commits", &self.commits.len())
+            .field("blocks", &self.blocks.len())
+            .field("len", &self.bytes.len())
+            .finish()
+    }
+}
+
+/// Where a record sits in a decompressed block.
+struct Framed {
+    lsn: u64,
+    server_time: i64,
+    payload: std::ops::Range<usize>,
+}
+
+/// Reads the record framed at `pos` of a decompressed block.
+fn frame_at(block: &[u8], pos: usize) -> Result<Framed, (usize, usize)> {
+    let left = block.len() - pos.min(block.len());
+    let header = block
+        .get(pos..pos + RECORD_HEADER_LEN)
+        .ok_or((RECORD_HEADER_LEN, left))?;
+    let mut c = Cursor::new(header, 0, Region::File);
+    let (lsn, server_time, len) = match (c.u64(""), c.i64(""), c.u32("")) {
+        (Ok(l), Ok(t), Ok(n)) => (l, t, n as usize),
+        _ => return Err((RECORD_HEADER_LEN, left)),
+    };
+    let start = pos + RECORD_HEADER_LEN;
+    let needed = RECORD_HEADER_LEN + len;
+    if needed > left {
+        return Err((needed, left));
+    }
+    Ok(Framed {
+        lsn,
+        server_time,
+        payload: start..start + len,
+    })
+}
+
+impl Segment {
+    /// Parses and verifies a segment: magic, version, footer, header and trailer checksums and
+    /// the block table. Block contents are verified as [`Segment::records`] reaches them.
+    pub fn parse(bytes: Bytes) -> Result<Segment, SegmentError> {
+        let Layout {
+            info,
+            commits,
+            blocks,
+        } = parse_layout(&bytes)?;
+        Ok(Segment {
+            info,
+            commits,
+            blocks,
+            bytes,
+        })
+    }
+
+    /// Number of blocks in the segment.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The records in order. Each block is checksummed, decompressed, checksummed again and
+    /// fully framed before any of its records is yielded; payloads are zero-copy slices of the
+    /// decompressed block. After the first error the iterator ends.
+    pub fn records(&self) -> Records<'_> {
+        Records {
+            segment: self,
+            next_block: 0,
+            block: Bytes::new(),
+            pos: 0,
+            left: 0,
+            done: false,
+        }
+    }
+
+    /// Decodes every block, discarding the records: a full integrity check.
+    pub fn verify(&self) -> Result<(), SegmentError> {
+        self.records().try_for_each(|r| r.map(drop))
+    }
+
+    /// Verifies, decompresses and frames block `index`.
+    fn decode_block(&self, index: usize) -> Result<Bytes, SegmentError> {
+        let b = self.blocks[index];
+        let n = index as u32;
+        // parse_layout checked b.offset + 20 + compressed_len ≤ trailer offset ≤ file length.
+        let start = b.offset as usize;
+        let data_start = start + BLOCK_HEADER_LEN;
+        let stored = self
+            .bytes
+            .get(data_start..b.end() as usize)
+            .ok_or_else(|| malformed(Region::Block(n), b.offset, "block lies outside the file"))?;
+        let actual = block_crc(&b, stored);
+        if actual != b.block_crc {
+            return Err(SegmentError::Checksum {
+                region: Region::Block(n),
+                offset: b.offset,
+                expected: b.block_crc,
+                actual,
+            });
+        }
+        // Bounded by 255 × compressed_len (checked by parse_layout).
+        let mut data = vec![0u8; b.uncompressed_len as usize];
+        match lz4_flex::block::decompress_into(stored, &mut data) {
+            Ok(got) if got == data.len() => {}
+            Ok(got) => {
+                return Err(SegmentError::Decompress {
+                    block: n,
+                    offset: b.offset,
+                    detail: format!(
+                        "decompressed to {got} bytes, the header declares {}",
+                        b.uncompressed_len
+                    ),
+                })
+            }
+            Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) => {
+                return Err(SegmentError::Decompress {
+                    block: n,
+                    offset: b.offset,
+                    detail: format!(
+                        "decompresses to more than the {} bytes the header declares",
+                        b.uncompressed_len
+                    ),
+                })
+            }
+            Err(e) => {
+                return Err(SegmentError::Decompress {
+                    block: n,
+                    offset: b.offset,
+                    detail: e.to_string(),
+                })
+            }
+        }
+        let actual = crc32fast::hash(&data);
+        if actual != b.data_crc {
+            return Err(SegmentError::DataChecksum {
+                block: n,
+                offset: b.offset,
+                expected: b.data_crc,
+                actual,
+            });
+        }
+        let mut pos = 0;
+        for r in 0..b.record_count {
+            match frame_at(&data, pos) {
+                Ok(f) => pos = f.payload.end,
+                Err((needed, left)) => {
+                    return Err(malformed(
+                        Region::Block(n),
+                        b.offset,
+                        format!(
+                            "record {r} at offset {pos} of the decompressed block overruns it: \
+                             needs {needed} bytes, {left} left"
+                        ),
+                    ))
+                }
+            }
+        }
+        if pos != data.len() {
+            return Err(malformed(
+                Region::Block(n),
+                b.offset,
+                format!(
+                    "its {} records end at offset {pos} of the decompressed block, \
+                     which is {} bytes long",
+                    b.record_count,
+                    data.len()
+                ),
+            ));
+        }
+        Ok(Bytes::from(data))
+    }
+}
+
+/// Iterator over a segment's records; see [`Segment::records`].
+pub struct Records<'a> {
+    segment: &'a Segment,
+    next_block: usize,
+    /// Decompressed current block.
+    block: Bytes,
+    pos: usize,
+    /// Records left in the current block.
+    left: u32,
+    done: bool,
+}
+
+impl Iterator for Records<'_> {
+    type Item = Result<Record, SegmentError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            if self.left > 0 {
+                // decode_block framed every record of the block already.
+                let Ok(f) = frame_at(&self.block, self.pos) else {
+                    self.done = true;
+                    return Some(Err(malformed(
+                        Region::Block(self.next_block.saturating_sub(1) as u32),
+                        0,
+                        "record framing changed after verification",
+                    )));
+                };
+                self.left -= 1;
+                self.pos = f.payload.end;
+                return Some(Ok(Record {
+                    lsn: Lsn(f.lsn),
+                    server_time: PgTimestamp(f.server_time),
+                    payload: self.block.slice(f.payload),
+                }));
+            }
+            if self.next_block == self.segment.blocks.len() {
+                self.done = true;
+                break;
+            }
+            match self.segment.decode_block(self.next_block) {
+                Ok(block) => {
+                    self.left = self.segment.blocks[self.next_block].record_count;
+                    self.block = block;
+                    self.pos = 0;
+                    self.next_block += 1;
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
+}
+
+impl std::iter::FusedIterator for Records<'_> {}
