@@ -16,6 +16,7 @@
 
 pub mod conninfo;
 pub mod lsn;
+pub mod pgbin;
 pub mod pgoutput;
 pub mod replication;
 pub mod segment;
