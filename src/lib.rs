@@ -19,3 +19,4 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod segment;
+pub mod statement;
