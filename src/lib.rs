@@ -11,23 +11,24 @@
 //!
 //! Module map (one concept each): [`lsn`] positions and timestamps, [`conninfo`] connection
 //! strings, [`replication`] the replication-protocol client, [`pgoutput`] the pure decoder,
-//! [`segment`] the archive's file format, [`layout`] object names, [`store`] where objects live,
+//! [`segment`] the archive's file format, [`store`] where objects live,
 //! [`archive`] the continuous archiver, [`backup`] base backups, [`restore`] point-in-time restore.
 
+pub mod archive;
+pub mod backup_cmd;
 pub mod conninfo;
+pub mod demo;
+pub mod exit;
+pub mod list;
 pub mod lsn;
 pub mod pgbin;
 pub mod pgoutput;
 pub mod replication;
-pub mod segment;
-pub mod store;
-pub mod archive;
-pub mod backup_cmd;
-pub mod demo;
-pub mod exit;
-pub mod list;
 pub mod repo;
 pub mod restore;
 pub mod scratch;
+pub mod segment;
 pub mod setup;
 pub mod source;
+pub mod statement;
+pub mod store;
