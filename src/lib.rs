@@ -14,6 +14,7 @@
 //! [`segment`] the archive's file format, [`layout`] object names, [`store`] where objects live,
 //! [`archive`] the continuous archiver, [`backup`] base backups, [`restore`] point-in-time restore.
 
+pub mod backup;
 pub mod conninfo;
 pub mod lsn;
 pub mod pgbin;
