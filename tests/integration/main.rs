@@ -1,0 +1,9 @@
+//! The single integration-test binary: every integration test module is
+//! declared here and shares the harness in `support`.
+//!
+//! Needs PostgreSQL server binaries (see `support::pg_bindir`); `bash .ci/run`
+//! installs them when missing.
+
+mod support;
+
+mod harness_smoke;

@@ -1,0 +1,86 @@
+//! Shared integration-test harness: throwaway PostgreSQL clusters, a physical
+//! point-in-time-recovery oracle, and table-content comparison helpers.
+//!
+//! Every integration test lives in the one `integration` test binary
+//! (`tests/integration/main.rs`); modules there use this as `crate::support`.
+//!
+//! PostgreSQL binaries come from [`pg_bindir`]. PostgreSQL refuses to run as
+//! root, so when the test process runs as root every server-side program
+//! (initdb, pg_ctl, pg_basebackup, the server itself) runs as the `postgres`
+//! OS user and the temporary directories are handed to that user.
+
+// Not every helper is used by every test module.
+#![allow(dead_code)]
+
+mod cluster;
+mod content;
+mod os;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::OnceLock;
+
+// Re-exported for test modules; not all of them are used by every build.
+#[allow(unused_imports)]
+pub use cluster::{Cluster, ClusterOptions, PhysicalBackup};
+#[allow(unused_imports)]
+pub use content::{
+    assert_same_content, assert_same_hashes, content_hashes, snapshot_content, ContentHashes,
+    ContentSnapshot,
+};
+
+/// Superuser created by `initdb -U` in every test cluster.
+pub const SUPERUSER: &str = "tidemark";
+
+/// Directory holding the PostgreSQL server binaries (initdb, pg_ctl, psql, ...).
+///
+/// Order: `$TIDEMARK_PG_BIN`, then `pg_config --bindir` (if that folder has
+/// `initdb`), then the highest `/usr/lib/postgresql/<major>/bin` (Debian layout).
+pub fn pg_bindir() -> PathBuf {
+    static BINDIR: OnceLock<PathBuf> = OnceLock::new();
+    BINDIR.get_or_init(find_pg_bindir).clone()
+}
+
+fn find_pg_bindir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("TIDEMARK_PG_BIN").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        assert!(
+            dir.join("initdb").is_file(),
+            "TIDEMARK_PG_BIN={} has no initdb in it",
+            dir.display()
+        );
+        return dir;
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if dir.join("initdb").is_file() {
+                return dir;
+            }
+        }
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let major = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").is_file().then_some((major, bin))
+        })
+        .collect();
+    candidates.sort();
+    match candidates.pop() {
+        Some((_, bin)) => bin,
+        None => panic!(
+            "no PostgreSQL server binaries found: set TIDEMARK_PG_BIN to the folder holding \
+             initdb/pg_ctl/postgres, or install them (Debian: apt-get install postgresql-15; \
+             `bash .ci/run` does this)"
+        ),
+    }
+}
+
+/// The `tidemark` binary built by cargo for this test run.
+pub fn tidemark_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tidemark"))
+}
