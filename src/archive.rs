@@ -93,13 +93,22 @@ pub enum ArchiveError {
     #[error(transparent)]
     Repo(#[from] repo::RepoError),
     #[error("storing segment {range}: {source}")]
-    Upload { range: String, #[source] source: crate::store::StoreError },
+    Upload {
+        range: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
     #[error("repository: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("base backup: {0}")]
     Backup(#[from] backup::BackupError),
     #[error("the slot {slot:?} has confirmed position {confirmed} but the archive (generation {generation}) ends at {archive_end}: the changes between were consumed elsewhere and are not in the archive\nHINT: if this is expected (the slot was advanced by hand), drop the slot (SELECT pg_drop_replication_slot('{slot}')) and run archive again: it starts a new generation with a fresh base backup")]
-    Gap { slot: String, confirmed: Lsn, archive_end: Lsn, generation: u32 },
+    Gap {
+        slot: String,
+        confirmed: Lsn,
+        archive_end: Lsn,
+        generation: u32,
+    },
     #[error("decoding the change stream at {lsn}: {detail}")]
     Decode { lsn: Lsn, detail: String },
     #[error("the replication stream ended unexpectedly")]
@@ -170,14 +179,14 @@ pub async fn run(
         .max()
         .unwrap_or(0);
 
-    let backup_req = |snapshot: &str, point: Lsn, generation: u32| BackupRequest {
+    let backup_req = |generation: u32| BackupRequest {
         source: source_info,
-        snapshot: snapshot.to_string(),
-        consistent_point: point,
+        snapshot: "",
+        consistent_point: Lsn::ZERO,
         system_id: sys.system_id,
         timeline: sys.timeline,
         generation,
-        publication: opts.publication.clone(),
+        publication: &opts.publication,
         parallel: opts.backup_parallel,
     };
 
@@ -192,9 +201,17 @@ pub async fn run(
                 ArchiveError::Internal("CREATE_REPLICATION_SLOT returned no snapshot".into())
             })?;
             info!(slot = %opts.slot, point = %created.consistent_point, "created slot; taking the base backup of generation {generation}");
-            let m = backup::take(&store, backup_req(&snapshot, created.consistent_point, generation)).await?;
+            let req = BackupRequest {
+                snapshot: &snapshot,
+                consistent_point: created.consistent_point,
+                ..backup_req(generation)
+            };
+            let m = backup::take(&store, req).await?;
             info!(backup = %m.id, "base backup stored");
-            Resume { generation, start: created.consistent_point }
+            Resume {
+                generation,
+                start: created.consistent_point,
+            }
         }
         Some(slot) => {
             let generation = current_gen.max(1);
@@ -211,8 +228,11 @@ pub async fn run(
                 });
             }
             if !has_backup {
-                info!(generation, "no base backup in this generation yet: taking one");
-                let m = take_backup_with_temporary_slot(source_info, &store, |s, p| backup_req(s, p, generation)).await?;
+                info!(
+                    generation,
+                    "no base backup in this generation yet: taking one"
+                );
+                let m = take_backup_with_temporary_slot(&store, backup_req(generation)).await?;
                 info!(backup = %m.id, "base backup stored");
             }
             Resume { generation, start }
@@ -238,7 +258,11 @@ pub async fn run(
         .start_replication(
             &opts.slot,
             resume.start,
-            &[("proto_version", proto), ("publication_names", &pubs), ("messages", "true")],
+            &[
+                ("proto_version", proto),
+                ("publication_names", &pubs),
+                ("messages", "true"),
+            ],
         )
         .await?;
     info!(slot = %opts.slot, generation = resume.generation, start = %resume.start, "archiving");
@@ -250,23 +274,37 @@ pub async fn run(
         database: sys.dbname.clone().unwrap_or_default(),
         slot: opts.slot.clone(),
     };
-    pipeline(stream, store, opts, ctx, resume.start, source_info.clone(), shutdown).await
+    pipeline(
+        stream,
+        store,
+        opts,
+        ctx,
+        resume.start,
+        source_info.clone(),
+        shutdown,
+    )
+    .await
 }
 
 /// Takes a base backup aligned with the stream through a temporary slot's exported snapshot.
-pub async fn take_backup_with_temporary_slot<'a>(
-    source_info: &'a ConnInfo,
+/// `base` gives everything but the snapshot and the consistent point.
+pub async fn take_backup_with_temporary_slot(
     store: &Arc<dyn Store>,
-    req: impl FnOnce(&str, Lsn) -> BackupRequest<'a>,
+    base: BackupRequest<'_>,
 ) -> Result<backup::Manifest, ArchiveError> {
-    let mut tmp = ReplicationClient::connect(source_info).await?;
+    let mut tmp = ReplicationClient::connect(base.source).await?;
     let name = format!("tidemark_backup_{}", rand::random::<u32>());
     let slot = tmp.create_logical_slot(&name, true, true).await?;
     let snapshot = slot
         .snapshot_name
         .clone()
         .ok_or_else(|| ArchiveError::Internal("temporary slot returned no snapshot".into()))?;
-    let m = backup::take(store, req(&snapshot, slot.consistent_point)).await?;
+    let req = BackupRequest {
+        snapshot: &snapshot,
+        consistent_point: slot.consistent_point,
+        ..base
+    };
+    let m = backup::take(store, req).await?;
     // The temporary slot disappears with its connection.
     drop(tmp);
     Ok(m)
@@ -284,7 +322,10 @@ struct WriterContext {
 
 enum Event {
     Data(Record),
-    Idle { wal_end: Lsn, server_time: PgTimestamp },
+    Idle {
+        wal_end: Lsn,
+        server_time: PgTimestamp,
+    },
 }
 
 struct Sealed {
@@ -308,7 +349,13 @@ async fn pipeline(
     let (durable_tx, mut durable_rx) = watch::channel(start);
     let failed = CancellationToken::new();
 
-    let writer = tokio::spawn(writer_task(event_rx, sealed_tx, opts.clone(), ctx.clone(), start));
+    let writer = tokio::spawn(writer_task(
+        event_rx,
+        sealed_tx,
+        opts.clone(),
+        ctx.clone(),
+        start,
+    ));
     let uploader = tokio::spawn(uploader_task(
         sealed_rx,
         store,
@@ -375,8 +422,12 @@ async fn pipeline(
         h.abort();
     }
     drop(event_tx);
-    let writer_result = writer.await.map_err(|e| ArchiveError::Internal(e.to_string()))?;
-    let upload_result = uploader.await.map_err(|e| ArchiveError::Internal(e.to_string()))?;
+    let writer_result = writer
+        .await
+        .map_err(|e| ArchiveError::Internal(e.to_string()))?;
+    let upload_result = uploader
+        .await
+        .map_err(|e| ArchiveError::Internal(e.to_string()))?;
     let durable = *durable_rx.borrow();
     let (segments, transactions) = match (&result, writer_result, upload_result) {
         (_, Err(e), _) | (_, _, Err(e)) => return Err(e),
@@ -388,7 +439,13 @@ async fn pipeline(
         debug!(error = %e, "finishing the replication stream");
     }
     info!(durable = %durable, segments, "archiver stopped cleanly");
-    Ok(ArchiveSummary { generation: ctx.generation, start, durable, segments, transactions })
+    Ok(ArchiveSummary {
+        generation: ctx.generation,
+        start,
+        durable,
+        segments,
+        transactions,
+    })
 }
 
 /// The transaction being received.
@@ -408,7 +465,14 @@ async fn writer_task(
     start: Lsn,
 ) -> Result<u64, ArchiveError> {
     let new_builder = |start: Lsn| {
-        SegmentBuilder::new(ctx.system_id, ctx.timeline, ctx.generation, &ctx.database, &ctx.slot, start)
+        SegmentBuilder::new(
+            ctx.system_id,
+            ctx.timeline,
+            ctx.generation,
+            &ctx.database,
+            &ctx.slot,
+            start,
+        )
     };
     let mut seg_start = start;
     let mut builder = new_builder(seg_start);
@@ -434,7 +498,12 @@ async fn writer_task(
         let range = format!("{start}-{end}");
         debug!(%range, bytes = bytes.len(), "sealed segment");
         sealed
-            .send(Sealed { key, range, end, bytes })
+            .send(Sealed {
+                key,
+                range,
+                end,
+                bytes,
+            })
             .await
             .map_err(|_| ArchiveError::Internal("uploader stopped".into()))
     }
@@ -461,7 +530,10 @@ async fn writer_task(
         };
         let Some(ev) = ev else { break };
         match ev {
-            Event::Idle { wal_end, server_time } => {
+            Event::Idle {
+                wal_end,
+                server_time,
+            } => {
                 last_server_time = last_server_time.max(server_time);
                 if txn.is_none() && wal_end > end {
                     end = wal_end;
@@ -473,8 +545,16 @@ async fn writer_task(
                 match tag {
                     Some(b'B') => {
                         let msg = decode(&rec)?;
-                        let Message::Begin { final_lsn, commit_time, xid } = msg else {
-                            return Err(ArchiveError::Decode { lsn: rec.lsn, detail: "expected Begin".into() });
+                        let Message::Begin {
+                            final_lsn,
+                            commit_time,
+                            xid,
+                        } = msg
+                        else {
+                            return Err(ArchiveError::Decode {
+                                lsn: rec.lsn,
+                                detail: "expected Begin".into(),
+                            });
                         };
                         if txn.is_some() {
                             return Err(ArchiveError::Decode {
@@ -487,12 +567,27 @@ async fn writer_task(
                         if skip {
                             debug!(commit = %final_lsn, "dropping duplicate transaction");
                         }
-                        txn = Some(OpenTxn { final_lsn, xid, commit_time, records: vec![rec], skip });
+                        txn = Some(OpenTxn {
+                            final_lsn,
+                            xid,
+                            commit_time,
+                            records: vec![rec],
+                            skip,
+                        });
                     }
                     Some(b'C') => {
                         let msg = decode(&rec)?;
-                        let Message::Commit { commit_lsn, end_lsn, commit_time, .. } = msg else {
-                            return Err(ArchiveError::Decode { lsn: rec.lsn, detail: "expected Commit".into() });
+                        let Message::Commit {
+                            commit_lsn,
+                            end_lsn,
+                            commit_time,
+                            ..
+                        } = msg
+                        else {
+                            return Err(ArchiveError::Decode {
+                                lsn: rec.lsn,
+                                detail: "expected Commit".into(),
+                            });
                         };
                         let Some(mut t) = txn.take() else {
                             return Err(ArchiveError::Decode {
@@ -524,7 +619,8 @@ async fn writer_task(
                         first_commit_at.get_or_insert_with(Instant::now);
                         if builder.encoded_len() >= opts.segment_bytes {
                             let b = std::mem::replace(&mut builder, new_builder(end));
-                            seal(b, &sealed, ctx.generation, seg_start, end, last_server_time).await?;
+                            seal(b, &sealed, ctx.generation, seg_start, end, last_server_time)
+                                .await?;
                             seg_start = end;
                             commits_in_segment = 0;
                             first_commit_at = None;
@@ -549,17 +645,30 @@ async fn writer_task(
     }
     // Input closed: seal what is whole. An open transaction is dropped; it is received again.
     if let Some(t) = &txn {
-        info!(xid = t.xid, "dropping the transaction in progress; it will be received again");
+        info!(
+            xid = t.xid,
+            "dropping the transaction in progress; it will be received again"
+        );
     }
     if commits_in_segment > 0 || end > seg_start {
-        seal(builder, &sealed, ctx.generation, seg_start, end, last_server_time).await?;
+        seal(
+            builder,
+            &sealed,
+            ctx.generation,
+            seg_start,
+            end,
+            last_server_time,
+        )
+        .await?;
     }
     Ok(transactions)
 }
 
 fn decode(rec: &Record) -> Result<Message, ArchiveError> {
-    pgoutput::decode(&rec.payload, false)
-        .map_err(|e| ArchiveError::Decode { lsn: rec.lsn, detail: e.to_string() })
+    pgoutput::decode(&rec.payload, false).map_err(|e| ArchiveError::Decode {
+        lsn: rec.lsn,
+        detail: e.to_string(),
+    })
 }
 
 /// Uploads sealed segments with bounded concurrency and publishes the durable LSN: the end
@@ -639,7 +748,12 @@ async fn put_with_retry(store: &dyn Store, seg: &Sealed) -> Result<(), ArchiveEr
                 tokio::time::sleep(delay.mul_f64(jitter)).await;
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
-            Err(source) => return Err(ArchiveError::Upload { range: seg.range.clone(), source }),
+            Err(source) => {
+                return Err(ArchiveError::Upload {
+                    range: seg.range.clone(),
+                    source,
+                })
+            }
         }
     }
 }

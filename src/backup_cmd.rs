@@ -12,7 +12,11 @@ use crate::repo::{self, Identity};
 use crate::source::{Source, SourceError};
 use crate::store::Store;
 
-pub async fn run(info: &ConnInfo, store: Arc<dyn Store>, opts: &ArchiveOptions) -> Result<Manifest, ArchiveError> {
+pub async fn run(
+    info: &ConnInfo,
+    store: Arc<dyn Store>,
+    opts: &ArchiveOptions,
+) -> Result<Manifest, ArchiveError> {
     let source = Source::connect(info).await?;
     source.check_server().await?;
     if !source.publication_exists(&opts.publication).await? {
@@ -25,7 +29,10 @@ pub async fn run(info: &ConnInfo, store: Arc<dyn Store>, opts: &ArchiveOptions) 
     }
     source.check_free_slot().await?;
     store.check_writable().await?;
-    let sys = ReplicationClient::connect(info).await?.identify_system().await?;
+    let sys = ReplicationClient::connect(info)
+        .await?
+        .identify_system()
+        .await?;
     let identity = repo::read_identity(&store).await?;
     repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
     let manifests = backup::list_manifests(&store).await?;
@@ -36,17 +43,17 @@ pub async fn run(info: &ConnInfo, store: Arc<dyn Store>, opts: &ArchiveOptions) 
         .chain(chains.keys().copied())
         .max()
         .unwrap_or(1);
-    let m = archive::take_backup_with_temporary_slot(info, &store, |snapshot, point| BackupRequest {
+    let base = BackupRequest {
         source: info,
-        snapshot,
-        consistent_point: point,
+        snapshot: "",
+        consistent_point: crate::lsn::Lsn::ZERO,
         system_id: sys.system_id,
         timeline: sys.timeline,
         generation,
         publication: &opts.publication,
         parallel: opts.backup_parallel,
-    })
-    .await?;
+    };
+    let m = archive::take_backup_with_temporary_slot(&store, base).await?;
     if identity.is_none() {
         repo::write_identity(
             &store,

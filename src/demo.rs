@@ -16,7 +16,11 @@ use crate::lsn::PgTimestamp;
 use crate::restore::{self, Target};
 use crate::scratch::ScratchCluster;
 
-pub async fn run(source: Option<&str>, repo: Option<&str>, duration: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    source: Option<&str>,
+    repo: Option<&str>,
+    duration: Duration,
+) -> anyhow::Result<()> {
     let scratch = match source {
         Some(_) => None,
         None => {
@@ -30,9 +34,16 @@ pub async fn run(source: Option<&str>, repo: Option<&str>, duration: Duration) -
         _ => unreachable!(),
     };
     let suffix = rand::random::<u16>();
-    let (src_db, dst_db) = (format!("tidemark_demo_{suffix}"), format!("tidemark_demo_{suffix}_restored"));
+    let (src_db, dst_db) = (
+        format!("tidemark_demo_{suffix}"),
+        format!("tidemark_demo_{suffix}_restored"),
+    );
     let admin_client = admin.connect().await?;
-    admin_client.batch_execute(&format!("CREATE DATABASE {src_db}; CREATE DATABASE {dst_db};")).await?;
+    admin_client
+        .batch_execute(&format!(
+            "CREATE DATABASE {src_db}; CREATE DATABASE {dst_db};"
+        ))
+        .await?;
     let src = admin.with_dbname(&src_db);
     let dst = admin.with_dbname(&dst_db);
     let c = src.connect().await?;
@@ -47,14 +58,20 @@ pub async fn run(source: Option<&str>, repo: Option<&str>, duration: Duration) -
     let repo_dir = match repo {
         Some(r) => (std::path::PathBuf::from(r), None),
         None => {
-            let d = tempfile::Builder::new().prefix("tidemark-demo-repo-").tempdir()?;
+            let d = tempfile::Builder::new()
+                .prefix("tidemark-demo-repo-")
+                .tempdir()?;
             (d.path().to_path_buf(), Some(d))
         }
     };
     let store = crate::store::open(&repo_dir.0.display().to_string())?;
     println!("archiving database {src_db} into {}", repo_dir.0.display());
     let stop = CancellationToken::new();
-    let opts = ArchiveOptions { slot: format!("tidemark_demo_{suffix}"), heartbeat: Some(Duration::from_secs(1)), ..ArchiveOptions::default() };
+    let opts = ArchiveOptions {
+        slot: format!("tidemark_demo_{suffix}"),
+        heartbeat: Some(Duration::from_secs(1)),
+        ..ArchiveOptions::default()
+    };
     let archiver = {
         let (src, store, opts, stop) = (src.clone(), store.clone(), opts.clone(), stop.clone());
         tokio::spawn(async move { archive::run(&src, store, &opts, stop).await })
@@ -64,18 +81,33 @@ pub async fn run(source: Option<&str>, repo: Option<&str>, duration: Duration) -
 
     let half = duration / 2;
     workload(&c, half).await?;
-    let instant: String = c.query_one("SELECT clock_timestamp()::text", &[]).await?.get(0);
+    let instant: String = c
+        .query_one("SELECT clock_timestamp()::text", &[])
+        .await?
+        .get(0);
     let expected = content(&c).await?;
-    println!("noted the content at {instant}: {} accounts, {} ledger rows", expected["accounts"].len(), expected["ledger"].len());
+    println!(
+        "noted the content at {instant}: {} accounts, {} ledger rows",
+        expected["accounts"].len(),
+        expected["ledger"].len()
+    );
     workload(&c, duration - half).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     stop.cancel();
     let summary = archiver.await??;
-    println!("archived {} transactions up to {}", summary.transactions, summary.durable);
+    println!(
+        "archived {} transactions up to {}",
+        summary.transactions, summary.durable
+    );
 
     let target = Target::Time(crate::exit::parse_time(&instant)?);
-    let s = restore::run(&store, &dst, target, 2).await.context("restoring the demo archive")?;
-    println!("restored to {instant}: base backup {} + {} transactions in {:.1}s", s.backup_id, s.transactions_replayed, s.seconds);
+    let s = restore::run(&store, &dst, target, 2)
+        .await
+        .context("restoring the demo archive")?;
+    println!(
+        "restored to {instant}: base backup {} + {} transactions in {:.1}s",
+        s.backup_id, s.transactions_replayed, s.seconds
+    );
     let restored = content(&dst.connect().await?).await?;
     if restored != expected {
         bail!("the restored database differs from the source at {instant}");
@@ -89,7 +121,12 @@ pub async fn run(source: Option<&str>, repo: Option<&str>, duration: Duration) -
 
 async fn wait_for_slot(c: &tokio_postgres::Client, slot: &str) -> anyhow::Result<()> {
     for _ in 0..600 {
-        let rows = c.query("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot]).await?;
+        let rows = c
+            .query(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await?;
         if !rows.is_empty() {
             return Ok(());
         }
@@ -119,8 +156,13 @@ async fn workload(c: &tokio_postgres::Client, duration: Duration) -> anyhow::Res
 async fn content(c: &tokio_postgres::Client) -> anyhow::Result<BTreeMap<String, Vec<String>>> {
     let mut out = BTreeMap::new();
     for t in ["accounts", "ledger"] {
-        let rows = c.query(&format!("SELECT {t}::text FROM {t} ORDER BY 1"), &[]).await?;
-        out.insert(t.to_string(), rows.iter().map(|r| r.get::<_, String>(0)).collect());
+        let rows = c
+            .query(&format!("SELECT {t}::text FROM {t} ORDER BY 1"), &[])
+            .await?;
+        out.insert(
+            t.to_string(),
+            rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        );
     }
     Ok(out)
 }

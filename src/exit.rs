@@ -125,7 +125,11 @@ pub fn parse_time(s: &str) -> Result<PgTimestamp, UsageError> {
             return Ok(PgTimestamp::from_datetime(d.with_timezone(&Utc)));
         }
     }
-    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M"] {
+    for fmt in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+    ] {
         if let Ok(d) = NaiveDateTime::parse_from_str(t, fmt) {
             return Ok(PgTimestamp::from_datetime(d.and_utc()));
         }

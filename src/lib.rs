@@ -15,6 +15,7 @@
 //! [`archive`] the continuous archiver, [`backup`] base backups, [`restore`] point-in-time restore.
 
 pub mod archive;
+pub mod backup;
 pub mod backup_cmd;
 pub mod conninfo;
 pub mod demo;

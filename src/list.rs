@@ -72,7 +72,11 @@ pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
         system_id: identity.as_ref().map(|i| i.system_id.clone()),
         database: identity.as_ref().map(|i| i.database.clone()),
         earliest_restorable: manifests.iter().map(|m| m.snapshot_time).min(),
-        latest_restorable_before: generations.iter().rev().find(|g| !g.backups.is_empty()).and_then(|g| g.latest_commit),
+        latest_restorable_before: generations
+            .iter()
+            .rev()
+            .find(|g| !g.backups.is_empty())
+            .and_then(|g| g.latest_commit),
         generations,
     };
     if json {
@@ -93,16 +97,26 @@ pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
             );
         }
         match (g.start_lsn, g.end_lsn) {
-            (Some(s), Some(e)) => println!("  segments: {} ({} bytes), LSN {s} to {e}", g.segments, g.segment_bytes),
+            (Some(s), Some(e)) => println!(
+                "  segments: {} ({} bytes), LSN {s} to {e}",
+                g.segments, g.segment_bytes
+            ),
             _ => println!("  segments: none yet"),
         }
         if let Some(t) = g.latest_commit {
             println!("  last archived commit: {t}");
         }
     }
-    match (listing.earliest_restorable, listing.latest_restorable_before) {
-        (Some(a), Some(b)) => println!("restorable: --to-time from {a} to just before {b}, or --latest"),
-        (Some(a), None) => println!("restorable: --latest (base backup at {a}); no commit archived after it yet"),
+    match (
+        listing.earliest_restorable,
+        listing.latest_restorable_before,
+    ) {
+        (Some(a), Some(b)) => {
+            println!("restorable: --to-time from {a} to just before {b}, or --latest")
+        }
+        (Some(a), None) => {
+            println!("restorable: --latest (base backup at {a}); no commit archived after it yet")
+        }
         _ => println!("restorable: nothing yet"),
     }
     Ok(())

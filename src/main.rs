@@ -160,11 +160,16 @@ struct DemoArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -185,7 +190,9 @@ fn shutdown_on_signals() -> CancellationToken {
         for n in 0..2 {
             tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
             if n == 0 {
-                tracing::info!("shutting down: sealing and storing the open segment (signal again to abort)");
+                tracing::info!(
+                    "shutting down: sealing and storing the open segment (signal again to abort)"
+                );
                 t.cancel();
             } else {
                 eprintln!("aborted by a second signal");
@@ -232,15 +239,25 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let summary = archive::run(&source, repo, &opts, shutdown_on_signals()).await?;
             eprintln!(
                 "archived generation {} from {} to {} ({} transactions in {} segments this run)",
-                summary.generation, summary.start, summary.durable, summary.transactions, summary.segments
+                summary.generation,
+                summary.start,
+                summary.durable,
+                summary.transactions,
+                summary.segments
             );
         }
         Command::Backup(a) => {
             let source = ConnInfo::parse(&a.source.source)?;
             let repo = open_repo(&a.repo)?;
-            let opts = ArchiveOptions { backup_parallel: a.parallel.max(1), ..archive_options(&a.slot) };
+            let opts = ArchiveOptions {
+                backup_parallel: a.parallel.max(1),
+                ..archive_options(&a.slot)
+            };
             let m = tidemark::backup_cmd::run(&source, repo, &opts).await?;
-            println!("base backup {} at {} ({})", m.id, m.consistent_point, m.snapshot_time);
+            println!(
+                "base backup {} at {} ({})",
+                m.id, m.consistent_point, m.snapshot_time
+            );
         }
         Command::List(a) => {
             let repo = open_repo(&a.repo)?;
@@ -259,8 +276,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s",
                 s.backup_id,
                 s.transactions_replayed,
-                s.last_commit_lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into()),
-                s.last_commit_time.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
+                s.last_commit_lsn
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                s.last_commit_time
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|| "-".into()),
                 s.seconds
             );
         }

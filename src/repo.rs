@@ -42,9 +42,22 @@ pub enum RepoError {
     #[error("repository {location}: {IDENTITY_KEY} is not valid: {detail}")]
     BadIdentity { location: String, detail: String },
     #[error("repository {location} archives database {repo_db:?} of cluster {repo_system}, but the source is database {src_db:?} of cluster {src_system}; use another --repo for this source")]
-    WrongSource { location: String, repo_system: String, repo_db: String, src_system: String, src_db: String },
+    WrongSource {
+        location: String,
+        repo_system: String,
+        repo_db: String,
+        src_system: String,
+        src_db: String,
+    },
     #[error("segment chain of generation {generation} is broken: {prev} ends at {prev_end} but the next segment {next} starts at {next_start}; the archive has a {kind} there")]
-    Broken { generation: u32, prev: String, prev_end: Lsn, next: String, next_start: Lsn, kind: &'static str },
+    Broken {
+        generation: u32,
+        prev: String,
+        prev_end: Lsn,
+        next: String,
+        next_start: Lsn,
+        kind: &'static str,
+    },
 }
 
 /// A segment as its object name describes it.
@@ -66,10 +79,12 @@ impl SegmentRef {
 
 pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, RepoError> {
     match store.get(IDENTITY_KEY).await {
-        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| RepoError::BadIdentity {
-            location: store.location(),
-            detail: e.to_string(),
-        }),
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| RepoError::BadIdentity {
+                location: store.location(),
+                detail: e.to_string(),
+            }),
         Err(StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -103,17 +118,27 @@ pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(),
 }
 
 /// Lists every segment of the repository, grouped by generation, each chain sorted by LSN.
-pub async fn list_segments(store: &Arc<dyn Store>) -> Result<BTreeMap<u32, Vec<SegmentRef>>, RepoError> {
+pub async fn list_segments(
+    store: &Arc<dyn Store>,
+) -> Result<BTreeMap<u32, Vec<SegmentRef>>, RepoError> {
     let objects = store.list(SEGMENTS_PREFIX).await?;
     Ok(group_segments(objects.into_iter().map(|o| (o.key, o.size))))
 }
 
 /// Groups segment object names by generation; names that are not segments are ignored.
-pub fn group_segments(objects: impl IntoIterator<Item = (String, u64)>) -> BTreeMap<u32, Vec<SegmentRef>> {
+pub fn group_segments(
+    objects: impl IntoIterator<Item = (String, u64)>,
+) -> BTreeMap<u32, Vec<SegmentRef>> {
     let mut out: BTreeMap<u32, Vec<SegmentRef>> = BTreeMap::new();
     for (key, size) in objects {
         if let Some((generation, start, end)) = segment::parse_object_name(&key) {
-            out.entry(generation).or_default().push(SegmentRef { generation, start, end, key, size });
+            out.entry(generation).or_default().push(SegmentRef {
+                generation,
+                start,
+                end,
+                key,
+                size,
+            });
         }
     }
     for chain in out.values_mut() {
@@ -133,7 +158,11 @@ pub fn check_chain(chain: &[SegmentRef]) -> Result<Option<Lsn>, RepoError> {
                 prev_end: prev.end,
                 next: next.range(),
                 next_start: next.start,
-                kind: if next.start > prev.end { "gap" } else { "overlap" },
+                kind: if next.start > prev.end {
+                    "gap"
+                } else {
+                    "overlap"
+                },
             });
         }
     }
@@ -150,14 +179,25 @@ mod tests {
 
     #[test]
     fn chains_group_by_generation_and_check_continuity() {
-        let groups = group_segments([seg(1, 0x200, 0x300), seg(1, 0x100, 0x200), seg(2, 0x900, 0xA00), ("basebackups/x".into(), 1)]);
+        let groups = group_segments([
+            seg(1, 0x200, 0x300),
+            seg(1, 0x100, 0x200),
+            seg(2, 0x900, 0xA00),
+            ("basebackups/x".into(), 1),
+        ]);
         assert_eq!(groups.len(), 2);
         assert_eq!(check_chain(&groups[&1]).unwrap(), Some(Lsn(0x300)));
         let groups = group_segments([seg(1, 0x100, 0x200), seg(1, 0x250, 0x300)]);
         let err = check_chain(&groups[&1]).unwrap_err().to_string();
-        assert!(err.contains("gap") && err.contains("0/200") && err.contains("0/250"), "{err}");
+        assert!(
+            err.contains("gap") && err.contains("0/200") && err.contains("0/250"),
+            "{err}"
+        );
         let groups = group_segments([seg(1, 0x100, 0x200), seg(1, 0x150, 0x300)]);
-        assert!(check_chain(&groups[&1]).unwrap_err().to_string().contains("overlap"));
+        assert!(check_chain(&groups[&1])
+            .unwrap_err()
+            .to_string()
+            .contains("overlap"));
         assert_eq!(check_chain(&[]).unwrap(), None);
     }
 }

@@ -60,11 +60,21 @@ pub enum RestoreError {
     #[error("repository {0} holds no archive (no base backup found)\nHINT: check --repo; `tidemark list --repo …` shows what a repository holds")]
     Empty(String),
     #[error("{target} is outside what the archive covers: the earliest restorable instant is {earliest}, the latest is {latest}{lsn_hint}\nHINT: choose a target in that range{latest_hint}")]
-    OutOfRange { target: Target, earliest: String, latest: String, lsn_hint: String, latest_hint: &'static str },
+    OutOfRange {
+        target: Target,
+        earliest: String,
+        latest: String,
+        lsn_hint: String,
+        latest_hint: &'static str,
+    },
     #[error("the target database {0} is not empty ({1})\nHINT: restore into a new, empty database: CREATE DATABASE …; tidemark never overwrites existing data")]
     TargetNotEmpty(String, String),
     #[error("segment {range}: {detail}\nHINT: the archive is damaged from this segment on; restore to a point before {start}, or from another copy of the repository")]
-    Corrupt { range: String, start: Lsn, detail: String },
+    Corrupt {
+        range: String,
+        start: Lsn,
+        detail: String,
+    },
     #[error(transparent)]
     Repo(#[from] repo::RepoError),
     #[error("repository: {0}")]
@@ -74,7 +84,11 @@ pub enum RestoreError {
     #[error("target database: {0}")]
     Target(String),
     #[error("replaying the transaction committed at {commit_lsn} ({commit_time}): {detail}")]
-    Replay { commit_lsn: Lsn, commit_time: PgTimestamp, detail: String },
+    Replay {
+        commit_lsn: Lsn,
+        commit_time: PgTimestamp,
+        detail: String,
+    },
 }
 
 /// What a restore will do, computed without touching the target.
@@ -109,7 +123,10 @@ pub fn plan(gens: &[GenerationFacts], target: Target) -> Result<Plan, RestoreErr
         .flat_map(|g| g.backups.iter().map(|b| b.2))
         .min()
         .ok_or_else(|| RestoreError::Empty(String::new()))?;
-    let newest = gens.iter().filter(|g| !g.backups.is_empty()).max_by_key(|g| g.generation);
+    let newest = gens
+        .iter()
+        .filter(|g| !g.backups.is_empty())
+        .max_by_key(|g| g.generation);
     let latest = newest.and_then(|g| g.latest_commit);
     let out_of_range = |lsn_hint: String| RestoreError::OutOfRange {
         target,
@@ -122,8 +139,10 @@ pub fn plan(gens: &[GenerationFacts], target: Target) -> Result<Plan, RestoreErr
         latest_hint: ", or --latest",
     };
     // Candidates: (generation, backup) newest first.
-    let mut candidates: Vec<(&GenerationFacts, &(String, Lsn, PgTimestamp))> =
-        gens.iter().flat_map(|g| g.backups.iter().map(move |b| (g, b))).collect();
+    let mut candidates: Vec<(&GenerationFacts, &(String, Lsn, PgTimestamp))> = gens
+        .iter()
+        .flat_map(|g| g.backups.iter().map(move |b| (g, b)))
+        .collect();
     candidates.sort_by_key(|(g, b)| std::cmp::Reverse((g.generation, b.1)));
     let chosen = match target {
         Target::Latest => candidates.first().copied(),
@@ -131,11 +150,17 @@ pub fn plan(gens: &[GenerationFacts], target: Target) -> Result<Plan, RestoreErr
         Target::Lsn(l) => candidates.iter().copied().find(|(_, b)| b.1 <= l),
     };
     let lsn_range = || {
-        let lo = gens.iter().flat_map(|g| g.backups.iter().map(|b| b.1)).min().unwrap_or_default();
+        let lo = gens
+            .iter()
+            .flat_map(|g| g.backups.iter().map(|b| b.1))
+            .min()
+            .unwrap_or_default();
         let hi = newest.and_then(|g| g.end).unwrap_or(lo);
         format!(" (LSN {lo} to {hi})")
     };
-    let Some((g, b)) = chosen else { return Err(out_of_range(lsn_range())) };
+    let Some((g, b)) = chosen else {
+        return Err(out_of_range(lsn_range()));
+    };
     // The target must be provably inside this generation's archived stream.
     match target {
         Target::Time(t) => {
@@ -168,7 +193,9 @@ pub fn plan(gens: &[GenerationFacts], target: Target) -> Result<Plan, RestoreErr
 }
 
 /// Reads what planning needs from the repository.
-pub async fn gather(store: &Arc<dyn Store>) -> Result<(Vec<GenerationFacts>, Vec<Manifest>), RestoreError> {
+pub async fn gather(
+    store: &Arc<dyn Store>,
+) -> Result<(Vec<GenerationFacts>, Vec<Manifest>), RestoreError> {
     let manifests = backup::list_manifests(store).await?;
     let chains = repo::list_segments(store).await?;
     let mut gens: BTreeMap<u32, GenerationFacts> = BTreeMap::new();
@@ -179,13 +206,18 @@ pub async fn gather(store: &Arc<dyn Store>) -> Result<(Vec<GenerationFacts>, Vec
             .push((m.id.clone(), m.consistent_point, m.snapshot_time));
     }
     for (generation, chain) in chains {
-        let facts = gens.entry(generation).or_insert_with(|| empty_facts(generation));
+        let facts = gens
+            .entry(generation)
+            .or_insert_with(|| empty_facts(generation));
         facts.end = repo::check_chain(&chain)?;
         // The latest commit: walk back from the end to the last segment with a commit.
         for s in chain.iter().rev() {
             let bytes = store.get(&s.key).await?;
-            let (_, commits) = segment::read_info(&bytes)
-                .map_err(|e| RestoreError::Corrupt { range: s.range(), start: s.start, detail: e.to_string() })?;
+            let (_, commits) = segment::read_info(&bytes).map_err(|e| RestoreError::Corrupt {
+                range: s.range(),
+                start: s.start,
+                detail: e.to_string(),
+            })?;
             if let Some(t) = commits.iter().map(|c| c.commit_time).max() {
                 facts.latest_commit = Some(t);
                 break;
@@ -197,7 +229,13 @@ pub async fn gather(store: &Arc<dyn Store>) -> Result<(Vec<GenerationFacts>, Vec
 }
 
 fn empty_facts(generation: u32) -> GenerationFacts {
-    GenerationFacts { generation, backups: vec![], segments: vec![], latest_commit: None, end: None }
+    GenerationFacts {
+        generation,
+        backups: vec![],
+        segments: vec![],
+        latest_commit: None,
+        end: None,
+    }
 }
 
 /// What a restore did.
@@ -229,11 +267,15 @@ pub async fn run(
         .expect("the plan chose a listed backup");
     info!(backup = %plan.backup_id, start = %plan.start, segments = plan.segments.len(), target = %plan.target, "restore plan");
 
-    let client = target_info.connect().await.map_err(|e| RestoreError::Target(e.to_string()))?;
+    let client = target_info
+        .connect()
+        .await
+        .map_err(|e| RestoreError::Target(e.to_string()))?;
     check_empty(&client, target_info).await?;
 
     // Read and verify every segment before writing anything.
-    let spool = tempfile::tempdir().map_err(|e| RestoreError::Target(format!("temporary folder: {e}")))?;
+    let spool =
+        tempfile::tempdir().map_err(|e| RestoreError::Target(format!("temporary folder: {e}")))?;
     let verified = fetch_and_verify(store, &gens, &plan, spool.path()).await?;
 
     backup::load(store, manifest, target_info, parallel, LoadPhase::PreData).await?;
@@ -242,10 +284,14 @@ pub async fn run(
 
     let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
     for path in &verified {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|e| RestoreError::Target(format!("reading the spooled segment {}: {e}", path.display())))?;
-        let seg = Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))?;
+        let bytes = tokio::fs::read(path).await.map_err(|e| {
+            RestoreError::Target(format!(
+                "reading the spooled segment {}: {e}",
+                path.display()
+            ))
+        })?;
+        let seg =
+            Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))?;
         if !replayer.apply_segment(&seg).await? {
             break;
         }
@@ -279,7 +325,10 @@ async fn check_empty(client: &tokio_postgres::Client, info: &ConnInfo) -> Result
     if n > 0 {
         let names: String = row.get(1);
         let shown: String = names.chars().take(200).collect();
-        return Err(RestoreError::TargetNotEmpty(info.to_string(), format!("{n} relation(s): {shown}")));
+        return Err(RestoreError::TargetNotEmpty(
+            info.to_string(),
+            format!("{n} relation(s): {shown}"),
+        ));
     }
     Ok(())
 }
@@ -308,7 +357,11 @@ async fn fetch_and_verify(
     while let Some(item) = fetches.next().await {
         let (key, bytes) = item?;
         let r = refs[key.as_str()];
-        let corrupt = |detail: String| RestoreError::Corrupt { range: r.range(), start: r.start, detail };
+        let corrupt = |detail: String| RestoreError::Corrupt {
+            range: r.range(),
+            start: r.start,
+            detail,
+        };
         match expected_start {
             None if r.start > plan.start => {
                 return Err(corrupt(format!(
@@ -333,9 +386,9 @@ async fn fetch_and_verify(
         }
         expected_start = Some(r.end);
         let path = spool.join(format!("{:06}.seg", out.len()));
-        tokio::fs::write(&path, &bytes)
-            .await
-            .map_err(|e| RestoreError::Target(format!("spooling a segment to {}: {e}", path.display())))?;
+        tokio::fs::write(&path, &bytes).await.map_err(|e| {
+            RestoreError::Target(format!("spooling a segment to {}: {e}", path.display()))
+        })?;
         out.push(path);
     }
     debug!(segments = out.len(), "segments verified");
@@ -349,6 +402,8 @@ struct Replayer<'a> {
     start: Lsn,
     target: Target,
     batch: String,
+    /// One entry per statement in `batch`, to check each one's row count.
+    statements: Vec<Stmt>,
     txn: Option<(Lsn, PgTimestamp)>,
     applied: u64,
     last_commit: Option<(Lsn, PgTimestamp)>,
@@ -373,15 +428,19 @@ impl<'a> Replayer<'a> {
             .map_err(|e| RestoreError::Target(e.to_string()))?;
         // Replay reproduces the source's effects; the target's triggers and FK checks must not
         // fire again. Needs superuser; without it, triggers fire (logged).
-        if let Err(e) = client.batch_execute("SET session_replication_role = replica").await {
+        if let Err(e) = client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+        {
             tracing::warn!(error = %e, "cannot set session_replication_role = replica: triggers on the target will fire during replay");
         }
         Ok(Replayer {
             client,
-            relations: backup::relations_at_backup(manifest),
+            relations: relations_at_backup(client, manifest).await?,
             start,
             target,
             batch: String::new(),
+            statements: Vec::new(),
             txn: None,
             applied: 0,
             last_commit: None,
@@ -408,7 +467,11 @@ impl<'a> Replayer<'a> {
 
     async fn apply(&mut self, msg: Message) -> Result<(), RestoreError> {
         match msg {
-            Message::Begin { final_lsn, commit_time, .. } => {
+            Message::Begin {
+                final_lsn,
+                commit_time,
+                ..
+            } => {
                 let past = match self.target {
                     Target::Time(t) => commit_time > t,
                     Target::Lsn(l) => final_lsn > l,
@@ -421,14 +484,28 @@ impl<'a> Replayer<'a> {
                 self.txn = Some((final_lsn, commit_time));
                 if final_lsn >= self.start {
                     self.batch.push_str("BEGIN;\n");
+                    self.statements.push(Stmt {
+                        kind: b'B',
+                        rel: None,
+                        commit: final_lsn,
+                    });
                 }
             }
-            Message::Commit { commit_lsn, commit_time, .. } => {
+            Message::Commit {
+                commit_lsn,
+                commit_time,
+                ..
+            } => {
                 let Some((final_lsn, _)) = self.txn.take() else {
                     return Err(self.replay_err("Commit without Begin"));
                 };
                 if final_lsn >= self.start {
                     self.batch.push_str("COMMIT;\n");
+                    self.statements.push(Stmt {
+                        kind: b'C',
+                        rel: None,
+                        commit: commit_lsn,
+                    });
                     self.applied += 1;
                     self.last_commit = Some((commit_lsn, commit_time));
                     if self.batch.len() >= BATCH_BYTES {
@@ -442,7 +519,9 @@ impl<'a> Replayer<'a> {
                 }
             }
             other => {
-                let Some((final_lsn, _)) = self.txn else { return Ok(()) };
+                let Some((final_lsn, _)) = self.txn else {
+                    return Ok(());
+                };
                 if final_lsn < self.start {
                     return Ok(());
                 }
@@ -453,35 +532,63 @@ impl<'a> Replayer<'a> {
     }
 
     fn rel(&self, relid: u32) -> Result<&RelationInfo, RestoreError> {
-        self.relations
-            .get(&relid)
-            .ok_or_else(|| self.replay_err(&format!("a change to relation {relid}, which the archive never described")))
+        self.relations.get(&relid).ok_or_else(|| {
+            self.replay_err(&format!(
+                "a change to relation {relid}, which the archive never described"
+            ))
+        })
     }
 
     fn render(&mut self, msg: Message) -> Result<(), RestoreError> {
         let mut out = std::mem::take(&mut self.batch);
-        let r = match &msg {
+        let before = out.len();
+        let kind = msg.tag() as u8;
+        let relid = match &msg {
+            Message::Insert { relid, .. }
+            | Message::Update { relid, .. }
+            | Message::Delete { relid, .. } => Some(*relid),
+            _ => None,
+        };
+        let r: Result<(), String> = match &msg {
             Message::Insert { relid, new, .. } => {
                 let rel = self.rel(*relid)?;
                 statement::render_insert(rel, new, &mut out).map_err(|e| e.to_string())
             }
-            Message::Update { relid, old, new, .. } => {
+            Message::Update {
+                relid, old, new, ..
+            } => {
                 let rel = self.rel(*relid)?;
-                statement::render_update(rel, old.as_ref(), new, &mut out).map_err(|e| e.to_string())
+                statement::render_update(rel, old.as_ref(), new, &mut out)
+                    .map_err(|e| e.to_string())
             }
             Message::Delete { relid, old, .. } => {
                 let rel = self.rel(*relid)?;
                 statement::render_delete(rel, old, &mut out).map_err(|e| e.to_string())
             }
-            Message::Truncate { options, relids, .. } => {
-                let rels: Result<Vec<&RelationInfo>, _> = relids.iter().map(|r| self.rel(*r)).collect();
-                statement::render_truncate(&rels?, *options, &mut out).map_err(|e| e.to_string())
+            Message::Truncate {
+                options, relids, ..
+            } => {
+                let rels: Result<Vec<&RelationInfo>, _> =
+                    relids.iter().map(|r| self.rel(*r)).collect();
+                statement::render_truncate(&rels?, *options, &mut out);
+                Ok(())
             }
             // Type, Origin and logical messages (heartbeats) change no rows.
             _ => Ok(()),
         };
         self.batch = out;
-        r.map_err(|d| self.replay_err(&d))
+        r.map_err(|d| self.replay_err(&d))?;
+        if self.batch.len() > before {
+            let rel = relid
+                .and_then(|r| self.relations.get(&r))
+                .map(|r| r.qualified_name());
+            self.statements.push(Stmt {
+                kind,
+                rel,
+                commit: self.txn.map(|t| t.0).unwrap_or_default(),
+            });
+        }
+        Ok(())
     }
 
     fn replay_err(&self, detail: &str) -> RestoreError {
@@ -492,27 +599,115 @@ impl<'a> Replayer<'a> {
         }
     }
 
+    /// Sends the batched whole transactions and checks that every UPDATE and DELETE touched
+    /// exactly one row: anything else means the target diverged from the source.
     async fn flush(&mut self) -> Result<(), RestoreError> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        // Only whole transactions are sent: an open one stays in the batch.
-        let cut = if self.txn.is_some() {
-            self.batch.rfind("BEGIN;\n").unwrap_or(0)
-        } else {
-            self.batch.len()
-        };
-        if cut == 0 {
-            return Ok(());
+        if self.txn.is_some() {
+            return Err(self.replay_err("internal: flush inside a transaction"));
         }
-        let rest = self.batch.split_off(cut);
-        let sql = std::mem::replace(&mut self.batch, rest);
-        self.client.batch_execute(&sql).await.map_err(|e| RestoreError::Replay {
-            commit_lsn: self.last_commit.map(|c| c.0).unwrap_or_default(),
-            commit_time: self.last_commit.map(|c| c.1).unwrap_or_default(),
-            detail: format!("the target refused a batch ending with this transaction: {}", crate::source::error_chain(&e)),
-        })
+        let sql = std::mem::take(&mut self.batch);
+        let statements = std::mem::take(&mut self.statements);
+        let results = self
+            .client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| RestoreError::Replay {
+                commit_lsn: self.last_commit.map(|c| c.0).unwrap_or_default(),
+                commit_time: self.last_commit.map(|c| c.1).unwrap_or_default(),
+                detail: format!(
+                    "the target refused a batch of transactions ending with this one: {}",
+                    crate::source::error_chain(&e)
+                ),
+            })?;
+        let counts = results.iter().filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        });
+        for (stmt, n) in statements.iter().zip(counts) {
+            if matches!(stmt.kind, b'U' | b'D') && n != 1 {
+                let what = if stmt.kind == b'U' {
+                    "an UPDATE"
+                } else {
+                    "a DELETE"
+                };
+                return Err(RestoreError::Replay {
+                    commit_lsn: stmt.commit,
+                    commit_time: PgTimestamp::default(),
+                    detail: format!(
+                        "{what} of {} matched {n} rows instead of 1: the restored data diverged from the source",
+                        stmt.rel.as_deref().unwrap_or("?")
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
+}
+
+/// The relations as they stood at the backup, keyed by their source OID: a change after the
+/// backup's point may belong to a relation whose Relation message the stream sent earlier.
+/// Columns are the manifest's (what pgoutput sends: stored, non-generated, in order); key
+/// columns come from the restored replica identity (primary key or chosen index).
+async fn relations_at_backup(
+    client: &tokio_postgres::Client,
+    manifest: &Manifest,
+) -> Result<HashMap<u32, RelationInfo>, RestoreError> {
+    let mut out = HashMap::new();
+    for t in manifest.tables.iter().filter(|t| t.oid != 0) {
+        let qualified = format!(
+            "{}.{}",
+            statement::quote_ident(&t.schema),
+            statement::quote_ident(&t.name)
+        );
+        let row = client
+            .query_one(
+                "SELECT c.relreplident::text,
+                        coalesce((SELECT array_agg(a.attname::text)
+                           FROM pg_index i JOIN pg_attribute a
+                             ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+                          WHERE i.indrelid = c.oid
+                            AND CASE c.relreplident WHEN 'i' THEN i.indisreplident
+                                                    WHEN 'd' THEN i.indisprimary ELSE false END),
+                                 '{}')
+                   FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&qualified],
+            )
+            .await
+            .map_err(|e| {
+                RestoreError::Target(format!("reading the replica identity of {qualified}: {e}"))
+            })?;
+        let ident: String = row.get(0);
+        let keys: Vec<String> = row.get(1);
+        out.insert(
+            t.oid,
+            RelationInfo {
+                oid: t.oid,
+                schema: t.schema.clone(),
+                name: t.name.clone(),
+                replica_identity: ident.bytes().next().unwrap_or(b'd'),
+                columns: t
+                    .columns
+                    .iter()
+                    .map(|c| statement::ColumnInfo {
+                        name: c.clone(),
+                        type_oid: 0,
+                        is_key: keys.contains(c),
+                    })
+                    .collect(),
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// A statement of a batch, for checking its result.
+struct Stmt {
+    kind: u8,
+    rel: Option<String>,
+    commit: Lsn,
 }
 
 #[cfg(test)]
@@ -520,10 +715,19 @@ mod tests {
     use super::*;
 
     fn facts() -> Vec<GenerationFacts> {
-        let seg = |s: u64, e: u64| SegmentRef { generation: 1, start: Lsn(s), end: Lsn(e), key: format!("k{s}"), size: 1 };
+        let seg = |s: u64, e: u64| SegmentRef {
+            generation: 1,
+            start: Lsn(s),
+            end: Lsn(e),
+            key: format!("k{s}"),
+            size: 1,
+        };
         vec![GenerationFacts {
             generation: 1,
-            backups: vec![("b1".into(), Lsn(100), PgTimestamp(1000)), ("b2".into(), Lsn(300), PgTimestamp(3000))],
+            backups: vec![
+                ("b1".into(), Lsn(100), PgTimestamp(1000)),
+                ("b2".into(), Lsn(300), PgTimestamp(3000)),
+            ],
             segments: vec![seg(100, 200), seg(200, 300), seg(300, 400)],
             latest_commit: Some(PgTimestamp(4000)),
             end: Some(Lsn(400)),
@@ -545,13 +749,26 @@ mod tests {
 
     #[test]
     fn refuses_targets_the_archive_cannot_prove() {
-        let before = plan(&facts(), Target::Time(PgTimestamp(999))).unwrap_err().to_string();
-        assert!(before.contains("earliest restorable instant is 2000-01-01 00:00:00.001000+00"), "{before}");
+        let before = plan(&facts(), Target::Time(PgTimestamp(999)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            before.contains("earliest restorable instant is 2000-01-01 00:00:00.001000+00"),
+            "{before}"
+        );
         // Not yet passed by an archived commit: refused, not moved.
-        let after = plan(&facts(), Target::Time(PgTimestamp(4000))).unwrap_err().to_string();
-        assert!(after.contains("latest is just before 2000-01-01 00:00:00.004000+00"), "{after}");
+        let after = plan(&facts(), Target::Time(PgTimestamp(4000)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            after.contains("latest is just before 2000-01-01 00:00:00.004000+00"),
+            "{after}"
+        );
         assert!(plan(&facts(), Target::Lsn(Lsn(401))).is_err());
         assert!(plan(&facts(), Target::Lsn(Lsn(99))).is_err());
-        assert!(matches!(plan(&[], Target::Latest), Err(RestoreError::Empty(_))));
+        assert!(matches!(
+            plan(&[], Target::Latest),
+            Err(RestoreError::Empty(_))
+        ));
     }
 }

@@ -19,19 +19,44 @@ pub struct ScratchCluster {
 
 impl ScratchCluster {
     pub fn start() -> anyhow::Result<ScratchCluster> {
-        let initdb = crate::pgbin::find("initdb", None).context("a throwaway cluster needs the PostgreSQL server programs (initdb, pg_ctl)")?;
+        let initdb = crate::pgbin::find("initdb", None)
+            .context("a throwaway cluster needs the PostgreSQL server programs (initdb, pg_ctl)")?;
         let bindir = initdb.parent().map(Path::to_path_buf).unwrap_or_default();
-        let dir = tempfile::Builder::new().prefix("tidemark-demo-").tempdir()?;
-        let owner = if unsafe_geteuid_is_root() { Some(postgres_ids()?) } else { None };
+        let dir = tempfile::Builder::new()
+            .prefix("tidemark-demo-")
+            .tempdir()?;
+        let owner = if unsafe_geteuid_is_root() {
+            Some(postgres_ids()?)
+        } else {
+            None
+        };
         if let Some((uid, gid)) = owner {
             chown_recursive(dir.path(), uid, gid)?;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let mut c = ScratchCluster { dir, bindir, port, owner, running: false };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut c = ScratchCluster {
+            dir,
+            bindir,
+            port,
+            owner,
+            running: false,
+        };
         let data = c.data_dir();
-        c.run(Command::new(c.bindir.join("initdb"))
-            .args(["-U", "tidemark", "--auth=trust", "-E", "UTF8", "--locale=C", "-D"])
-            .arg(&data))?;
+        c.run(
+            Command::new(c.bindir.join("initdb"))
+                .args([
+                    "-U",
+                    "tidemark",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "-D",
+                ])
+                .arg(&data),
+        )?;
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nwal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\n",
             c.dir.path().display()
@@ -41,12 +66,14 @@ impl ScratchCluster {
         text.push_str(&conf);
         std::fs::write(&conf_path, text)?;
         let log = c.dir.path().join("server.log");
-        c.run(Command::new(c.bindir.join("pg_ctl"))
-            .args(["-w", "-t", "60", "-D"])
-            .arg(&data)
-            .arg("-l")
-            .arg(&log)
-            .arg("start"))?;
+        c.run(
+            Command::new(c.bindir.join("pg_ctl"))
+                .args(["-w", "-t", "60", "-D"])
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .arg("start"),
+        )?;
         c.running = true;
         Ok(c)
     }
@@ -61,14 +88,22 @@ impl ScratchCluster {
         }
         let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
         if !out.status.success() {
-            bail!("{:?} failed: {}{}", cmd.get_program(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "{:?} failed: {}{}",
+                cmd.get_program(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
 
     /// A connection string for database `db`.
     pub fn conninfo(&self, db: &str) -> String {
-        format!("host=127.0.0.1 port={} user=tidemark dbname={db}", self.port)
+        format!(
+            "host=127.0.0.1 port={} user=tidemark dbname={db}",
+            self.port
+        )
     }
 }
 
@@ -76,7 +111,12 @@ impl Drop for ScratchCluster {
     fn drop(&mut self) {
         if self.running {
             let data = self.data_dir();
-            let _ = self.run(Command::new(self.bindir.join("pg_ctl")).args(["-w", "-m", "immediate", "-D"]).arg(&data).arg("stop"));
+            let _ = self.run(
+                Command::new(self.bindir.join("pg_ctl"))
+                    .args(["-w", "-m", "immediate", "-D"])
+                    .arg(&data)
+                    .arg("stop"),
+            );
         }
     }
 }
@@ -85,7 +125,11 @@ fn unsafe_geteuid_is_root() -> bool {
     // /proc/self/status holds "Uid: real effective saved fs".
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(str::to_string))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(str::to_string)
+        })
         .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
         .unwrap_or(false)
 }

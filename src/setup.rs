@@ -11,7 +11,10 @@ use crate::source::Source;
 pub async fn run(info: &ConnInfo, slot: &str, publication: &str) -> anyhow::Result<()> {
     let source = Source::connect(info).await?;
     source.check_server().await?;
-    println!("source {info}: wal_level=logical, role {:?} may replicate", source.user);
+    println!(
+        "source {info}: wal_level=logical, role {:?} may replicate",
+        source.user
+    );
     if source.publication_exists(publication).await? {
         println!("publication {publication:?} exists");
     } else {
@@ -19,7 +22,10 @@ pub async fn run(info: &ConnInfo, slot: &str, publication: &str) -> anyhow::Resu
         println!("created publication {publication:?} FOR ALL TABLES");
     }
     match source.slot(slot).await? {
-        Some(s) => println!("slot {slot:?} exists (confirmed flush {})", s.confirmed_flush),
+        Some(s) => println!(
+            "slot {slot:?} exists (confirmed flush {})",
+            s.confirmed_flush
+        ),
         None => {
             source.check_free_slot().await?;
             let mut repl = ReplicationClient::connect(info).await?;

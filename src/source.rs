@@ -23,7 +23,11 @@ pub enum SourceError {
     #[error("replication slot {0:?} does not exist\nHINT: create it with `tidemark setup --slot {0}`, or omit --slot to let tidemark create its default slot")]
     NoSlot(String),
     #[error("replication slot {name:?} belongs to {detail}; tidemark needs a logical slot using pgoutput in database {database:?}\nHINT: choose another --slot name")]
-    ForeignSlot { name: String, detail: String, database: String },
+    ForeignSlot {
+        name: String,
+        detail: String,
+        database: String,
+    },
     #[error("replication slot {0:?} is in use by another process (pid {1})\nHINT: is another archiver running for this slot? Stop it first")]
     SlotActive(String, String),
     #[error("no free replication slot: max_replication_slots={max} and {used} are in use\nHINT: raise max_replication_slots (needs a restart) or drop an unused slot")]
@@ -39,10 +43,14 @@ pub enum SourceError {
 impl From<ConnInfoError> for SourceError {
     fn from(e: ConnInfoError) -> SourceError {
         match e {
-            ConnInfoError::Connect { target, source } => {
-                SourceError::Unreachable { target, detail: error_chain(&source) }
-            }
-            other => SourceError::Unreachable { target: String::new(), detail: other.to_string() },
+            ConnInfoError::Connect { target, source } => SourceError::Unreachable {
+                target,
+                detail: error_chain(&source),
+            },
+            other => SourceError::Unreachable {
+                target: String::new(),
+                detail: other.to_string(),
+            },
         }
     }
 }
@@ -87,7 +95,11 @@ impl Source {
             .query_one("SELECT current_database()::text, current_user::text", &[])
             .await
             .map_err(q("identify database"))?;
-        Ok(Source { client, database: row.get(0), user: row.get(1) })
+        Ok(Source {
+            client,
+            database: row.get(0),
+            user: row.get(1),
+        })
     }
 
     /// wal_level and the replication privilege.
@@ -110,7 +122,10 @@ impl Source {
             .await
             .map_err(q("read role privileges"))?;
         if !row.get::<_, bool>(0) {
-            return Err(SourceError::NoReplicationPrivilege(self.user.clone(), quote_ident(&self.user)));
+            return Err(SourceError::NoReplicationPrivilege(
+                self.user.clone(),
+                quote_ident(&self.user),
+            ));
         }
         Ok(())
     }
@@ -126,7 +141,10 @@ impl Source {
 
     pub async fn create_publication(&self, name: &str) -> Result<(), SourceError> {
         self.client
-            .batch_execute(&format!("CREATE PUBLICATION {} FOR ALL TABLES", quote_ident(name)))
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR ALL TABLES",
+                quote_ident(name)
+            ))
             .await
             .map_err(q("create the publication"))
     }
@@ -144,7 +162,9 @@ impl Source {
             )
             .await
             .map_err(q("look up the replication slot"))?;
-        let Some(row) = rows.first() else { return Ok(None) };
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
         let (plugin, db, kind): (String, String, String) = (row.get(0), row.get(1), row.get(2));
         if kind != "logical" || plugin != "pgoutput" || db != self.database {
             return Err(SourceError::ForeignSlot {
@@ -221,7 +241,10 @@ impl Source {
             .await
             .map_err(q("find unlogged tables"))?;
         for r in rows {
-            out.push(format!("unlogged table {} (its changes are not in the WAL, so they are not archived)", r.get::<_, String>(0)));
+            out.push(format!(
+                "unlogged table {} (its changes are not in the WAL, so they are not archived)",
+                r.get::<_, String>(0)
+            ));
         }
         let lo: i64 = self
             .client
@@ -230,7 +253,9 @@ impl Source {
             .map_err(q("count large objects"))?
             .get(0);
         if lo > 0 {
-            out.push(format!("{lo} large object(s) (pg_largeobject is not replicated by logical decoding)"));
+            out.push(format!(
+                "{lo} large object(s) (pg_largeobject is not replicated by logical decoding)"
+            ));
         }
         Ok(out)
     }

@@ -38,7 +38,10 @@ impl Archiver {
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let rows = client
-                .query("SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active", &[&slot])
+                .query(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                    &[&slot],
+                )
                 .await
                 .unwrap();
             if !rows.is_empty() {
@@ -47,7 +50,11 @@ impl Archiver {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("archiver exited with {status}:\n{}", self.log_text());
             }
-            assert!(Instant::now() < deadline, "archiver did not start streaming:\n{}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "archiver did not start streaming:\n{}",
+                self.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -55,9 +62,17 @@ impl Archiver {
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
         let pid = self.child.id() as i32;
-        Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
         let status = wait_timeout(&mut self.child, Duration::from_secs(60));
-        assert_eq!(status, Some(0), "archiver did not stop cleanly:\n{}", self.log_text());
+        assert_eq!(
+            status,
+            Some(0),
+            "archiver did not stop cleanly:\n{}",
+            self.log_text()
+        );
     }
 
     /// kill -9.
@@ -83,7 +98,10 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Option<i32> {
 
 fn rand_suffix() -> u32 {
     use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
 }
 
 /// Runs `tidemark` with args; returns (exit code, stdout, stderr).
@@ -145,7 +163,10 @@ pub async fn workload_step(client: &tokio_postgres::Client, step: i32) {
         .unwrap();
     for i in 0..5 {
         client
-            .execute("UPDATE docs SET version = version + $1 WHERE id = (SELECT min(id) FROM docs)", &[&i])
+            .execute(
+                "UPDATE docs SET version = version + $1 WHERE id = (SELECT min(id) FROM docs)",
+                &[&i],
+            )
             .await
             .unwrap();
     }
@@ -185,7 +206,13 @@ async fn restore_to_each_instant_equals_the_source_then() {
         let db = format!("restored_{i}");
         cluster.create_database(&db);
         let (code, out, err) = tidemark(&[
-            "restore", "--repo", repo.to_str().unwrap(), "--target", &cluster.conninfo(&db), "--to-time", t,
+            "restore",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--target",
+            &cluster.conninfo(&db),
+            "--to-time",
+            t,
         ]);
         assert_eq!(code, 0, "restore to {t} failed: {out}{err}");
         let restored = support::snapshot_content(&cluster.client(&db).await).await;
@@ -193,13 +220,22 @@ async fn restore_to_each_instant_equals_the_source_then() {
     }
     cluster.create_database("restored_latest");
     let (code, out, err) = tidemark(&[
-        "restore", "--repo", repo.to_str().unwrap(), "--target", &cluster.conninfo("restored_latest"), "--latest",
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--target",
+        &cluster.conninfo("restored_latest"),
+        "--latest",
     ]);
     assert_eq!(code, 0, "restore --latest failed: {out}{err}");
     let restored = support::snapshot_content(&cluster.client("restored_latest").await).await;
     support::assert_same_content(&final_content, &restored, "restore --latest");
     // The restored application can insert: sequences are past every value.
     let c = cluster.client("restored_latest").await;
-    c.execute("INSERT INTO docs (title) VALUES ('after restore')", &[]).await.unwrap();
-    c.execute("INSERT INTO events (kind) VALUES ('after restore')", &[]).await.unwrap();
+    c.execute("INSERT INTO docs (title) VALUES ('after restore')", &[])
+        .await
+        .unwrap();
+    c.execute("INSERT INTO events (kind) VALUES ('after restore')", &[])
+        .await
+        .unwrap();
 }

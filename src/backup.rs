@@ -1,0 +1,1167 @@
+//! Base backups: taking one at a snapshot aligned with the change stream, and loading one.
+//!
+//! Owns: the objects under `basebackups/<id>/` (see `proto/manifest.md`): the schema
+//! (`pg_dump --schema-only -Fc`), the table data (COPY text, cut into parts of at most
+//! [`PART_LIMIT`] bytes at row boundaries, lz4-framed), the sequences' values, and the manifest,
+//! written last: a folder without a manifest is an incomplete backup and is ignored.
+//!
+//! Taking: the caller holds a replication connection idle with an exported snapshot whose
+//! position is `consistent_point` (a transaction is in the backup iff its commit LSN is below
+//! it). Every read here — catalog, `pg_dump`, COPY — happens in that snapshot.
+//!
+//! Loading happens in four [`LoadPhase`]s so that the restore can replay archived changes
+//! between `Keys` (which creates only what replay needs to find rows: primary keys, unique
+//! constraints, replica-identity indexes) and `PostData` (everything else, then sequences).
+//!
+//! Does not own: the replication slot and snapshot (see `replication`), choosing a backup or
+//! checking the target database is empty (see `restore`).
+
+pub mod cut;
+pub mod manifest;
+pub mod toc;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{pin_mut, SinkExt, StreamExt};
+use tokio_postgres::Client;
+
+use crate::conninfo::{ConnInfo, ConnInfoError};
+use crate::lsn::{Lsn, PgTimestamp};
+use crate::pgbin::{self, PgBinError};
+use crate::store::{Store, StoreError};
+
+pub use manifest::{
+    backup_id, manifest_key, part_key, schema_key, KeyKind, KeyObject, Manifest, ManifestError,
+    PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
+};
+
+/// Largest amount of COPY text in one stored part (a single larger row makes a part of its own).
+pub const PART_LIMIT: usize = 32 << 20;
+
+/// What to back up, and where the stream stands.
+#[derive(Clone, Copy, Debug)]
+pub struct BackupRequest<'a> {
+    pub source: &'a ConnInfo,
+    /// Name of the snapshot exported by the replication connection (`CREATE_REPLICATION_SLOT
+    /// … EXPORT_SNAPSHOT`), kept alive by the caller until `take` returns.
+    pub snapshot: &'a str,
+    /// Where the change stream continues after this backup.
+    pub consistent_point: Lsn,
+    pub system_id: u64,
+    pub timeline: u32,
+    pub generation: u32,
+    pub publication: &'a str,
+    /// Number of connections reading tables in parallel (at least one is used).
+    pub parallel: usize,
+}
+
+/// The steps of loading a backup, in the order the restore runs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LoadPhase {
+    /// Types, tables, functions, views… (`pg_restore --section=pre-data`).
+    PreData,
+    /// Table contents.
+    Data,
+    /// Primary keys, unique constraints and replica-identity indexes: what replay needs.
+    Keys,
+    /// The rest of post-data (indexes, foreign keys, triggers, rules, policies…), then sequences.
+    PostData,
+}
+
+/// What one load phase did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadStats {
+    pub phase: LoadPhase,
+    /// Tables loaded (Data) or dump entries restored (Keys, PostData).
+    pub tables: u64,
+    pub rows: u64,
+    /// COPY text bytes loaded.
+    pub bytes: u64,
+    /// Sequences set (PostData).
+    pub sequences: u64,
+    pub elapsed: Duration,
+}
+
+/// Why a backup could not be taken or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Connect(#[from] ConnInfoError),
+    #[error("{context}: {source}")]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    PgBin(#[from] PgBinError),
+    #[error("{program} failed ({status}): {stderr}")]
+    Tool {
+        program: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: stored object is corrupt: its CRC-32 is {actual:08x} but the manifest records {expected:08x}")]
+    Corrupt {
+        key: String,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("{key}: {message}")]
+    BadObject { key: String, message: String },
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> BackupError {
+    let context = context.into();
+    move |source| BackupError::Postgres { context, source }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupError {
+    let context = context.into();
+    move |source| BackupError::Io { context, source }
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal (standard_conforming_strings on).
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn qualified(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// Session settings for every connection that reads or writes COPY text, so the text means the
+/// same on both sides whatever the servers' and roles' defaults.
+/// `row_security = off` makes a COPY fail rather than silently skip rows hidden by a policy.
+const SESSION_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0; \
+     SET idle_in_transaction_session_timeout = 0; SET row_security = off; \
+     SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
+     SET timezone = 'UTC'; SET search_path = pg_catalog";
+
+// ---------------------------------------------------------------------------------------------
+// Taking a backup
+// ---------------------------------------------------------------------------------------------
+
+/// A table to copy, as found in the catalog.
+#[derive(Debug)]
+struct TableSpec {
+    oid: u32,
+    schema: String,
+    name: String,
+    partitioned_root: bool,
+    columns: Vec<String>,
+    /// On-disk size (of all partitions for a root), to schedule big tables first.
+    size: i64,
+}
+
+fn column_list(columns: &[String]) -> String {
+    if columns.is_empty() {
+        return String::new();
+    }
+    let cols: Vec<String> = columns.iter().map(|c| quote_ident(c)).collect();
+    format!(" ({})", cols.join(", "))
+}
+
+/// The COPY that reads a table's data.
+fn copy_out_sql(t: &TableSpec) -> String {
+    let table = qualified(&t.schema, &t.name);
+    if t.partitioned_root {
+        // COPY TO cannot read a partitioned table directly; a query can.
+        let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
+        let select = if cols.is_empty() {
+            String::new()
+        } else {
+            cols.join(", ")
+        };
+        format!("COPY (SELECT {select} FROM {table}) TO STDOUT")
+    } else {
+        format!("COPY {table}{} TO STDOUT", column_list(&t.columns))
+    }
+}
+
+/// The COPY that loads a table's data (a partitioned root routes rows to its partitions).
+fn copy_in_sql(t: &TableEntry) -> String {
+    format!(
+        "COPY {}{} FROM STDIN",
+        qualified(&t.schema, &t.name),
+        column_list(&t.columns)
+    )
+}
+
+/// Opens a connection inside the exported snapshot.
+async fn open_in_snapshot(source: &ConnInfo, snapshot: &str) -> Result<Client, BackupError> {
+    let client = source.connect().await?;
+    client
+        .batch_execute(&format!(
+            "{SESSION_SETTINGS}; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+             SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot)
+        ))
+        .await
+        .map_err(pg(format!(
+            "importing snapshot {snapshot} (is the exporting replication connection still open and idle?)"
+        )))?;
+    Ok(client)
+}
+
+/// Takes a base backup of `req.source` at `req.snapshot` into `store`; returns its manifest,
+/// which has been stored last.
+pub async fn take(store: &Arc<dyn Store>, req: BackupRequest<'_>) -> Result<Manifest, BackupError> {
+    let id = backup_id(req.generation, req.consistent_point);
+    let prefix = format!("{}{id}/", manifest::ROOT);
+    let existing = store.list(&prefix).await?;
+    if existing.iter().any(|o| o.key == manifest_key(&id)) {
+        return Err(BackupError::Invalid(format!(
+            "{}: base backup {id} already exists",
+            store.location()
+        )));
+    }
+    if !existing.is_empty() {
+        tracing::warn!(backup = %id, objects = existing.len(), "removing the objects of an earlier, incomplete attempt at this backup");
+        for o in &existing {
+            store.delete(&o.key).await?;
+        }
+    }
+    let result = take_inner(store, &req, &id).await;
+    if let Err(e) = &result {
+        // Best effort: an incomplete backup has no manifest and is ignored anyway.
+        tracing::warn!(backup = %id, error = %e, "base backup failed; removing its objects");
+        if let Ok(objs) = store.list(&prefix).await {
+            for o in objs {
+                if let Err(e) = store.delete(&o.key).await {
+                    tracing::warn!(key = %o.key, error = %e, "cannot remove object of failed backup");
+                }
+            }
+        }
+    }
+    result
+}
+
+async fn take_inner(
+    store: &Arc<dyn Store>,
+    req: &BackupRequest<'_>,
+    id: &str,
+) -> Result<Manifest, BackupError> {
+    let started_at = PgTimestamp::now();
+    let n = req.parallel.max(1);
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(open_in_snapshot(req.source, req.snapshot).await?);
+    }
+    let main = &clients[0];
+
+    // Read after the snapshot was exported: every transaction in it committed before this.
+    let row = main
+        .query_one(
+            "SELECT clock_timestamp(), current_setting('server_version_num')::int4",
+            &[],
+        )
+        .await
+        .map_err(pg("reading the snapshot time"))?;
+    let snapshot_time: std::time::SystemTime = row.get(0);
+    let snapshot_time = PgTimestamp::from_datetime(snapshot_time.into());
+    let server_version_num = row.get::<_, i32>(1) as u32;
+
+    let exists = main
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&req.publication],
+        )
+        .await
+        .map_err(pg("looking up the publication"))?;
+    if exists.is_none() {
+        return Err(BackupError::Invalid(format!(
+            "publication {:?} does not exist in database {:?}",
+            req.publication,
+            req.source.dbname()
+        )));
+    }
+
+    let tables = list_tables(main, req.publication).await?;
+    lock_tables(main, &tables).await?;
+    let key_objects = list_key_objects(main, &tables).await?;
+    let sequences = list_sequences(main).await?;
+
+    let schema = dump_schema(store, id, req, server_version_num).await?;
+    tracing::info!(backup = %id, tables = tables.len(), "schema stored; copying tables");
+
+    let entries = copy_tables(store, id, clients, &tables).await?;
+
+    let mut totals = Totals {
+        tables: entries.len() as u64,
+        stored_bytes: schema.bytes,
+        ..Totals::default()
+    };
+    for t in &entries {
+        totals.parts += t.parts.len() as u64;
+        totals.rows += t.rows;
+        totals.raw_bytes += t.raw_bytes;
+        totals.stored_bytes += t.stored_bytes;
+    }
+    let m = Manifest {
+        format_version: FORMAT_VERSION,
+        id: id.to_string(),
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        system_id: req.system_id,
+        timeline: req.timeline,
+        generation: req.generation,
+        database: req.source.dbname().to_string(),
+        publication: req.publication.to_string(),
+        consistent_point: req.consistent_point,
+        snapshot_time,
+        started_at,
+        finished_at: PgTimestamp::now(),
+        server_version_num,
+        schema,
+        tables: entries,
+        sequences,
+        key_objects,
+        totals,
+    };
+    store.put(&m.key(), Bytes::from(m.to_json())).await?;
+    tracing::info!(backup = %id, rows = m.totals.rows, bytes = m.totals.raw_bytes, "base backup complete");
+    Ok(m)
+}
+
+/// The tables the publication publishes, with their columns, sorted by schema and name.
+async fn list_tables(client: &Client, publication: &str) -> Result<Vec<TableSpec>, BackupError> {
+    // pg_publication_tables lists leaf partitions, or partition roots when the publication has
+    // publish_via_partition_root. Unlogged and foreign tables are not replicated.
+    let rows = client
+        .query(
+            "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind = 'p',
+                    CASE WHEN c.relkind = 'p'
+                         THEN coalesce((SELECT sum(pg_relation_size(pt.relid))
+                                        FROM pg_partition_tree(c.oid) pt), 0)::int8
+                         ELSE pg_relation_size(c.oid) END
+             FROM pg_publication_tables p
+             JOIN pg_namespace n ON n.nspname = p.schemaname
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+             WHERE p.pubname = $1 AND c.relkind IN ('r', 'p') AND c.relpersistence <> 'u'
+             ORDER BY 2, 3",
+            &[&publication],
+        )
+        .await
+        .map_err(pg("listing the published tables"))?;
+    let mut tables = Vec::with_capacity(rows.len());
+    for r in rows {
+        let oid: u32 = r.get(0);
+        let columns = client
+            .query(
+                "SELECT attname::text FROM pg_attribute
+                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+                 ORDER BY attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(pg("listing columns"))?
+            .iter()
+            .map(|c| c.get(0))
+            .collect();
+        tables.push(TableSpec {
+            oid,
+            schema: r.get(1),
+            name: r.get(2),
+            partitioned_root: r.get(3),
+            columns,
+            size: r.get(4),
+        });
+    }
+    Ok(tables)
+}
+
+/// Takes ACCESS SHARE locks on the tables for the rest of the backup, as pg_dump does, so that
+/// no concurrent DDL drops or rewrites them under the COPYs.
+async fn lock_tables(client: &Client, tables: &[TableSpec]) -> Result<(), BackupError> {
+    for chunk in tables.chunks(1000) {
+        let names: Vec<String> = chunk
+            .iter()
+            .map(|t| qualified(&t.schema, &t.name))
+            .collect();
+        client
+            .batch_execute(&format!(
+                "LOCK TABLE {} IN ACCESS SHARE MODE",
+                names.join(", ")
+            ))
+            .await
+            .map_err(pg("locking the published tables"))?;
+    }
+    Ok(())
+}
+
+/// Primary keys, unique constraints and replica-identity indexes of the tables (and of all
+/// partitions of partitioned roots).
+async fn list_key_objects(
+    client: &Client,
+    tables: &[TableSpec],
+) -> Result<Vec<KeyObject>, BackupError> {
+    let oids: Vec<u32> = tables.iter().map(|t| t.oid).collect();
+    let rows = client
+        .query(
+            "WITH rels AS (
+                 SELECT pt.relid FROM unnest($1::oid[]) AS r(oid),
+                      LATERAL pg_partition_tree(r.oid) pt
+                 UNION SELECT unnest($1::oid[])
+             )
+             SELECT con.contype::text, n.nspname::text, c.relname::text, con.conname::text, con.oid
+             FROM pg_constraint con
+             JOIN pg_class c ON c.oid = con.conrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE con.conrelid IN (SELECT relid FROM rels) AND con.contype IN ('p', 'u')
+             UNION ALL
+             SELECT 'i', n.nspname::text, c.relname::text, i.relname::text, i.oid
+             FROM pg_index x
+             JOIN pg_class i ON i.oid = x.indexrelid
+             JOIN pg_class c ON c.oid = x.indrelid
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE x.indrelid IN (SELECT relid FROM rels) AND x.indisreplident
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = x.indexrelid
+                               AND con.conrelid = x.indrelid)
+             ORDER BY 2, 3, 4",
+            &[&oids],
+        )
+        .await
+        .map_err(pg("listing keys"))?;
+    Ok(rows
+        .iter()
+        .map(|r| KeyObject {
+            kind: match r.get::<_, String>(0).as_str() {
+                "p" => KeyKind::PrimaryKey,
+                "u" => KeyKind::Unique,
+                _ => KeyKind::ReplicaIdentityIndex,
+            },
+            schema: r.get(1),
+            table: r.get(2),
+            name: r.get(3),
+            oid: r.get(4),
+        })
+        .collect())
+}
+
+/// Every sequence's state.
+async fn list_sequences(client: &Client) -> Result<Vec<SequenceEntry>, BackupError> {
+    // Sequences are not transactional: this reads their current state, which may be ahead of
+    // the snapshot. That is harmless: the restore sets each sequence to this value, then at
+    // least past the largest value of every column it feeds (after replay), so the restored
+    // application can insert. last_value is NULL for a sequence never used (and for one we may
+    // not read): setval(start, is_called => false) restores "not used yet".
+    let rows = client
+        .query(
+            "SELECT schemaname::text, sequencename::text, coalesce(last_value, start_value),
+                    last_value IS NOT NULL
+             FROM pg_sequences ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .map_err(pg("reading sequences"))?;
+    Ok(rows
+        .iter()
+        .map(|r| SequenceEntry {
+            schema: r.get(0),
+            name: r.get(1),
+            last_value: r.get(2),
+            is_called: r.get(3),
+        })
+        .collect())
+}
+
+/// Runs a PostgreSQL client program; returns its standard output.
+async fn run_tool(
+    program: &Path,
+    args: &[&str],
+    env: Vec<(String, String)>,
+) -> Result<Vec<u8>, BackupError> {
+    let name = program
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| program.display().to_string());
+    tracing::debug!(program = %name, ?args, "running");
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(io_err(format!("running {}", program.display())))?;
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    if !out.status.success() {
+        return Err(BackupError::Tool {
+            program: name,
+            status: out.status.to_string(),
+            stderr,
+        });
+    }
+    if !stderr.is_empty() {
+        tracing::warn!(program = %name, %stderr, "messages from a PostgreSQL program");
+    }
+    Ok(out.stdout)
+}
+
+async fn dump_schema(
+    store: &Arc<dyn Store>,
+    id: &str,
+    req: &BackupRequest<'_>,
+    server_version_num: u32,
+) -> Result<SchemaEntry, BackupError> {
+    let pg_dump = pgbin::find("pg_dump", Some(server_version_num / 10000))?;
+    let snapshot = format!("--snapshot={}", req.snapshot);
+    let conn = req.source.libpq_string();
+    let dump = run_tool(
+        &pg_dump,
+        &[
+            "--schema-only",
+            &snapshot,
+            "-Fc",
+            "--no-publications",
+            "--no-subscriptions",
+            "-d",
+            &conn,
+        ],
+        req.source.child_env(),
+    )
+    .await?;
+    let key = schema_key(id);
+    let entry = SchemaEntry {
+        key: key.clone(),
+        bytes: dump.len() as u64,
+        crc32: crc32fast::hash(&dump),
+    };
+    store.put(&key, Bytes::from(dump)).await?;
+    Ok(entry)
+}
+
+/// Copies the tables over the connections, biggest first; returns entries in table order.
+async fn copy_tables(
+    store: &Arc<dyn Store>,
+    id: &str,
+    clients: Vec<Client>,
+    tables: &[TableSpec],
+) -> Result<Vec<TableEntry>, BackupError> {
+    let mut order: Vec<usize> = (0..tables.len()).collect();
+    // Popped from the end: biggest last in the vector.
+    order.sort_by_key(|&i| tables[i].size);
+    let queue = Mutex::new(order);
+    let workers = clients.into_iter().map(|client| {
+        let queue = &queue;
+        async move {
+            let mut done = Vec::new();
+            loop {
+                let next = queue.lock().expect("queue lock").pop();
+                let Some(i) = next else { break };
+                done.push((i, copy_table(&client, store, id, i, &tables[i]).await?));
+            }
+            // Ends the read-only transaction; nothing to keep.
+            let _ = client.batch_execute("COMMIT").await;
+            Ok::<_, BackupError>(done)
+        }
+    });
+    let results = futures_util::future::try_join_all(workers).await?;
+    let mut by_index: BTreeMap<usize, TableEntry> = results.into_iter().flatten().collect();
+    Ok((0..tables.len())
+        .map(|i| by_index.remove(&i).expect("every table copied"))
+        .collect())
+}
+
+async fn copy_table(
+    client: &Client,
+    store: &Arc<dyn Store>,
+    id: &str,
+    index: usize,
+    t: &TableSpec,
+) -> Result<TableEntry, BackupError> {
+    let shown = qualified(&t.schema, &t.name);
+    let started = Instant::now();
+    let mut entry = TableEntry {
+        oid: t.oid,
+        schema: t.schema.clone(),
+        name: t.name.clone(),
+        partitioned_root: t.partitioned_root,
+        columns: t.columns.clone(),
+        rows: 0,
+        raw_bytes: 0,
+        stored_bytes: 0,
+        parts: Vec::new(),
+    };
+    let stream = client
+        .copy_out(copy_out_sql(t).as_str())
+        .await
+        .map_err(pg(format!("COPY {shown} TO STDOUT")))?;
+    pin_mut!(stream);
+    let mut cutter = cut::PartCutter::new(PART_LIMIT);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(pg(format!("COPY {shown} TO STDOUT")))?;
+        for part in cutter.push(&chunk) {
+            store_part(store, id, index, &mut entry, part).await?;
+        }
+    }
+    let last = cutter.finish().map_err(|e| BackupError::BadObject {
+        key: shown.clone(),
+        message: e.to_string(),
+    })?;
+    if let Some(part) = last {
+        store_part(store, id, index, &mut entry, part).await?;
+    }
+    tracing::debug!(table = %shown, rows = entry.rows, parts = entry.parts.len(), elapsed = ?started.elapsed(), "table copied");
+    Ok(entry)
+}
+
+async fn store_part(
+    store: &Arc<dyn Store>,
+    id: &str,
+    index: usize,
+    entry: &mut TableEntry,
+    part: cut::RawPart,
+) -> Result<(), BackupError> {
+    let key = part_key(id, index, entry.parts.len());
+    let raw_bytes = part.data.len() as u64;
+    let rows = part.rows;
+    let stored = tokio::task::spawn_blocking(move || compress(&part.data))
+        .await
+        .map_err(|e| BackupError::Io {
+            context: format!("compressing {key}"),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(io_err(format!("compressing {key}")))?;
+    let crc32 = crc32fast::hash(&stored);
+    let stored_bytes = stored.len() as u64;
+    store.put(&key, Bytes::from(stored)).await?;
+    entry.rows += rows;
+    entry.raw_bytes += raw_bytes;
+    entry.stored_bytes += stored_bytes;
+    entry.parts.push(PartEntry {
+        key,
+        rows,
+        raw_bytes,
+        stored_bytes,
+        crc32,
+    });
+    Ok(())
+}
+
+/// lz4 frame format (readable by `lz4 -d`), with the content size and a content checksum.
+fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let info = lz4_flex::frame::FrameInfo::new()
+        .content_size(Some(data.len() as u64))
+        .content_checksum(true);
+    let mut enc =
+        lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(data.len() / 3));
+    enc.write_all(data)?;
+    enc.finish().map_err(std::io::Error::other)
+}
+
+fn decompress(data: &[u8], expected_len: usize) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(expected_len);
+    lz4_flex::frame::FrameDecoder::new(data).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Listing
+// ---------------------------------------------------------------------------------------------
+
+/// The complete base backups in the store, sorted by id (generation, then position). A folder
+/// without a manifest is an incomplete backup: skipped with a warning.
+pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, BackupError> {
+    let objects = store.list(manifest::ROOT).await?;
+    let mut folders: BTreeSet<String> = BTreeSet::new();
+    let mut complete: HashSet<String> = HashSet::new();
+    for o in &objects {
+        let Some(rest) = o.key.strip_prefix(manifest::ROOT) else {
+            continue;
+        };
+        let Some((id, file)) = rest.split_once('/') else {
+            continue;
+        };
+        folders.insert(id.to_string());
+        if file == "manifest.json" {
+            complete.insert(id.to_string());
+        }
+    }
+    let mut manifests = Vec::new();
+    for id in folders {
+        if !complete.contains(&id) {
+            tracing::warn!(backup = %id, location = %store.location(), "{}{id}/ has no manifest.json: an incomplete base backup, skipped", manifest::ROOT);
+            continue;
+        }
+        let m = read_manifest(store, &id).await?;
+        manifests.push(m);
+    }
+    Ok(manifests)
+}
+
+/// Reads and checks the manifest of backup `id`.
+pub async fn read_manifest(store: &Arc<dyn Store>, id: &str) -> Result<Manifest, BackupError> {
+    let key = manifest_key(id);
+    let data = store.get(&key).await?;
+    let m = Manifest::from_json(&key, &data)?;
+    if m.id != id {
+        return Err(BackupError::BadObject {
+            key,
+            message: format!("the manifest names backup {:?}", m.id),
+        });
+    }
+    Ok(m)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+// ---------------------------------------------------------------------------------------------
+
+/// Loads one phase of backup `m` into `target` (an existing, empty database).
+pub async fn load(
+    store: &Arc<dyn Store>,
+    m: &Manifest,
+    target: &ConnInfo,
+    parallel: usize,
+    phase: LoadPhase,
+) -> Result<LoadStats, BackupError> {
+    let started = Instant::now();
+    let parallel = parallel.max(1);
+    let mut stats = LoadStats {
+        phase,
+        tables: 0,
+        rows: 0,
+        bytes: 0,
+        sequences: 0,
+        elapsed: Duration::ZERO,
+    };
+    match phase {
+        LoadPhase::PreData => {
+            let dump = SchemaFile::fetch(store, m).await?;
+            dump.restore(target, &["--section=pre-data"], None, 1)
+                .await?;
+        }
+        LoadPhase::Data => load_data(store, m, target, parallel, &mut stats).await?,
+        LoadPhase::Keys | LoadPhase::PostData => {
+            let dump = SchemaFile::fetch(store, m).await?;
+            let listing = dump.listing().await?;
+            let wanted: HashSet<(u32, u32)> = m
+                .key_objects
+                .iter()
+                .map(|k| match k.kind {
+                    KeyKind::PrimaryKey | KeyKind::Unique => (toc::PG_CONSTRAINT, k.oid),
+                    KeyKind::ReplicaIdentityIndex => (toc::PG_CLASS, k.oid),
+                })
+                .collect();
+            let split = toc::split(&listing, &wanted);
+            let list = if phase == LoadPhase::Keys {
+                for k in &m.key_objects {
+                    let pair = match k.kind {
+                        KeyKind::PrimaryKey | KeyKind::Unique => (toc::PG_CONSTRAINT, k.oid),
+                        KeyKind::ReplicaIdentityIndex => (toc::PG_CLASS, k.oid),
+                    };
+                    if !split.found.contains(&pair) {
+                        tracing::warn!(schema = %k.schema, table = %k.table, name = %k.name, "key object not found in the schema dump");
+                    }
+                }
+                &split.chosen
+            } else {
+                &split.rest
+            };
+            stats.tables = list
+                .lines()
+                .filter(|l| toc::parse_line(l).is_some())
+                .count() as u64;
+            dump.restore(target, &["--section=post-data"], Some(list), parallel)
+                .await?;
+            if phase == LoadPhase::PostData {
+                stats.sequences = restore_sequences(m, target).await?;
+            }
+        }
+    }
+    stats.elapsed = started.elapsed();
+    tracing::info!(backup = %m.id, ?phase, tables = stats.tables, rows = stats.rows, elapsed = ?stats.elapsed, "load phase done");
+    Ok(stats)
+}
+
+/// A temporary file, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn create(suffix: &str, data: &[u8]) -> Result<TempFile, BackupError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!(
+            "tidemark-{}-{:016x}{suffix}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(format!("creating {}", path.display())))?;
+        let file = TempFile(path);
+        f.write_all(data)
+            .and_then(|_| f.flush())
+            .map_err(io_err(format!("writing {}", file.0.display())))?;
+        Ok(file)
+    }
+
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The schema dump, fetched, checked and written to a temporary file for pg_restore.
+struct SchemaFile {
+    file: TempFile,
+    pg_restore: PathBuf,
+}
+
+impl SchemaFile {
+    async fn fetch(store: &Arc<dyn Store>, m: &Manifest) -> Result<SchemaFile, BackupError> {
+        let data = store.get(&m.schema.key).await?;
+        verify(&m.schema.key, &data, m.schema.crc32)?;
+        // pg_restore must read the archive format of the pg_dump that wrote it, at least as
+        // new as the source server.
+        let pg_restore = pgbin::find("pg_restore", Some(m.server_version_num / 10000))?;
+        let file = TempFile::create(".dump", &data)?;
+        Ok(SchemaFile { file, pg_restore })
+    }
+
+    async fn listing(&self) -> Result<String, BackupError> {
+        let out = run_tool(&self.pg_restore, &["-l", &self.file.arg()], Vec::new()).await?;
+        String::from_utf8(out).map_err(|e| BackupError::BadObject {
+            key: "pg_restore -l".into(),
+            message: e.to_string(),
+        })
+    }
+
+    async fn restore(
+        &self,
+        target: &ConnInfo,
+        section: &[&str],
+        list: Option<&str>,
+        jobs: usize,
+    ) -> Result<(), BackupError> {
+        let list_file = list
+            .map(|l| TempFile::create(".list", l.as_bytes()))
+            .transpose()?;
+        let conn = target.libpq_string();
+        let jobs = jobs.to_string();
+        let mut args: Vec<&str> = vec![
+            "--no-owner",
+            "--no-privileges",
+            "--exit-on-error",
+            "-d",
+            &conn,
+        ];
+        args.extend_from_slice(section);
+        let list_arg = list_file.as_ref().map(|f| f.arg());
+        if let Some(l) = &list_arg {
+            args.extend_from_slice(&["-L", l]);
+        }
+        if jobs != "1" {
+            args.extend_from_slice(&["-j", &jobs]);
+        }
+        let dump = self.file.arg();
+        args.push(&dump);
+        run_tool(&self.pg_restore, &args, target.child_env()).await?;
+        Ok(())
+    }
+}
+
+fn verify(key: &str, data: &[u8], expected: u32) -> Result<(), BackupError> {
+    let actual = crc32fast::hash(data);
+    if actual != expected {
+        return Err(BackupError::Corrupt {
+            key: key.to_string(),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+async fn open_for_load(target: &ConnInfo) -> Result<Client, BackupError> {
+    let client = target.connect().await?;
+    client
+        .batch_execute(SESSION_SETTINGS)
+        .await
+        .map_err(pg("setting up a load connection"))?;
+    Ok(client)
+}
+
+async fn load_data(
+    store: &Arc<dyn Store>,
+    m: &Manifest,
+    target: &ConnInfo,
+    parallel: usize,
+    stats: &mut LoadStats,
+) -> Result<(), BackupError> {
+    let mut order: Vec<usize> = (0..m.tables.len())
+        .filter(|&i| !m.tables[i].parts.is_empty())
+        .collect();
+    order.sort_by_key(|&i| m.tables[i].raw_bytes);
+    let workers_n = parallel.min(order.len()).max(1);
+    let queue = Mutex::new(order);
+    let mut clients = Vec::with_capacity(workers_n);
+    for _ in 0..workers_n {
+        clients.push(open_for_load(target).await?);
+    }
+    let workers = clients.into_iter().map(|client| {
+        let queue = &queue;
+        async move {
+            let mut done = (0u64, 0u64, 0u64);
+            loop {
+                let next = queue.lock().expect("queue lock").pop();
+                let Some(i) = next else { break };
+                let t = &m.tables[i];
+                let rows = load_table(&client, store, t).await?;
+                done.0 += 1;
+                done.1 += rows;
+                done.2 += t.raw_bytes;
+            }
+            Ok::<_, BackupError>(done)
+        }
+    });
+    for (tables, rows, bytes) in futures_util::future::try_join_all(workers).await? {
+        stats.tables += tables;
+        stats.rows += rows;
+        stats.bytes += bytes;
+    }
+    Ok(())
+}
+
+/// Loads one table with one COPY (so a failure leaves it empty); parts in order.
+async fn load_table(
+    client: &Client,
+    store: &Arc<dyn Store>,
+    t: &TableEntry,
+) -> Result<u64, BackupError> {
+    let display = qualified(&t.schema, &t.name);
+    let sink = client
+        .copy_in::<_, Bytes>(copy_in_sql(t).as_str())
+        .await
+        .map_err(pg(format!("COPY {display} FROM STDIN")))?;
+    pin_mut!(sink);
+    for p in &t.parts {
+        let data = store.get(&p.key).await?;
+        // Returning early drops the sink, which aborts the COPY.
+        verify(&p.key, &data, p.crc32)?;
+        let expected = p.raw_bytes as usize;
+        let raw = tokio::task::spawn_blocking(move || decompress(&data, expected))
+            .await
+            .map_err(|e| BackupError::Io {
+                context: format!("decompressing {}", p.key),
+                source: std::io::Error::other(e),
+            })?
+            .map_err(|e| BackupError::BadObject {
+                key: p.key.clone(),
+                message: format!("cannot decompress: {e}"),
+            })?;
+        if raw.len() != expected {
+            return Err(BackupError::BadObject {
+                key: p.key.clone(),
+                message: format!(
+                    "decompresses to {} bytes, the manifest records {expected}",
+                    raw.len()
+                ),
+            });
+        }
+        sink.send(Bytes::from(raw))
+            .await
+            .map_err(pg(format!("COPY {display} FROM STDIN ({})", p.key)))?;
+    }
+    let rows = sink
+        .finish()
+        .await
+        .map_err(pg(format!("COPY {display} FROM STDIN")))?;
+    if rows != t.rows {
+        return Err(BackupError::Invalid(format!(
+            "COPY {display} loaded {rows} rows, the manifest records {}",
+            t.rows
+        )));
+    }
+    Ok(rows)
+}
+
+/// Sets every sequence to its backed-up value, then past the largest value of every integer
+/// column it feeds (owned-by, identity, or named in a column default), so that the restored
+/// application's next insert does not collide. Returns the number of sequences set.
+async fn restore_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
+    let client = open_for_load(target).await?;
+    for s in &m.sequences {
+        client
+            .execute(
+                "SELECT pg_catalog.setval($1::text::regclass, $2, $3)",
+                &[&qualified(&s.schema, &s.name), &s.last_value, &s.is_called],
+            )
+            .await
+            .map_err(pg(format!(
+                "setting sequence {}",
+                qualified(&s.schema, &s.name)
+            )))?;
+    }
+    let users = client
+        .query(
+            "SELECT DISTINCT sn.nspname::text, s.relname::text, tn.nspname::text, t.relname::text,
+                    a.attname::text, q.seqincrement
+             FROM (SELECT d.objid AS seqid, d.refobjid AS relid, d.refobjsubid AS attnum
+                   FROM pg_depend d
+                   WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
+                     AND d.deptype IN ('a', 'i') AND d.refobjsubid > 0
+                   UNION
+                   SELECT d.refobjid, ad.adrelid, ad.adnum
+                   FROM pg_depend d JOIN pg_attrdef ad ON ad.oid = d.objid
+                   WHERE d.classid = 'pg_attrdef'::regclass
+                     AND d.refclassid = 'pg_class'::regclass) u
+             JOIN pg_class s ON s.oid = u.seqid AND s.relkind = 'S'
+             JOIN pg_namespace sn ON sn.oid = s.relnamespace
+             JOIN pg_sequence q ON q.seqrelid = s.oid
+             JOIN pg_class t ON t.oid = u.relid AND t.relkind IN ('r', 'p')
+             JOIN pg_namespace tn ON tn.oid = t.relnamespace
+             JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = u.attnum
+                  AND a.atttypid IN ('int2'::regtype, 'int4'::regtype, 'int8'::regtype)
+             ORDER BY 1, 2, 3, 4, 5",
+            &[],
+        )
+        .await
+        .map_err(pg("finding the columns sequences feed"))?;
+    for u in &users {
+        let seq = qualified(u.get(0), u.get(1));
+        let table = qualified(u.get(2), u.get(3));
+        let column = quote_ident(u.get(4));
+        let increment: i64 = u.get(5);
+        let ctx = || format!("raising sequence {seq} past {table}.{column}");
+        let agg = if increment > 0 { "max" } else { "min" };
+        let extreme: Option<i64> = client
+            .query_one(&format!("SELECT {agg}({column})::int8 FROM {table}"), &[])
+            .await
+            .map_err(pg(ctx()))?
+            .get(0);
+        let Some(extreme) = extreme else { continue };
+        let row = client
+            .query_one(&format!("SELECT last_value, is_called FROM {seq}"), &[])
+            .await
+            .map_err(pg(ctx()))?;
+        let (last, called): (i64, bool) = (row.get(0), row.get(1));
+        let next = if called {
+            last.saturating_add(increment)
+        } else {
+            last
+        };
+        let collides = if increment > 0 {
+            next <= extreme
+        } else {
+            next >= extreme
+        };
+        if collides {
+            client
+                .execute(
+                    "SELECT pg_catalog.setval($1::text::regclass, $2, true)",
+                    &[&seq, &extreme],
+                )
+                .await
+                .map_err(pg(ctx()))?;
+        }
+    }
+    Ok(m.sequences.len() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn copy_statements() {
+        let mut t = TableSpec {
+            oid: 1,
+            schema: "s".into(),
+            name: "T x".into(),
+            partitioned_root: false,
+            columns: vec!["a".into(), "b\"c".into()],
+            size: 0,
+        };
+        assert_eq!(
+            copy_out_sql(&t),
+            "COPY \"s\".\"T x\" (\"a\", \"b\"\"c\") TO STDOUT"
+        );
+        t.partitioned_root = true;
+        assert_eq!(
+            copy_out_sql(&t),
+            "COPY (SELECT \"a\", \"b\"\"c\" FROM \"s\".\"T x\") TO STDOUT"
+        );
+        t.columns.clear();
+        t.partitioned_root = false;
+        assert_eq!(copy_out_sql(&t), "COPY \"s\".\"T x\" TO STDOUT");
+    }
+
+    #[test]
+    fn compression_is_lz4_frame_with_checksum() {
+        let data = b"1\thello\n2\tworld\n".repeat(1000);
+        let c = compress(&data).unwrap();
+        assert_eq!(&c[..4], &[0x04, 0x22, 0x4d, 0x18], "lz4 frame magic");
+        assert!(c.len() < data.len());
+        assert_eq!(decompress(&c, data.len()).unwrap(), data);
+        let mut bad = c.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x40;
+        assert!(
+            decompress(&bad, data.len()).is_err(),
+            "content checksum catches damage"
+        );
+    }
+
+    #[test]
+    fn corrupt_object_error_names_key_and_both_values() {
+        let err = verify("basebackups/x/tables/00000.0000.copy.lz4", b"abc", 7).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("basebackups/x/tables/00000.0000.copy.lz4"));
+        assert!(msg.contains("00000007"));
+        assert!(msg.contains(&format!("{:08x}", crc32fast::hash(b"abc"))));
+    }
+
+    #[tokio::test]
+    async fn list_manifests_skips_incomplete_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let m = manifest::tests::sample();
+        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
+        store
+            .put(
+                "basebackups/00000003-0000001700000000/schema.dump",
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        let list = list_manifests(&store).await.unwrap();
+        assert_eq!(list, vec![m]);
+    }
+}

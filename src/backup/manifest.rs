@@ -1,0 +1,340 @@
+//! The manifest of a base backup: `basebackups/<id>/manifest.json`, written last.
+//!
+//! The format is specified in `proto/manifest.md`. Readers accept unknown fields (additions that
+//! keep `format_version`) and refuse an unknown `format_version`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::lsn::{Lsn, PgTimestamp};
+
+/// The manifest format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Folder under which every base backup lives.
+pub const ROOT: &str = "basebackups/";
+
+/// The id of a backup: `<generation, 8 hex digits>-<consistent point, 16 hex digits>`, so that
+/// ids sort by generation, then stream position.
+pub fn backup_id(generation: u32, consistent_point: Lsn) -> String {
+    format!("{generation:08X}-{}", consistent_point.to_hex16())
+}
+
+/// Key of the manifest of backup `id`.
+pub fn manifest_key(id: &str) -> String {
+    format!("{ROOT}{id}/manifest.json")
+}
+
+/// Key of the schema dump of backup `id`.
+pub fn schema_key(id: &str) -> String {
+    format!("{ROOT}{id}/schema.dump")
+}
+
+/// Key of part `part` of table number `table` of backup `id`.
+pub fn part_key(id: &str, table: usize, part: usize) -> String {
+    format!("{ROOT}{id}/tables/{table:05}.{part:04}.copy.lz4")
+}
+
+/// Everything a restore needs to know about one base backup.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    pub tool_version: String,
+    /// The server's system identifier (`IDENTIFY_SYSTEM`), as a decimal string: a u64 does not
+    /// fit a JSON number safely.
+    #[serde(with = "u64_string")]
+    pub system_id: u64,
+    pub timeline: u32,
+    /// The archive generation this backup belongs to (a new slot starts a new generation).
+    pub generation: u32,
+    pub database: String,
+    pub publication: String,
+    /// Where the change stream continues: a transaction is in the backup iff its commit LSN is
+    /// below this point.
+    pub consistent_point: Lsn,
+    /// `clock_timestamp()` read inside the snapshot after it was exported: every transaction in
+    /// the backup committed before it. The earliest instant this backup can restore to.
+    pub snapshot_time: PgTimestamp,
+    pub started_at: PgTimestamp,
+    pub finished_at: PgTimestamp,
+    pub server_version_num: u32,
+    pub schema: SchemaEntry,
+    pub tables: Vec<TableEntry>,
+    pub sequences: Vec<SequenceEntry>,
+    /// The post-data objects the Keys load phase creates (what replay needs to find rows).
+    pub key_objects: Vec<KeyObject>,
+    pub totals: Totals,
+}
+
+/// The `pg_dump --schema-only -Fc` output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchemaEntry {
+    pub key: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// One table's data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableEntry {
+    /// The table's OID on the source: the relation id of the stream's row changes, so replay
+    /// can apply changes to a table whose Relation message came before the backup's point.
+    #[serde(default)]
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// A partitioned table published through its root (`publish_via_partition_root`): its data
+    /// was read through the root and is loaded through the root.
+    pub partitioned_root: bool,
+    /// The columns in the COPY data, in order (stored, non-generated columns).
+    pub columns: Vec<String>,
+    pub rows: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub parts: Vec<PartEntry>,
+}
+
+/// One stored part of a table: lz4-framed COPY text, cut at a row boundary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartEntry {
+    pub key: String,
+    pub rows: u64,
+    /// Size of the COPY text.
+    pub raw_bytes: u64,
+    /// Size of the stored (compressed) object.
+    pub stored_bytes: u64,
+    /// CRC-32 (IEEE) of the stored object.
+    pub crc32: u32,
+}
+
+/// A sequence's state as read during the backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequenceEntry {
+    pub schema: String,
+    pub name: String,
+    pub last_value: i64,
+    pub is_called: bool,
+}
+
+/// What kind of post-data object a [`KeyObject`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyKind {
+    PrimaryKey,
+    Unique,
+    /// An index (not backing a constraint) named by `REPLICA IDENTITY USING INDEX`.
+    ReplicaIdentityIndex,
+}
+
+/// A primary key, unique constraint or replica-identity index of a backed-up table (or of a
+/// partition of a backed-up partitioned root). Indexes of partitions are attached to their
+/// parent's index (`INDEX ATTACH`) in the PostData phase: replay uses the partitions' own
+/// indexes, which are valid from the start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyObject {
+    pub kind: KeyKind,
+    pub schema: String,
+    pub table: String,
+    /// Constraint name (for constraints) or index name.
+    pub name: String,
+    /// OID of the object in the source, as the dump's table of contents names it:
+    /// `pg_constraint.oid` for constraints, `pg_class.oid` for indexes.
+    pub oid: u32,
+}
+
+/// Sums over the backup.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub tables: u64,
+    pub parts: u64,
+    pub rows: u64,
+    pub raw_bytes: u64,
+    /// Stored bytes of all parts plus the schema dump.
+    pub stored_bytes: u64,
+}
+
+/// Why a manifest cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{key}: not a tidemark manifest: {message}")]
+    Invalid { key: String, message: String },
+    #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
+    UnsupportedVersion { key: String, found: u64 },
+}
+
+impl Manifest {
+    /// Serializes the manifest (pretty-printed: it is meant to be read by people too).
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
+        v.push(b'\n');
+        v
+    }
+
+    /// Parses a manifest stored under `key` (named in errors), refusing other format versions.
+    pub fn from_json(key: &str, data: &[u8]) -> Result<Manifest, ManifestError> {
+        let invalid = |message: String| ManifestError::Invalid {
+            key: key.to_string(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(data).map_err(|e| invalid(e.to_string()))?;
+        let version = value
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| invalid("no numeric format_version".into()))?;
+        if version != FORMAT_VERSION as u64 {
+            return Err(ManifestError::UnsupportedVersion {
+                key: key.to_string(),
+                found: version,
+            });
+        }
+        serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+    }
+
+    /// The manifest's own key.
+    pub fn key(&self) -> String {
+        manifest_key(&self.id)
+    }
+
+    /// Every object of the backup besides the manifest.
+    pub fn object_keys(&self) -> Vec<String> {
+        let mut keys = vec![self.schema.key.clone()];
+        for t in &self.tables {
+            keys.extend(t.parts.iter().map(|p| p.key.clone()));
+        }
+        keys
+    }
+}
+
+mod u64_string {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Manifest {
+        let id = backup_id(3, Lsn(0x16_B374_D848));
+        Manifest {
+            format_version: FORMAT_VERSION,
+            id: id.clone(),
+            tool_version: "0.1.0".into(),
+            system_id: 7_300_000_000_000_000_123,
+            timeline: 1,
+            generation: 3,
+            database: "app".into(),
+            publication: "tidemark".into(),
+            consistent_point: Lsn(0x16_B374_D848),
+            snapshot_time: PgTimestamp(800_000_000_123_456),
+            started_at: PgTimestamp(800_000_000_000_000),
+            finished_at: PgTimestamp(800_000_060_000_000),
+            server_version_num: 150004,
+            schema: SchemaEntry {
+                key: schema_key(&id),
+                bytes: 1234,
+                crc32: 0xDEAD_BEEF,
+            },
+            tables: vec![TableEntry {
+                schema: "public".into(),
+                name: "t \"quoted\"".into(),
+                partitioned_root: false,
+                columns: vec!["id".into(), "body".into()],
+                rows: 10,
+                raw_bytes: 100,
+                stored_bytes: 60,
+                parts: vec![PartEntry {
+                    key: part_key(&id, 0, 0),
+                    rows: 10,
+                    raw_bytes: 100,
+                    stored_bytes: 60,
+                    crc32: 1,
+                }],
+            }],
+            sequences: vec![SequenceEntry {
+                schema: "public".into(),
+                name: "t_id_seq".into(),
+                last_value: 10,
+                is_called: true,
+            }],
+            key_objects: vec![KeyObject {
+                kind: KeyKind::PrimaryKey,
+                schema: "public".into(),
+                table: "t \"quoted\"".into(),
+                name: "t_pkey".into(),
+                oid: 16394,
+            }],
+            totals: Totals {
+                tables: 1,
+                parts: 1,
+                rows: 10,
+                raw_bytes: 100,
+                stored_bytes: 1294,
+            },
+        }
+    }
+
+    #[test]
+    fn keys_sort_by_generation_then_position() {
+        assert_eq!(
+            backup_id(3, Lsn(0x16_B374_D848)),
+            "00000003-00000016B374D848"
+        );
+        assert_eq!(
+            part_key("X", 7, 12),
+            "basebackups/X/tables/00007.0012.copy.lz4"
+        );
+        assert!(backup_id(1, Lsn(u64::MAX)) < backup_id(2, Lsn(0)));
+        assert!(backup_id(2, Lsn(0xFF)) < backup_id(2, Lsn(0x100)));
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let m = sample();
+        let json = m.to_json();
+        let text = std::str::from_utf8(&json).unwrap();
+        assert!(text.contains("\"system_id\": \"7300000000000000123\""));
+        assert!(text.contains("\"consistent_point\": \"16/B374D848\""));
+        assert!(text.contains("\"snapshot_time\": \"2025-05-08T06:13:20.123456Z\""));
+        assert!(text.contains("\"kind\": \"primary_key\""));
+        assert_eq!(Manifest::from_json("k", &json).unwrap(), m);
+    }
+
+    #[test]
+    fn accepts_unknown_fields_of_the_same_format() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["some_future_field"] = serde_json::json!({"x": 1});
+        let data = serde_json::to_vec(&v).unwrap();
+        assert_eq!(Manifest::from_json("k", &data).unwrap(), sample());
+    }
+
+    #[test]
+    fn refuses_other_format_versions() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        v["format_version"] = serde_json::json!(2);
+        let data = serde_json::to_vec(&v).unwrap();
+        let err = Manifest::from_json("basebackups/x/manifest.json", &data).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(
+            err,
+            ManifestError::UnsupportedVersion { found: 2, .. }
+        ));
+        assert!(msg.contains("basebackups/x/manifest.json"), "{msg}");
+        assert!(msg.contains("format_version 2"), "{msg}");
+
+        let err = Manifest::from_json("k", b"{\"id\": \"x\"}").unwrap_err();
+        assert!(err.to_string().contains("no numeric format_version"));
+        let err = Manifest::from_json("k", b"not json").unwrap_err();
+        assert!(matches!(err, ManifestError::Invalid { .. }));
+    }
+}
