@@ -164,12 +164,12 @@ pub fn plan(gens: &[GenerationFacts], target: Target) -> Result<Plan, RestoreErr
     // The target must be provably inside this generation's archived stream.
     match target {
         Target::Time(t) => {
-            if !g.latest_commit.is_some_and(|lc| t < lc) {
+            if g.latest_commit.is_none_or(|lc| t >= lc) {
                 return Err(out_of_range(String::new()));
             }
         }
         Target::Lsn(l) => {
-            if !g.end.is_some_and(|e| l <= e) && b.1 != l {
+            if g.end.is_none_or(|e| l > e) && b.1 != l {
                 return Err(out_of_range(lsn_range()));
             }
         }

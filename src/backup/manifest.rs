@@ -246,6 +246,7 @@ pub(crate) mod tests {
                 crc32: 0xDEAD_BEEF,
             },
             tables: vec![TableEntry {
+                oid: 16384,
                 schema: "public".into(),
                 name: "t \"quoted\"".into(),
                 partitioned_root: false,

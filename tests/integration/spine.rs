@@ -76,6 +76,7 @@ impl Archiver {
     }
 
     /// kill -9.
+    #[allow(dead_code)]
     pub fn kill(mut self) {
         self.child.kill().unwrap();
         let _ = self.child.wait();
