@@ -6,6 +6,9 @@
 
 mod support;
 
+mod bad_input;
+mod crash;
 mod harness_smoke;
+mod oracle;
 mod replication;
 mod spine;
