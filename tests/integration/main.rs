@@ -6,4 +6,5 @@
 
 mod support;
 
+mod backup;
 mod harness_smoke;
