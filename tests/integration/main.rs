@@ -6,6 +6,7 @@
 
 mod support;
 
+mod backup;
 mod harness_smoke;
 mod replication;
 mod spine;
