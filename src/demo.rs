@@ -40,7 +40,9 @@ pub async fn run(
     );
     let admin_client = admin.connect().await?;
     for db in [&src_db, &dst_db] {
-        admin_client.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+        admin_client
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await?;
     }
     let src = admin.with_dbname(&src_db);
     let dst = admin.with_dbname(&dst_db);
