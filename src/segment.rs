@@ -1381,7 +1381,7 @@ mod tests {
                         && self
                             .records
                             .get(i + 1)
-                            .map_or(true, |n| n.payload.first() == Some(&b'B'))
+                            .is_none_or(|n| n.payload.first() == Some(&b'B'))
                 }) {
                     b.commit(*c);
                 }
