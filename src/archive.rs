@@ -57,12 +57,14 @@ pub struct ArchiveOptions {
     pub idle_interval: Duration,
     /// Send a standby status update at least this often.
     pub status_interval: Duration,
-    /// Emit a heartbeat (a logical message) when no commit was seen for this long; None: never.
+    /// Commit a heartbeat (a transactional logical message) this often; None: never.
     pub heartbeat: Option<Duration>,
     /// Segments uploading at once.
     pub upload_concurrency: usize,
     /// Connections used by a base backup.
     pub backup_parallel: usize,
+    /// How long to wait for a slot still held by another connection before giving up.
+    pub slot_wait: Duration,
 }
 
 impl Default for ArchiveOptions {
@@ -79,6 +81,7 @@ impl Default for ArchiveOptions {
             heartbeat: Some(Duration::from_secs(10)),
             upload_concurrency: 4,
             backup_parallel: 2,
+            slot_wait: Duration::from_secs(30),
         }
     }
 }
@@ -154,15 +157,27 @@ pub async fn run(
         info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
         source.create_publication(&opts.publication).await?;
     }
-    let slot = source.slot(&opts.slot).await?;
+    // A slot still held by a previous run (killed, its connection not yet noticed as gone by
+    // the server) is waited for, a bounded time.
+    let waited = Instant::now();
+    let slot = loop {
+        let slot = source.slot(&opts.slot).await?;
+        match &slot {
+            Some(s) if s.active_pid.is_some() => {
+                if waited.elapsed() >= opts.slot_wait {
+                    let pid = s.active_pid.clone().unwrap_or_default();
+                    return Err(SourceError::SlotActive(opts.slot.clone(), pid).into());
+                }
+                debug!(slot = %opts.slot, "slot is active; waiting for it to be released");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            _ => break slot,
+        }
+    };
     match &slot {
         None if opts.slot_explicit => return Err(SourceError::NoSlot(opts.slot.clone()).into()),
         None => source.check_free_slot().await?,
-        Some(s) => {
-            if let Some(pid) = &s.active_pid {
-                return Err(SourceError::SlotActive(opts.slot.clone(), pid.clone()).into());
-            }
-        }
+        Some(_) => {}
     }
     store.check_writable().await?;
 

@@ -7,6 +7,7 @@
 mod support;
 
 mod backup;
+mod commands;
 mod harness_smoke;
 mod replication;
 mod spine;
