@@ -145,17 +145,15 @@ pub async fn run(
 ) -> Result<ArchiveSummary, ArchiveError> {
     let source = Source::connect(source_info).await?;
     source.check_server().await?;
-    if !source.publication_exists(&opts.publication).await? {
-        if opts.publication_explicit {
-            return Err(SourceError::NoPublication(
-                opts.publication.clone(),
-                source.database.clone(),
-                crate::statement::quote_ident(&opts.publication),
-            )
-            .into());
-        }
-        info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
-        source.create_publication(&opts.publication).await?;
+    // Every check comes before the first write to the source or the repository.
+    let publication_exists = source.publication_exists(&opts.publication).await?;
+    if !publication_exists && opts.publication_explicit {
+        return Err(SourceError::NoPublication(
+            opts.publication.clone(),
+            source.database.clone(),
+            crate::statement::quote_ident(&opts.publication),
+        )
+        .into());
     }
     // A slot still held by a previous run (killed, its connection not yet noticed as gone by
     // the server) is waited for, a bounded time.
@@ -180,11 +178,15 @@ pub async fn run(
         Some(_) => {}
     }
     store.check_writable().await?;
-
     let mut repl = ReplicationClient::connect(source_info).await?;
     let sys = repl.identify_system().await?;
     let identity = repo::read_identity(&store).await?;
     repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+
+    if !publication_exists {
+        info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
+        source.create_publication(&opts.publication).await?;
+    }
     let manifests = backup::list_manifests(&store).await?;
     let chains = repo::list_segments(&store).await?;
     let current_gen = manifests
