@@ -256,16 +256,7 @@ pub async fn run(
         }
     };
     if identity.is_none() {
-        repo::write_identity(
-            &store,
-            &Identity {
-                format_version: 1,
-                system_id: sys.system_id.to_string(),
-                database: source.database.clone(),
-                created_at: PgTimestamp::now(),
-            },
-        )
-        .await?;
+        repo::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
     }
     drop(source);
 
