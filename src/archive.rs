@@ -57,12 +57,14 @@ pub struct ArchiveOptions {
     pub idle_interval: Duration,
     /// Send a standby status update at least this often.
     pub status_interval: Duration,
-    /// Emit a heartbeat (a logical message) when no commit was seen for this long; None: never.
+    /// Commit a heartbeat (a transactional logical message) this often; None: never.
     pub heartbeat: Option<Duration>,
     /// Segments uploading at once.
     pub upload_concurrency: usize,
     /// Connections used by a base backup.
     pub backup_parallel: usize,
+    /// How long to wait for a slot still held by another connection before giving up.
+    pub slot_wait: Duration,
 }
 
 impl Default for ArchiveOptions {
@@ -79,6 +81,7 @@ impl Default for ArchiveOptions {
             heartbeat: Some(Duration::from_secs(10)),
             upload_concurrency: 4,
             backup_parallel: 2,
+            slot_wait: Duration::from_secs(30),
         }
     }
 }
@@ -142,34 +145,48 @@ pub async fn run(
 ) -> Result<ArchiveSummary, ArchiveError> {
     let source = Source::connect(source_info).await?;
     source.check_server().await?;
-    if !source.publication_exists(&opts.publication).await? {
-        if opts.publication_explicit {
-            return Err(SourceError::NoPublication(
-                opts.publication.clone(),
-                source.database.clone(),
-                crate::statement::quote_ident(&opts.publication),
-            )
-            .into());
-        }
-        info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
-        source.create_publication(&opts.publication).await?;
+    // Every check comes before the first write to the source or the repository.
+    let publication_exists = source.publication_exists(&opts.publication).await?;
+    if !publication_exists && opts.publication_explicit {
+        return Err(SourceError::NoPublication(
+            opts.publication.clone(),
+            source.database.clone(),
+            crate::statement::quote_ident(&opts.publication),
+        )
+        .into());
     }
-    let slot = source.slot(&opts.slot).await?;
+    // A slot still held by a previous run (killed, its connection not yet noticed as gone by
+    // the server) is waited for, a bounded time.
+    let waited = Instant::now();
+    let slot = loop {
+        let slot = source.slot(&opts.slot).await?;
+        match &slot {
+            Some(s) if s.active_pid.is_some() => {
+                if waited.elapsed() >= opts.slot_wait {
+                    let pid = s.active_pid.clone().unwrap_or_default();
+                    return Err(SourceError::SlotActive(opts.slot.clone(), pid).into());
+                }
+                debug!(slot = %opts.slot, "slot is active; waiting for it to be released");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            _ => break slot,
+        }
+    };
     match &slot {
         None if opts.slot_explicit => return Err(SourceError::NoSlot(opts.slot.clone()).into()),
         None => source.check_free_slot().await?,
-        Some(s) => {
-            if let Some(pid) = &s.active_pid {
-                return Err(SourceError::SlotActive(opts.slot.clone(), pid.clone()).into());
-            }
-        }
+        Some(_) => {}
     }
     store.check_writable().await?;
-
     let mut repl = ReplicationClient::connect(source_info).await?;
     let sys = repl.identify_system().await?;
     let identity = repo::read_identity(&store).await?;
     repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+
+    if !publication_exists {
+        info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
+        source.create_publication(&opts.publication).await?;
+    }
     let manifests = backup::list_manifests(&store).await?;
     let chains = repo::list_segments(&store).await?;
     let current_gen = manifests
@@ -239,16 +256,7 @@ pub async fn run(
         }
     };
     if identity.is_none() {
-        repo::write_identity(
-            &store,
-            &Identity {
-                format_version: 1,
-                system_id: sys.system_id.to_string(),
-                database: source.database.clone(),
-                created_at: PgTimestamp::now(),
-            },
-        )
-        .await?;
+        repo::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
     }
     drop(source);
 

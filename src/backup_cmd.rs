@@ -6,7 +6,6 @@ use std::sync::Arc;
 use crate::archive::{self, ArchiveError, ArchiveOptions};
 use crate::backup::{self, BackupRequest, Manifest};
 use crate::conninfo::ConnInfo;
-use crate::lsn::PgTimestamp;
 use crate::replication::ReplicationClient;
 use crate::repo::{self, Identity};
 use crate::source::{Source, SourceError};
@@ -55,16 +54,7 @@ pub async fn run(
     };
     let m = archive::take_backup_with_temporary_slot(&store, base).await?;
     if identity.is_none() {
-        repo::write_identity(
-            &store,
-            &Identity {
-                format_version: 1,
-                system_id: sys.system_id.to_string(),
-                database: source.database.clone(),
-                created_at: PgTimestamp::now(),
-            },
-        )
-        .await?;
+        repo::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
     }
     Ok(m)
 }

@@ -39,11 +39,11 @@ pub async fn run(
         format!("tidemark_demo_{suffix}_restored"),
     );
     let admin_client = admin.connect().await?;
-    admin_client
-        .batch_execute(&format!(
-            "CREATE DATABASE {src_db}; CREATE DATABASE {dst_db};"
-        ))
-        .await?;
+    for db in [&src_db, &dst_db] {
+        admin_client
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await?;
+    }
     let src = admin.with_dbname(&src_db);
     let dst = admin.with_dbname(&dst_db);
     let c = src.connect().await?;

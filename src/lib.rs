@@ -9,10 +9,16 @@
 //! restore: plan (pick base backup, segments, stop point) ──▶ apply (schema, COPY, replay, sequences, indexes)
 //! ```
 //!
-//! Module map (one concept each): [`lsn`] positions and timestamps, [`conninfo`] connection
-//! strings, [`replication`] the replication-protocol client, [`pgoutput`] the pure decoder,
-//! [`segment`] the archive's file format, [`store`] where objects live,
-//! [`archive`] the continuous archiver, [`backup`] base backups, [`restore`] point-in-time restore.
+//! Module map (one concept each):
+//! * values and formats: [`lsn`] positions and timestamps, [`pgoutput`] the pure decoder,
+//!   [`statement`] rendering row changes as SQL, [`segment`] the archive's file format;
+//! * the outside world: [`conninfo`] connection strings, [`replication`] the replication-protocol
+//!   client, [`source`] preflight checks on the source, [`pgbin`] PostgreSQL's client programs,
+//!   [`store`] where objects live, [`repo`] the repository's identity and segment chains;
+//! * the work: [`archive`] the continuous archiver, [`backup`] base backups (take and load),
+//!   [`restore`] point-in-time restore (plan, then apply);
+//! * commands: [`setup`], [`backup_cmd`], [`list`], [`demo`] (with [`scratch`], a throwaway
+//!   cluster), and [`exit`] (exit codes and error rendering).
 
 pub mod archive;
 pub mod backup;

@@ -77,6 +77,18 @@ impl SegmentRef {
     }
 }
 
+impl Identity {
+    /// The identity of a new repository for (system_id, database).
+    pub fn new(system_id: u64, database: &str) -> Identity {
+        Identity {
+            format_version: 1,
+            system_id: system_id.to_string(),
+            database: database.to_string(),
+            created_at: PgTimestamp::now(),
+        }
+    }
+}
+
 pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, RepoError> {
     match store.get(IDENTITY_KEY).await {
         Ok(bytes) => serde_json::from_slice(&bytes)

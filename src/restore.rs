@@ -276,7 +276,7 @@ pub async fn run(
     // Read and verify every segment before writing anything.
     let spool =
         tempfile::tempdir().map_err(|e| RestoreError::Target(format!("temporary folder: {e}")))?;
-    let verified = fetch_and_verify(store, &gens, &plan, spool.path()).await?;
+    let verified = fetch_and_verify(store, &gens, &plan, to, spool.path()).await?;
 
     backup::load(store, manifest, target_info, parallel, LoadPhase::PreData).await?;
     backup::load(store, manifest, target_info, parallel, LoadPhase::Data).await?;
@@ -339,6 +339,7 @@ async fn fetch_and_verify(
     store: &Arc<dyn Store>,
     gens: &[GenerationFacts],
     plan: &Plan,
+    target: Target,
     spool: &std::path::Path,
 ) -> Result<Vec<std::path::PathBuf>, RestoreError> {
     let refs: HashMap<&str, &SegmentRef> = gens
@@ -390,6 +391,18 @@ async fn fetch_and_verify(
             RestoreError::Target(format!("spooling a segment to {}: {e}", path.display()))
         })?;
         out.push(path);
+        // Replay stops in this segment: later ones are not needed.
+        let stops_here = match target {
+            Target::Time(t) => seg
+                .commits
+                .iter()
+                .any(|c| c.commit_lsn >= plan.start && c.commit_time > t),
+            Target::Lsn(l) => r.end > l,
+            Target::Latest => false,
+        };
+        if stops_here {
+            break;
+        }
     }
     debug!(segments = out.len(), "segments verified");
     Ok(out)

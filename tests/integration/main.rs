@@ -6,7 +6,9 @@
 
 mod support;
 
+mod backup;
 mod bad_input;
+mod commands;
 mod crash;
 mod harness_smoke;
 mod oracle;

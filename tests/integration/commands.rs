@@ -1,0 +1,143 @@
+//! `setup` and `backup`: the commands around the archiver.
+
+use std::time::Duration;
+
+use crate::spine::{server_now, tidemark, workload_step, Archiver, SCHEMA};
+use crate::support::{self, Cluster, ClusterOptions};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_creates_what_archiving_needs_and_names_unreplicable_tables() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    cluster.psql("app", "CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE \"No Key\" (v text); CREATE UNLOGGED TABLE scratch (v int);");
+    let src = cluster.conninfo("app");
+    let (code, out, err) = tidemark(&[
+        "setup",
+        "--source",
+        &src,
+        "--slot",
+        "s1",
+        "--publication",
+        "p1",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("ALTER TABLE public.\"No Key\" REPLICA IDENTITY FULL;"),
+        "{out}"
+    );
+    assert!(!out.contains("keyed"), "{out}");
+    assert!(out.contains("unlogged table public.scratch"), "{out}");
+    assert_eq!(
+        cluster.psql(
+            "app",
+            "SELECT count(*) FROM pg_publication WHERE pubname = 'p1' AND puballtables"
+        ),
+        "1"
+    );
+    assert_eq!(
+        cluster.psql(
+            "app",
+            "SELECT plugin FROM pg_replication_slots WHERE slot_name = 's1'"
+        ),
+        "pgoutput"
+    );
+    // Idempotent.
+    let (code, out, err) = tidemark(&[
+        "setup",
+        "--source",
+        &src,
+        "--slot",
+        "s1",
+        "--publication",
+        "p1",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("slot \"s1\" exists"), "{out}");
+
+    // The slot made by setup is used by archive, named explicitly.
+    cluster.psql("app", "ALTER TABLE \"No Key\" REPLICA IDENTITY FULL");
+    let c = cluster.client("app").await;
+    c.batch_execute("INSERT INTO keyed VALUES (1); INSERT INTO \"No Key\" VALUES ('a'), ('b')")
+        .await
+        .unwrap();
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    let mut archiver = Archiver::start(
+        &cluster,
+        "app",
+        &repo,
+        &["--slot", "s1", "--publication", "p1"],
+    );
+    archiver.wait_streaming(&c, "s1").await;
+    c.batch_execute("UPDATE \"No Key\" SET v = 'c' WHERE v = 'a'; DELETE FROM keyed; INSERT INTO keyed VALUES (2)").await.unwrap();
+    let expected = support::snapshot_content(&c).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    archiver.stop();
+    cluster.create_database("restored");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--target",
+        &cluster.conninfo("restored"),
+        "--latest",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let restored = support::snapshot_content(&cluster.client("restored").await).await;
+    support::assert_same_content(&expected, &restored, "restore --latest after setup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_backup_is_used_for_later_targets() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let c = cluster.client("app").await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    workload_step(&c, 1).await;
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    let repo_s = repo.to_str().unwrap().to_string();
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
+    archiver.wait_streaming(&c, "tidemark").await;
+    workload_step(&c, 2).await;
+    let (code, out, err) = tidemark(&[
+        "backup",
+        "--source",
+        &cluster.conninfo("app"),
+        "--repo",
+        &repo_s,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("base backup"), "{out}");
+    workload_step(&c, 3).await;
+    let t = server_now(&c).await;
+    let expected = support::snapshot_content(&c).await;
+    workload_step(&c, 4).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    archiver.stop();
+
+    let (code, out, err) = tidemark(&["list", "--repo", &repo_s, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let listing: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let backups = listing["generations"][0]["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2, "{out}");
+    let second = backups[1]["id"].as_str().unwrap().to_string();
+
+    cluster.create_database("restored");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        &repo_s,
+        "--target",
+        &cluster.conninfo("restored"),
+        "--to-time",
+        &t,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&second),
+        "the later backup should be chosen: {out}"
+    );
+    let restored = support::snapshot_content(&cluster.client("restored").await).await;
+    support::assert_same_content(&expected, &restored, "restore from the second backup");
+}
