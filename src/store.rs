@@ -55,6 +55,12 @@ pub enum StoreError {
         message: String,
         retryable: bool,
     },
+    #[error("repository {location} is not writable: {source}\nHINT: --repo must name a folder that tidemark can create and write (check the path, its owner and permissions, and free space)")]
+    NotWritable {
+        location: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("invalid repository {0}")]
     InvalidUrl(String),
 }

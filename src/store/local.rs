@@ -208,7 +208,10 @@ impl Store for LocalStore {
         })
         .await
         .map_err(|e| self.io("probe", &key, std::io::Error::other(e)))?;
-        res.map_err(|e| self.io("write a probe object to", "the repository folder", e))
+        res.map_err(|source| StoreError::NotWritable {
+            location: self.location(),
+            source,
+        })
     }
 }
 
