@@ -76,7 +76,6 @@ impl Archiver {
     }
 
     /// kill -9.
-    #[allow(dead_code)]
     pub fn kill(mut self) {
         self.child.kill().unwrap();
         let _ = self.child.wait();
@@ -195,9 +194,13 @@ async fn restore_to_each_instant_equals_the_source_then() {
     }
     workload_step(&src, 9).await;
     let final_content = support::snapshot_content(&src).await;
-    // Let a heartbeat commit after the last change, so every instant above is provably passed.
+    // A quiet period: no commit of the application after this instant; the archiver's
+    // heartbeat lets the archive see the server's clock pass it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let quiet = server_now(&src).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     archiver.stop();
+    instants.push((quiet, final_content.clone()));
 
     let (code, out, err) = tidemark(&["list", "--repo", repo.to_str().unwrap()]);
     assert_eq!(code, 0, "list failed: {out}{err}");
@@ -219,6 +222,23 @@ async fn restore_to_each_instant_equals_the_source_then() {
         let restored = support::snapshot_content(&cluster.client(&db).await).await;
         support::assert_same_content(expected, &restored, &format!("restore to {t}"));
     }
+    // An instant the archive has not seen passed is refused, never moved.
+    cluster.create_database("restored_future");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--target",
+        &cluster.conninfo("restored_future"),
+        "--to-time",
+        "2999-01-01 00:00:00+00",
+    ]);
+    assert_eq!(code, 6, "a future target must be refused: {out}{err}");
+    assert!(
+        err.contains("earliest restorable instant") && err.contains("latest"),
+        "{err}"
+    );
+
     cluster.create_database("restored_latest");
     let (code, out, err) = tidemark(&[
         "restore",
