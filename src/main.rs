@@ -118,7 +118,7 @@ struct ListArgs {
     #[command(flatten)]
     repo: RepoArgs,
     /// Print JSON instead of text.
-    #[arg(long)]
+    #[arg(long, env = "TIDEMARK_JSON")]
     json: bool,
 }
 
@@ -137,7 +137,7 @@ struct RestoreArgs {
     #[arg(long, env = "TIDEMARK_TO_LSN")]
     to_lsn: Option<Lsn>,
     /// Restore everything archived.
-    #[arg(long)]
+    #[arg(long, env = "TIDEMARK_LATEST")]
     latest: bool,
     /// Connections used to load tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
@@ -153,7 +153,7 @@ struct DemoArgs {
     #[arg(long, env = "TIDEMARK_REPO")]
     repo: Option<String>,
     /// How long the workload runs.
-    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TIDEMARK_DEMO_DURATION", default_value = "6s", value_parser = humantime::parse_duration)]
     duration: Duration,
 }
 
