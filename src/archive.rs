@@ -22,6 +22,7 @@
 //!   receiver stop reading (the slot holds the WAL meanwhile).
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -120,6 +121,55 @@ pub enum ArchiveError {
     Internal(String),
 }
 
+impl ArchiveError {
+    /// Whether starting the run over (after a pause) may succeed: the server or the store went
+    /// away for a while. Configuration, privilege, identity and continuity errors are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ArchiveError::Replication(e) => e.is_retryable(),
+            ArchiveError::StreamEnded => true,
+            ArchiveError::Source(e) => source_transient(e),
+            ArchiveError::Store(e) => e.is_retryable(),
+            ArchiveError::Upload { source, .. } => source.is_retryable(),
+            ArchiveError::Backup(e) => match e {
+                backup::BackupError::Store(s) => s.is_retryable(),
+                backup::BackupError::Connect(_) => true,
+                backup::BackupError::Postgres { source, .. } => pg_transient(source),
+                _ => false,
+            },
+            ArchiveError::Repo(_)
+            | ArchiveError::Gap { .. }
+            | ArchiveError::Decode { .. }
+            | ArchiveError::Internal(_) => false,
+        }
+    }
+}
+
+fn source_transient(e: &SourceError) -> bool {
+    match e {
+        SourceError::Unreachable { .. } => true,
+        // Our own previous connection may hold the slot until the server notices it is gone.
+        SourceError::SlotActive(..) => true,
+        SourceError::Query { source, .. } => pg_transient(source),
+        _ => false,
+    }
+}
+
+/// A closed connection, a server shutting down or starting up, a connection exception.
+fn pg_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            c.starts_with("08") || c.starts_with("57P")
+        }
+        // No SQLSTATE: an I/O error under the client.
+        None => true,
+    }
+}
+
 /// What a finished run did.
 #[derive(Clone, Debug, Default)]
 pub struct ArchiveSummary {
@@ -136,13 +186,88 @@ struct Resume {
     start: Lsn,
 }
 
-/// Runs the archiver until `shutdown` is cancelled (clean stop) or an error occurs.
+/// Runs the archiver until `shutdown` is cancelled (clean stop) or an error that retrying cannot
+/// fix occurs.
+///
+/// The first attempt fails fast on any error (a wrong connection string, a missing privilege, an
+/// unreachable repository are the operator's to fix). Once the stream has run, a transient failure
+/// (the server restarted, the connection dropped, the store is unreachable) does not end the
+/// process: the pipeline drains what is whole, then the run starts over from the archive's end
+/// after a backoff (1 s doubling to 30 s), as many times as it takes. Each attempt resumes exactly
+/// where the durable archive ends, so a retry neither loses nor duplicates.
 pub async fn run(
     source_info: &ConnInfo,
     store: Arc<dyn Store>,
     opts: &ArchiveOptions,
     shutdown: CancellationToken,
 ) -> Result<ArchiveSummary, ArchiveError> {
+    let mut total = ArchiveSummary::default();
+    let mut streamed_once = false;
+    let mut delay = RETRY_FIRST;
+    for attempt in 0u64.. {
+        let stats = Arc::new(AttemptStats::default());
+        let started = Instant::now();
+        let r = run_once(
+            source_info,
+            store.clone(),
+            opts,
+            shutdown.clone(),
+            stats.clone(),
+        )
+        .await;
+        let streamed = stats.streamed.load(Ordering::SeqCst);
+        streamed_once |= streamed;
+        total.segments += stats.segments.load(Ordering::SeqCst);
+        total.transactions += stats.transactions.load(Ordering::SeqCst);
+        if attempt == 0 {
+            total.start = Lsn(stats.start.load(Ordering::SeqCst));
+        }
+        total.generation = stats.generation.load(Ordering::SeqCst) as u32;
+        total.durable = total.durable.max(Lsn(stats.durable.load(Ordering::SeqCst)));
+        match r {
+            Ok(()) => return Ok(total),
+            Err(e) if streamed_once && e.is_transient() && !shutdown.is_cancelled() => {
+                if streamed && started.elapsed() >= RETRY_RESET_AFTER {
+                    delay = RETRY_FIRST;
+                }
+                warn!(error = %e, retry_in = ?delay, durable = %total.durable, "archiving interrupted; starting over from the archive's end");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(total),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    unreachable!("the attempt counter does not run out")
+}
+
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// An attempt that streamed at least this long resets the backoff.
+const RETRY_RESET_AFTER: Duration = Duration::from_secs(60);
+
+/// What one attempt did, readable after it failed.
+#[derive(Default)]
+struct AttemptStats {
+    /// The stream started (the attempt got past every check).
+    streamed: AtomicBool,
+    generation: AtomicU64,
+    start: AtomicU64,
+    durable: AtomicU64,
+    segments: AtomicU64,
+    transactions: AtomicU64,
+}
+
+/// One attempt: preflight, resume point, stream until stopped or failed.
+async fn run_once(
+    source_info: &ConnInfo,
+    store: Arc<dyn Store>,
+    opts: &ArchiveOptions,
+    shutdown: CancellationToken,
+    stats: Arc<AttemptStats>,
+) -> Result<(), ArchiveError> {
     let source = Source::connect(source_info).await?;
     source.check_server().await?;
     // Every check comes before the first write to the source or the repository.
@@ -282,6 +407,12 @@ pub async fn run(
         database: sys.dbname.clone().unwrap_or_default(),
         slot: opts.slot.clone(),
     };
+    stats
+        .generation
+        .store(resume.generation as u64, Ordering::SeqCst);
+    stats.start.store(resume.start.0, Ordering::SeqCst);
+    stats.durable.store(resume.start.0, Ordering::SeqCst);
+    stats.streamed.store(true, Ordering::SeqCst);
     pipeline(
         stream,
         store,
@@ -290,6 +421,7 @@ pub async fn run(
         resume.start,
         source_info.clone(),
         shutdown,
+        stats,
     )
     .await
 }
@@ -343,6 +475,7 @@ struct Sealed {
     bytes: Bytes,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn pipeline(
     mut stream: crate::replication::ReplicationStream,
     store: Arc<dyn Store>,
@@ -351,9 +484,10 @@ async fn pipeline(
     start: Lsn,
     source_info: ConnInfo,
     shutdown: CancellationToken,
-) -> Result<ArchiveSummary, ArchiveError> {
-    let (event_tx, event_rx) = mpsc::channel::<Event>(4096);
-    let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(opts.upload_concurrency.max(1) * 2);
+    stats: Arc<AttemptStats>,
+) -> Result<(), ArchiveError> {
+    let (event_tx, event_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
+    let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(opts.upload_concurrency.max(1));
     let (durable_tx, mut durable_rx) = watch::channel(start);
     let failed = CancellationToken::new();
 
@@ -370,6 +504,7 @@ async fn pipeline(
         durable_tx,
         opts.upload_concurrency.max(1),
         failed.clone(),
+        stats.clone(),
     ));
     let heartbeat = opts.heartbeat.map(|every| {
         let token = shutdown.child_token();
@@ -378,8 +513,15 @@ async fn pipeline(
 
     let mut status_tick = tokio::time::interval(opts.status_interval);
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lag_tick = tokio::time::interval(LAG_REPORT_INTERVAL);
+    lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut acked = start;
     let mut received = start;
+    let mut acked_at = Instant::now();
+    // A message read from the stream that the writer has no room for yet. While it waits, the
+    // stream is not read (the slot keeps the WAL), but status updates keep flowing so the
+    // server does not time the connection out (wal_sender_timeout).
+    let mut pending: Option<Event> = None;
     let mut result: Result<(), ArchiveError> = Ok(());
     loop {
         tokio::select! {
@@ -391,6 +533,7 @@ async fn pipeline(
                 let durable = *durable_rx.borrow();
                 if durable > acked {
                     acked = durable;
+                    acked_at = Instant::now();
                     if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
                         result = Err(e.into());
                         break;
@@ -403,12 +546,31 @@ async fn pipeline(
                     break;
                 }
             }
-            msg = stream.next() => {
+            _ = lag_tick.tick() => {
+                let behind = received.0.saturating_sub(acked.0);
+                if pending.is_some() || (behind > 0 && acked_at.elapsed() >= LAG_REPORT_INTERVAL) {
+                    warn!(
+                        received = %received,
+                        durable = %acked,
+                        lag_bytes = behind,
+                        since = ?acked_at.elapsed(),
+                        reading_paused = pending.is_some(),
+                        "the archive is falling behind the stream: nothing stored for a while (is the repository reachable?); the slot keeps the WAL meanwhile"
+                    );
+                }
+            }
+            permit = event_tx.reserve(), if pending.is_some() => {
+                match permit {
+                    Ok(p) => p.send(pending.take().expect("pending event")),
+                    Err(_) => break,
+                }
+            }
+            msg = stream.next(), if pending.is_none() => {
                 match msg {
                     Ok(Some(ReplicationMessage::XLogData { wal_start, server_time, data, .. })) => {
                         received = received.max(wal_start);
                         let rec = Record { lsn: wal_start, server_time, payload: data };
-                        if event_tx.send(Event::Data(rec)).await.is_err() { break; }
+                        pending = Some(Event::Data(rec));
                     }
                     Ok(Some(ReplicationMessage::Keepalive { wal_end, server_time, reply_requested })) => {
                         if reply_requested {
@@ -417,10 +579,18 @@ async fn pipeline(
                                 break;
                             }
                         }
-                        if event_tx.send(Event::Idle { wal_end, server_time }).await.is_err() { break; }
+                        pending = Some(Event::Idle { wal_end, server_time });
                     }
                     Ok(None) => { result = Err(ArchiveError::StreamEnded); break; }
                     Err(e) => { result = Err(e.into()); break; }
+                }
+                // Hand the message over at once when there is room (the common case).
+                if let Some(ev) = pending.take() {
+                    match event_tx.try_send(ev) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(ev)) => pending = Some(ev),
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
                 }
             }
         }
@@ -437,24 +607,27 @@ async fn pipeline(
         .await
         .map_err(|e| ArchiveError::Internal(e.to_string()))?;
     let durable = *durable_rx.borrow();
-    let (segments, transactions) = match (&result, writer_result, upload_result) {
-        (_, Err(e), _) | (_, _, Err(e)) => return Err(e),
-        (_, Ok(tx), Ok(segs)) => (segs, tx),
-    };
+    stats.durable.store(durable.0, Ordering::SeqCst);
+    stats
+        .transactions
+        .fetch_add(writer_result?, Ordering::SeqCst);
+    upload_result?;
     result?;
     stream.send_status(durable, durable, durable, false).await?;
     if let Err(e) = stream.finish().await {
         debug!(error = %e, "finishing the replication stream");
     }
-    info!(durable = %durable, segments, "archiver stopped cleanly");
-    Ok(ArchiveSummary {
-        generation: ctx.generation,
-        start,
-        durable,
-        segments,
-        transactions,
-    })
+    info!(durable = %durable, segments = stats.segments.load(Ordering::SeqCst), "archiver stopped cleanly");
+    Ok(())
 }
+
+/// Messages between the receiver and the writer. Together with the sealed-segment queue (one
+/// slot per upload in flight) this bounds the archiver's memory while the store is slow or
+/// unreachable: about `EVENT_QUEUE` messages, plus (2 × upload_concurrency + 1) segments of at
+/// most `segment_bytes` (plus one transaction) each.
+const EVENT_QUEUE: usize = 4096;
+/// How often a growing lag is logged.
+const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(15);
 
 /// The transaction being received.
 struct OpenTxn {
@@ -687,6 +860,7 @@ async fn uploader_task(
     durable: watch::Sender<Lsn>,
     concurrency: usize,
     failed: CancellationToken,
+    stats: Arc<AttemptStats>,
 ) -> Result<u64, ArchiveError> {
     let permits = Arc::new(Semaphore::new(concurrency));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Result<(), ArchiveError>)>();
@@ -715,6 +889,7 @@ async fn uploader_task(
                 match r {
                     Ok(()) => {
                         stored += 1;
+                        stats.segments.fetch_add(1, Ordering::SeqCst);
                         if let Some(p) = pending.iter_mut().find(|p| p.0 == id) { p.2 = true; }
                         let mut advanced = None;
                         while pending.front().is_some_and(|p| p.2) {

@@ -59,6 +59,13 @@ impl Archiver {
         }
     }
 
+    /// Panics with the log if the archiver has exited.
+    pub fn assert_running(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("archiver exited with {status}:\n{}", self.log_text());
+        }
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) {
         let pid = self.child.id() as i32;

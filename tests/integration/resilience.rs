@@ -1,0 +1,109 @@
+//! The archiver rides out what operations throw at it without a restart of its own: a dropped
+//! replication connection, a crash and restart of the source server. Every instant noted on the
+//! way restores exactly.
+
+use std::time::Duration;
+
+use crate::spine::{server_now, tidemark, workload_step, Archiver, SCHEMA};
+use crate::support::{self, Cluster, ClusterOptions};
+
+async fn walsender_pid(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
+            &[],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_survives_a_dropped_connection_and_a_server_crash() {
+    let mut cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    workload_step(&src, 1).await;
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
+    archiver.wait_streaming(&src, "tidemark").await;
+
+    let mut instants = Vec::new();
+    workload_step(&src, 2).await;
+    instants.push((
+        server_now(&src).await,
+        support::snapshot_content(&src).await,
+    ));
+
+    // 1. The replication connection is cut (a network blip, an admin's pg_terminate_backend).
+    let first = walsender_pid(&src).await.expect("archiver is streaming");
+    src.execute("SELECT pg_terminate_backend($1)", &[&first])
+        .await
+        .unwrap();
+    workload_step(&src, 3).await;
+    instants.push((
+        server_now(&src).await,
+        support::snapshot_content(&src).await,
+    ));
+    archiver.wait_streaming(&src, "tidemark").await;
+    let second = walsender_pid(&src).await.expect("archiver streams again");
+    assert_ne!(first, second, "the archiver must have reconnected");
+    archiver.assert_running();
+
+    // 2. The source server crashes (no checkpoint: the slot's saved position may go back) and
+    //    comes back; the archiver keeps retrying meanwhile.
+    drop(src);
+    cluster.stop_immediate();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    archiver.assert_running();
+    cluster.start_again();
+    let src = cluster.client("app").await;
+    workload_step(&src, 4).await;
+    instants.push((
+        server_now(&src).await,
+        support::snapshot_content(&src).await,
+    ));
+    archiver.wait_streaming(&src, "tidemark").await;
+    workload_step(&src, 5).await;
+    let last = support::snapshot_content(&src).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    archiver.assert_running();
+    let log = archiver.log_text();
+    archiver.stop();
+    assert!(
+        log.matches("starting over from the archive's end").count() >= 2,
+        "both interruptions must be retried in process:\n{log}"
+    );
+
+    let repo_s = repo.to_str().unwrap();
+    for (i, (t, expected)) in instants.iter().enumerate() {
+        let db = format!("restored_{i}");
+        cluster.create_database(&db);
+        let (code, out, err) = tidemark(&[
+            "restore",
+            "--repo",
+            repo_s,
+            "--target",
+            &cluster.conninfo(&db),
+            "--to-time",
+            t,
+        ]);
+        assert_eq!(code, 0, "restore to {t} failed: {out}{err}");
+        let restored = support::snapshot_content(&cluster.client(&db).await).await;
+        support::assert_same_content(expected, &restored, &format!("restore to {t}"));
+    }
+    cluster.create_database("restored_latest");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        repo_s,
+        "--target",
+        &cluster.conninfo("restored_latest"),
+        "--latest",
+    ]);
+    assert_eq!(code, 0, "restore --latest failed: {out}{err}");
+    let restored = support::snapshot_content(&cluster.client("restored_latest").await).await;
+    support::assert_same_content(&last, &restored, "restore --latest");
+}
