@@ -1,0 +1,909 @@
+//! tidemark beside the tools a user would otherwise run, on the same machine in the same run.
+//!
+//! Every figure that has a reference is reported as a ratio to it, so a noisy machine moves both
+//! sides and not the verdict. The harness starts its own throwaway PostgreSQL clusters (the
+//! integration tests' harness, `tests/integration/support`), runs pgbench, `pg_recvlogical`,
+//! `pg_dump`/`pg_restore` and, when installed, pgBackRest, and prints one table.
+//!
+//! * `cargo bench --bench compare` runs the full sizes of issue 6 (a 200,000-transaction backlog,
+//!   60 s live runs, a pgbench scale-50 base backup, a 10-million-row transaction).
+//! * Under `cargo test --all-targets` (no `--bench` argument) it runs tiny sizes and checks only
+//!   that every row produced a figure, so the harness cannot rot.
+//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,huge` runs a subset.
+//!
+//! pgBackRest (Debian package `pgbackrest`) is used for the archive-size comparison when it is on
+//! PATH; without it that row compares with `gzip -6` of the WAL segments, labelled as such.
+
+#[path = "../tests/integration/support/mod.rs"]
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Cluster, ClusterOptions};
+
+struct Sizes {
+    full: bool,
+    backlog_txns: u64,
+    live: Duration,
+    clients: u32,
+    scale: u32,
+    huge_rows: u64,
+}
+
+impl Sizes {
+    fn new(full: bool) -> Sizes {
+        if full {
+            Sizes {
+                full,
+                backlog_txns: 200_000,
+                live: Duration::from_secs(60),
+                clients: 4,
+                scale: 50,
+                huge_rows: 10_000_000,
+            }
+        } else {
+            Sizes {
+                full,
+                backlog_txns: 400,
+                live: Duration::from_secs(3),
+                clients: 2,
+                scale: 1,
+                huge_rows: 20_000,
+            }
+        }
+    }
+}
+
+/// One line of the result table.
+struct Row {
+    what: &'static str,
+    tidemark: String,
+    reference: String,
+    ratio: Option<f64>,
+    target: &'static str,
+    met: Option<bool>,
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let sizes = Sizes::new(full);
+    let only = std::env::var("TIDEMARK_BENCH_ONLY").unwrap_or_default();
+    let wanted = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    let started = Instant::now();
+    rt.block_on(async {
+        if wanted("catchup") || wanted("live") {
+            rows.extend(stream_rows(&sizes, wanted("catchup"), wanted("live")).await);
+        }
+        if wanted("backup") {
+            rows.extend(backup_rows(&sizes).await);
+        }
+        if wanted("huge") {
+            rows.extend(huge_row(&sizes).await);
+        }
+    });
+    print_table(&rows, &sizes, started.elapsed());
+    if !sizes.full {
+        // The smoke run proves every row still produces a figure.
+        for r in &rows {
+            assert!(
+                !r.tidemark.is_empty() && r.tidemark != "-",
+                "row {:?} produced no figure",
+                r.what
+            );
+        }
+    }
+}
+
+fn print_table(rows: &[Row], sizes: &Sizes, took: Duration) {
+    println!();
+    println!(
+        "tidemark compare ({} sizes: backlog {} txns, live {:?} x {} clients, scale {}, huge txn {} rows; {} cores; took {:.0?})",
+        if sizes.full { "full" } else { "smoke" },
+        sizes.backlog_txns,
+        sizes.live,
+        sizes.clients,
+        sizes.scale,
+        sizes.huge_rows,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        took
+    );
+    println!();
+    println!("| what | tidemark | reference (same run) | ratio | target | met |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} |",
+            r.what,
+            r.tidemark,
+            r.reference,
+            r.ratio
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            r.target,
+            match (sizes.full, r.met) {
+                (false, _) => "(smoke)",
+                (true, Some(true)) => "yes",
+                (true, Some(false)) => "**no**",
+                (true, None) => "-",
+            }
+        );
+    }
+    println!();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes and queries.
+
+fn bin(name: &str) -> PathBuf {
+    support::pg_bindir().join(name)
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn timed(cmd: &mut Command) -> (Duration, String) {
+    let t = Instant::now();
+    let out = run_ok(cmd);
+    (t.elapsed(), out)
+}
+
+/// Runs pgbench; returns its tps (without connection time) and the transactions processed.
+fn pgbench(cluster: &Cluster, db: &str, args: &[&str]) -> (f64, u64) {
+    pgbench_env(cluster, db, args, "")
+}
+
+/// pgbench with `PGOPTIONS` (e.g. `-c synchronous_commit=off` to build a backlog quickly).
+fn pgbench_env(cluster: &Cluster, db: &str, args: &[&str], pgoptions: &str) -> (f64, u64) {
+    let out = run_ok(
+        Command::new(bin("pgbench"))
+            .args(["-n", "-d", &cluster.conninfo(db)])
+            .args(args)
+            .env("PGOPTIONS", pgoptions),
+    );
+    let tps = out
+        .lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tps in pgbench output:\n{out}"));
+    let txns = out
+        .lines()
+        .find(|l| l.starts_with("number of transactions actually processed"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.split('/').next())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no transaction count in pgbench output:\n{out}"));
+    (tps, txns)
+}
+
+fn tidemark(args: &[&str]) -> String {
+    run_ok(
+        Command::new(support::tidemark_bin())
+            .args(args)
+            .env("TIDEMARK_LOG", "warn"),
+    )
+}
+
+fn spawn_archiver(cluster: &Cluster, db: &str, repo: &Path, extra: &[&str]) -> Child {
+    Command::new(support::tidemark_bin())
+        .args(["archive", "--source", &cluster.conninfo(db), "--repo"])
+        .arg(repo)
+        .args(extra)
+        .env("TIDEMARK_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tidemark archive")
+}
+
+fn stop(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// An LSN-valued query's result as a byte position.
+async fn lsn_of(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client
+        .query_one(&format!("SELECT (({sql}) - '0/0'::pg_lsn)::int8"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> i64 {
+    lsn_of(
+        client,
+        &format!(
+            "SELECT coalesce(confirmed_flush_lsn, '0/0') FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ),
+    )
+    .await
+}
+
+/// Drops a slot once its consumer's walsender has let go of it.
+async fn drop_slot(client: &tokio_postgres::Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
+            Ok(_) => return,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("dropping slot {slot}: {e}"),
+        }
+    }
+}
+
+async fn wait_active(client: &tokio_postgres::Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let n = client
+            .query(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .len();
+        if n > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "slot {slot} never became active");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_confirmed(client: &tokio_postgres::Client, slot: &str, lsn: i64) -> Duration {
+    let t = Instant::now();
+    while confirmed(client, slot).await < lsn {
+        assert!(
+            t.elapsed() < Duration::from_secs(3600),
+            "slot {slot} never reached the target"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.elapsed()
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                total += dir_bytes(&p);
+            } else if let Ok(m) = p.metadata() {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+fn mib(b: f64) -> String {
+    format!("{:.1} MiB", b / (1 << 20) as f64)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lag sampling: bytes and seconds between the server's WAL position and a slot's confirmed
+// position, every 100 ms. Seconds: how long ago the server's WAL passed the confirmed position.
+
+struct LagSampler {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<(Vec<f64>, Vec<f64>, u64)>,
+}
+
+impl LagSampler {
+    async fn start(cluster: &Cluster, db: &str, slot: &str, pid: Option<u32>) -> LagSampler {
+        let client = cluster.client(db).await;
+        let slot = slot.to_string();
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut history: std::collections::VecDeque<(Instant, i64)> = Default::default();
+            let (mut bytes, mut secs, mut max_rss) = (Vec::new(), Vec::new(), 0u64);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stopped.changed() => break,
+                }
+                let row = client
+                    .query_one(
+                        "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::int8,
+                                (coalesce((SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = $1), '0/0') - '0/0'::pg_lsn)::int8",
+                        &[&slot],
+                    )
+                    .await
+                    .unwrap();
+                let (now_lsn, conf): (i64, i64) = (row.get(0), row.get(1));
+                let now = Instant::now();
+                history.push_back((now, now_lsn));
+                bytes.push((now_lsn - conf).max(0) as f64);
+                // The oldest sample whose WAL position was already past the confirmed one.
+                while history.len() > 1 && history[1].1 <= conf {
+                    history.pop_front();
+                }
+                let lag = match history.front() {
+                    Some((t, l)) if *l > conf => now.duration_since(*t).as_secs_f64(),
+                    Some((_, _)) if history.len() > 1 => {
+                        now.duration_since(history[1].0).as_secs_f64()
+                    }
+                    _ => 0.0,
+                };
+                secs.push(if now_lsn > conf { lag } else { 0.0 });
+                if let Some(pid) = pid {
+                    max_rss = max_rss.max(rss_bytes(pid).unwrap_or(0));
+                }
+            }
+            (bytes, secs, max_rss)
+        });
+        LagSampler { stop, task }
+    }
+
+    /// (p99 bytes, p99 seconds, max RSS)
+    async fn finish(self) -> (f64, f64, u64) {
+        let _ = self.stop.send(true);
+        let (bytes, secs, rss) = self.task.await.unwrap();
+        (percentile(bytes, 0.99), percentile(secs, 0.99), rss)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Catch-up, live TPS, lag, RPO, archive size, replay speed, memory under load.
+
+struct PgBackRest {
+    config: PathBuf,
+    repo: PathBuf,
+}
+
+/// Prepares pgBackRest's archive-push for a cluster to be started, if pgbackrest is installed.
+fn pgbackrest_conf(dir: &Path) -> Option<PgBackRest> {
+    let found = Command::new("pgbackrest")
+        .arg("version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !found {
+        return None;
+    }
+    std::fs::create_dir_all(dir.join("repo")).unwrap();
+    std::fs::create_dir_all(dir.join("log")).unwrap();
+    std::fs::create_dir_all(dir.join("lock")).unwrap();
+    chown_to_postgres(dir);
+    Some(PgBackRest {
+        config: dir.join("pgbackrest.conf"),
+        repo: dir.join("repo"),
+    })
+}
+
+fn chown_to_postgres(dir: &Path) {
+    if is_root() {
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir),
+        );
+        run_ok(Command::new("chmod").args(["-R", "a+rX"]).arg(dir));
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn as_server_user(program: &str) -> Command {
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", program]);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
+    let work = tempfile::tempdir().unwrap();
+    let pgbr_dir = work.path().join("pgbackrest");
+    let pgbr = pgbackrest_conf(&pgbr_dir);
+    let mut opts = ClusterOptions {
+        extra_conf: vec![
+            "max_wal_size = 4GB".into(),
+            "checkpoint_timeout = 30min".into(),
+            "shared_buffers = 256MB".into(),
+        ],
+        ..ClusterOptions::default()
+    };
+    match &pgbr {
+        Some(p) => opts.extra_conf.extend([
+            "archive_mode = on".to_string(),
+            format!(
+                "archive_command = 'pgbackrest --config={} --stanza=bench archive-push %p'",
+                p.config.display()
+            ),
+        ]),
+        None => opts.archive_wal = true,
+    }
+    let cluster = Cluster::start(opts);
+    if let Some(p) = &pgbr {
+        std::fs::write(
+            &p.config,
+            format!(
+                "[global]\nrepo1-path={}\ncompress-type=gz\nlog-path={}\nlock-path={}\nlog-level-console=warn\nlog-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\npg1-user={}\n",
+                p.repo.display(),
+                pgbr_dir.join("log").display(),
+                pgbr_dir.join("lock").display(),
+                cluster.data_dir.display(),
+                cluster.port,
+                cluster.socket_dir.display(),
+                support::SUPERUSER
+            ),
+        )
+        .unwrap();
+        chown_to_postgres(&pgbr_dir);
+        run_ok(
+            as_server_user("pgbackrest")
+                .arg(format!("--config={}", p.config.display()))
+                .args(["--stanza=bench", "stanza-create"]),
+        );
+    }
+    cluster.create_database("bench");
+    run_ok(
+        Command::new(bin("pgbench"))
+            .args(["-i", "-q", "-s", "1", "-d", &cluster.conninfo("bench")])
+            .stdout(Stdio::null()),
+    );
+    let client = cluster.client("bench").await;
+    let repo = work.path().join("repo");
+    let repo_s = repo.to_str().unwrap().to_string();
+    let mut rows = Vec::new();
+
+    // The archive's first base backup, then a clean stop: the slot now rests at the archive's end.
+    let a = spawn_archiver(&cluster, "bench", &repo, &["--heartbeat", "0s"]);
+    wait_active(&client, "tidemark").await;
+    stop(a);
+
+    if catchup {
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot('twin', 'pgoutput')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let per_client = (sizes.backlog_txns / sizes.clients as u64)
+            .max(1)
+            .to_string();
+        let clients = sizes.clients.to_string();
+        // The backlog is built fast (no wait for WAL flush at each commit); only draining it is timed.
+        pgbench_env(
+            &cluster,
+            "bench",
+            &["-c", &clients, "-j", "2", "-t", &per_client],
+            "-c synchronous_commit=off",
+        );
+        let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+        let end_text: String = client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let (recv_time, _) = timed(
+            Command::new(bin("pg_recvlogical"))
+                .args([
+                    "-d",
+                    &cluster.conninfo("bench"),
+                    "--slot",
+                    "twin",
+                    "--start",
+                ])
+                .args(["--endpos", &end_text, "--no-loop", "-f", "/dev/null"])
+                .args(["-o", "proto_version=1", "-o", "publication_names=tidemark"]),
+        );
+        let a = spawn_archiver(&cluster, "bench", &repo, &["--heartbeat", "0s"]);
+        let tm_time = wait_confirmed(&client, "tidemark", end).await;
+        stop(a);
+        drop_slot(&client, "twin").await;
+        let n = sizes.backlog_txns as f64;
+        let ratio = recv_time.as_secs_f64() / tm_time.as_secs_f64();
+        rows.push(Row {
+            what: "catch-up: drain a pgbench backlog",
+            tidemark: format!("{:.0} txn/s ({:.1?})", n / tm_time.as_secs_f64(), tm_time),
+            reference: format!(
+                "pg_recvlogical: {:.0} txn/s ({:.1?})",
+                n / recv_time.as_secs_f64(),
+                recv_time
+            ),
+            ratio: Some(ratio),
+            target: ">= 0.95",
+            met: Some(ratio >= 0.95),
+        });
+    }
+
+    if live {
+        let secs = sizes.live.as_secs().max(1).to_string();
+        let clients = sizes.clients.to_string();
+        let args = ["-c", clients.as_str(), "-j", "2", "-T", secs.as_str()];
+        // No consumer.
+        let (tps_none, _) = pgbench(&cluster, "bench", &args);
+        // pg_recvlogical attached, flushing and reporting every second.
+        client
+            .execute(
+                "SELECT pg_create_logical_replication_slot('twin', 'pgoutput')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let recv = Command::new(bin("pg_recvlogical"))
+            .args([
+                "-d",
+                &cluster.conninfo("bench"),
+                "--slot",
+                "twin",
+                "--start",
+            ])
+            .args(["-s", "1", "-F", "1", "-f", "/dev/null"])
+            .args(["-o", "proto_version=1", "-o", "publication_names=tidemark"])
+            .spawn()
+            .unwrap();
+        wait_active(&client, "twin").await;
+        let sampler = LagSampler::start(&cluster, "bench", "twin", None).await;
+        let (tps_recv, _) = pgbench(&cluster, "bench", &args);
+        let (recv_lag_bytes, recv_lag_secs, _) = sampler.finish().await;
+        stop(recv);
+        drop_slot(&client, "twin").await;
+
+        // tidemark attached, with its defaults.
+        switch_and_wait_archived(&client).await;
+        let wal_before = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+        let archive_before = archived_bytes(pgbr.as_ref().map(|p| p.repo.as_path()), &cluster);
+        let seg_before = dir_bytes(&repo.join("segments"));
+        let a = spawn_archiver(&cluster, "bench", &repo, &[]);
+        let pid = a.id();
+        wait_active(&client, "tidemark").await;
+        let sampler = LagSampler::start(&cluster, "bench", "tidemark", Some(pid)).await;
+        let (tps_tm, txns) = pgbench(&cluster, "bench", &args);
+        let (tm_lag_bytes, tm_lag_secs, rss) = sampler.finish().await;
+        let wal_after = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+        wait_confirmed(&client, "tidemark", wal_after).await;
+        stop(a);
+        let seg_after = dir_bytes(&repo.join("segments"));
+        switch_and_wait_archived(&client).await;
+        let archive_after = archived_bytes(pgbr.as_ref().map(|p| p.repo.as_path()), &cluster);
+
+        let ratio = tps_tm / tps_recv;
+        rows.push(Row {
+            what: "live: pgbench TPS with the consumer attached",
+            tidemark: format!("{tps_tm:.0} tps"),
+            reference: format!(
+                "pg_recvlogical -s 1 -F 1: {tps_recv:.0} tps; no consumer: {tps_none:.0} tps"
+            ),
+            ratio: Some(ratio),
+            target: ">= 0.97",
+            met: Some(ratio >= 0.97),
+        });
+        rows.push(Row {
+            what: "live lag, p99",
+            tidemark: format!("{tm_lag_secs:.2} s, {}", mib(tm_lag_bytes)),
+            reference: format!(
+                "pg_recvlogical: {recv_lag_secs:.2} s, {}",
+                mib(recv_lag_bytes)
+            ),
+            ratio: None,
+            target: "<= 1 s",
+            met: Some(tm_lag_secs <= 1.0),
+        });
+        rows.push(Row {
+            what: "RPO, p99: commit -> segment stored (local folder)",
+            tidemark: format!("{tm_lag_secs:.2} s"),
+            reference: "the slot is acknowledged only when stored".into(),
+            ratio: None,
+            target: "<= 1.5 s",
+            met: Some(tm_lag_secs <= 1.5),
+        });
+        let per = |b: f64| b / txns.max(1) as f64;
+        let tm_bytes = per(seg_after.saturating_sub(seg_before) as f64);
+        let wal_bytes = per((wal_after - wal_before) as f64);
+        let archive_label = if pgbr.is_some() {
+            "pgBackRest gz archive"
+        } else {
+            "gzip -6 of WAL segments (pgBackRest not installed)"
+        };
+        let ref_bytes = per(archive_after.saturating_sub(archive_before) as f64);
+        let ratio = tm_bytes / ref_bytes;
+        rows.push(Row {
+            what: "archive bytes per pgbench transaction",
+            tidemark: format!("{tm_bytes:.0} B"),
+            reference: format!("{archive_label}: {ref_bytes:.0} B; WAL written: {wal_bytes:.0} B"),
+            ratio: Some(ratio),
+            target: "<= 0.25",
+            met: Some(ratio <= 0.25),
+        });
+        rows.push(Row {
+            what: "memory: archiver RSS under load (max)",
+            tidemark: mib(rss as f64),
+            reference: "-".into(),
+            ratio: None,
+            target: "<= 64 MiB",
+            met: Some(rss <= 64 << 20),
+        });
+
+        // Replay speed: restore everything archived; compare with the source's commit rate.
+        cluster.create_database("replayed");
+        let out = run_ok(
+            Command::new(support::tidemark_bin())
+                .args(["restore", "--repo", &repo_s, "--latest", "--target"])
+                .arg(cluster.conninfo("replayed"))
+                .env("TIDEMARK_LOG", "warn"),
+        );
+        let (replayed, replay_secs) = parse_restore(&out);
+        let rate = replayed as f64 / replay_secs.max(1e-3);
+        let ratio = rate / tps_tm;
+        rows.push(Row {
+            what: "replay during restore",
+            tidemark: format!("{rate:.0} txn/s ({replayed} txns)"),
+            reference: format!("source commit rate: {tps_tm:.0} txn/s"),
+            ratio: Some(ratio),
+            target: ">= 10",
+            met: Some(ratio >= 10.0),
+        });
+    }
+    rows
+}
+
+/// (transactions replayed, seconds of replay) from `tidemark restore`'s summary line; the
+/// replay time when printed, else the whole restore's.
+fn parse_restore(out: &str) -> (u64, f64) {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("restored backup"))
+        .unwrap_or_else(|| panic!("no summary in restore output:\n{out}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let n = words
+        .iter()
+        .position(|w| *w == "transactions")
+        .and_then(|i| words[i - 1].parse().ok())
+        .unwrap_or(0);
+    let secs = |marker: &str| {
+        line.find(marker).and_then(|i| {
+            line[i + marker.len()..]
+                .trim_start()
+                .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+    };
+    let t = secs("replay").or_else(|| secs(" in ")).unwrap_or(0.0);
+    (n, t)
+}
+
+async fn switch_and_wait_archived(client: &tokio_postgres::Client) {
+    let wal: String = client
+        .query_one("SELECT pg_walfile_name(pg_switch_wal())", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let last: Option<String> = client
+            .query_one("SELECT last_archived_wal FROM pg_stat_archiver", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if last.as_deref() >= Some(wal.as_str()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "WAL {wal} never archived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Bytes in the WAL archive: pgBackRest's repository, or the harness's plain archive gzipped.
+fn archived_bytes(pgbr_repo: Option<&Path>, cluster: &Cluster) -> u64 {
+    match pgbr_repo {
+        Some(repo) => dir_bytes(&repo.join("archive")),
+        None => {
+            let dir = cluster.archive_dir.as_ref().expect("WAL archive");
+            let mut total = 0;
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let out = Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("gzip -6 -c '{}' | wc -c", e.path().display()))
+                    .output()
+                    .unwrap();
+                total += String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+            }
+            total
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Base backup and restore of a pgbench database, beside pg_dump -Fd -j 2 / pg_restore -j 2.
+
+async fn backup_rows(sizes: &Sizes) -> Vec<Row> {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        extra_conf: vec!["max_wal_size = 4GB".into(), "shared_buffers = 256MB".into()],
+        ..ClusterOptions::default()
+    });
+    cluster.create_database("big");
+    run_ok(
+        Command::new(bin("pgbench"))
+            .args(["-i", "-q", "-s", &sizes.scale.to_string()])
+            .args(["-d", &cluster.conninfo("big")])
+            .stdout(Stdio::null()),
+    );
+    let client = cluster.client("big").await;
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    client.batch_execute("VACUUM ANALYZE").await.unwrap();
+    tidemark(&["setup", "--source", &cluster.conninfo("big")]);
+    let repo = work.path().join("repo");
+    let repo_s = repo.to_str().unwrap();
+    let dump = work.path().join("dump");
+    let (dump_time, _) = timed(
+        Command::new(bin("pg_dump"))
+            .args(["-Fd", "-j", "2", "-f"])
+            .arg(&dump)
+            .args(["-d", &cluster.conninfo("big")]),
+    );
+    let (tm_time, _) = timed(
+        Command::new(support::tidemark_bin())
+            .args(["backup", "--parallel", "2", "--repo", repo_s, "--source"])
+            .arg(cluster.conninfo("big"))
+            .env("TIDEMARK_LOG", "warn"),
+    );
+    cluster.create_database("from_dump");
+    let (pgr_time, _) = timed(
+        Command::new(bin("pg_restore"))
+            .args(["-j", "2", "-d", &cluster.conninfo("from_dump")])
+            .arg(&dump),
+    );
+    cluster.create_database("from_tidemark");
+    let (tmr_time, _) = timed(
+        Command::new(support::tidemark_bin())
+            .args(["restore", "--parallel", "2", "--latest", "--repo", repo_s])
+            .args(["--target", &cluster.conninfo("from_tidemark")])
+            .env("TIDEMARK_LOG", "warn"),
+    );
+    let count = |db: &'static str| {
+        let c = &cluster;
+        async move {
+            c.client(db)
+                .await
+                .query_one("SELECT count(*) FROM pgbench_accounts", &[])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(count("from_dump").await, count("from_tidemark").await);
+    let b = tm_time.as_secs_f64() / dump_time.as_secs_f64();
+    let r = tmr_time.as_secs_f64() / pgr_time.as_secs_f64();
+    vec![
+        Row {
+            what: "base backup of a pgbench database",
+            tidemark: format!("{tm_time:.1?}, {}", mib(dir_bytes(&repo) as f64)),
+            reference: format!(
+                "pg_dump -Fd -j 2: {dump_time:.1?}, {}",
+                mib(dir_bytes(&dump) as f64)
+            ),
+            ratio: Some(b),
+            target: "<= 1.0",
+            met: Some(b <= 1.0),
+        },
+        Row {
+            what: "restore of that base backup",
+            tidemark: format!("{tmr_time:.1?}"),
+            reference: format!("pg_restore -j 2: {pgr_time:.1?}"),
+            ratio: Some(r),
+            target: "<= 0.8",
+            met: Some(r <= 0.8),
+        },
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory through one huge transaction.
+
+async fn huge_row(sizes: &Sizes) -> Vec<Row> {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("huge");
+    let client = cluster.client("huge").await;
+    client
+        .batch_execute("CREATE TABLE huge (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let repo = work.path().join("repo");
+    let a = spawn_archiver(&cluster, "huge", &repo, &[]);
+    let pid = a.id();
+    wait_active(&client, "tidemark").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let baseline = rss_bytes(pid).unwrap_or(0);
+    let sampler = LagSampler::start(&cluster, "huge", "tidemark", Some(pid)).await;
+    let t = Instant::now();
+    client
+        .execute(
+            "INSERT INTO huge SELECT i, md5(i::text) FROM generate_series(1, $1::int8) i",
+            &[&(sizes.huge_rows as i64)],
+        )
+        .await
+        .unwrap();
+    let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+    wait_confirmed(&client, "tidemark", end).await;
+    let took = t.elapsed();
+    let (_, _, max_rss) = sampler.finish().await;
+    stop(a);
+    let growth = max_rss as f64 / baseline.max(1) as f64 - 1.0;
+    vec![Row {
+        what: "memory through one huge transaction (RSS max vs idle)",
+        tidemark: format!(
+            "{} max, {} idle ({:+.0} %), archived in {took:.1?}",
+            mib(max_rss as f64),
+            mib(baseline as f64),
+            growth * 100.0
+        ),
+        reference: "-".into(),
+        ratio: None,
+        target: "<= 64 MiB, flat (±10 %)",
+        met: Some(max_rss <= 64 << 20 && growth <= 0.10),
+    }]
+}
