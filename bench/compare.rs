@@ -578,6 +578,25 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         let secs = sizes.live.as_secs().max(1).to_string();
         let clients = sizes.clients.to_string();
         let args = ["-c", clients.as_str(), "-j", "2", "-T", secs.as_str()];
+        // tidemark attached, with its defaults (first: its slot is at the stream's end now).
+        switch_and_wait_archived(&client).await;
+        let wal_before = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+        let archive_before = archived_bytes(pgbr.as_ref().map(|p| p.repo.as_path()), &cluster);
+        let seg_before = dir_bytes(&repo.join("segments"));
+        let a = spawn_archiver(&cluster, "bench", &repo, &[]);
+        let pid = a.id();
+        wait_active(&client, "tidemark").await;
+        let sampler = LagSampler::start(&cluster, "bench", "tidemark", Some(pid)).await;
+        let (tps_tm, txns) = pgbench(&cluster, "bench", &args);
+        let (tm_lag_bytes, tm_lag_secs, rss) = sampler.finish().await;
+        let wal_after = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+        wait_confirmed(&client, "tidemark", wal_after).await;
+        stop(a);
+        let seg_after = dir_bytes(&repo.join("segments"));
+        switch_and_wait_archived(&client).await;
+        let archive_after = archived_bytes(pgbr.as_ref().map(|p| p.repo.as_path()), &cluster);
+
+        // Then the references, with the tidemark slot at rest (it keeps their WAL, unread).
         // No consumer.
         let (tps_none, _) = pgbench(&cluster, "bench", &args);
         // pg_recvlogical attached, flushing and reporting every second.
@@ -606,24 +625,6 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         let (recv_lag_bytes, recv_lag_secs, _) = sampler.finish().await;
         stop(recv);
         drop_slot(&client, "twin").await;
-
-        // tidemark attached, with its defaults.
-        switch_and_wait_archived(&client).await;
-        let wal_before = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
-        let archive_before = archived_bytes(pgbr.as_ref().map(|p| p.repo.as_path()), &cluster);
-        let seg_before = dir_bytes(&repo.join("segments"));
-        let a = spawn_archiver(&cluster, "bench", &repo, &[]);
-        let pid = a.id();
-        wait_active(&client, "tidemark").await;
-        let sampler = LagSampler::start(&cluster, "bench", "tidemark", Some(pid)).await;
-        let (tps_tm, txns) = pgbench(&cluster, "bench", &args);
-        let (tm_lag_bytes, tm_lag_secs, rss) = sampler.finish().await;
-        let wal_after = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
-        wait_confirmed(&client, "tidemark", wal_after).await;
-        stop(a);
-        let seg_after = dir_bytes(&repo.join("segments"));
-        switch_and_wait_archived(&client).await;
-        let archive_after = archived_bytes(pgbr.as_ref().map(|p| p.repo.as_path()), &cluster);
 
         let ratio = tps_tm / tps_recv;
         rows.push(Row {
