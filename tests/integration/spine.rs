@@ -15,18 +15,48 @@ pub struct Archiver {
 
 impl Archiver {
     pub fn start(cluster: &Cluster, db: &str, repo: &Path, extra: &[&str]) -> Archiver {
-        let log = repo.with_extension(format!("archiver-{}.log", rand_suffix()));
+        Archiver::start_with(cluster, db, repo.to_str().unwrap(), extra, &[])
+    }
+
+    /// Starts the archiver on any repository URL, with extra environment variables.
+    pub fn start_with(
+        cluster: &Cluster,
+        db: &str,
+        repo: &str,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Archiver {
+        let logs = std::env::temp_dir().join("tidemark-test-logs");
+        std::fs::create_dir_all(&logs).unwrap();
+        let log = logs.join(format!("archiver-{}-{}.log", std::process::id(), rand_suffix()));
         let child = Command::new(support::tidemark_bin())
-            .args(["archive", "--source", &cluster.conninfo(db), "--repo"])
-            .arg(repo)
+            .args(["archive", "--source", &cluster.conninfo(db), "--repo", repo])
             .args(["--heartbeat", "1s", "--status-interval", "1s"])
             .args(extra)
             .env("TIDEMARK_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start tidemark archive");
         Archiver { child, log }
+    }
+
+    /// The archiver's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the archiver now, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
     }
 
     pub fn log_text(&self) -> String {
@@ -86,6 +116,16 @@ impl Archiver {
     pub fn kill(mut self) {
         self.child.kill().unwrap();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Archiver {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
