@@ -13,4 +13,5 @@ mod crash;
 mod harness_smoke;
 mod oracle;
 mod replication;
+mod s3;
 mod spine;
