@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use tidemark::archive::{self, ArchiveOptions};
 use tidemark::conninfo::ConnInfo;
-use tidemark::exit::{exit_code, ExitStatus};
+use tidemark::exit::{exit_code, ExitStatus, UsageError};
 use tidemark::lsn::Lsn;
 use tidemark::restore::{self, Target};
 use tidemark::store::{self, Store};
@@ -62,9 +62,43 @@ struct SlotArgs {
 
 #[derive(Args, Debug)]
 struct RepoArgs {
-    /// Repository: a folder path or file:// URL.
+    /// Repository: a folder path, a file:// URL, or s3://BUCKET/PREFIX.
     #[arg(long, env = "TIDEMARK_REPO")]
     repo: String,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+#[derive(Args, Debug)]
+struct S3Args {
+    /// S3-compatible endpoint (MinIO, Ceph, https://storage.googleapis.com); AWS_ENDPOINT_URL is honoured too.
+    #[arg(long, env = "TIDEMARK_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    /// S3 region (default: the AWS chain: AWS_REGION, the shared config file; us-east-1 with an endpoint).
+    #[arg(long, env = "TIDEMARK_S3_REGION")]
+    s3_region: Option<String>,
+    /// Server-side encryption sent with every write: AES256, aws:kms, or none.
+    #[arg(long, env = "TIDEMARK_S3_SSE", default_value = "AES256")]
+    s3_sse: String,
+    /// KMS key id or ARN for --s3-sse aws:kms (default: the account's aws/s3 key).
+    #[arg(long, env = "TIDEMARK_S3_SSE_KMS_KEY_ID")]
+    s3_sse_kms_key_id: Option<String>,
+    /// Path-style addressing (http://endpoint/bucket/key); default: on when an endpoint is set.
+    #[arg(long, env = "TIDEMARK_S3_PATH_STYLE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
+    s3_path_style: Option<bool>,
+}
+
+impl S3Args {
+    fn options(&self) -> Result<store::S3Options, UsageError> {
+        Ok(store::S3Options {
+            endpoint: self.s3_endpoint.clone().filter(|e| !e.is_empty()),
+            region: self.s3_region.clone().filter(|r| !r.is_empty()),
+            sse: store::Sse::parse(&self.s3_sse, self.s3_sse_kms_key_id.as_deref())
+                .map_err(UsageError)?,
+            path_style: self.s3_path_style,
+            credentials: None,
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -203,8 +237,8 @@ fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
-fn open_repo(repo: &RepoArgs) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(store::open(&repo.repo)?)
+async fn open_repo(repo: &RepoArgs) -> anyhow::Result<Arc<dyn Store>> {
+    Ok(store::open_with(&repo.repo, &repo.s3.options()?).await?)
 }
 
 fn archive_options(slot: &SlotArgs) -> ArchiveOptions {
@@ -227,7 +261,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Archive(a) => {
             let source = ConnInfo::parse(&a.source.source)?;
-            let repo = open_repo(&a.repo)?;
+            let repo = open_repo(&a.repo).await?;
             let opts = ArchiveOptions {
                 seal_interval: a.seal_interval,
                 segment_bytes: a.segment_bytes,
@@ -248,7 +282,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Backup(a) => {
             let source = ConnInfo::parse(&a.source.source)?;
-            let repo = open_repo(&a.repo)?;
+            let repo = open_repo(&a.repo).await?;
             let opts = ArchiveOptions {
                 backup_parallel: a.parallel.max(1),
                 ..archive_options(&a.slot)
@@ -260,12 +294,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::List(a) => {
-            let repo = open_repo(&a.repo)?;
+            let repo = open_repo(&a.repo).await?;
             list::run(&repo, a.json).await?;
         }
         Command::Restore(a) => {
             let target_db = ConnInfo::parse(&a.target)?;
-            let repo = open_repo(&a.repo)?;
+            let repo = open_repo(&a.repo).await?;
             let target = match (a.to_time, a.to_lsn, a.latest) {
                 (Some(t), _, _) => Target::Time(tidemark::exit::parse_time(&t)?),
                 (_, Some(l), _) => Target::Lsn(l),

@@ -1,7 +1,7 @@
 //! Where archive objects live: one small interface, one implementation per kind of storage.
 //!
 //! Owns: the [`Store`] trait (put, get, list, delete of immutable objects by key) and the
-//! choice of implementation from a repository URL (`/path`, `file:///path`; `s3://` later).
+//! choice of implementation from a repository URL (`/path`, `file:///path`, `s3://bucket/prefix`).
 //!
 //! Invariant protected here: **objects are immutable and writes are create-only.** A put of bytes
 //! identical to an existing object is a no-op (so a re-upload after a crash is idempotent); a put
@@ -12,6 +12,7 @@
 //! own namespace.
 
 pub mod local;
+pub mod s3;
 
 use std::sync::Arc;
 
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use local::LocalStore;
+pub use s3::{S3Options, S3Store, Sse};
 
 /// A stored object as a listing shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -103,8 +105,22 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn check_writable(&self) -> Result<(), StoreError>;
 }
 
-/// Opens the store a repository URL names: a folder path or `file://` URL.
+/// Opens the store a repository URL names: a folder path, a `file://` URL or an
+/// `s3://BUCKET[/PREFIX]` URL (reached as `s3` says). Makes no request.
+pub async fn open_with(repo: &str, s3: &S3Options) -> Result<Arc<dyn Store>, StoreError> {
+    if repo.starts_with("s3://") {
+        return Ok(Arc::new(S3Store::connect(repo, s3).await?));
+    }
+    open(repo)
+}
+
+/// Opens a local repository: a folder path or `file://` URL (`s3://` needs [`open_with`]).
 pub fn open(repo: &str) -> Result<Arc<dyn Store>, StoreError> {
+    if repo.starts_with("s3://") {
+        return Err(StoreError::InvalidUrl(format!(
+            "{repo:?}: an s3:// repository is opened with store::open_with"
+        )));
+    }
     if let Some(path) = repo.strip_prefix("file://") {
         if !path.starts_with('/') {
             return Err(StoreError::InvalidUrl(format!(
@@ -115,7 +131,7 @@ pub fn open(repo: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
     if repo.contains("://") {
         return Err(StoreError::InvalidUrl(format!(
-            "{repo:?}: unsupported scheme; use a folder path or a file:// URL"
+            "{repo:?}: unsupported scheme; use a folder path, a file:// URL or s3://BUCKET/PREFIX"
         )));
     }
     if repo.is_empty() {

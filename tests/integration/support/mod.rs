@@ -15,6 +15,8 @@
 mod cluster;
 mod content;
 mod os;
+pub mod proxy;
+pub mod s3;
 
 use std::path::PathBuf;
 use std::process::Command;

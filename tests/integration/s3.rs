@@ -1,0 +1,448 @@
+//! The S3 store against a real S3-compatible HTTP server (s3s-fs, see `support::s3`), directly
+//! and through a fault-injecting proxy, and the command line's refusals of unusable S3
+//! repositories (missing bucket, wrong secret, a policy that refuses writes).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{self, StreamExt};
+use tidemark::store::s3::RetryPolicy;
+use tidemark::store::{S3Store, Sse, Store, StoreError};
+
+use crate::support::proxy::{FaultProxy, Faults, Mode};
+use crate::support::s3::S3Server;
+use crate::support::{self, Cluster, ClusterOptions};
+
+fn random_bytes(n: usize) -> Bytes {
+    let mut v = vec![0u8; n];
+    for b in v.iter_mut() {
+        *b = rand::random();
+    }
+    Bytes::from(v)
+}
+
+/// Retries quick enough for a test, many enough to get through a fifth of 503s.
+fn test_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 30,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(200),
+        max_elapsed: Duration::from_secs(30),
+    }
+}
+
+fn assert_remote(err: &StoreError, retryable: bool, needles: &[&str]) {
+    let text = err.to_string();
+    assert!(
+        matches!(err, StoreError::Remote { .. }) && err.is_retryable() == retryable,
+        "expected a {} remote error, got: {text}",
+        if retryable { "retryable" } else { "final" }
+    );
+    for n in needles {
+        assert!(text.contains(n), "{n:?} missing from: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_round_trips_create_only_with_sse() {
+    let server = S3Server::start();
+    server.create_bucket("archive");
+    let s = server.store("s3://archive/pg/main/").await;
+    assert_eq!(s.location(), "s3://archive/pg/main");
+    s.check_writable().await.unwrap();
+
+    s.put("segments/00000001/a.seg", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    // Identical re-put: Ok; different bytes: Conflict, and the object is unchanged.
+    s.put("segments/00000001/a.seg", Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let err = s
+        .put("segments/00000001/a.seg", Bytes::from_static(b"two!"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                existing: 3,
+                new: 4,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        s.get("segments/00000001/a.seg").await.unwrap(),
+        Bytes::from_static(b"one")
+    );
+    assert!(matches!(
+        s.get("segments/00000001/none.seg").await,
+        Err(StoreError::NotFound { .. })
+    ));
+    s.put("segments/00000001/b.seg", Bytes::new())
+        .await
+        .unwrap();
+    s.put("backups/x/manifest.json", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    assert!(s.put("../evil", Bytes::new()).await.is_err());
+
+    let keys = |v: Vec<tidemark::store::ObjectMeta>| -> Vec<(String, u64)> {
+        v.into_iter().map(|o| (o.key, o.size)).collect()
+    };
+    assert_eq!(
+        keys(s.list("segments/").await.unwrap()),
+        [
+            ("segments/00000001/a.seg".to_string(), 3),
+            ("segments/00000001/b.seg".to_string(), 0)
+        ]
+    );
+    assert_eq!(s.list("").await.unwrap().len(), 3);
+    assert_eq!(s.list("backups/x/m").await.unwrap().len(), 1);
+    s.delete("segments/00000001/b.seg").await.unwrap();
+    s.delete("segments/00000001/b.seg").await.unwrap();
+    assert_eq!(s.list("").await.unwrap().len(), 2);
+
+    // On the server: exactly the objects, under the prefix; the probe is gone.
+    let on_disk: Vec<String> = server.objects("archive").into_keys().collect();
+    assert_eq!(
+        on_disk,
+        [
+            "pg/main/backups/x/manifest.json",
+            "pg/main/segments/00000001/a.seg"
+        ]
+    );
+    // Many listings: pagination (s3s-fs pages at 1000 keys by default; ask for more).
+    let many: Vec<String> = (0..1050).map(|i| format!("many/{i:05}")).collect();
+    stream::iter(many.clone())
+        .for_each_concurrent(16, |k| {
+            let s = &s;
+            async move { s.put(&k, Bytes::from_static(b"m")).await.unwrap() }
+        })
+        .await;
+    let listed: Vec<String> = s
+        .list("many/")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(listed, many);
+    let seen = server.policy.sse_seen.lock().unwrap().clone();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|s| s == "AES256"),
+        "{seen:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_multipart_uploads_large_objects_and_aborts_on_failure() {
+    let server = S3Server::start();
+    server.create_bucket("big");
+    let mut s = server.store("s3://big/p").await;
+    s.multipart_threshold = 6 << 20;
+    s.part_size = 5 << 20;
+    s.part_concurrency = 2;
+    let data = random_bytes((11 << 20) + 12345);
+    s.put("backups/1/table.copy", data.clone()).await.unwrap();
+    assert_eq!(s.get("backups/1/table.copy").await.unwrap(), data);
+    assert_eq!(
+        server.objects("big")["p/backups/1/table.copy"].len(),
+        data.len()
+    );
+    assert!(server.open_uploads().is_empty());
+    // Identical re-put: Ok; different bytes of the same size: Conflict.
+    s.put("backups/1/table.copy", data.clone()).await.unwrap();
+    let mut other = data.to_vec();
+    other[7 << 20] ^= 1;
+    let err = s
+        .put("backups/1/table.copy", Bytes::from(other))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    assert_eq!(s.get("backups/1/table.copy").await.unwrap(), data);
+
+    // Parts refused half-way (the policy flips after the upload started): the upload is
+    // aborted and nothing is left.
+    server.set_deny_writes(true);
+    let err = s
+        .put("backups/1/other.copy", random_bytes(7 << 20))
+        .await
+        .unwrap_err();
+    assert_remote(
+        &err,
+        false,
+        &["s3://big/p", "CreateMultipartUpload", "HINT"],
+    );
+    server.set_deny_writes(false);
+    assert!(
+        server.open_uploads().is_empty(),
+        "{:?}",
+        server.open_uploads()
+    );
+    assert_eq!(server.objects("big").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_writes_carry_the_sse_header_the_policy_demands() {
+    let server = S3Server::start();
+    server.create_bucket("enc");
+    let opts = server.options_via(&server.endpoint);
+
+    // Without SSE the "deny unencrypted PutObject" policy refuses: a clear, final error.
+    let plain = S3Store::connect(
+        "s3://enc/x",
+        &tidemark::store::S3Options {
+            sse: Sse::None,
+            ..opts.clone()
+        },
+    )
+    .await
+    .unwrap();
+    let err = plain.check_writable().await.unwrap_err();
+    assert_remote(
+        &err,
+        false,
+        &[
+            "s3://enc/x",
+            "PutObject",
+            "AccessDenied",
+            "HINT",
+            "--s3-sse",
+        ],
+    );
+    let mut plain_big = plain;
+    plain_big.multipart_threshold = 1 << 20;
+    let err = plain_big
+        .put("big", random_bytes(2 << 20))
+        .await
+        .unwrap_err();
+    assert_remote(&err, false, &["CreateMultipartUpload", "AccessDenied"]);
+    assert!(server.objects("enc").is_empty());
+
+    // aws:kms with a key id: sent as such.
+    let kms = S3Store::connect(
+        "s3://enc/x",
+        &tidemark::store::S3Options {
+            sse: Sse::Kms {
+                key_id: Some("alias/tidemark".into()),
+            },
+            ..opts
+        },
+    )
+    .await
+    .unwrap();
+    kms.put("k", Bytes::from_static(b"v")).await.unwrap();
+    assert_eq!(
+        server.policy.sse_seen.lock().unwrap().as_slice(),
+        ["aws:kms"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_loses_and_duplicates_nothing_through_a_faulty_proxy() {
+    let server = S3Server::start();
+    server.create_bucket("flaky");
+    let proxy = FaultProxy::start(&server.endpoint);
+    proxy.set_mode(Mode::Faulty(Faults::default()));
+    let mut s = S3Store::connect("s3://flaky/r", &server.options_via(&proxy.endpoint))
+        .await
+        .unwrap();
+    s.retry = test_retry();
+    s.multipart_threshold = 6 << 20;
+    s.part_size = 5 << 20;
+
+    let mut objects: BTreeMap<String, Bytes> = (0..80)
+        .map(|i| {
+            let size = if i % 10 == 0 {
+                0
+            } else {
+                rand::random::<usize>() % 300_000
+            };
+            (format!("segments/{i:04}.seg"), random_bytes(size))
+        })
+        .collect();
+    for i in 0..2 {
+        objects.insert(format!("backups/{i}.copy"), random_bytes(11 << 20));
+    }
+    let s = &s;
+    let put_all = || {
+        stream::iter(objects.clone()).for_each_concurrent(8, |(k, v)| async move {
+            s.put(&k, v)
+                .await
+                .unwrap_or_else(|e| panic!("put {k}: {e}"))
+        })
+    };
+    put_all().await;
+    // Again (as after a crash): identical re-puts succeed and change nothing.
+    put_all().await;
+
+    let listed: Vec<String> = s
+        .list("")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(listed, objects.keys().cloned().collect::<Vec<_>>());
+    let got: Vec<(String, Bytes)> = stream::iter(objects.keys().cloned())
+        .map(|k| async move {
+            let v = s.get(&k).await.unwrap_or_else(|e| panic!("get {k}: {e}"));
+            (k, v)
+        })
+        .buffered(8)
+        .collect()
+        .await;
+    for (k, v) in got {
+        assert!(objects[&k] == v, "{k}: read back different bytes");
+    }
+    // On the server: exactly these objects, byte for byte; no upload left open.
+    let stored = server.objects("flaky");
+    assert_eq!(stored.len(), objects.len());
+    for (k, v) in &objects {
+        assert!(
+            stored.get(&format!("r/{k}")).map(|s| s.as_slice()) == Some(&v[..]),
+            "{k} not stored exactly"
+        );
+    }
+    assert!(
+        server.open_uploads().is_empty(),
+        "{:?}",
+        server.open_uploads()
+    );
+    let c = proxy.counters();
+    eprintln!(
+        "fault proxy: {} requests, {} answered 503, {} connections dropped",
+        proxy.requests(),
+        c.slowdowns.load(std::sync::atomic::Ordering::SeqCst),
+        c.dropped.load(std::sync::atomic::Ordering::SeqCst)
+    );
+    assert!(c.slowdowns.load(std::sync::atomic::Ordering::SeqCst) > 10);
+    assert!(c.dropped.load(std::sync::atomic::Ordering::SeqCst) > 3);
+
+    // An outage: retryable errors, within a bounded time, then recovery.
+    proxy.set_mode(Mode::Down);
+    let mut quick = S3Store::connect("s3://flaky/r", &server.options_via(&proxy.endpoint))
+        .await
+        .unwrap();
+    quick.retry = RetryPolicy {
+        max_elapsed: Duration::from_secs(2),
+        ..test_retry()
+    };
+    let started = std::time::Instant::now();
+    let err = quick
+        .put("segments/outage.seg", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    proxy.set_mode(Mode::Pass);
+    quick
+        .put("segments/outage.seg", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+}
+
+/// Runs `tidemark` with the test server's credentials and endpoint in the environment.
+fn tidemark_s3(server: &S3Server, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(support::tidemark_bin());
+    cmd.args(args)
+        .env("TIDEMARK_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in server.cli_env(&server.endpoint) {
+        cmd.env(k, v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run tidemark");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_refused(what: &str, (code, out, err): &(i32, String, String), needles: &[&str]) {
+    let context = format!("{what}: exit {code}\n--- stdout ---\n{out}\n--- stderr ---\n{err}");
+    assert_eq!(*code, 4, "{context}");
+    assert!(
+        err.starts_with("error: ") && err.contains("HINT"),
+        "{context}"
+    );
+    for n in needles {
+        assert!(err.contains(n), "{n:?} missing: {context}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_unusable_repositories_are_refused_with_exit_4_and_nothing_written() {
+    let server = S3Server::start();
+    server.create_bucket("guarded");
+
+    let r = tidemark_s3(&server, &[], &["list", "--repo", "s3://nosuchbucket/pg"]);
+    assert_refused(
+        "list of a missing bucket",
+        &r,
+        &["nosuchbucket", "NoSuchBucket"],
+    );
+
+    let r = tidemark_s3(
+        &server,
+        &[("AWS_SECRET_ACCESS_KEY", "not-the-secret")],
+        &["list", "--repo", "s3://guarded/pg"],
+    );
+    assert_refused(
+        "list with a wrong secret key",
+        &r,
+        &[
+            "s3://guarded/pg",
+            "SignatureDoesNotMatch",
+            "AWS_SECRET_ACCESS_KEY",
+        ],
+    );
+
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("src");
+    let source = cluster.conninfo("src");
+    server.set_deny_writes(true);
+    let archive = |repo: &str| {
+        tidemark_s3(
+            &server,
+            &[],
+            &["archive", "--source", &source, "--repo", repo],
+        )
+    };
+    assert_refused(
+        "archive into a bucket whose policy refuses writes",
+        &archive("s3://guarded/pg"),
+        &["s3://guarded/pg", "PutObject", "AccessDenied"],
+    );
+    assert_refused(
+        "archive into a missing bucket",
+        &archive("s3://nosuchbucket/pg"),
+        &["nosuchbucket", "NoSuchBucket"],
+    );
+    // Nothing was created on the source.
+    let slots = cluster.psql("src", "SELECT count(*) FROM pg_replication_slots");
+    assert_eq!(slots.trim(), "0", "a replication slot was created");
+
+    // A base backup needs the publication and slot `setup` creates.
+    let (code, _, err) = tidemark_s3(&server, &[], &["setup", "--source", &source]);
+    assert_eq!(code, 0, "{err}");
+    let r = tidemark_s3(
+        &server,
+        &[],
+        &["backup", "--source", &source, "--repo", "s3://guarded/pg"],
+    );
+    assert_refused(
+        "backup into a bucket whose policy refuses writes",
+        &r,
+        &["s3://guarded/pg", "PutObject", "AccessDenied"],
+    );
+    assert!(server.objects("guarded").is_empty());
+    assert!(server.open_uploads().is_empty());
+}
