@@ -15,4 +15,5 @@ mod oracle;
 mod replication;
 mod resilience;
 mod s3;
+mod s3_archive;
 mod spine;

@@ -28,7 +28,11 @@ impl Archiver {
     ) -> Archiver {
         let logs = std::env::temp_dir().join("tidemark-test-logs");
         std::fs::create_dir_all(&logs).unwrap();
-        let log = logs.join(format!("archiver-{}-{}.log", std::process::id(), rand_suffix()));
+        let log = logs.join(format!(
+            "archiver-{}-{}.log",
+            std::process::id(),
+            rand_suffix()
+        ));
         let child = Command::new(support::tidemark_bin())
             .args(["archive", "--source", &cluster.conninfo(db), "--repo", repo])
             .args(["--heartbeat", "1s", "--status-interval", "1s"])
@@ -49,7 +53,8 @@ impl Archiver {
 
     /// Resident memory of the archiver now, in bytes.
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -74,7 +79,8 @@ impl Archiver {
                 )
                 .await
                 .unwrap();
-            if !rows.is_empty() {
+            // Active slot and the stream started (the first base backup, if any, is done).
+            if !rows.is_empty() && self.log_text().contains("INFO archiving") {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
