@@ -9,7 +9,7 @@
 //!   60 s live runs, a pgbench scale-50 base backup, a 10-million-row transaction).
 //! * Under `cargo test --all-targets` (no `--bench` argument) it runs tiny sizes and checks only
 //!   that every row produced a figure, so the harness cannot rot.
-//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,huge` runs a subset.
+//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,s3,huge` runs a subset.
 //!
 //! pgBackRest (Debian package `pgbackrest`) is used for the archive-size comparison when it is on
 //! PATH; without it that row compares with `gzip -6` of the WAL segments, labelled as such.
@@ -30,6 +30,9 @@ struct Sizes {
     clients: u32,
     scale: u32,
     huge_rows: u64,
+    /// How long the S3 request count watches an idle, then a busy database.
+    s3_idle: Duration,
+    s3_busy: Duration,
 }
 
 impl Sizes {
@@ -42,6 +45,8 @@ impl Sizes {
                 clients: 4,
                 scale: 50,
                 huge_rows: 10_000_000,
+                s3_idle: Duration::from_secs(300),
+                s3_busy: Duration::from_secs(60),
             }
         } else {
             Sizes {
@@ -51,6 +56,8 @@ impl Sizes {
                 clients: 2,
                 scale: 1,
                 huge_rows: 20_000,
+                s3_idle: Duration::from_secs(3),
+                s3_busy: Duration::from_secs(3),
             }
         }
     }
@@ -84,6 +91,9 @@ fn main() {
         }
         if wanted("backup") {
             rows.extend(backup_rows(&sizes).await);
+        }
+        if wanted("s3") {
+            rows.extend(s3_rows(&sizes).await);
         }
         if wanted("huge") {
             rows.extend(huge_row(&sizes).await);
@@ -907,4 +917,97 @@ async fn huge_row(sizes: &Sizes) -> Vec<Row> {
         target: "<= 64 MiB, flat (±10 %)",
         met: Some(max_rss <= 64 << 20 && growth <= 0.10),
     }]
+}
+
+// ---------------------------------------------------------------------------------------------
+// S3: requests per hour for an idle and a busy database, and the RPO on an S3 store. The S3
+// server is the tests' in-process S3-compatible server; requests are counted by the tests' proxy.
+
+async fn s3_rows(sizes: &Sizes) -> Vec<Row> {
+    use support::proxy::{FaultProxy, Mode};
+    use support::s3::S3Server;
+
+    let server = S3Server::start();
+    server.create_bucket("bench");
+    let proxy = FaultProxy::start(&server.endpoint);
+    proxy.set_mode(Mode::Pass);
+    let env = server.cli_env(&proxy.endpoint);
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("bench");
+    run_ok(
+        Command::new(bin("pgbench"))
+            .args(["-i", "-q", "-s", "1", "-d", &cluster.conninfo("bench")])
+            .stdout(Stdio::null()),
+    );
+    let client = cluster.client("bench").await;
+    let child = Command::new(support::tidemark_bin())
+        .args(["archive", "--source", &cluster.conninfo("bench")])
+        .args(["--repo", "s3://bench/db"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("TIDEMARK_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tidemark archive");
+    wait_active(&client, "tidemark").await;
+    // Past the first base backup and the first heartbeat's segment.
+    let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+    wait_confirmed(&client, "tidemark", end).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let count = |p: &FaultProxy| (p.requests(), p.requests_by("PUT"), p.requests_by("GET"));
+    let per_hour = |n: u64, d: Duration| n as f64 * 3600.0 / d.as_secs_f64();
+    let (r0, p0, g0) = count(&proxy);
+    let t = Instant::now();
+    tokio::time::sleep(sizes.s3_idle).await;
+    let idle = t.elapsed();
+    let (r1, p1, g1) = count(&proxy);
+
+    let secs = sizes.s3_busy.as_secs().max(1).to_string();
+    let clients = sizes.clients.to_string();
+    let sampler = LagSampler::start(&cluster, "bench", "tidemark", Some(child.id())).await;
+    let t = Instant::now();
+    let (tps, _) = pgbench(&cluster, "bench", &["-c", &clients, "-j", "2", "-T", &secs]);
+    let busy = t.elapsed();
+    let (_, rpo, _) = sampler.finish().await;
+    let (r2, p2, g2) = count(&proxy);
+    stop(child);
+
+    let idle_puts_per_min = (p1 - p0) as f64 * 60.0 / idle.as_secs_f64();
+    vec![
+        Row {
+            what: "S3 requests, idle database",
+            tidemark: format!(
+                "{:.0}/h ({:.0} PUT/h = {idle_puts_per_min:.1} PUT/min, {:.0} GET/h incl. LIST)",
+                per_hour(r1 - r0, idle),
+                per_hour(p1 - p0, idle),
+                per_hour(g1 - g0, idle)
+            ),
+            reference: format!("watched {idle:.0?}"),
+            ratio: None,
+            target: "a few PUTs per minute, no LIST",
+            met: Some(idle_puts_per_min <= 3.0 && g1 == g0),
+        },
+        Row {
+            what: "S3 requests, busy database (pgbench)",
+            tidemark: format!(
+                "{:.0}/h ({:.0} PUT/h, {:.0} GET/h incl. LIST)",
+                per_hour(r2 - r1, busy),
+                per_hour(p2 - p1, busy),
+                per_hour(g2 - g1, busy)
+            ),
+            reference: format!("{tps:.0} tps for {busy:.0?}"),
+            ratio: None,
+            target: "report",
+            met: None,
+        },
+        Row {
+            what: "RPO, p99: commit -> segment stored (S3 store)",
+            tidemark: format!("{rpo:.2} s"),
+            reference: "the slot is acknowledged only when stored".into(),
+            ratio: None,
+            target: "<= 1.5 s",
+            met: Some(rpo <= 1.5),
+        },
+    ]
 }
