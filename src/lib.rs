@@ -24,6 +24,7 @@ pub mod archive;
 pub mod backup;
 pub mod backup_cmd;
 pub mod conninfo;
+pub mod ddl;
 pub mod demo;
 pub mod exit;
 pub mod list;
