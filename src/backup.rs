@@ -781,6 +781,7 @@ pub async fn load(
             } else {
                 &split.rest
             };
+            let list = &crate::ddl::post_data_for_target(target, list).await?;
             stats.tables = list
                 .lines()
                 .filter(|l| toc::parse_line(l).is_some())

@@ -164,6 +164,28 @@ async fn schema_changes_are_replayed_at_their_place_in_the_stream() {
     for (i, at) in instants.iter().enumerate() {
         assert_restores_to(&cluster, &repo, &format!("restored_{i}"), at).await;
     }
+    // A restore into a database of a role that is not a superuser (it cannot create event
+    // triggers, nor set session_replication_role).
+    cluster.psql(
+        "postgres",
+        "CREATE ROLE restorer LOGIN; CREATE DATABASE restored_plain OWNER restorer;",
+    );
+    let target = cluster
+        .conninfo("restored_plain")
+        .replace(&format!("user={}", support::SUPERUSER), "user=restorer");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--target",
+        &target,
+        "--to-time",
+        &instants[2].time,
+    ]);
+    assert_eq!(code, 0, "restore as a plain role failed: {out}{err}");
+    let restored = support::snapshot_content(&cluster.client("restored_plain").await).await;
+    support::assert_same_content(&instants[2].content, &restored, "restore as a plain role");
+
     // The restored database has tidemark's event trigger (from the backup's schema) and the
     // application can go on changing its schema and inserting.
     let c = cluster.client("restored_2").await;
