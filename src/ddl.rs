@@ -46,7 +46,9 @@
 //! block called by a non-DDL statement (replay finds no schema statement in `SELECT f()` and
 //! stops with an error naming the query); `SELECT … INTO new_table`; a query string whose DDL
 //! statements are separated by DML on the same table (all of its DDL runs at the first one's
-//! position); objects tidemark itself creates after a base backup (schema `tidemark`).
+//! position); objects tidemark itself creates after a base backup (schema `tidemark`); the
+//! values a column added with a computed default (`now()`, a serial…) gives existing rows (not in
+//! the stream: replay computes its own, with a warning).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -721,6 +723,9 @@ pub fn plan_replay(msg: &DdlMessage) -> Result<Vec<String>, ReplayDdlError> {
         match classify(stmt) {
             Action::Run(sql) => {
                 schema += 1;
+                if fills_rows_with_computed_values(&sql) {
+                    warn!(statement = %sql, "a column added with a computed default (a function call, CURRENT_TIMESTAMP, serial…) gets values computed now, on the target, for the rows that existed: they may differ from the source's");
+                }
                 out.push(sql);
             }
             Action::Setting(sql) => out.push(sql),
@@ -739,6 +744,40 @@ pub fn plan_replay(msg: &DdlMessage) -> Result<Vec<String>, ReplayDdlError> {
         });
     }
     Ok(out)
+}
+
+/// `ALTER TABLE … ADD [COLUMN] … DEFAULT f(…)` (or a serial type, or CURRENT_TIMESTAMP…): the
+/// existing rows get values computed when the statement runs, which the change stream does not
+/// carry, so replay computes its own.
+pub fn fills_rows_with_computed_values(stmt: &str) -> bool {
+    let toks = lex(stmt);
+    let words: Vec<String> = toks.iter().map(|t| upper(stmt, t)).collect();
+    if words.first().map(String::as_str) != Some("ALTER") || !words.iter().any(|w| w == "ADD") {
+        return false;
+    }
+    words.iter().enumerate().any(|(i, w)| match w.as_str() {
+        "SERIAL" | "BIGSERIAL" | "SMALLSERIAL" | "SERIAL2" | "SERIAL4" | "SERIAL8" => true,
+        "DEFAULT" => {
+            let next = words.get(i + 1).map(String::as_str).unwrap_or("");
+            matches!(
+                next,
+                "CURRENT_TIMESTAMP"
+                    | "CURRENT_DATE"
+                    | "CURRENT_TIME"
+                    | "LOCALTIMESTAMP"
+                    | "LOCALTIME"
+                    | "CURRENT_USER"
+                    | "SESSION_USER"
+                    | "USER"
+            ) || (toks.get(i + 1).is_some_and(|t| t.kind == Tok::Word)
+                && toks
+                    .iter()
+                    .skip(i + 2)
+                    .find(|t| !matches!(t.kind, Tok::Punct(b'.') | Tok::Word | Tok::Quoted))
+                    .is_some_and(|t| t.kind == Tok::Punct(b'(')))
+        }
+        _ => false,
+    })
 }
 
 fn quote_str(s: &str) -> String {
@@ -1173,6 +1212,26 @@ mod tests {
             classify("RESET lock_timeout"),
             Action::Setting("SET LOCAL lock_timeout TO DEFAULT".into())
         );
+    }
+
+    #[test]
+    fn notices_columns_added_with_computed_values() {
+        for s in [
+            "ALTER TABLE t ADD COLUMN at timestamptz NOT NULL DEFAULT now()",
+            "alter table t add c uuid default public.gen_random_uuid()",
+            "ALTER TABLE t ADD COLUMN id bigserial",
+            "ALTER TABLE t ADD COLUMN d date DEFAULT CURRENT_DATE",
+        ] {
+            assert!(fills_rows_with_computed_values(s), "{s}");
+        }
+        for s in [
+            "ALTER TABLE t ADD COLUMN n text DEFAULT 'none'",
+            "ALTER TABLE t ADD COLUMN n int DEFAULT 0",
+            "ALTER TABLE t ALTER COLUMN n SET DEFAULT now()",
+            "CREATE TABLE t (at timestamptz DEFAULT now())",
+        ] {
+            assert!(!fills_rows_with_computed_values(s), "{s}");
+        }
     }
 
     #[test]
