@@ -786,16 +786,19 @@ async fn heartbeat_task(info: ConnInfo, every: Duration, stop: CancellationToken
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequences = std::collections::HashMap::new();
-    let mut sequences_ok = true;
+    let mut sequences_failing = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
-                if sequences_ok {
-                    if let Err(e) = crate::ddl::emit_changed_sequences(&client, &mut sequences).await {
-                        warn!(error = %crate::source::error_chain(&e), "cannot record sequence values; a restore sets sequences from the base backup and past the values of the columns they feed");
-                        sequences_ok = false;
+                // A failure (a sequence dropped while read…) is retried at the next tick.
+                match crate::ddl::emit_changed_sequences(&client, &mut sequences).await {
+                    Ok(_) => sequences_failing = false,
+                    Err(e) if !sequences_failing => {
+                        warn!(error = %crate::source::error_chain(&e), "cannot record sequence values (retrying every heartbeat); meanwhile a restore sets sequences from the base backup and past the values of the columns they feed");
+                        sequences_failing = true;
                     }
+                    Err(_) => {}
                 }
                 let r = client
                     .execute("SELECT pg_logical_emit_message(true, 'tidemark.heartbeat', '')", &[])

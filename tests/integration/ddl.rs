@@ -157,9 +157,34 @@ async fn schema_changes_are_replayed_at_their_place_in_the_stream() {
         .unwrap();
     instants.push(note_instant(&cluster, &src).await);
 
+    // DDL run inside a function called by a SELECT cannot be replayed: the archiver warns when
+    // it sees it, and a restore past it stops there with an error naming the query.
+    src.batch_execute(
+        "CREATE FUNCTION make_table() RETURNS void LANGUAGE plpgsql AS
+           $$ BEGIN EXECUTE 'CREATE TABLE made_in_function (id int PRIMARY KEY)'; END $$;",
+    )
+    .await
+    .unwrap();
+    src.batch_execute("SELECT make_table()").await.unwrap();
+    src.batch_execute("INSERT INTO made_in_function VALUES (1)")
+        .await
+        .unwrap();
+
     // Let a heartbeat pass the last instant, then stop.
     tokio::time::sleep(Duration::from_millis(2500)).await;
+    let log = archiver.log_text();
     archiver.stop();
+    assert!(
+        log.contains("a captured schema change will stop restores past it")
+            && log.contains("SELECT make_table()"),
+        "{log}"
+    );
+    let (code, out, err) = restore(&cluster, &repo, "restored_latest", &["--latest"]);
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("holds no schema statement") && err.contains("SELECT make_table()"),
+        "{err}"
+    );
 
     for (i, at) in instants.iter().enumerate() {
         assert_restores_to(&cluster, &repo, &format!("restored_{i}"), at).await;
