@@ -569,7 +569,7 @@ impl<'a> Replayer<'a> {
                     self.relations.insert(rel.oid, rel);
                 }
             }
-            Message::Message { .. } => self.logical_message(msg)?,
+            Message::Message { .. } => self.logical_message(msg).await?,
             other => {
                 let Some((final_lsn, _)) = self.txn else {
                     return Ok(());
@@ -586,7 +586,7 @@ impl<'a> Replayer<'a> {
     /// A logical message: tidemark's DDL runs at this point of the transaction, recorded
     /// sequence values are set here (and again after the restore's sequence step); others
     /// (heartbeats, applications' own) change nothing.
-    fn logical_message(&mut self, msg: Message) -> Result<(), RestoreError> {
+    async fn logical_message(&mut self, msg: Message) -> Result<(), RestoreError> {
         let Message::Message {
             prefix, content, ..
         } = msg
@@ -606,9 +606,22 @@ impl<'a> Replayer<'a> {
         if let crate::ddl::TidemarkMessage::Ddl(_) = decoded {
             self.guard.ddl();
         }
-        let statements = match decoded {
+        let statements: Vec<String> = match decoded {
             crate::ddl::TidemarkMessage::Ddl(d) => {
-                crate::ddl::plan_replay(&d).map_err(|e| self.replay_err(&e.to_string()))?
+                let statements =
+                    crate::ddl::plan_replay(&d).map_err(|e| self.replay_err(&e.to_string()))?;
+                // Run on their own (inside the open transaction) so a failure names the
+                // statement.
+                self.send_batch().await?;
+                for sql in &statements {
+                    if let Err(e) = self.client.simple_query(sql).await {
+                        return Err(self.replay_err(&format!(
+                            "the schema change {sql:?} failed on the target: {}\nHINT: the target may lack something the source had (an extension, a role, a tablespace…): provide it and restore again, or restore to an instant before this transaction",
+                            crate::source::error_chain(&e)
+                        )));
+                    }
+                }
+                return Ok(());
             }
             crate::ddl::TidemarkMessage::Sequences(s) => {
                 let sql = crate::ddl::setval_sql(&s.sequences);
@@ -707,6 +720,15 @@ impl<'a> Replayer<'a> {
         }
         if self.txn.is_some() {
             return Err(self.replay_err("internal: flush inside a transaction"));
+        }
+        self.send_batch().await
+    }
+
+    /// Sends what is batched, which may end inside the open transaction (the server keeps it
+    /// open), and checks the row counts.
+    async fn send_batch(&mut self) -> Result<(), RestoreError> {
+        if self.batch.is_empty() {
+            return Ok(());
         }
         let sql = std::mem::take(&mut self.batch);
         let statements = std::mem::take(&mut self.statements);
