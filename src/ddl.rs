@@ -982,7 +982,8 @@ impl SchemaGuard {
         Ok(())
     }
 
-    /// The archiver's check of one raw record of the stream (any pgoutput message).
+    /// The archiver's check of one raw record of the stream (any pgoutput message outside a
+    /// streamed chunk).
     pub fn observe(
         &mut self,
         payload: &bytes::Bytes,
@@ -995,7 +996,16 @@ impl SchemaGuard {
         let Ok(msg) = pgoutput::decode(payload, false) else {
             return Ok(()); // the writer reports undecodable records itself
         };
-        match &msg {
+        self.observe_message(&msg, lsn)
+    }
+
+    /// [`Self::observe`] for a decoded message (one of a streamed chunk is decoded `in_stream`).
+    pub fn observe_message(
+        &mut self,
+        msg: &Message,
+        lsn: &str,
+    ) -> Result<(), UnexplainedSchemaChange> {
+        match msg {
             Message::Message {
                 prefix, content, ..
             } if prefix == DDL_PREFIX => {
@@ -1007,7 +1017,7 @@ impl SchemaGuard {
                 }
                 Ok(())
             }
-            Message::Relation { .. } => match RelationInfo::from_message(&msg) {
+            Message::Relation { .. } => match RelationInfo::from_message(msg) {
                 Some(rel) => self.relation(&rel, true, lsn),
                 None => Ok(()),
             },
