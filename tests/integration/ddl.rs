@@ -26,6 +26,23 @@ async fn note_instant(cluster: &Cluster, client: &tokio_postgres::Client) -> Ins
     }
 }
 
+/// Waits until the repository holds a complete base backup: an archiver's slot is active while
+/// it takes its first one, so an active slot alone does not mean the archive covers "now" yet.
+async fn wait_base_backup(repo: &Path) {
+    for _ in 0..900 {
+        let done = std::fs::read_dir(repo.join("basebackups"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("manifest.json").is_file());
+        if done {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("no base backup appeared in {}", repo.display());
+}
+
 fn restore(cluster: &Cluster, repo: &Path, db: &str, to: &[&str]) -> (i32, String, String) {
     cluster.create_database(db);
     let mut args = vec!["restore", "--repo", repo.to_str().unwrap(), "--target"];
@@ -73,6 +90,7 @@ async fn schema_changes_are_replayed_at_their_place_in_the_stream() {
     let repo = repo_dir.path().join("repo");
     let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
     archiver.wait_streaming(&src, "tidemark").await;
+    wait_base_backup(&repo).await;
     let mut instants = Vec::new();
 
     // New schema, enum, domain, table using them; ADD COLUMN with a default; DML around it.
@@ -246,6 +264,7 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
     let start = || OtherRoleArchiver::start(&as_archiver, &repo);
     let mut archiver = start();
     archiver.wait_streaming(&src).await;
+    wait_base_backup(&repo).await;
     assert!(
         archiver.log_text().contains("DDL capture is NOT installed"),
         "the archiver warns that schema changes are not captured:\n{}",
@@ -278,6 +297,7 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
     // and the restore refuses to replay past the unexplained change.
     let mut archiver = start();
     archiver.wait_streaming(&src).await;
+    wait_base_backup(&repo).await;
     src.batch_execute("INSERT INTO t VALUES (4, 'four', 4)")
         .await
         .unwrap();
@@ -309,6 +329,7 @@ async fn restored_sequences_are_not_behind_the_source() {
     let repo = repo_dir.path().join("repo");
     let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
     archiver.wait_streaming(&src, "tidemark").await;
+    wait_base_backup(&repo).await;
 
     // Values handed out without any row (nothing in the change stream shows them), a table
     // created after the base backup, an identity column given explicit values beyond its
