@@ -629,6 +629,8 @@ pub fn classify(stmt: &str) -> Action {
                 Action::Skip("publications, subscriptions and event triggers are not restored")
             } else if kind == "TABLE" && top.iter().any(|(_, x)| *x == "AS") {
                 Action::Run(with_no_data(stmt, &toks, &words))
+            } else if kind == "SCHEMA" {
+                Action::Run(without_authorization(stmt, &toks, &words, k + 1))
             } else {
                 Action::Run(without_concurrently(stmt, &toks, &words))
             }
@@ -687,6 +689,43 @@ fn with_no_data(stmt: &str, toks: &[Token], words: &[String]) -> String {
     } else {
         format!("{stmt} WITH NO DATA")
     }
+}
+
+/// `CREATE SCHEMA [IF NOT EXISTS] [name] AUTHORIZATION role …` without the owner (a restore
+/// carries no owners, and the role may not exist on the target): `AUTHORIZATION role` is removed,
+/// or replaced by the role's name when it also names the schema. `after_schema` is the index of
+/// the token after SCHEMA.
+fn without_authorization(
+    stmt: &str,
+    toks: &[Token],
+    words: &[String],
+    after_schema: usize,
+) -> String {
+    let Some(a) = words.iter().position(|w| w == "AUTHORIZATION") else {
+        return stmt.to_string();
+    };
+    let Some(role) = toks.get(a + 1) else {
+        return stmt.to_string();
+    };
+    let mut first = after_schema;
+    if words.get(first).map(String::as_str) == Some("IF") {
+        first += 3; // IF NOT EXISTS
+    }
+    let replacement = if a > first {
+        ""
+    } else if matches!(
+        words[a + 1].as_str(),
+        "CURRENT_USER" | "SESSION_USER" | "CURRENT_ROLE"
+    ) {
+        return stmt.to_string(); // the schema is named after the role: keep it as it was
+    } else {
+        &stmt[role.start..role.end]
+    };
+    format!(
+        "{}{replacement}{}",
+        &stmt[..toks[a].start],
+        &stmt[role.end..]
+    )
 }
 
 /// Removes the keyword CONCURRENTLY (not allowed inside a transaction block).
@@ -1187,6 +1226,16 @@ mod tests {
             "COMMENT ON TABLE t IS 'x'"
         );
         assert_eq!(run("DROP INDEX CONCURRENTLY i"), "DROP INDEX  i");
+        assert_eq!(
+            run("CREATE SCHEMA app AUTHORIZATION bob"),
+            "CREATE SCHEMA app "
+        );
+        assert_eq!(
+            run("create schema if not exists app authorization \"Bob\" create table t (a int)"),
+            "create schema if not exists app  create table t (a int)"
+        );
+        assert_eq!(run("CREATE SCHEMA AUTHORIZATION bob"), "CREATE SCHEMA bob");
+        assert_eq!(run("CREATE SCHEMA app"), "CREATE SCHEMA app");
         for s in [
             "CREATE TEMP TABLE x (a int)",
             "create global temporary table x (a int)",
