@@ -41,6 +41,13 @@
 //!   *after* the next change of the parent transaction (it queues a message at its record's end
 //!   LSN, which ties with the next record's start); a trailing `tidemark.ddl_end` message takes
 //!   that tie when the DDL itself runs in a SAVEPOINT.
+//! * A restore whose segments hold DDL loads every post-data object of the base backup before
+//!   replay ([`segments_have_ddl`]), so replayed DDL finds what it names; event triggers
+//!   (tidemark's own among them) are left out for a target role that is not a superuser
+//!   ([`post_data_for_target`]).
+//! * The archiver's guard knows a table from its first Relation message in the run (a change
+//!   made while it was stopped is not seen); the restore's guard knows every table from the base
+//!   backup.
 //!
 //! Not handled (documented in `proto/messages.md`): DDL run inside a function, procedure or DO
 //! block called by a non-DDL statement (replay finds no schema statement in `SELECT f()` and
