@@ -117,6 +117,8 @@ pub enum ArchiveError {
     Decode { lsn: Lsn, detail: String },
     #[error("the replication stream ended unexpectedly")]
     StreamEnded,
+    #[error(transparent)]
+    SchemaChange(#[from] crate::ddl::UnexplainedSchemaChange),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -312,6 +314,7 @@ async fn run_once(
         info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
         source.create_publication(&opts.publication).await?;
     }
+    crate::ddl::ensure_capture_logged(&source.client).await;
     let manifests = backup::list_manifests(&store).await?;
     let chains = repo::list_segments(&store).await?;
     let current_gen = manifests
@@ -665,6 +668,7 @@ async fn writer_task(
     let mut txn: Option<OpenTxn> = None;
     let mut transactions = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut schema_guard = crate::ddl::SchemaGuard::new();
 
     async fn seal(
         builder: SegmentBuilder,
@@ -810,6 +814,7 @@ async fn writer_task(
                     }
                     _ => match &mut txn {
                         Some(t) => {
+                            schema_guard.observe(&rec.payload, &rec.lsn.to_string())?;
                             if !t.skip {
                                 t.records.push(rec)
                             }
@@ -942,7 +947,9 @@ async fn put_with_retry(store: &dyn Store, seg: &Sealed) -> Result<(), ArchiveEr
 }
 
 /// Keeps a quiet database's restore window current: a transactional logical message commits
-/// every `every`, so the archive sees the server's clock pass.
+/// every `every`, so the archive sees the server's clock pass. With it, the sequences whose value
+/// changed are recorded (`tidemark.sequences`, see [`crate::ddl`]), so a restore sets them to
+/// at most one interval behind the source.
 async fn heartbeat_task(info: ConnInfo, every: Duration, stop: CancellationToken) {
     let client = match info.connect().await {
         Ok(c) => c,
@@ -953,10 +960,21 @@ async fn heartbeat_task(info: ConnInfo, every: Duration, stop: CancellationToken
     };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut sequences = std::collections::HashMap::new();
+    let mut sequences_failing = false;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {
+                // A failure (a sequence dropped while read…) is retried at the next tick.
+                match crate::ddl::emit_changed_sequences(&client, &mut sequences).await {
+                    Ok(_) => sequences_failing = false,
+                    Err(e) if !sequences_failing => {
+                        warn!(error = %crate::source::error_chain(&e), "cannot record sequence values (retrying every heartbeat); meanwhile a restore sets sequences from the base backup and past the values of the columns they feed");
+                        sequences_failing = true;
+                    }
+                    Err(_) => {}
+                }
                 let r = client
                     .execute("SELECT pg_logical_emit_message(true, 'tidemark.heartbeat', '')", &[])
                     .await;

@@ -781,6 +781,7 @@ pub async fn load(
             } else {
                 &split.rest
             };
+            let list = &crate::ddl::post_data_for_target(target, list).await?;
             stats.tables = list
                 .lines()
                 .filter(|l| toc::parse_line(l).is_some())
@@ -1009,7 +1010,7 @@ async fn load_table(
 /// Sets every sequence to its backed-up value, then past the largest value of every integer
 /// column it feeds (owned-by, identity, or named in a column default), so that the restored
 /// application's next insert does not collide. Returns the number of sequences set.
-async fn restore_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
+pub async fn restore_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
     let client = open_for_load(target).await?;
     for s in &m.sequences {
         client

@@ -83,6 +83,7 @@ fn code_of(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
             ArchiveError::Store(s) | ArchiveError::Upload { source: s, .. } => code_of(s),
             ArchiveError::Replication(_) => Some(Database),
             ArchiveError::Gap { .. } => Some(Damaged),
+            ArchiveError::SchemaChange(_) => Some(Database),
             _ => None,
         };
     }

@@ -16,7 +16,8 @@
 //!   client, [`source`] preflight checks on the source, [`pgbin`] PostgreSQL's client programs,
 //!   [`store`] where objects live, [`repo`] the repository's identity and segment chains;
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (take and load),
-//!   [`restore`] point-in-time restore (plan, then apply);
+//!   [`restore`] point-in-time restore (plan, then apply), [`ddl`] schema changes and sequence
+//!   values carried in the stream as logical messages (capture, replay, the schema guard);
 //! * commands: [`setup`], [`backup_cmd`], [`list`], [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (exit codes and error rendering).
 
@@ -24,6 +25,7 @@ pub mod archive;
 pub mod backup;
 pub mod backup_cmd;
 pub mod conninfo;
+pub mod ddl;
 pub mod demo;
 pub mod exit;
 pub mod list;

@@ -281,6 +281,14 @@ pub async fn run(
     backup::load(store, manifest, target_info, parallel, LoadPhase::PreData).await?;
     backup::load(store, manifest, target_info, parallel, LoadPhase::Data).await?;
     backup::load(store, manifest, target_info, parallel, LoadPhase::Keys).await?;
+    // Replayed DDL may name any object of the backup (DROP INDEX, RENAME COLUMN of an indexed
+    // column…): with DDL in the archive, every post-data object exists before replay.
+    let post_data_first = crate::ddl::segments_have_ddl(&verified)
+        .await
+        .map_err(RestoreError::Target)?;
+    if post_data_first {
+        backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
+    }
 
     let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
     for path in &verified {
@@ -298,7 +306,20 @@ pub async fn run(
     }
     replayer.flush().await?;
 
-    backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
+    if !post_data_first {
+        backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
+    }
+    if post_data_first || !replayer.sequences.is_empty() {
+        // The sequences as last recorded by the archiver, then past every column value.
+        let sequences = crate::ddl::sequences_after_replay(&client, &replayer.sequences)
+            .await
+            .map_err(|e| RestoreError::Target(format!("listing sequences: {e}")))?;
+        let m = Manifest {
+            sequences,
+            ..manifest.clone()
+        };
+        backup::restore_sequences(&m, target_info).await?;
+    }
     let summary = RestoreSummary {
         backup_id: plan.backup_id,
         transactions_replayed: replayer.applied,
@@ -421,6 +442,10 @@ struct Replayer<'a> {
     applied: u64,
     last_commit: Option<(Lsn, PgTimestamp)>,
     stopped: bool,
+    /// Checks that every change of a table's columns is explained by a replayed DDL message.
+    guard: crate::ddl::SchemaGuard,
+    /// The last value of each sequence recorded by the archiver (`tidemark.sequences`).
+    sequences: HashMap<(String, String), (i64, bool)>,
 }
 
 const BATCH_BYTES: usize = 1 << 20;
@@ -447,9 +472,14 @@ impl<'a> Replayer<'a> {
         {
             tracing::warn!(error = %e, "cannot set session_replication_role = replica: triggers on the target will fire during replay");
         }
+        let relations = relations_at_backup(client, manifest).await?;
+        let mut guard = crate::ddl::SchemaGuard::new();
+        for rel in relations.values() {
+            guard.know(rel);
+        }
         Ok(Replayer {
             client,
-            relations: relations_at_backup(client, manifest).await?,
+            relations,
             start,
             target,
             batch: String::new(),
@@ -458,6 +488,8 @@ impl<'a> Replayer<'a> {
             applied: 0,
             last_commit: None,
             stopped: false,
+            guard,
+            sequences: HashMap::new(),
         })
     }
 
@@ -528,9 +560,16 @@ impl<'a> Replayer<'a> {
             }
             Message::Relation { .. } => {
                 if let Some(rel) = RelationInfo::from_message(&msg) {
+                    // Before the backup's point the backup's own columns are authoritative.
+                    let check = self.txn.is_some_and(|t| t.0 >= self.start);
+                    let at = self.txn.map(|t| t.0.to_string()).unwrap_or_default();
+                    if let Err(e) = self.guard.relation(&rel, check, &at) {
+                        return Err(self.replay_err(&e.restore_detail()));
+                    }
                     self.relations.insert(rel.oid, rel);
                 }
             }
+            Message::Message { .. } => self.logical_message(msg).await?,
             other => {
                 let Some((final_lsn, _)) = self.txn else {
                     return Ok(());
@@ -540,6 +579,67 @@ impl<'a> Replayer<'a> {
                 }
                 self.render(other)?;
             }
+        }
+        Ok(())
+    }
+
+    /// A logical message: tidemark's DDL runs at this point of the transaction, recorded
+    /// sequence values are set here (and again after the restore's sequence step); others
+    /// (heartbeats, applications' own) change nothing.
+    async fn logical_message(&mut self, msg: Message) -> Result<(), RestoreError> {
+        let Message::Message {
+            prefix, content, ..
+        } = msg
+        else {
+            return Ok(());
+        };
+        let active = self.txn.is_some_and(|t| t.0 >= self.start);
+        let decoded = match crate::ddl::decode_message(&prefix, &content) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(e) if active => return Err(self.replay_err(&e.to_string())),
+            Err(_) => return Ok(()),
+        };
+        let Some((commit, _)) = self.txn.filter(|_| active) else {
+            return Ok(());
+        };
+        if let crate::ddl::TidemarkMessage::Ddl(_) = decoded {
+            self.guard.ddl();
+        }
+        let statements: Vec<String> = match decoded {
+            crate::ddl::TidemarkMessage::Ddl(d) => {
+                let statements =
+                    crate::ddl::plan_replay(&d).map_err(|e| self.replay_err(&e.to_string()))?;
+                // Run on their own (inside the open transaction) so a failure names the
+                // statement.
+                self.send_batch().await?;
+                for sql in &statements {
+                    if let Err(e) = self.client.simple_query(sql).await {
+                        return Err(self.replay_err(&format!(
+                            "the schema change {sql:?} failed on the target: {}\nHINT: the target may lack something the source had (an extension, a role, a tablespace…): provide it and restore again, or restore to an instant before this transaction",
+                            crate::source::error_chain(&e)
+                        )));
+                    }
+                }
+                return Ok(());
+            }
+            crate::ddl::TidemarkMessage::Sequences(s) => {
+                let sql = crate::ddl::setval_sql(&s.sequences);
+                for v in s.sequences {
+                    self.sequences
+                        .insert((v.schema, v.name), (v.last_value, v.is_called));
+                }
+                sql.into_iter().collect()
+            }
+        };
+        for sql in statements {
+            self.batch.push_str(&sql);
+            self.batch.push_str(";\n");
+            self.statements.push(Stmt {
+                kind: b'M',
+                rel: None,
+                commit,
+            });
         }
         Ok(())
     }
@@ -620,6 +720,15 @@ impl<'a> Replayer<'a> {
         }
         if self.txn.is_some() {
             return Err(self.replay_err("internal: flush inside a transaction"));
+        }
+        self.send_batch().await
+    }
+
+    /// Sends what is batched, which may end inside the open transaction (the server keeps it
+    /// open), and checks the row counts.
+    async fn send_batch(&mut self) -> Result<(), RestoreError> {
+        if self.batch.is_empty() {
+            return Ok(());
         }
         let sql = std::mem::take(&mut self.batch);
         let statements = std::mem::take(&mut self.statements);

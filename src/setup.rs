@@ -2,7 +2,9 @@
 //!
 //! Creates the publication (FOR ALL TABLES) and the logical slot if they are missing, and
 //! reports every table whose updates and deletes cannot be replicated, with the statement that
-//! fixes it, and what the database uses that the archive will not carry.
+//! fixes it, and what the database uses that the archive will not carry. Installs DDL capture
+//! (see [`crate::ddl`]) when the role may; without it, archiving still runs but a change to a
+//! table's columns stops the archiver.
 
 use crate::conninfo::ConnInfo;
 use crate::replication::ReplicationClient;
@@ -20,6 +22,13 @@ pub async fn run(info: &ConnInfo, slot: &str, publication: &str) -> anyhow::Resu
     } else {
         source.create_publication(publication).await?;
         println!("created publication {publication:?} FOR ALL TABLES");
+    }
+    match crate::ddl::ensure_capture(&source.client).await {
+        Ok(c) => println!("{}", c.describe()),
+        Err(e) => println!(
+            "DDL capture is NOT installed: {}",
+            crate::source::error_chain(&e)
+        ),
     }
     match source.slot(slot).await? {
         Some(s) => println!(

@@ -10,6 +10,7 @@ mod backup;
 mod bad_input;
 mod commands;
 mod crash;
+mod ddl;
 mod harness_smoke;
 mod oracle;
 mod replication;

@@ -17,6 +17,7 @@ mod content;
 mod os;
 pub mod proxy;
 pub mod s3;
+mod schema;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -30,6 +31,8 @@ pub use content::{
     assert_same_content, assert_same_hashes, content_hashes, snapshot_content, ContentHashes,
     ContentSnapshot,
 };
+#[allow(unused_imports)]
+pub use schema::{assert_same_schema, schema_dump};
 
 /// Superuser created by `initdb -U` in every test cluster.
 pub const SUPERUSER: &str = "tidemark";
