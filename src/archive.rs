@@ -142,6 +142,7 @@ impl ArchiveError {
             ArchiveError::Repo(_)
             | ArchiveError::Gap { .. }
             | ArchiveError::Decode { .. }
+            | ArchiveError::SchemaChange(_)
             | ArchiveError::Internal(_) => false,
         }
     }
