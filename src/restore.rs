@@ -528,6 +528,7 @@ impl<'a> Replayer<'a> {
             }
             Message::Relation { .. } => {
                 if let Some(rel) = RelationInfo::from_message(&msg) {
+                    let rel = keep_relation_facts(self.relations.get(&rel.oid), rel);
                     self.relations.insert(rel.oid, rel);
                 }
             }
@@ -710,10 +711,21 @@ async fn relations_at_backup(
                         is_key: keys.contains(c),
                     })
                     .collect(),
+                partitioned: t.partitioned_root,
             },
         );
     }
     Ok(out)
+}
+
+/// A relation described again by the stream, with what the stream does not say carried over
+/// from what was known of it (from the base backup): whether it is a partitioned table, whose
+/// changes (sent via its root with `publish_via_partition_root`) must not use `ONLY`.
+fn keep_relation_facts(known: Option<&RelationInfo>, mut rel: RelationInfo) -> RelationInfo {
+    if let Some(known) = known {
+        rel.partitioned = known.partitioned;
+    }
+    rel
 }
 
 /// A statement of a batch, for checking its result.

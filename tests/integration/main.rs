@@ -14,4 +14,5 @@ mod harness_smoke;
 mod oracle;
 mod replication;
 mod spine;
+mod tables;
 mod types;
