@@ -187,6 +187,12 @@ pub async fn run(
         info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
         source.create_publication(&opts.publication).await?;
     }
+    match source.not_covered(&opts.publication).await {
+        Ok(items) => items
+            .iter()
+            .for_each(|m| tracing::warn!("not archived: {m}")),
+        Err(e) => tracing::warn!(error = %e, "cannot list what the archive will not carry"),
+    }
     let manifests = backup::list_manifests(&store).await?;
     let chains = repo::list_segments(&store).await?;
     let current_gen = manifests

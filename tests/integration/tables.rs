@@ -192,3 +192,96 @@ async fn table_kinds_round_trip_published_via_leaves() {
 async fn table_kinds_round_trip_published_via_root() {
     scenario(true).await;
 }
+
+/// `setup` names what the archive will not carry and what a restore does about it; the
+/// archiver logs the same at startup; a restore behaves as reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_reports_what_the_archive_will_not_carry() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(
+        "CREATE TABLE covered (id int PRIMARY KEY, v text);
+         CREATE TABLE \"Left Out\" (id int PRIMARY KEY);
+         CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
+         CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
+         CREATE UNLOGGED TABLE scratch (id int);
+         INSERT INTO scratch VALUES (1);
+         CREATE FOREIGN DATA WRAPPER nowhere;
+         CREATE SERVER far FOREIGN DATA WRAPPER nowhere;
+         CREATE FOREIGN TABLE remote (id int) SERVER far;
+         INSERT INTO covered VALUES (1, 'a'), (2, 'b');
+         CREATE MATERIALIZED VIEW summary AS SELECT count(*) AS n FROM covered;
+         CREATE SEQUENCE free_seq;
+         CREATE SEQUENCE owned_seq OWNED BY covered.id;
+         SELECT lo_from_bytea(0, 'large'), lo_from_bytea(0, 'object');
+         CREATE FUNCTION audit_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;
+         CREATE EVENT TRIGGER audit ON ddl_command_end EXECUTE FUNCTION audit_ddl();
+         CREATE SUBSCRIPTION inbound CONNECTION 'dbname=nowhere' PUBLICATION p
+             WITH (connect = false, enabled = false, create_slot = false, slot_name = NONE);
+         CREATE PUBLICATION partial FOR TABLE covered, parted;",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = tidemark(&[
+        "setup",
+        "--source",
+        &cluster.conninfo("app"),
+        "--publication",
+        "partial",
+    ]);
+    assert_eq!(code, 0, "setup failed: {out}{err}");
+    let expect = [
+        "not archived: large objects (2): ",
+        "not archived: unlogged tables (1): public.scratch\n    at restore: created empty",
+        "not archived: foreign tables (1): public.remote\n    at restore:",
+        "not archived: materialized views (1): public.summary\n    at restore: defined again but not populated",
+        "not archived: tables outside the publication (1): public.\"Left Out\"\n",
+        "not archived: sequences not owned by a column (1): public.free_seq\n",
+        "not archived: event triggers (1): audit\n",
+        "not archived: subscriptions (1): inbound\n",
+    ];
+    for e in expect {
+        assert!(out.contains(e), "setup output lacks {e:?}:\n{out}");
+    }
+    assert!(
+        !out.contains("owned_seq") && !out.contains("parted_1"),
+        "{out}"
+    );
+
+    // The archiver says the same at startup; a restore does what was announced.
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &["--publication", "partial"]);
+    archiver.wait_streaming(&src, "tidemark").await;
+    wait_base_backup(&repo).await;
+    src.batch_execute("INSERT INTO covered VALUES (3, 'c')")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = archiver.log_text();
+    archiver.stop();
+    assert!(
+        log.contains("not archived: unlogged tables (1): public.scratch"),
+        "{log}"
+    );
+    cluster.create_database("restored");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--target",
+        &cluster.conninfo("restored"),
+        "--latest",
+    ]);
+    assert_eq!(code, 0, "restore failed: {out}{err}");
+    let facts = cluster.psql(
+        "restored",
+        "SELECT (SELECT count(*) FROM covered), (SELECT count(*) FROM scratch),
+                (SELECT count(*) FROM \"Left Out\"),
+                (SELECT relispopulated FROM pg_class WHERE relname = 'summary'),
+                (SELECT count(*) FROM pg_largeobject_metadata),
+                (SELECT count(*) FROM pg_foreign_table)",
+    );
+    assert_eq!(facts, "3|0|0|f|0|1");
+}
