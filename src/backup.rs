@@ -160,7 +160,7 @@ fn qualified(schema: &str, name: &str) -> String {
 const SESSION_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0; \
      SET idle_in_transaction_session_timeout = 0; SET row_security = off; \
      SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
-     SET timezone = 'UTC'; SET search_path = pg_catalog";
+     SET timezone = 'UTC'; SET search_path = pg_catalog; SET lc_monetary = 'C'";
 
 // ---------------------------------------------------------------------------------------------
 // Taking a backup

@@ -435,7 +435,8 @@ impl<'a> Replayer<'a> {
         client
             .batch_execute(
                 "SET synchronous_commit = off; SET extra_float_digits = 3; SET DateStyle = ISO;
-                 SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET bytea_output = hex;",
+                 SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET bytea_output = hex;
+                 SET search_path = pg_catalog; SET lc_monetary = 'C';",
             )
             .await
             .map_err(|e| RestoreError::Target(e.to_string()))?;

@@ -17,8 +17,9 @@
 //! Assumptions about the target, which the caller must ensure:
 //! - `standard_conforming_strings = on` (backslashes in literals are literal), and the same
 //!   output-affecting settings as the source's walsender (DateStyle, IntervalStyle, TimeZone,
-//!   extra_float_digits, bytea_output): row location under REPLICA IDENTITY FULL compares the
-//!   target's text output with the source's.
+//!   extra_float_digits, bytea_output, search_path, lc_monetary): row location under REPLICA
+//!   IDENTITY FULL compares the target's text output with the source's, and regclass-like and
+//!   money values are read back as they were printed.
 //! - [`RelationInfo::partitioned`] says whether the relation is a partitioned table on the
 //!   target (a publication with `publish_via_partition_root = true` sends changes of the
 //!   partitions as changes of their root). UPDATE, DELETE and TRUNCATE of an ordinary table use

@@ -102,7 +102,7 @@ const COLUMNS: &str = "
     u uuid, ip inet, cidr cidr, mac macaddr, mac8 macaddr8, bt bit(4), vb varbit,
     tsv tsvector, tsq tsquery, j json, jb jsonb, jp jsonpath, x xml,
     pt point, ln line, ls lseg, bx box, pth path, pg polygon, ci circle,
-    o oid, rc regclass, rt regtype, pl pg_lsn, snap pg_snapshot,
+    o oid, rc regclass, rc2 regclass, rt regtype, pl pg_lsn, snap pg_snapshot,
     r4 int4range, r8 int8range, nr numrange, tsr tsrange, tstzr tstzrange, dr daterange,
     mr int4multirange, dmr datemultirange,
     e mood, dom short_text, cit text COLLATE ci,
@@ -114,12 +114,14 @@ const COLUMNS: &str = "
 const COLUMN_NAMES: &str =
     "b, i2, i4, i8, f4, f8, n, n2, m, c, vc, t, nm, ch, by, d, tm, ttz, ts, tstz, iv, iv2,
     u, ip, cidr, mac, mac8, bt, vb, tsv, tsq, j, jb, jp, x, pt, ln, ls, bx, pth, pg, ci,
-    o, rc, rt, pl, snap, r4, r8, nr, tsr, tstzr, dr, mr, dmr, e, dom, cit,
+    o, rc, rc2, rt, pl, snap, r4, r8, nr, tsr, tstzr, dr, mr, dmr, e, dom, cit,
     ai, aai, aat, af, comp, nest, comps, big";
 
 fn schema() -> String {
     format!(
         "CREATE SCHEMA \"Odd \"\"Schema\"\"\";
+         CREATE SCHEMA hidden;
+         CREATE TABLE hidden.\"Only Here\" (id int PRIMARY KEY);
          CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy', 'it''s \"quoted\"');
          CREATE DOMAIN short_text AS text CHECK (length(VALUE) < 100) NOT NULL DEFAULT 'd';
          CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
@@ -181,7 +183,7 @@ fn insert_rows(table: &str, from: i32, count: i32) -> String {
            point(i, -i / 3.0), line(point(0, 0), point(i, i + 1)), lseg(point(0, i), point(1, 1)),
            box(point(0, 0), point(i, i)), ('[(0,0),(' || i || ',1),(2,2)]')::path,
            ('((0,0),(' || i || ',0),(0,1))')::polygon, circle(point(i, 1), 2.5),
-           (i % 5000)::oid, 'typed_pk'::regclass, 'int4[]'::regtype,
+           (i % 5000)::oid, 'typed_pk'::regclass, 'hidden.\"Only Here\"'::regclass, 'int4[]'::regtype,
            (i || '/' || to_hex(i * 4096))::pg_lsn, '10:20:10,14,15'::pg_snapshot,
            (ARRAY['empty', '[1,10)', '(,5)', '[3,)'])[i % 4 + 1]::int4range,
            int8range(i, NULL), numrange(1.5, i + 1.75, '[]'),
@@ -241,6 +243,11 @@ async fn every_type_round_trips_at_each_instant() {
     cluster.create_database("app");
     let src = cluster.client("app").await;
     src.batch_execute(&schema()).await.unwrap();
+    // Text output of regclass depends on the search path: the source's walsender sees a schema
+    // that a restore session does not.
+    src.batch_execute("ALTER DATABASE app SET search_path = \"$user\", public, hidden")
+        .await
+        .unwrap();
     // Rows in the base backup.
     src.batch_execute(&format!(
         "{} {} {}",
