@@ -1,7 +1,8 @@
 //! Table kinds round-trip: tables without a primary key (REPLICA IDENTITY FULL, with duplicate
 //! identical rows), REPLICA IDENTITY USING INDEX, partitioned tables (several levels, default
 //! partitions, rows moving between partitions) published via their leaves and via their root,
-//! TRUNCATE … CASCADE and TRUNCATE … RESTART IDENTITY, unchanged TOAST values in updates.
+//! table inheritance (a change of a parent never reaches a child), TRUNCATE … CASCADE and
+//! TRUNCATE … RESTART IDENTITY, unchanged TOAST values in updates.
 //! Each scenario restores to several instants and compares data and schema with the source.
 
 use std::time::Duration;
@@ -36,6 +37,14 @@ const SCHEMA: &str = "
     ALTER TABLE logs REPLICA IDENTITY FULL;
     ALTER TABLE logs_2025 REPLICA IDENTITY FULL;
     ALTER TABLE logs_rest REPLICA IDENTITY FULL;
+
+    -- Table inheritance: a change of the parent must never reach the child's row with the
+    -- same key.
+    CREATE TABLE animals (id int PRIMARY KEY, name text);
+    CREATE TABLE dogs (breed text) INHERITS (animals);
+    ALTER TABLE dogs ADD PRIMARY KEY (id);
+    CREATE TABLE pets (name text, kind text) INHERITS (animals);
+    ALTER TABLE pets REPLICA IDENTITY FULL;
 
     CREATE TABLE customers (id int PRIMARY KEY, name text);
     CREATE TABLE orders (id int PRIMARY KEY, customer int REFERENCES customers, total int);
@@ -74,6 +83,14 @@ fn step(k: i32) -> String {
         UPDATE logs SET msg = msg || '{k}' WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM logs_2025 WHERE msg = 'm' LIMIT 1);
         UPDATE logs SET at = '2025-12-31' WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM logs_rest WHERE msg = 'm' LIMIT 1);
         DELETE FROM logs WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM logs_rest WHERE msg = 'm' LIMIT 1);
+
+        INSERT INTO animals VALUES ({k}, 'animal'), ({k} + 50, 'animal');
+        INSERT INTO dogs VALUES ({k}, 'dog', 'collie'), ({k} + 50, 'dog', 'pug');
+        INSERT INTO pets VALUES ({k}, 'pet'), ({k}, 'pet');
+        UPDATE ONLY animals SET name = 'renamed' WHERE id = {k};
+        UPDATE dogs SET name = 'renamed dog' WHERE id = {k} + 50;
+        DELETE FROM ONLY animals WHERE id = {k} + 50;
+        DELETE FROM pets WHERE ctid = (SELECT ctid FROM pets WHERE id = {k} LIMIT 1);
 
         INSERT INTO customers SELECT {k} * 10 + i, 'c' FROM generate_series(1, 3) i;
         INSERT INTO orders SELECT {k} * 10 + i, {k} * 10 + i, i FROM generate_series(1, 3) i;
