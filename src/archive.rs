@@ -316,6 +316,12 @@ async fn run_once(
         source.create_publication(&opts.publication).await?;
     }
     crate::ddl::ensure_capture_logged(&source.client).await;
+    match source.not_covered(&opts.publication).await {
+        Ok(items) => items
+            .iter()
+            .for_each(|m| tracing::warn!("not archived: {m}")),
+        Err(e) => tracing::warn!(error = %e, "cannot list what the archive will not carry"),
+    }
     let manifests = backup::list_manifests(&store).await?;
     let chains = repo::list_segments(&store).await?;
     let current_gen = manifests

@@ -65,11 +65,12 @@ pub struct BackupRequest<'a> {
 pub enum LoadPhase {
     /// Types, tables, functions, views… (`pg_restore --section=pre-data`).
     PreData,
-    /// Table contents.
+    /// Table contents, and the sequences' backed-up values.
     Data,
     /// Primary keys, unique constraints and replica-identity indexes: what replay needs.
     Keys,
-    /// The rest of post-data (indexes, foreign keys, triggers, rules, policies…), then sequences.
+    /// The rest of post-data (indexes, foreign keys, triggers, rules, policies…), then
+    /// sequences raised past the values in the columns they feed.
     PostData,
 }
 
@@ -82,7 +83,8 @@ pub struct LoadStats {
     pub rows: u64,
     /// COPY text bytes loaded.
     pub bytes: u64,
-    /// Sequences set (PostData).
+    /// Sequences set to their backed-up values (Data), or raised past the columns they feed
+    /// where needed (PostData: the number checked).
     pub sequences: u64,
     pub elapsed: Duration,
 }
@@ -158,7 +160,7 @@ fn qualified(schema: &str, name: &str) -> String {
 const SESSION_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0; \
      SET idle_in_transaction_session_timeout = 0; SET row_security = off; \
      SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
-     SET timezone = 'UTC'; SET search_path = pg_catalog";
+     SET timezone = 'UTC'; SET search_path = pg_catalog; SET lc_monetary = 'C'";
 
 // ---------------------------------------------------------------------------------------------
 // Taking a backup
@@ -754,7 +756,10 @@ pub async fn load(
             dump.restore(target, &["--section=pre-data"], None, 1)
                 .await?;
         }
-        LoadPhase::Data => load_data(store, m, target, parallel, &mut stats).await?,
+        LoadPhase::Data => {
+            load_data(store, m, target, parallel, &mut stats).await?;
+            stats.sequences = set_backed_up_sequences(m, target).await?;
+        }
         LoadPhase::Keys | LoadPhase::PostData => {
             let dump = SchemaFile::fetch(store, m).await?;
             let listing = dump.listing().await?;
@@ -789,7 +794,7 @@ pub async fn load(
             dump.restore(target, &["--section=post-data"], Some(list), parallel)
                 .await?;
             if phase == LoadPhase::PostData {
-                stats.sequences = restore_sequences(m, target).await?;
+                stats.sequences = raise_sequences(m, target).await?;
             }
         }
     }
@@ -1007,10 +1012,19 @@ async fn load_table(
     Ok(rows)
 }
 
-/// Sets every sequence to its backed-up value, then past the largest value of every integer
-/// column it feeds (owned-by, identity, or named in a column default), so that the restored
-/// application's next insert does not collide. Returns the number of sequences set.
+/// Sets every sequence of `m` to its recorded value, then past the largest value of every
+/// integer column it feeds. Used after replay with the values the archiver last recorded.
 pub async fn restore_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
+    let n = set_backed_up_sequences(m, target).await?;
+    raise_sequences(m, target).await?;
+    Ok(n)
+}
+
+/// Sets every sequence to its backed-up value. Done with the data, before the restore replays
+/// the archived changes, so that a replayed `TRUNCATE … RESTART IDENTITY` restarts the
+/// sequences as it did on the source (and [`raise_sequences`] then moves them just past the
+/// rows inserted since). Returns the number of sequences set.
+async fn set_backed_up_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
     let client = open_for_load(target).await?;
     for s in &m.sequences {
         client
@@ -1024,6 +1038,14 @@ pub async fn restore_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, B
                 qualified(&s.schema, &s.name)
             )))?;
     }
+    Ok(m.sequences.len() as u64)
+}
+
+/// Raises every sequence past the largest value of every integer column it feeds (owned-by,
+/// identity, or named in a column default), so that the restored application's next insert
+/// does not collide. Returns the number of sequences of the backup (all were checked).
+async fn raise_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
+    let client = open_for_load(target).await?;
     let users = client
         .query(
             "SELECT DISTINCT sn.nspname::text, s.relname::text, tn.nspname::text, t.relname::text,

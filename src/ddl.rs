@@ -1372,6 +1372,7 @@ mod tests {
             schema: "public".into(),
             name: "t".into(),
             replica_identity: b'd',
+            partitioned: false,
             columns: cols
                 .iter()
                 .map(|(n, t)| crate::statement::ColumnInfo {

@@ -2031,6 +2031,22 @@ mod tests {
         }
 
         #[test]
+        fn decode_never_panics_on_garbage_after_a_valid_tag(
+            tag in proptest::sample::select(b"BCORYIUDTMSEcAbPKrp".to_vec()),
+            tail in proptest::collection::vec(any::<u8>(), 0..160),
+            in_stream in any::<bool>(),
+        ) {
+            // Past the tag, so that every message's field parser sees arbitrary bytes.
+            let mut bytes = vec![tag];
+            bytes.extend_from_slice(&tail);
+            let payload = Bytes::from(bytes);
+            if let Ok(m) = decode(&payload, in_stream) {
+                prop_assert_eq!(m.tag() as u8, tag);
+                prop_assert_eq!(encoded(&m), payload);
+            }
+        }
+
+        #[test]
         fn decode_never_panics_on_truncated_or_mutated_messages(
             m in arb_message(),
             flip in any::<(usize, u8)>(),
@@ -2057,6 +2073,24 @@ mod tests {
                     prop_assert_eq!(encoded(&m), mutated.clone());
                 }
             }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn tuples_with_many_columns_round_trip(
+            xid in proptest::option::of(any::<u32>()),
+            relid in any::<u32>(),
+            values in proptest::collection::vec(arb_value(), 0..300),
+            big in proptest::collection::vec(any::<u8>(), 0..70_000),
+        ) {
+            // Wide rows, and a value longer than 64 KiB (lengths are 32-bit on the wire).
+            let mut values = values;
+            values.push(Value::Text(Bytes::from(big)));
+            let m = Message::Insert { xid, relid, new: TupleData(values) };
+            prop_assert_eq!(decode(&encoded(&m), xid.is_some()), Ok(m));
         }
     }
 }

@@ -147,9 +147,9 @@ fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ReplicationError> 
 impl ReplicationClient {
     /// Connects and authenticates, trying each host of `info` in order, each within
     /// `info.connect_timeout()`. The session is set up with `client_encoding=UTF8`,
-    /// `DateStyle=ISO`, `IntervalStyle=postgres`, `TimeZone=UTC`, `extra_float_digits=3` and
-    /// `bytea_output=hex`, so that pgoutput's text values are unambiguous and identical to what
-    /// a restore session prints.
+    /// `DateStyle=ISO`, `IntervalStyle=postgres`, `TimeZone=UTC`, `extra_float_digits=3`,
+    /// `bytea_output=hex`, `search_path=pg_catalog` and `lc_monetary=C`, so that pgoutput's
+    /// text values are unambiguous and identical to what a restore session prints.
     pub async fn connect(info: &ConnInfo) -> Result<Self, ReplicationError> {
         let conn = startup::connect(info).await?;
         tracing::debug!(target = %conn.target, "replication connection established");

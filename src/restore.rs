@@ -460,7 +460,8 @@ impl<'a> Replayer<'a> {
         client
             .batch_execute(
                 "SET synchronous_commit = off; SET extra_float_digits = 3; SET DateStyle = ISO;
-                 SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET bytea_output = hex;",
+                 SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET bytea_output = hex;
+                 SET search_path = pg_catalog; SET lc_monetary = 'C';",
             )
             .await
             .map_err(|e| RestoreError::Target(e.to_string()))?;
@@ -566,6 +567,7 @@ impl<'a> Replayer<'a> {
                     if let Err(e) = self.guard.relation(&rel, check, &at) {
                         return Err(self.replay_err(&e.restore_detail()));
                     }
+                    let rel = keep_relation_facts(self.relations.get(&rel.oid), rel);
                     self.relations.insert(rel.oid, rel);
                 }
             }
@@ -819,10 +821,21 @@ async fn relations_at_backup(
                         is_key: keys.contains(c),
                     })
                     .collect(),
+                partitioned: t.partitioned_root,
             },
         );
     }
     Ok(out)
+}
+
+/// A relation described again by the stream, with what the stream does not say carried over
+/// from what was known of it (from the base backup): whether it is a partitioned table, whose
+/// changes (sent via its root with `publish_via_partition_root`) must not use `ONLY`.
+fn keep_relation_facts(known: Option<&RelationInfo>, mut rel: RelationInfo) -> RelationInfo {
+    if let Some(known) = known {
+        rel.partitioned = known.partitioned;
+    }
+    rel
 }
 
 /// A statement of a batch, for checking its result.

@@ -51,7 +51,10 @@ pub async fn run(info: &ConnInfo, slot: &str, publication: &str) -> anyhow::Resu
             println!("  {fix}");
         }
     }
-    let missing = source.not_covered().await?;
+    let missing = source.not_covered(publication).await?;
+    if missing.is_empty() {
+        println!("the archive will carry everything this database holds");
+    }
     for m in &missing {
         println!("not archived: {m}");
     }

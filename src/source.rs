@@ -227,36 +227,189 @@ impl Source {
             .collect())
     }
 
-    /// What the database uses that logical decoding does not carry.
-    pub async fn not_covered(&self) -> Result<Vec<String>, SourceError> {
+    /// What the database uses that the archive will not carry, each with what a restore does
+    /// about it. `publication` is the publication the archive reads (tables outside it are
+    /// reported). Empty when everything is covered.
+    pub async fn not_covered(&self, publication: &str) -> Result<Vec<NotCovered>, SourceError> {
         let mut out = Vec::new();
-        let rows = self
-            .client
-            .query(
-                "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
-                   JOIN pg_namespace n ON n.oid = c.relnamespace
-                  WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' ORDER BY 1",
-                &[],
-            )
-            .await
-            .map_err(q("find unlogged tables"))?;
-        for r in rows {
-            out.push(format!(
-                "unlogged table {} (its changes are not in the WAL, so they are not archived)",
-                r.get::<_, String>(0)
-            ));
-        }
-        let lo: i64 = self
-            .client
-            .query_one("SELECT count(*) FROM pg_largeobject_metadata", &[])
-            .await
-            .map_err(q("count large objects"))?
-            .get(0);
-        if lo > 0 {
-            out.push(format!(
-                "{lo} large object(s) (pg_largeobject is not replicated by logical decoding)"
-            ));
+        for check in NOT_COVERED_CHECKS {
+            let sql = format!(
+                "SELECT x, count(*) OVER ()::int8 FROM ({}) q(x) LIMIT {SHOWN_NAMES}",
+                check.query
+            );
+            let rows = self
+                .client
+                .query(&sql, &[&publication])
+                .await
+                .map_err(q(check.what))?;
+            if let Some(first) = rows.first() {
+                out.push(NotCovered {
+                    kind: check.kind,
+                    count: first.get(1),
+                    names: rows.iter().map(|r| r.get(0)).collect(),
+                    at_restore: check.at_restore,
+                });
+            }
         }
         Ok(out)
     }
 }
+
+/// Something the database uses that the archive does not carry (see [`Source::not_covered`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotCovered {
+    /// What it is, plural: "unlogged tables".
+    pub kind: &'static str,
+    /// How many there are.
+    pub count: i64,
+    /// The first [`SHOWN_NAMES`] of them (qualified, quoted where needed).
+    pub names: Vec<String>,
+    /// What a restore does about them.
+    pub at_restore: &'static str,
+}
+
+impl std::fmt::Display for NotCovered {
+    /// `unlogged tables (2): public.a, public.b` then an indented `at restore: …` line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}): {}",
+            self.kind,
+            self.count,
+            self.names.join(", ")
+        )?;
+        let more = self.count - self.names.len() as i64;
+        if more > 0 {
+            write!(f, ", and {more} more")?;
+        }
+        write!(f, "\n    at restore: {}", self.at_restore)
+    }
+}
+
+/// Names shown per kind of [`NotCovered`] object.
+pub const SHOWN_NAMES: usize = 20;
+
+struct NotCoveredCheck {
+    kind: &'static str,
+    what: &'static str,
+    /// Takes the publication name as $1 (unused by most); returns one text column.
+    query: &'static str,
+    at_restore: &'static str,
+}
+
+/// User schemas: not the catalogs, not TOAST or temporary schemas.
+macro_rules! user_ns {
+    ($n:literal) => {
+        concat!(
+            $n,
+            ".nspname NOT IN ('pg_catalog', 'information_schema') AND ",
+            $n,
+            ".nspname !~ '^pg_(toast|temp)' AND $1::text IS NOT NULL"
+        )
+    };
+}
+
+const NOT_COVERED_CHECKS: &[NotCoveredCheck] = &[
+    NotCoveredCheck {
+        kind: "large objects",
+        what: "find large objects",
+        query: "SELECT oid::text FROM pg_largeobject_metadata
+                 WHERE $1::text IS NOT NULL ORDER BY oid",
+        at_restore: "absent: logical decoding does not carry pg_largeobject, and the base backup \
+                     holds no large objects; columns holding their OIDs point to nothing",
+    },
+    NotCoveredCheck {
+        kind: "unlogged tables",
+        what: "find unlogged tables",
+        query: concat!(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' AND ",
+            user_ns!("n"),
+            " ORDER BY 1"
+        ),
+        at_restore: "created empty: their changes are not in the WAL, so neither their rows \
+                     nor their changes are archived",
+    },
+    NotCoveredCheck {
+        kind: "foreign tables",
+        what: "find foreign tables",
+        query: concat!(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'f' AND ",
+            user_ns!("n"),
+            " ORDER BY 1"
+        ),
+        at_restore: "defined again, pointing at the same foreign server; their data lives \
+                     there and is not archived",
+    },
+    NotCoveredCheck {
+        kind: "materialized views",
+        what: "find materialized views",
+        query: concat!(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'm' AND ",
+            user_ns!("n"),
+            " ORDER BY 1"
+        ),
+        at_restore: "defined again but not populated (their contents are not archived): run \
+                     REFRESH MATERIALIZED VIEW on each after the restore",
+    },
+    NotCoveredCheck {
+        kind: "tables outside the publication",
+        what: "find tables outside the publication",
+        // Permanent tables, partitions counted through their leaves: a table is covered when
+        // it, or (for a partition) one of its ancestors, is published.
+        query: concat!(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND ",
+            user_ns!("n"),
+            " AND NOT EXISTS (
+                    SELECT 1 FROM pg_publication_tables pt
+                      JOIN pg_namespace pn ON pn.nspname = pt.schemaname
+                      JOIN pg_class pc ON pc.relnamespace = pn.oid AND pc.relname = pt.tablename
+                     WHERE pt.pubname = $1
+                       AND (pc.oid = c.oid OR pc.oid IN (SELECT pg_partition_ancestors(c.oid))))
+                AND EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)
+              ORDER BY 1"
+        ),
+        at_restore: "created empty: only the publication's tables are backed up and archived",
+    },
+    NotCoveredCheck {
+        kind: "sequences not owned by a column",
+        what: "find sequences not owned by a column",
+        query: concat!(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'S' AND ",
+            user_ns!("n"),
+            " AND NOT EXISTS (SELECT 1 FROM pg_depend d
+                               WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                                 AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'))
+              ORDER BY 1"
+        ),
+        at_restore: "set to their value at the base backup (sequences are not carried by \
+                     logical decoding), then past the largest value of any column whose default \
+                     uses them; nextval() calls since the base backup are otherwise lost",
+    },
+    NotCoveredCheck {
+        kind: "event triggers",
+        what: "find event triggers",
+        query: "SELECT quote_ident(evtname) FROM pg_event_trigger
+                 WHERE evtname !~ '^tidemark' AND $1::text IS NOT NULL ORDER BY 1",
+        at_restore: "recreated from the base backup's schema; schema changes after the base \
+                     backup are not replayed, only the row changes they cause in published tables",
+    },
+    NotCoveredCheck {
+        kind: "subscriptions",
+        what: "find subscriptions",
+        query: "SELECT quote_ident(subname) FROM pg_subscription
+                 WHERE subdbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   AND $1::text IS NOT NULL ORDER BY 1",
+        at_restore: "not recreated; the rows they replicated into published tables are \
+                     restored as ordinary data",
+    },
+];

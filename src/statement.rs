@@ -17,12 +17,15 @@
 //! Assumptions about the target, which the caller must ensure:
 //! - `standard_conforming_strings = on` (backslashes in literals are literal), and the same
 //!   output-affecting settings as the source's walsender (DateStyle, IntervalStyle, TimeZone,
-//!   extra_float_digits, bytea_output): row location under REPLICA IDENTITY FULL compares the
-//!   target's text output with the source's.
-//! - The relations are those pgoutput publishes by default: leaf tables
-//!   (`publish_via_partition_root = false`). UPDATE and DELETE use `ONLY`, so that a change of
-//!   a parent in table inheritance never reaches rows of its children; on a partitioned table
-//!   `ONLY` would affect no row at all.
+//!   extra_float_digits, bytea_output, search_path, lc_monetary): row location under REPLICA
+//!   IDENTITY FULL compares the target's text output with the source's, and regclass-like and
+//!   money values are read back as they were printed.
+//! - [`RelationInfo::partitioned`] says whether the relation is a partitioned table on the
+//!   target (a publication with `publish_via_partition_root = true` sends changes of the
+//!   partitions as changes of their root). UPDATE, DELETE and TRUNCATE of an ordinary table use
+//!   `ONLY`, so that a change of a parent in table inheritance never reaches rows of its
+//!   children; a partitioned table gets no `ONLY` (which would affect no row, or be refused by
+//!   TRUNCATE), and PostgreSQL routes the change to the partition that holds the row.
 //! - The caller should check that every UPDATE and DELETE reports exactly one row: zero means
 //!   the target has diverged from the source, and nothing in the statement can detect that.
 
@@ -59,6 +62,10 @@ pub struct RelationInfo {
     pub replica_identity: u8,
     /// Columns in the order of the tuples.
     pub columns: Vec<ColumnInfo>,
+    /// Whether the relation is a partitioned table (`relkind = 'p'`), whose rows live in its
+    /// partitions. A Relation message does not say; the caller knows it from the base
+    /// backup's manifest (see the module documentation).
+    pub partitioned: bool,
 }
 
 impl RelationInfo {
@@ -85,6 +92,7 @@ impl RelationInfo {
                         is_key: c.is_key(),
                     })
                     .collect(),
+                partitioned: false,
             }),
             _ => None,
         }
@@ -99,6 +107,16 @@ impl RelationInfo {
             &self.schema
         };
         format!("{}.{}", quote_ident(schema), quote_ident(&self.name))
+    }
+
+    /// The table as the target of UPDATE, DELETE or TRUNCATE: `ONLY "s"."t"`, or `"s"."t"`
+    /// for a partitioned table (see the module documentation).
+    pub fn target_name(&self) -> String {
+        if self.partitioned {
+            self.qualified_name()
+        } else {
+            format!("ONLY {}", self.qualified_name())
+        }
     }
 }
 
@@ -314,6 +332,11 @@ impl Ctx<'_> {
 
     /// `WHERE ctid = (SELECT ctid FROM ONLY t WHERE <every column equal> LIMIT 1)` from a full
     /// old row (REPLICA IDENTITY FULL): duplicates are indistinguishable, any one will do.
+    /// For a partitioned table, whose partitions each have their own ctids, the row is the
+    /// pair `(tableoid, ctid)`, chosen once in a CTE which is returned, for the caller to
+    /// write before the statement: `WITH tidemark_row AS MATERIALIZED (SELECT tableoid, ctid
+    /// FROM t WHERE … LIMIT 1) … WHERE tableoid = (SELECT tableoid FROM tidemark_row) AND
+    /// ctid = (SELECT ctid FROM tidemark_row)`.
     ///
     /// Each column is compared by its text output, `pg_catalog.format('%s', "c") = 'v'`:
     /// not `"c" = 'v'`, because some types (json, point, xml…) have no equality operator, and
@@ -323,7 +346,11 @@ impl Ctx<'_> {
     /// match no row. A NULL is matched with `pg_catalog.num_nulls("c") = 1`, not `IS NULL`,
     /// which is also true for a composite value whose fields are all NULL.
     /// Unchanged TOAST values are skipped.
-    fn push_full_where(&self, out: &mut String, tuple: &TupleData) -> Result<(), StatementError> {
+    fn push_full_where(
+        &self,
+        out: &mut String,
+        tuple: &TupleData,
+    ) -> Result<Option<String>, StatementError> {
         let table = self.table();
         let mut conds = String::new();
         for (column, value) in self.rel.columns.iter().zip(&tuple.0) {
@@ -349,20 +376,34 @@ impl Ctx<'_> {
                 "the old row has no column to compare (all are unchanged TOAST values)",
             ));
         }
+        if self.rel.partitioned {
+            out.push_str(
+                " WHERE tableoid = (SELECT tableoid FROM tidemark_row) \
+                 AND ctid = (SELECT ctid FROM tidemark_row)",
+            );
+            return Ok(Some(format!(
+                "WITH tidemark_row AS MATERIALIZED (SELECT tableoid, ctid FROM {table} WHERE {conds} LIMIT 1) "
+            )));
+        }
         out.push_str(" WHERE ctid = (SELECT ctid FROM ONLY ");
         out.push_str(&table);
         out.push_str(" WHERE ");
         out.push_str(&conds);
         out.push_str(" LIMIT 1)");
-        Ok(())
+        Ok(None)
     }
 
-    /// The WHERE clause locating the old row given by an old tuple.
-    fn push_old_where(&self, out: &mut String, old: &OldTuple) -> Result<(), StatementError> {
+    /// The WHERE clause locating the old row given by an old tuple; returns the CTE to write
+    /// before the statement, if it needs one.
+    fn push_old_where(
+        &self,
+        out: &mut String,
+        old: &OldTuple,
+    ) -> Result<Option<String>, StatementError> {
         match old {
             OldTuple::Key(t) => {
                 self.check_count(t, "old key tuple")?;
-                self.push_key_where(out, t, "old key")
+                self.push_key_where(out, t, "old key").map(|()| None)
             }
             OldTuple::Full(t) => {
                 self.check_count(t, "old tuple")?;
@@ -469,16 +510,22 @@ pub fn render_update(
         ctx.push_value(&mut set, column, value)?;
     }
     let mut locate = String::new();
-    match old {
+    let cte = match old {
         Some(old) => ctx.push_old_where(&mut locate, old)?,
-        None => ctx.push_key_where(&mut locate, new, "new row (no old key was sent)")?,
-    }
+        None => {
+            ctx.push_key_where(&mut locate, new, "new row (no old key was sent)")?;
+            None
+        }
+    };
     if set.is_empty() {
         return Ok(());
     }
     out.reserve(set.len() + locate.len() + 64);
-    out.push_str("UPDATE ONLY ");
-    out.push_str(&rel.qualified_name());
+    if let Some(cte) = cte {
+        out.push_str(&cte);
+    }
+    out.push_str("UPDATE ");
+    out.push_str(&rel.target_name());
     out.push_str(&set);
     out.push_str(&locate);
     out.push(';');
@@ -518,21 +565,26 @@ pub fn render_delete(
         rel,
         action: "delete",
     };
-    atomically(out, |out| {
-        out.push_str("DELETE FROM ONLY ");
-        out.push_str(&rel.qualified_name());
-        ctx.push_old_where(out, old)?;
-        out.push(';');
-        Ok(())
-    })
+    let mut locate = String::new();
+    let cte = ctx.push_old_where(&mut locate, old)?;
+    if let Some(cte) = cte {
+        out.push_str(&cte);
+    }
+    out.push_str("DELETE FROM ");
+    out.push_str(&rel.target_name());
+    out.push_str(&locate);
+    out.push(';');
+    Ok(())
 }
 
 /// Appends `TRUNCATE ONLY "a"."b", ONLY "c"."d" [RESTART IDENTITY];`, nothing if `rels` is
 /// empty.
 ///
 /// pgoutput lists every truncated relation explicitly, including those a `CASCADE` reached
-/// and the partitions of a truncated partitioned table, so each name gets `ONLY` (which binds
-/// to one name, not to the list) and the CASCADE bit is deliberately not replayed: the list is
+/// and the partitions of a truncated partitioned table (or, with `publish_via_partition_root`,
+/// the partitioned table instead of its partitions), so each ordinary table gets `ONLY`
+/// (which binds to one name, not to the list) and a partitioned table none (PostgreSQL refuses
+/// `TRUNCATE ONLY` of one) and the CASCADE bit is deliberately not replayed: the list is
 /// already complete, and on the target CASCADE could only empty tables the stream does not
 /// say were emptied. If the target has a referencing table outside the list, the statement
 /// fails instead, which is what PostgreSQL's own subscriber does too.
@@ -546,8 +598,7 @@ pub fn render_truncate(rels: &[&RelationInfo], options: u8, out: &mut String) {
         if i > 0 {
             out.push_str(", ");
         }
-        out.push_str("ONLY ");
-        out.push_str(&rel.qualified_name());
+        out.push_str(&rel.target_name());
     }
     if options & TRUNCATE_RESTART_IDENTITY != 0 {
         out.push_str(" RESTART IDENTITY");
@@ -594,6 +645,7 @@ mod tests {
             name: "users".into(),
             replica_identity,
             columns: vec![key("id"), plain("name"), plain("bio")],
+            partitioned: false,
         }
     }
 
@@ -968,6 +1020,36 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn partitioned_tables_get_no_only_and_a_tableoid_locator() {
+        let mut rel = users(REPLICA_IDENTITY_DEFAULT);
+        rel.partitioned = true;
+        assert_eq!(
+            update(&rel, None, &tuple(vec![t("5"), t("Bob"), Value::Null])).unwrap(),
+            r#"UPDATE "public"."users" SET "name" = 'Bob', "bio" = NULL WHERE "id" = '5';"#
+        );
+        let old = OldTuple::Key(tuple(vec![t("5"), Value::Null, Value::Null]));
+        assert_eq!(
+            delete(&rel, &old).unwrap(),
+            r#"DELETE FROM "public"."users" WHERE "id" = '5';"#
+        );
+        let mut out = String::new();
+        render_truncate(&[&rel], TRUNCATE_RESTART_IDENTITY, &mut out);
+        assert_eq!(out, r#"TRUNCATE "public"."users" RESTART IDENTITY;"#);
+
+        let mut rel = users(REPLICA_IDENTITY_FULL);
+        rel.partitioned = true;
+        let old = OldTuple::Full(tuple(vec![t("5"), t("a"), Value::Null]));
+        assert_eq!(
+            update(&rel, Some(&old), &tuple(vec![t("6"), t("a"), Value::Null])).unwrap(),
+            r#"WITH tidemark_row AS MATERIALIZED (SELECT tableoid, ctid FROM "public"."users" WHERE pg_catalog.format('%s', "id") = '5' AND pg_catalog.format('%s', "name") = 'a' AND pg_catalog.num_nulls("bio") = 1 LIMIT 1) UPDATE "public"."users" SET "id" = '6' WHERE tableoid = (SELECT tableoid FROM tidemark_row) AND ctid = (SELECT ctid FROM tidemark_row);"#
+        );
+        assert_eq!(
+            delete(&rel, &old).unwrap(),
+            r#"WITH tidemark_row AS MATERIALIZED (SELECT tableoid, ctid FROM "public"."users" WHERE pg_catalog.format('%s', "id") = '5' AND pg_catalog.format('%s', "name") = 'a' AND pg_catalog.num_nulls("bio") = 1 LIMIT 1) DELETE FROM "public"."users" WHERE tableoid = (SELECT tableoid FROM tidemark_row) AND ctid = (SELECT ctid FROM tidemark_row);"#
+        );
     }
 
     #[test]

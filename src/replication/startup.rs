@@ -23,6 +23,10 @@ pub(crate) const SESSION_SETTINGS: &[(&str, &str)] = &[
     ("TimeZone", "UTC"),
     ("extra_float_digits", "3"),
     ("bytea_output", "hex"),
+    // Names in regclass, regtype, regproc… values are printed qualified, whatever the
+    // database's or role's search path; money in one fixed format.
+    ("search_path", "pg_catalog"),
+    ("lc_monetary", "C"),
 ];
 
 /// Tries each host in order, each within the connect timeout; returns the first connection

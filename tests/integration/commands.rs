@@ -26,7 +26,7 @@ async fn setup_creates_what_archiving_needs_and_names_unreplicable_tables() {
         "{out}"
     );
     assert!(!out.contains("keyed"), "{out}");
-    assert!(out.contains("unlogged table public.scratch"), "{out}");
+    assert!(out.contains("unlogged tables (1): public.scratch"), "{out}");
     assert_eq!(
         cluster.psql(
             "app",
@@ -99,6 +99,7 @@ async fn a_later_backup_is_used_for_later_targets() {
     let repo_s = repo.to_str().unwrap().to_string();
     let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
     archiver.wait_streaming(&c, "tidemark").await;
+    crate::types::wait_base_backup(&repo).await;
     workload_step(&c, 2).await;
     let (code, out, err) = tidemark(&[
         "backup",

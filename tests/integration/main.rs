@@ -18,3 +18,5 @@ mod resilience;
 mod s3;
 mod s3_archive;
 mod spine;
+mod tables;
+mod types;
