@@ -517,8 +517,10 @@ impl S3Store {
         if self.head(key).await?.is_some() {
             return self.compare_existing(key, data).await;
         }
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let upload_id = self
             .retrying("CreateMultipartUpload", key, || async {
+                attempts.fetch_add(1, Ordering::Relaxed);
                 let mut req = self
                     .client
                     .create_multipart_upload()
@@ -545,6 +547,10 @@ impl S3Store {
                 })
             })
             .await?;
+        if attempts.load(Ordering::Relaxed) > 1 {
+            // An earlier attempt may have created an upload whose answer was lost.
+            self.abort_orphans(key, &full, &upload_id).await;
+        }
         let result = self
             .upload_parts_and_complete(key, &full, &upload_id, data)
             .await;
@@ -633,6 +639,34 @@ impl S3Store {
             }
         })
         .await
+    }
+
+    /// Aborts the multipart uploads of `full` other than `keep` (created by attempts whose
+    /// response was lost). Best effort: a store without ListMultipartUploads is skipped.
+    async fn abort_orphans(&self, key: &str, full: &str, keep: &str) {
+        let listed = self
+            .retrying("ListMultipartUploads", key, || async {
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(full)
+                    .send()
+                    .await
+                    .map_err(|e| self.classify("ListMultipartUploads", key, e).error)
+            })
+            .await;
+        match listed {
+            Ok(out) => {
+                for u in out.uploads() {
+                    if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                        if k == full && id != keep {
+                            self.abort(key, full, id).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("could not look for abandoned uploads of {key}: {e}"),
+        }
     }
 
     /// Aborts a multipart upload, retrying; failures are logged (a bucket lifecycle rule for
