@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
 use aws_sdk_s3::Client;
@@ -250,7 +250,7 @@ impl S3Store {
     {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_string);
-        let detail = DisplayErrorContext(&err).to_string();
+        let detail = error_chain(&err);
         let (retryable, hint) = match &err {
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => (true, None),
             // Refused, reset or closed connections, timeouts, and what the HTTP client itself
@@ -267,7 +267,7 @@ impl S3Store {
                         )
                     ) =>
             {
-                (true, None)
+                (true, Some(ENDPOINT_HINT))
             }
             // Everything else before a response: no credentials, a malformed endpoint.
             SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => {
@@ -726,7 +726,7 @@ impl S3Store {
             self.remote(
                 "GetObject",
                 key,
-                format!("the response body broke off: {}", DisplayErrorContext(&e)),
+                format!("the response body broke off: {}", error_chain(&e)),
                 true,
             )
         })?;
@@ -786,6 +786,22 @@ impl S3Store {
     }
 }
 
+/// An error and its sources, `: `-separated, each once (the SDK's Display says little).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+const ENDPOINT_HINT: &str = "the store did not answer: check the endpoint (--s3-endpoint, AWS_ENDPOINT_URL) and the network; tidemark retries this";
 const BUCKET_HINT: &str = "check the bucket name in --repo s3://{bucket}/…, the region (--s3-region, AWS_REGION) and the endpoint (--s3-endpoint, AWS_ENDPOINT_URL); tidemark does not create buckets";
 const CREDENTIALS_HINT: &str = "check the credentials for bucket {bucket}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared credentials file, or the instance role), and that they belong to the account or store --s3-endpoint names";
 const POLICY_HINT: &str = "the credentials were refused for this operation on bucket {bucket}: check the IAM and bucket policy (tidemark needs s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject and s3:AbortMultipartUpload), and whether the policy requires a server-side encryption tidemark does not send (--s3-sse AES256 or aws:kms with --s3-sse-kms-key-id)";
