@@ -931,3 +931,43 @@ impl Store for S3Store {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_bucket_and_an_optional_prefix() {
+        let p = |u: &str| parse_url(u).map_err(|e| e.to_string());
+        assert_eq!(p("s3://bucket").unwrap(), ("bucket".into(), "".into()));
+        assert_eq!(p("s3://bucket/").unwrap(), ("bucket".into(), "".into()));
+        assert_eq!(
+            p("s3://my.bucket-1/pg/main/").unwrap(),
+            ("my.bucket-1".into(), "pg/main".into())
+        );
+        for bad in [
+            "s3://",
+            "s3://Bucket/x",
+            "s3://b_c/x",
+            "s3://ab",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+        ] {
+            assert!(p(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn sse_choices_parse_and_a_kms_key_needs_kms() {
+        assert_eq!(Sse::parse("AES256", None).unwrap(), Sse::Aes256);
+        assert_eq!(Sse::parse("none", None).unwrap(), Sse::None);
+        assert_eq!(
+            Sse::parse("aws:kms", Some("alias/x")).unwrap(),
+            Sse::Kms {
+                key_id: Some("alias/x".into())
+            }
+        );
+        assert!(Sse::parse("AES256", Some("alias/x")).is_err());
+        assert!(Sse::parse("rot13", None).is_err());
+    }
+}

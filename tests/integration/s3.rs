@@ -10,6 +10,7 @@ use futures_util::stream::{self, StreamExt};
 use tidemark::store::s3::RetryPolicy;
 use tidemark::store::{S3Store, Sse, Store, StoreError};
 
+use crate::spine::{server_now, workload_step, SCHEMA};
 use crate::support::proxy::{FaultProxy, Faults, Mode};
 use crate::support::s3::S3Server;
 use crate::support::{self, Cluster, ClusterOptions};
@@ -369,18 +370,25 @@ async fn s3_store_loses_and_duplicates_nothing_through_a_faulty_proxy() {
 }
 
 /// Runs `tidemark` with the test server's credentials and endpoint in the environment.
-fn tidemark_s3(server: &S3Server, env: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = std::process::Command::new(support::tidemark_bin());
-    cmd.args(args)
+fn tidemark_s3(
+    server: &S3Server,
+    env: &[(&'static str, &str)],
+    args: &[&str],
+) -> (i32, String, String) {
+    let mut full = server.cli_env(&server.endpoint);
+    full.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+    tidemark_with(&full, args)
+}
+
+/// Runs `tidemark args…` with `env` added; returns (exit code, stdout, stderr).
+fn tidemark_with(env: &[(&'static str, String)], args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(support::tidemark_bin())
+        .args(args)
         .env("TIDEMARK_LOG", "warn")
-        .stdin(std::process::Stdio::null());
-    for (k, v) in server.cli_env(&server.endpoint) {
-        cmd.env(k, v);
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().expect("run tidemark");
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run tidemark");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -467,4 +475,147 @@ async fn s3_unusable_repositories_are_refused_with_exit_4_and_nothing_written() 
     );
     assert!(server.objects("guarded").is_empty());
     assert!(server.open_uploads().is_empty());
+}
+
+/// The spine over S3: archive a workload into a bucket through the faulty proxy (a fifth of
+/// requests answered 503, some connections dropped), then list and restore through it, to an
+/// instant and to the latest, and compare row for row. The archiver must not poll listings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_archive_and_restore_through_a_faulty_proxy() {
+    let server = S3Server::start();
+    server.create_bucket("pitr");
+    let proxy = FaultProxy::start(&server.endpoint);
+    proxy.set_mode(Mode::Faulty(Faults::default()));
+    let env = server.cli_env(&proxy.endpoint);
+    let repo = "s3://pitr/app";
+
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    workload_step(&src, 1).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("archiver.log");
+    let mut archiver = std::process::Command::new(support::tidemark_bin())
+        .args([
+            "archive",
+            "--source",
+            &cluster.conninfo("app"),
+            "--repo",
+            repo,
+        ])
+        .args(["--heartbeat", "1s", "--status-interval", "1s"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("TIDEMARK_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let rows = src
+            .query(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
+                &[],
+            )
+            .await
+            .unwrap();
+        if !rows.is_empty() {
+            break;
+        }
+        if let Ok(Some(status)) = archiver.try_wait() {
+            panic!("archiver exited with {status}:\n{}", log_text());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "archiver did not start streaming:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The slot is active already while the first base backup is taken (which lists): count
+    // listings from the first stored segment on.
+    workload_step(&src, 2).await;
+    while !server
+        .objects("pitr")
+        .keys()
+        .any(|k| k.contains("/segments/"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no segment stored:\n{}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lists_at_start = proxy.requests_matching("list-type=2");
+    workload_step(&src, 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let instant = server_now(&src).await;
+    let at_instant = support::snapshot_content(&src).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    workload_step(&src, 9).await;
+    let final_content = support::snapshot_content(&src).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lists_while_streaming = proxy.requests_matching("list-type=2") - lists_at_start;
+
+    let pid = archiver.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let stop_deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = archiver.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > stop_deadline {
+            let _ = archiver.kill();
+            panic!("archiver did not stop:\n{}", log_text());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "archiver: {status}\n{}", log_text());
+
+    let (code, out, err) = tidemark_with(&env, &["list", "--repo", repo]);
+    assert_eq!(code, 0, "list failed: {out}{err}");
+    assert!(out.contains("base backup"), "{out}");
+
+    for (db, target, expected) in [
+        (
+            "restored_instant",
+            vec!["--to-time", instant.as_str()],
+            &at_instant,
+        ),
+        ("restored_latest", vec!["--latest"], &final_content),
+    ] {
+        cluster.create_database(db);
+        let conninfo = cluster.conninfo(db);
+        let mut args = vec!["restore", "--repo", repo, "--target", conninfo.as_str()];
+        args.extend(target.iter().copied());
+        let (code, out, err) = tidemark_with(&env, &args);
+        assert_eq!(code, 0, "restore {target:?} failed: {out}{err}");
+        let restored = support::snapshot_content(&cluster.client(db).await).await;
+        support::assert_same_content(expected, &restored, &format!("restore {target:?}"));
+    }
+    assert!(proxy.faults() > 0, "the proxy injected no fault");
+    assert!(
+        server.open_uploads().is_empty(),
+        "{:?}",
+        server.open_uploads()
+    );
+    let lists: Vec<String> = proxy
+        .counters()
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("list-type=2"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        lists_while_streaming, 0,
+        "the archiver listed the bucket while streaming: {lists:#?}"
+    );
 }
