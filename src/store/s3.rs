@@ -44,7 +44,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption,
+};
 use aws_sdk_s3::Client;
 use aws_smithy_types::retry::ErrorKind;
 use bytes::Bytes;
@@ -141,6 +143,9 @@ pub struct S3Store {
     pub part_concurrency: usize,
     /// This module's retry loop.
     pub retry: RetryPolicy,
+    /// Send CRC32 checksums with parts and the completion (AWS; S3-compatible stores often
+    /// reject the SDK's flexible checksums, so they are off with `--s3-endpoint`).
+    pub multipart_checksums: bool,
     /// Set once the store answered 501 to `If-None-Match`: HEAD before PUT from then on.
     no_conditional_put: AtomicBool,
 }
@@ -182,13 +187,11 @@ impl S3Store {
     /// builds the client. Makes no request.
     pub async fn connect(url: &str, opts: &S3Options) -> Result<S3Store, StoreError> {
         let (bucket, prefix) = parse_url(url)?;
-        let config = load_config(opts).await?;
-        Ok(S3Store::from_client(
-            Client::from_conf(config),
-            bucket,
-            prefix,
-            opts.sse.clone(),
-        ))
+        let (config, endpoint_set) = load_config(opts).await?;
+        let mut store =
+            S3Store::from_client(Client::from_conf(config), bucket, prefix, opts.sse.clone());
+        store.multipart_checksums = !endpoint_set;
+        Ok(store)
     }
 
     /// A store over an already configured client.
@@ -202,6 +205,7 @@ impl S3Store {
             part_size: 8 << 20,
             part_concurrency: 4,
             retry: RetryPolicy::default(),
+            multipart_checksums: true,
             no_conditional_put: AtomicBool::new(false),
         }
     }
@@ -526,6 +530,9 @@ impl S3Store {
                     .create_multipart_upload()
                     .bucket(&self.bucket)
                     .key(&full);
+                if self.multipart_checksums {
+                    req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                }
                 req = match &self.sse {
                     Sse::None => req,
                     Sse::Aes256 => req.server_side_encryption(ServerSideEncryption::Aes256),
@@ -584,7 +591,7 @@ impl S3Store {
                 let body = data.slice(start..end);
                 async move {
                     self.retrying("UploadPart", key, || async {
-                        let out = self
+                        let mut req = self
                             .client
                             .upload_part()
                             .bucket(&self.bucket)
@@ -592,13 +599,20 @@ impl S3Store {
                             .upload_id(upload_id)
                             .part_number(number)
                             .content_length(body.len() as i64)
-                            .body(ByteStream::from(body.clone()))
+                            .body(ByteStream::from(body.clone()));
+                        if self.multipart_checksums {
+                            req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                        }
+                        let out = req
                             .send()
                             .await
                             .map_err(|e| self.classify("UploadPart", key, e).error)?;
+                        // With a checksum algorithm on the upload, the completion must list
+                        // each part's checksum.
                         Ok(CompletedPart::builder()
                             .part_number(number)
                             .set_e_tag(out.e_tag().map(str::to_string))
+                            .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
                             .build())
                     })
                     .await
@@ -822,7 +836,7 @@ fn validate_key(key: &str) -> Result<(), String> {
 
 /// Loads the SDK configuration: the AWS chain for credentials and region, our HTTP client,
 /// timeouts, and the SDK's own retries off (this module retries).
-async fn load_config(opts: &S3Options) -> Result<aws_sdk_s3::Config, StoreError> {
+async fn load_config(opts: &S3Options) -> Result<(aws_sdk_s3::Config, bool), StoreError> {
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
     use aws_config::{BehaviorVersion, Region};
@@ -867,7 +881,16 @@ async fn load_config(opts: &S3Options) -> Result<aws_sdk_s3::Config, StoreError>
         }
     }
     b = b.force_path_style(opts.path_style.unwrap_or(endpoint_set));
-    Ok(b.build())
+    // S3-compatible stores (GCS, older MinIO and Ceph) reject the aws-chunked bodies with
+    // trailing checksums that the SDK sends by default since 2025: with an endpoint, checksums
+    // only where an operation requires them (SigV4 still signs each payload's SHA-256), unless
+    // AWS_REQUEST_CHECKSUM_CALCULATION says otherwise.
+    if endpoint_set && std::env::var_os("AWS_REQUEST_CHECKSUM_CALCULATION").is_none() {
+        b = b.request_checksum_calculation(
+            aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+        );
+    }
+    Ok((b.build(), endpoint_set))
 }
 
 #[async_trait]

@@ -145,6 +145,8 @@ async fn s3_multipart_uploads_large_objects_and_aborts_on_failure() {
     s.multipart_threshold = 6 << 20;
     s.part_size = 5 << 20;
     s.part_concurrency = 2;
+    // As on AWS: CRC32 per part, listed in the completion.
+    s.multipart_checksums = true;
     let data = random_bytes((11 << 20) + 12345);
     s.put("backups/1/table.copy", data.clone()).await.unwrap();
     assert_eq!(s.get("backups/1/table.copy").await.unwrap(), data);
