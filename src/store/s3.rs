@@ -187,7 +187,7 @@ impl S3Store {
     /// builds the client. Makes no request.
     pub async fn connect(url: &str, opts: &S3Options) -> Result<S3Store, StoreError> {
         let (bucket, prefix) = parse_url(url)?;
-        let (config, endpoint_set) = load_config(opts).await?;
+        let (config, endpoint_set) = load_config(url, opts).await?;
         let mut store =
             S3Store::from_client(Client::from_conf(config), bucket, prefix, opts.sse.clone());
         store.multipart_checksums = !endpoint_set;
@@ -815,7 +815,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-const ENDPOINT_HINT: &str = "the store did not answer: check the endpoint (--s3-endpoint, AWS_ENDPOINT_URL) and the network; tidemark retries this";
+const ENDPOINT_HINT: &str = "the store could not be reached or did not answer in time, even after retries: check the endpoint (--s3-endpoint, AWS_ENDPOINT_URL), the region and the network";
 const BUCKET_HINT: &str = "check the bucket name in --repo s3://{bucket}/…, the region (--s3-region, AWS_REGION) and the endpoint (--s3-endpoint, AWS_ENDPOINT_URL); tidemark does not create buckets";
 const CREDENTIALS_HINT: &str = "check the credentials for bucket {bucket}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared credentials file, or the instance role), and that they belong to the account or store --s3-endpoint names";
 const POLICY_HINT: &str = "the credentials were refused for this operation on bucket {bucket}: check the IAM and bucket policy (tidemark needs s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject and s3:AbortMultipartUpload), and whether the policy requires a server-side encryption tidemark does not send (--s3-sse AES256 or aws:kms with --s3-sse-kms-key-id)";
@@ -836,7 +836,10 @@ fn validate_key(key: &str) -> Result<(), String> {
 
 /// Loads the SDK configuration: the AWS chain for credentials and region, our HTTP client,
 /// timeouts, and the SDK's own retries off (this module retries).
-async fn load_config(opts: &S3Options) -> Result<(aws_sdk_s3::Config, bool), StoreError> {
+async fn load_config(
+    url: &str,
+    opts: &S3Options,
+) -> Result<(aws_sdk_s3::Config, bool), StoreError> {
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
     use aws_config::{BehaviorVersion, Region};
@@ -868,16 +871,17 @@ async fn load_config(opts: &S3Options) -> Result<(aws_sdk_s3::Config, bool), Sto
         loader = loader.region(Region::new(r.clone()));
     }
     let sdk = loader.load().await;
-    let endpoint_set = sdk.endpoint_url().is_some();
+    // AWS_ENDPOINT_URL lands in the SdkConfig; the S3-only AWS_ENDPOINT_URL_S3 in the S3 config.
+    let endpoint_set = sdk.endpoint_url().is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some_and(|v| !v.is_empty());
     let mut b = aws_sdk_s3::config::Builder::from(&sdk);
     if sdk.region().is_none() {
         if endpoint_set || has_region {
             b = b.region(Region::new("us-east-1"));
         } else {
-            return Err(StoreError::InvalidUrl(
-                "no AWS region for the s3:// repository: set --s3-region (TIDEMARK_S3_REGION) or AWS_REGION"
-                    .into(),
-            ));
+            return Err(StoreError::InvalidUrl(format!(
+                "{url}: no AWS region is configured\nHINT: set --s3-region (TIDEMARK_S3_REGION) or AWS_REGION to the bucket's region"
+            )));
         }
     }
     b = b.force_path_style(opts.path_style.unwrap_or(endpoint_set));
