@@ -254,7 +254,11 @@ impl S3Store {
     {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_string);
-        let detail = error_chain(&err);
+        // A service error says it best with its code and message; the rest with their causes.
+        let detail = match &err {
+            SdkError::ServiceError(_) => err.message().unwrap_or("(no message)").to_string(),
+            _ => error_chain(&err),
+        };
         let (retryable, hint) = match &err {
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => (true, None),
             // Refused, reset or closed connections, timeouts, and what the HTTP client itself
@@ -818,7 +822,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 const ENDPOINT_HINT: &str = "the store could not be reached or did not answer in time, even after retries: check the endpoint (--s3-endpoint, AWS_ENDPOINT_URL), the region and the network";
 const BUCKET_HINT: &str = "check the bucket name in --repo s3://{bucket}/…, the region (--s3-region, AWS_REGION) and the endpoint (--s3-endpoint, AWS_ENDPOINT_URL); tidemark does not create buckets";
 const CREDENTIALS_HINT: &str = "check the credentials for bucket {bucket}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared credentials file, or the instance role), and that they belong to the account or store --s3-endpoint names";
-const POLICY_HINT: &str = "the credentials were refused for this operation on bucket {bucket}: check the IAM and bucket policy (tidemark needs s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject and s3:AbortMultipartUpload), and whether the policy requires a server-side encryption tidemark does not send (--s3-sse AES256 or aws:kms with --s3-sse-kms-key-id)";
+const POLICY_HINT: &str = "the credentials were refused for this operation on bucket {bucket}: check the IAM and bucket policy (tidemark needs s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload and s3:ListBucketMultipartUploads), and whether the policy requires a server-side encryption tidemark does not send (--s3-sse AES256 or aws:kms with --s3-sse-kms-key-id)";
 const REGION_HINT: &str =
     "bucket {bucket} is in another region: set --s3-region (or AWS_REGION) to the bucket's region";
 
