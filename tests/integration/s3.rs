@@ -324,29 +324,35 @@ async fn s3_store_loses_and_duplicates_nothing_through_a_faulty_proxy() {
     assert!(c.slowdowns.load(std::sync::atomic::Ordering::SeqCst) > 10);
     assert!(c.dropped.load(std::sync::atomic::Ordering::SeqCst) > 3);
 
-    // Lost answers to CreateMultipartUpload and CompleteMultipartUpload (both POST): the
-    // uploads created by attempts whose answer was lost are found and aborted; a completion
-    // that did land is recognised.
-    proxy.set_mode(Mode::Faulty(Faults {
-        slowdown: 0.0,
-        drop_request: 0.0,
-        drop_before_response: 0.5,
-        drop_response: 0.0,
-        only: Some("POST "),
-    }));
-    let before = proxy.faults();
-    for i in 0..3 {
-        let key = format!("backups/lost-{i}.copy");
-        let data = random_bytes((5 << 20) + 1 + i);
-        s.put(&key, data.clone()).await.unwrap();
-        assert!(server.objects("flaky")[&format!("r/{key}")] == data[..]);
+    // Lost answers: first to CreateMultipartUpload (`POST …?uploads`) only, then to it and to
+    // CompleteMultipartUpload (both POST). Uploads created by attempts whose answer was lost are
+    // found and aborted; a completion that did land is recognised. Each phase puts until the
+    // proxy dropped an answer (at most 8 objects).
+    for (phase, only) in [("create", "?uploads"), ("create and complete", "POST ")] {
+        proxy.set_mode(Mode::Faulty(Faults {
+            slowdown: 0.0,
+            drop_request: 0.0,
+            drop_before_response: 0.5,
+            drop_response: 0.0,
+            only: Some(only),
+        }));
+        let before = proxy.faults();
+        for i in 0..8 {
+            let key = format!("backups/lost-{}-{i}.copy", phase.len());
+            let data = random_bytes((5 << 20) + 1 + i);
+            s.put(&key, data.clone()).await.unwrap();
+            assert!(server.objects("flaky")[&format!("r/{key}")] == data[..]);
+            if proxy.faults() > before {
+                break;
+            }
+        }
+        assert!(proxy.faults() > before, "{phase}: no answer was lost");
+        assert!(
+            server.open_uploads().is_empty(),
+            "{phase}: {:?}",
+            server.open_uploads()
+        );
     }
-    assert!(proxy.faults() > before, "no POST answer was lost");
-    assert!(
-        server.open_uploads().is_empty(),
-        "{:?}",
-        server.open_uploads()
-    );
 
     // An outage: retryable errors, within a bounded time, then recovery.
     proxy.set_mode(Mode::Down);
