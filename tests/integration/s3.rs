@@ -627,3 +627,22 @@ async fn s3_archive_and_restore_through_a_faulty_proxy() {
         "the archiver listed the bucket while streaming: {lists:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_store_without_conditional_writes_still_refuses_overwrites() {
+    let server = S3Server::start();
+    server.create_bucket("plain");
+    server
+        .policy
+        .no_conditional_writes
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let s = server.store("s3://plain").await;
+    s.put("a", Bytes::from_static(b"one")).await.unwrap();
+    s.put("a", Bytes::from_static(b"one")).await.unwrap();
+    let err = s.put("a", Bytes::from_static(b"two")).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+    s.put("b", Bytes::from_static(b"new")).await.unwrap();
+    let stored = server.objects("plain");
+    assert_eq!(stored["a"], b"one");
+    assert_eq!(stored["b"], b"new");
+}

@@ -34,6 +34,9 @@ pub struct Policy {
     pub require_sse: AtomicBool,
     /// Uploads created and neither completed nor aborted: upload id → (bucket, key).
     pub open_uploads: Mutex<BTreeMap<String, (String, String)>>,
+    /// Answer `501 NotImplemented` to a PutObject with `If-None-Match` (as some S3-compatible
+    /// stores do).
+    pub no_conditional_writes: AtomicBool,
     /// Server-side encryption values seen on writes (`AES256`, `aws:kms`).
     pub sse_seen: Mutex<Vec<String>>,
 }
@@ -139,6 +142,14 @@ impl S3 for Guarded {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         self.bucket_exists(&req.input.bucket)?;
         self.may_write(req.input.server_side_encryption.as_ref())?;
+        if req.input.if_none_match.is_some()
+            && self.policy.no_conditional_writes.load(Ordering::SeqCst)
+        {
+            return Err(s3_error!(
+                NotImplemented,
+                "A header you provided implies functionality that is not implemented"
+            ));
+        }
         self.inner.put_object(req).await
     }
 
