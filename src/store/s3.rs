@@ -13,7 +13,12 @@
 //! Large objects (base-backup tables) above [`S3Store::multipart_threshold`] go up as a multipart
 //! upload, parts uploaded concurrently (bounded by [`S3Store::part_concurrency`]); any failure
 //! aborts the upload (`AbortMultipartUpload`), so no half-written upload is left behind, and the
-//! completion is conditional (`If-None-Match: *`) like a single put.
+//! completion is conditional (`If-None-Match: *`) like a single put. A `CreateMultipartUpload`
+//! that needed a retry may have created an upload whose answer was lost: those uploads of the key
+//! are listed and aborted. A retried completion answered `NoSuchUpload` checks whether the object
+//! landed. On AWS each part carries a CRC32 that the completion lists; with `--s3-endpoint` the
+//! SDK's flexible checksums are off (many S3-compatible stores reject their aws-chunked bodies)
+//! and SigV4's payload hash protects each request.
 //!
 //! Server-side encryption: every `PutObject` and `CreateMultipartUpload` sends
 //! `x-amz-server-side-encryption` (`AES256` by default, or `aws:kms` with an optional key id), because
@@ -25,7 +30,8 @@
 //! (`503 SlowDown`), other 5xx, `429`, timeouts, refused or dropped connections, truncated bodies
 //! (a `GetObject` whose body breaks mid-way is retried whole: the SDK does not retry a body).
 //! The number of attempts and the total time are bounded ([`RetryPolicy`]), and connect/read
-//! timeouts are set, so a retryable error comes back within tens of seconds, never hangs; the
+//! timeouts are set (and the SDK's stalled-stream protection is on), so a retryable error comes
+//! back within tens of seconds, never hangs; the
 //! archiver then retries on its own schedule. What retrying cannot fix — no such bucket, access
 //! denied, unknown access key, bad signature — fails at once with a message naming the bucket,
 //! the operation and a HINT.
