@@ -13,7 +13,12 @@
 //! Large objects (base-backup tables) above [`S3Store::multipart_threshold`] go up as a multipart
 //! upload, parts uploaded concurrently (bounded by [`S3Store::part_concurrency`]); any failure
 //! aborts the upload (`AbortMultipartUpload`), so no half-written upload is left behind, and the
-//! completion is conditional (`If-None-Match: *`) like a single put.
+//! completion is conditional (`If-None-Match: *`) like a single put. A `CreateMultipartUpload`
+//! that needed a retry may have created an upload whose answer was lost: those uploads of the key
+//! are listed and aborted. A retried completion answered `NoSuchUpload` checks whether the object
+//! landed. On AWS each part carries a CRC32 that the completion lists; with `--s3-endpoint` the
+//! SDK's flexible checksums are off (many S3-compatible stores reject their aws-chunked bodies)
+//! and SigV4's payload hash protects each request.
 //!
 //! Server-side encryption: every `PutObject` and `CreateMultipartUpload` sends
 //! `x-amz-server-side-encryption` (`AES256` by default, or `aws:kms` with an optional key id), because
@@ -25,7 +30,8 @@
 //! (`503 SlowDown`), other 5xx, `429`, timeouts, refused or dropped connections, truncated bodies
 //! (a `GetObject` whose body breaks mid-way is retried whole: the SDK does not retry a body).
 //! The number of attempts and the total time are bounded ([`RetryPolicy`]), and connect/read
-//! timeouts are set, so a retryable error comes back within tens of seconds, never hangs; the
+//! timeouts are set (and the SDK's stalled-stream protection is on), so a retryable error comes
+//! back within tens of seconds, never hangs; the
 //! archiver then retries on its own schedule. What retrying cannot fix — no such bucket, access
 //! denied, unknown access key, bad signature — fails at once with a message naming the bucket,
 //! the operation and a HINT.
@@ -42,9 +48,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, ServerSideEncryption};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ServerSideEncryption,
+};
 use aws_sdk_s3::Client;
 use aws_smithy_types::retry::ErrorKind;
 use bytes::Bytes;
@@ -141,6 +149,9 @@ pub struct S3Store {
     pub part_concurrency: usize,
     /// This module's retry loop.
     pub retry: RetryPolicy,
+    /// Send CRC32 checksums with parts and the completion (AWS; S3-compatible stores often
+    /// reject the SDK's flexible checksums, so they are off with `--s3-endpoint`).
+    pub multipart_checksums: bool,
     /// Set once the store answered 501 to `If-None-Match`: HEAD before PUT from then on.
     no_conditional_put: AtomicBool,
 }
@@ -182,13 +193,11 @@ impl S3Store {
     /// builds the client. Makes no request.
     pub async fn connect(url: &str, opts: &S3Options) -> Result<S3Store, StoreError> {
         let (bucket, prefix) = parse_url(url)?;
-        let config = load_config(opts).await?;
-        Ok(S3Store::from_client(
-            Client::from_conf(config),
-            bucket,
-            prefix,
-            opts.sse.clone(),
-        ))
+        let (config, endpoint_set) = load_config(url, opts).await?;
+        let mut store =
+            S3Store::from_client(Client::from_conf(config), bucket, prefix, opts.sse.clone());
+        store.multipart_checksums = !endpoint_set;
+        Ok(store)
     }
 
     /// A store over an already configured client.
@@ -202,6 +211,7 @@ impl S3Store {
             part_size: 8 << 20,
             part_concurrency: 4,
             retry: RetryPolicy::default(),
+            multipart_checksums: true,
             no_conditional_put: AtomicBool::new(false),
         }
     }
@@ -250,7 +260,11 @@ impl S3Store {
     {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().map(str::to_string);
-        let detail = DisplayErrorContext(&err).to_string();
+        // A service error says it best with its code and message; the rest with their causes.
+        let detail = match &err {
+            SdkError::ServiceError(_) => err.message().unwrap_or("(no message)").to_string(),
+            _ => error_chain(&err),
+        };
         let (retryable, hint) = match &err {
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => (true, None),
             // Refused, reset or closed connections, timeouts, and what the HTTP client itself
@@ -267,7 +281,7 @@ impl S3Store {
                         )
                     ) =>
             {
-                (true, None)
+                (true, Some(ENDPOINT_HINT))
             }
             // Everything else before a response: no credentials, a malformed endpoint.
             SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => {
@@ -517,13 +531,18 @@ impl S3Store {
         if self.head(key).await?.is_some() {
             return self.compare_existing(key, data).await;
         }
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let upload_id = self
             .retrying("CreateMultipartUpload", key, || async {
+                attempts.fetch_add(1, Ordering::Relaxed);
                 let mut req = self
                     .client
                     .create_multipart_upload()
                     .bucket(&self.bucket)
                     .key(&full);
+                if self.multipart_checksums {
+                    req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                }
                 req = match &self.sse {
                     Sse::None => req,
                     Sse::Aes256 => req.server_side_encryption(ServerSideEncryption::Aes256),
@@ -545,6 +564,10 @@ impl S3Store {
                 })
             })
             .await?;
+        if attempts.load(Ordering::Relaxed) > 1 {
+            // An earlier attempt may have created an upload whose answer was lost.
+            self.abort_orphans(key, &full, &upload_id).await;
+        }
         let result = self
             .upload_parts_and_complete(key, &full, &upload_id, data)
             .await;
@@ -578,7 +601,7 @@ impl S3Store {
                 let body = data.slice(start..end);
                 async move {
                     self.retrying("UploadPart", key, || async {
-                        let out = self
+                        let mut req = self
                             .client
                             .upload_part()
                             .bucket(&self.bucket)
@@ -586,13 +609,20 @@ impl S3Store {
                             .upload_id(upload_id)
                             .part_number(number)
                             .content_length(body.len() as i64)
-                            .body(ByteStream::from(body.clone()))
+                            .body(ByteStream::from(body.clone()));
+                        if self.multipart_checksums {
+                            req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                        }
+                        let out = req
                             .send()
                             .await
                             .map_err(|e| self.classify("UploadPart", key, e).error)?;
+                        // With a checksum algorithm on the upload, the completion must list
+                        // each part's checksum.
                         Ok(CompletedPart::builder()
                             .part_number(number)
                             .set_e_tag(out.e_tag().map(str::to_string))
+                            .set_checksum_crc32(out.checksum_crc32().map(str::to_string))
                             .build())
                     })
                     .await
@@ -633,6 +663,34 @@ impl S3Store {
             }
         })
         .await
+    }
+
+    /// Aborts the multipart uploads of `full` other than `keep` (created by attempts whose
+    /// response was lost). Best effort: a store without ListMultipartUploads is skipped.
+    async fn abort_orphans(&self, key: &str, full: &str, keep: &str) {
+        let listed = self
+            .retrying("ListMultipartUploads", key, || async {
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(full)
+                    .send()
+                    .await
+                    .map_err(|e| self.classify("ListMultipartUploads", key, e).error)
+            })
+            .await;
+        match listed {
+            Ok(out) => {
+                for u in out.uploads() {
+                    if let (Some(k), Some(id)) = (u.key(), u.upload_id()) {
+                        if k == full && id != keep {
+                            self.abort(key, full, id).await;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("could not look for abandoned uploads of {key}: {e}"),
+        }
     }
 
     /// Aborts a multipart upload, retrying; failures are logged (a bucket lifecycle rule for
@@ -692,7 +750,7 @@ impl S3Store {
             self.remote(
                 "GetObject",
                 key,
-                format!("the response body broke off: {}", DisplayErrorContext(&e)),
+                format!("the response body broke off: {}", error_chain(&e)),
                 true,
             )
         })?;
@@ -752,9 +810,25 @@ impl S3Store {
     }
 }
 
+/// An error and its sources, `: `-separated, each once (the SDK's Display says little).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
+const ENDPOINT_HINT: &str = "the store could not be reached or did not answer in time, even after retries: check the endpoint (--s3-endpoint, AWS_ENDPOINT_URL), the region and the network";
 const BUCKET_HINT: &str = "check the bucket name in --repo s3://{bucket}/…, the region (--s3-region, AWS_REGION) and the endpoint (--s3-endpoint, AWS_ENDPOINT_URL); tidemark does not create buckets";
 const CREDENTIALS_HINT: &str = "check the credentials for bucket {bucket}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared credentials file, or the instance role), and that they belong to the account or store --s3-endpoint names";
-const POLICY_HINT: &str = "the credentials were refused for this operation on bucket {bucket}: check the IAM and bucket policy (tidemark needs s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject and s3:AbortMultipartUpload), and whether the policy requires a server-side encryption tidemark does not send (--s3-sse AES256 or aws:kms with --s3-sse-kms-key-id)";
+const POLICY_HINT: &str = "the credentials were refused for this operation on bucket {bucket}: check the IAM and bucket policy (tidemark needs s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload and s3:ListBucketMultipartUploads), and whether the policy requires a server-side encryption tidemark does not send (--s3-sse AES256 or aws:kms with --s3-sse-kms-key-id)";
 const REGION_HINT: &str =
     "bucket {bucket} is in another region: set --s3-region (or AWS_REGION) to the bucket's region";
 
@@ -772,7 +846,10 @@ fn validate_key(key: &str) -> Result<(), String> {
 
 /// Loads the SDK configuration: the AWS chain for credentials and region, our HTTP client,
 /// timeouts, and the SDK's own retries off (this module retries).
-async fn load_config(opts: &S3Options) -> Result<aws_sdk_s3::Config, StoreError> {
+async fn load_config(
+    url: &str,
+    opts: &S3Options,
+) -> Result<(aws_sdk_s3::Config, bool), StoreError> {
     use aws_config::retry::RetryConfig;
     use aws_config::timeout::TimeoutConfig;
     use aws_config::{BehaviorVersion, Region};
@@ -804,20 +881,30 @@ async fn load_config(opts: &S3Options) -> Result<aws_sdk_s3::Config, StoreError>
         loader = loader.region(Region::new(r.clone()));
     }
     let sdk = loader.load().await;
-    let endpoint_set = sdk.endpoint_url().is_some();
+    // AWS_ENDPOINT_URL lands in the SdkConfig; the S3-only AWS_ENDPOINT_URL_S3 in the S3 config.
+    let endpoint_set = sdk.endpoint_url().is_some()
+        || std::env::var_os("AWS_ENDPOINT_URL_S3").is_some_and(|v| !v.is_empty());
     let mut b = aws_sdk_s3::config::Builder::from(&sdk);
     if sdk.region().is_none() {
         if endpoint_set || has_region {
             b = b.region(Region::new("us-east-1"));
         } else {
-            return Err(StoreError::InvalidUrl(
-                "no AWS region for the s3:// repository: set --s3-region (TIDEMARK_S3_REGION) or AWS_REGION"
-                    .into(),
-            ));
+            return Err(StoreError::InvalidUrl(format!(
+                "{url}: no AWS region is configured\nHINT: set --s3-region (TIDEMARK_S3_REGION) or AWS_REGION to the bucket's region"
+            )));
         }
     }
     b = b.force_path_style(opts.path_style.unwrap_or(endpoint_set));
-    Ok(b.build())
+    // S3-compatible stores (GCS, older MinIO and Ceph) reject the aws-chunked bodies with
+    // trailing checksums that the SDK sends by default since 2025: with an endpoint, checksums
+    // only where an operation requires them (SigV4 still signs each payload's SHA-256), unless
+    // AWS_REQUEST_CHECKSUM_CALCULATION says otherwise.
+    if endpoint_set && std::env::var_os("AWS_REQUEST_CHECKSUM_CALCULATION").is_none() {
+        b = b.request_checksum_calculation(
+            aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+        );
+    }
+    Ok((b.build(), endpoint_set))
 }
 
 #[async_trait]
@@ -879,5 +966,45 @@ impl Store for S3Store {
             tracing::warn!("could not delete the write probe {key}: {e}");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_a_bucket_and_an_optional_prefix() {
+        let p = |u: &str| parse_url(u).map_err(|e| e.to_string());
+        assert_eq!(p("s3://bucket").unwrap(), ("bucket".into(), "".into()));
+        assert_eq!(p("s3://bucket/").unwrap(), ("bucket".into(), "".into()));
+        assert_eq!(
+            p("s3://my.bucket-1/pg/main/").unwrap(),
+            ("my.bucket-1".into(), "pg/main".into())
+        );
+        for bad in [
+            "s3://",
+            "s3://Bucket/x",
+            "s3://b_c/x",
+            "s3://ab",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+        ] {
+            assert!(p(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn sse_choices_parse_and_a_kms_key_needs_kms() {
+        assert_eq!(Sse::parse("AES256", None).unwrap(), Sse::Aes256);
+        assert_eq!(Sse::parse("none", None).unwrap(), Sse::None);
+        assert_eq!(
+            Sse::parse("aws:kms", Some("alias/x")).unwrap(),
+            Sse::Kms {
+                key_id: Some("alias/x".into())
+            }
+        );
+        assert!(Sse::parse("AES256", Some("alias/x")).is_err());
+        assert!(Sse::parse("rot13", None).is_err());
     }
 }

@@ -36,6 +36,8 @@ pub struct Faults {
     pub drop_before_response: f64,
     /// Forwarded, then the connection dropped halfway through the response body.
     pub drop_response: f64,
+    /// Only requests whose line (`METHOD /path?query`) contains this meet faults.
+    pub only: Option<&'static str>,
 }
 
 impl Default for Faults {
@@ -46,6 +48,7 @@ impl Default for Faults {
             drop_request: 0.03,
             drop_before_response: 0.03,
             drop_response: 0.04,
+            only: None,
         }
     }
 }
@@ -64,6 +67,8 @@ pub struct Counters {
     pub slowdowns: AtomicU64,
     pub dropped: AtomicU64,
     pub by_method: Mutex<BTreeMap<String, u64>>,
+    /// Every request line (`METHOD /path?query`), in arrival order.
+    pub log: Mutex<Vec<String>>,
 }
 
 struct Shared {
@@ -175,6 +180,18 @@ impl FaultProxy {
             .unwrap_or(0)
     }
 
+    /// Requests so far whose line (`METHOD /path?query`) contains `needle`.
+    pub fn requests_matching(&self, needle: &str) -> usize {
+        self.shared
+            .counters
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// Faults injected so far (503s and dropped connections).
     pub fn faults(&self) -> u64 {
         self.shared.counters.slowdowns.load(Ordering::SeqCst)
@@ -207,6 +224,15 @@ async fn handle(
         .unwrap()
         .entry(req.method().to_string())
         .or_default() += 1;
+    let line = format!(
+        "{} {}",
+        req.method(),
+        req.uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    c.log.lock().unwrap().push(line.clone());
     let mode = *s.mode.lock().unwrap();
     let faults = match mode {
         Mode::Down => {
@@ -214,7 +240,7 @@ async fn handle(
             return Err(Box::new(Dropped));
         }
         Mode::Pass => None,
-        Mode::Faulty(f) => Some(f),
+        Mode::Faulty(f) => Some(f).filter(|f| f.only.is_none_or(|o| line.contains(o))),
     };
     let roll: f64 = rand::random();
     let mut threshold = 0.0;

@@ -9,7 +9,7 @@
 //! proves tidemark sends it. It also answers `NoSuchBucket` for a missing bucket on every
 //! operation and keeps the set of open multipart uploads (s3s-fs has no ListMultipartUploads).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,8 +32,11 @@ pub struct Policy {
     pub deny_writes: AtomicBool,
     /// Refuse PutObject and CreateMultipartUpload without `x-amz-server-side-encryption`.
     pub require_sse: AtomicBool,
-    /// Upload ids created and neither completed nor aborted.
-    pub open_uploads: Mutex<HashSet<String>>,
+    /// Uploads created and neither completed nor aborted: upload id → (bucket, key).
+    pub open_uploads: Mutex<BTreeMap<String, (String, String)>>,
+    /// Answer `501 NotImplemented` to a PutObject with `If-None-Match` (as some S3-compatible
+    /// stores do).
+    pub no_conditional_writes: AtomicBool,
     /// Server-side encryption values seen on writes (`AES256`, `aws:kms`).
     pub sse_seen: Mutex<Vec<String>>,
 }
@@ -78,6 +81,18 @@ impl Guarded {
             None => {}
         }
         Ok(())
+    }
+
+    /// As S3 does (s3s-fs would say AccessDenied): an unknown or finished upload is NoSuchUpload.
+    fn upload_open(&self, id: &str) -> S3Result<()> {
+        if self.policy.open_uploads.lock().unwrap().contains_key(id) {
+            Ok(())
+        } else {
+            Err(s3_error!(
+                NoSuchUpload,
+                "The specified multipart upload does not exist"
+            ))
+        }
     }
 
     fn deny_writes(&self) -> S3Result<()> {
@@ -127,6 +142,14 @@ impl S3 for Guarded {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         self.bucket_exists(&req.input.bucket)?;
         self.may_write(req.input.server_side_encryption.as_ref())?;
+        if req.input.if_none_match.is_some()
+            && self.policy.no_conditional_writes.load(Ordering::SeqCst)
+        {
+            return Err(s3_error!(
+                NotImplemented,
+                "A header you provided implies functionality that is not implemented"
+            ));
+        }
         self.inner.put_object(req).await
     }
 
@@ -145,11 +168,45 @@ impl S3 for Guarded {
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         self.bucket_exists(&req.input.bucket)?;
         self.may_write(req.input.server_side_encryption.as_ref())?;
+        let target = (req.input.bucket.clone(), req.input.key.clone());
         let out = self.inner.create_multipart_upload(req).await?;
         if let Some(id) = &out.output.upload_id {
-            self.policy.open_uploads.lock().unwrap().insert(id.clone());
+            self.policy
+                .open_uploads
+                .lock()
+                .unwrap()
+                .insert(id.clone(), target);
         }
         Ok(out)
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let input = req.input;
+        self.bucket_exists(&input.bucket)?;
+        let prefix = input.prefix.unwrap_or_default();
+        let uploads = self
+            .policy
+            .open_uploads
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, (b, k))| *b == input.bucket && k.starts_with(&prefix))
+            .map(|(id, (_, k))| MultipartUpload {
+                key: Some(k.clone()),
+                upload_id: Some(id.clone()),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(input.bucket),
+            prefix: Some(prefix),
+            is_truncated: Some(false),
+            uploads: Some(uploads),
+            ..Default::default()
+        }))
     }
 
     async fn upload_part(
@@ -158,6 +215,7 @@ impl S3 for Guarded {
     ) -> S3Result<S3Response<UploadPartOutput>> {
         self.bucket_exists(&req.input.bucket)?;
         self.deny_writes()?;
+        self.upload_open(&req.input.upload_id)?;
         self.inner.upload_part(req).await
     }
 
@@ -168,6 +226,7 @@ impl S3 for Guarded {
         self.bucket_exists(&req.input.bucket)?;
         self.deny_writes()?;
         let id = req.input.upload_id.clone();
+        self.upload_open(&id)?;
         let out = self.inner.complete_multipart_upload(req).await?;
         self.policy.open_uploads.lock().unwrap().remove(&id);
         Ok(out)
@@ -179,6 +238,7 @@ impl S3 for Guarded {
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         self.bucket_exists(&req.input.bucket)?;
         let id = req.input.upload_id.clone();
+        self.upload_open(&id)?;
         let out = self.inner.abort_multipart_upload(req).await?;
         self.policy.open_uploads.lock().unwrap().remove(&id);
         Ok(out)
@@ -270,7 +330,7 @@ impl S3Server {
             .open_uploads
             .lock()
             .unwrap()
-            .iter()
+            .keys()
             .cloned()
             .collect()
     }
