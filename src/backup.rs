@@ -794,7 +794,7 @@ pub async fn load(
             dump.restore(target, &["--section=post-data"], Some(list), parallel)
                 .await?;
             if phase == LoadPhase::PostData {
-                stats.sequences = raise_sequences(m, target).await?;
+                stats.sequences = raise_sequences(target).await?;
             }
         }
     }
@@ -1012,14 +1012,6 @@ async fn load_table(
     Ok(rows)
 }
 
-/// Sets every sequence of `m` to its recorded value, then past the largest value of every
-/// integer column it feeds. Used after replay with the values the archiver last recorded.
-pub async fn restore_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
-    let n = set_backed_up_sequences(m, target).await?;
-    raise_sequences(m, target).await?;
-    Ok(n)
-}
-
 /// Sets every sequence to its backed-up value. Done with the data, before the restore replays
 /// the archived changes, so that a replayed `TRUNCATE … RESTART IDENTITY` restarts the
 /// sequences as it did on the source (and [`raise_sequences`] then moves them just past the
@@ -1043,8 +1035,8 @@ async fn set_backed_up_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64,
 
 /// Raises every sequence past the largest value of every integer column it feeds (owned-by,
 /// identity, or named in a column default), so that the restored application's next insert
-/// does not collide. Returns the number of sequences of the backup (all were checked).
-async fn raise_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupError> {
+/// does not collide. Returns the number of (sequence, column) pairs checked.
+pub async fn raise_sequences(target: &ConnInfo) -> Result<u64, BackupError> {
     let client = open_for_load(target).await?;
     let users = client
         .query(
@@ -1109,7 +1101,7 @@ async fn raise_sequences(m: &Manifest, target: &ConnInfo) -> Result<u64, BackupE
                 .map_err(pg(ctx()))?;
         }
     }
-    Ok(m.sequences.len() as u64)
+    Ok(users.len() as u64)
 }
 
 #[cfg(test)]

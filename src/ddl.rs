@@ -1142,36 +1142,6 @@ pub async fn post_data_for_target(
     Ok(out)
 }
 
-/// The sequences to set after replay: the last replayed value of each that still exists.
-pub async fn sequences_after_replay(
-    client: &tokio_postgres::Client,
-    replayed: &HashMap<(String, String), (i64, bool)>,
-) -> Result<Vec<crate::backup::SequenceEntry>, tokio_postgres::Error> {
-    let rows = client
-        .query(
-            "SELECT n.nspname::text, c.relname::text FROM pg_catalog.pg_class c
-               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'S'",
-            &[],
-        )
-        .await?;
-    let mut out: Vec<crate::backup::SequenceEntry> = rows
-        .iter()
-        .filter_map(|r| {
-            let key: (String, String) = (r.get(0), r.get(1));
-            replayed
-                .get(&key)
-                .map(|&(last_value, is_called)| crate::backup::SequenceEntry {
-                    schema: key.0.clone(),
-                    name: key.1.clone(),
-                    last_value,
-                    is_called,
-                })
-        })
-        .collect();
-    out.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -306,19 +306,15 @@ pub async fn run(
     }
     replayer.flush().await?;
 
-    if !post_data_first {
-        backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
-    }
-    if post_data_first || !replayer.sequences.is_empty() {
-        // The sequences as last recorded by the archiver, then past every column value.
-        let sequences = crate::ddl::sequences_after_replay(&client, &replayer.sequences)
+    // Sequences: the backed-up values were set with the data; replay moved them as the source
+    // did (recorded values from the archiver's `tidemark.sequences` messages, TRUNCATE …
+    // RESTART IDENTITY); now each is raised past every value in the columns it feeds.
+    if post_data_first {
+        backup::raise_sequences(target_info)
             .await
-            .map_err(|e| RestoreError::Target(format!("listing sequences: {e}")))?;
-        let m = Manifest {
-            sequences,
-            ..manifest.clone()
-        };
-        backup::restore_sequences(&m, target_info).await?;
+            .map_err(RestoreError::from)?;
+    } else {
+        backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
     }
     let summary = RestoreSummary {
         backup_id: plan.backup_id,
@@ -444,8 +440,6 @@ struct Replayer<'a> {
     stopped: bool,
     /// Checks that every change of a table's columns is explained by a replayed DDL message.
     guard: crate::ddl::SchemaGuard,
-    /// The last value of each sequence recorded by the archiver (`tidemark.sequences`).
-    sequences: HashMap<(String, String), (i64, bool)>,
 }
 
 const BATCH_BYTES: usize = 1 << 20;
@@ -490,7 +484,6 @@ impl<'a> Replayer<'a> {
             last_commit: None,
             stopped: false,
             guard,
-            sequences: HashMap::new(),
         })
     }
 
@@ -586,7 +579,7 @@ impl<'a> Replayer<'a> {
     }
 
     /// A logical message: tidemark's DDL runs at this point of the transaction, recorded
-    /// sequence values are set here (and again after the restore's sequence step); others
+    /// sequence values are set here (then raised past the columns' values after replay); others
     /// (heartbeats, applications' own) change nothing.
     async fn logical_message(&mut self, msg: Message) -> Result<(), RestoreError> {
         let Message::Message {
@@ -626,12 +619,7 @@ impl<'a> Replayer<'a> {
                 return Ok(());
             }
             crate::ddl::TidemarkMessage::Sequences(s) => {
-                let sql = crate::ddl::setval_sql(&s.sequences);
-                for v in s.sequences {
-                    self.sequences
-                        .insert((v.schema, v.name), (v.last_value, v.is_called));
-                }
-                sql.into_iter().collect()
+                crate::ddl::setval_sql(&s.sequences).into_iter().collect()
             }
         };
         for sql in statements {
