@@ -14,12 +14,19 @@
 //! * **received ≥ sealed ≥ durable**, and only *durable* (every segment up to it is stored)
 //!   is sent to PostgreSQL as the flush LSN. A crash at any instant therefore loses nothing:
 //!   the slot replays from at most the archive's end.
-//! * A segment holds whole transactions only; a transaction cut by a shutdown or crash is
-//!   dropped and received again on the next run.
+//! * A segment holds whole transactions, except streamed ones (PostgreSQL ≥ 14, protocol 2,
+//!   `streaming` on), whose chunks are written as they arrive and may span segments. A
+//!   transaction cut by a shutdown or crash is received again on the next run (a streamed one
+//!   from its first chunk, which supersedes the earlier chunks at replay). Segment ends, and so
+//!   the acknowledged LSN, are *stream positions*: every commit below is archived, none at or
+//!   above (see `stream.rs` for why a position inside an in-progress streamed transaction is one).
 //! * The stream resumes at the archive's end; a transaction whose commit LSN is below it is a
 //!   duplicate and is dropped; a slot already beyond the archive's end is a gap and stops the run.
 //! * Memory is bounded: the channels between the stages are bounded, so a slow store makes the
 //!   receiver stop reading (the slot holds the WAL meanwhile).
+//!   A transaction sent whole is buffered until its commit: with streaming on, the server
+//!   streams any transaction larger than `logical_decoding_work_mem`, which bounds that buffer;
+//!   with protocol 1 (PostgreSQL 10–13) a transaction is buffered whole.
 
 use std::collections::VecDeque;
 use std::sync::Arc;

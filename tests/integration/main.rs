@@ -14,3 +14,4 @@ mod harness_smoke;
 mod oracle;
 mod replication;
 mod spine;
+mod txn;

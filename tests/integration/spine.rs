@@ -29,6 +29,11 @@ impl Archiver {
         Archiver { child, log }
     }
 
+    /// The archiver's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
