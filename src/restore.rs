@@ -426,6 +426,8 @@ struct Replayer<'a> {
     spool: Vec<std::path::PathBuf>,
     /// Where the chunks of streamed transactions not yet committed lie.
     chunks: Chunks,
+    /// The spooled segment last read for a streamed transaction (by number).
+    cached: Option<(usize, Segment)>,
     /// The current transaction is a duplicate of one already applied: render nothing.
     skip_txn: bool,
     /// The batch's trailing INSERT: its text up to the VALUES list, and the batch length
@@ -603,6 +605,7 @@ impl<'a> Replayer<'a> {
             stopped: false,
             spool: Vec::new(),
             chunks: Chunks::default(),
+            cached: None,
             skip_txn: false,
             open_insert: None,
         })
@@ -770,21 +773,26 @@ impl<'a> Replayer<'a> {
         let mut i = 0;
         while i < t.runs.len() {
             let seg_no = t.runs[i].seg;
-            let path = &self.spool[seg_no];
-            let bytes = tokio::fs::read(path).await.map_err(|e| {
-                RestoreError::Target(format!(
-                    "reading the spooled segment {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let seg = Segment::parse(Bytes::from(bytes))
-                .map_err(|e| RestoreError::Target(e.to_string()))?;
-            let mut records = seg.records().enumerate();
+            let seg = match self.cached.take() {
+                Some((n, seg)) if n == seg_no => seg,
+                _ => {
+                    let path = &self.spool[seg_no];
+                    let bytes = tokio::fs::read(path).await.map_err(|e| {
+                        RestoreError::Target(format!(
+                            "reading the spooled segment {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    Segment::parse(Bytes::from(bytes))
+                        .map_err(|e| RestoreError::Target(e.to_string()))?
+                }
+            };
+            let (records, at) = seg.records_from(t.runs[i].first);
+            let mut records = records.zip(at..);
             while i < t.runs.len() && t.runs[i].seg == seg_no {
                 let run = t.runs[i];
                 let skip_changes = t.aborted.contains(&run.xid);
-                for (idx, rec) in records.by_ref() {
-                    let idx = idx as u64;
+                for (rec, idx) in records.by_ref() {
                     if idx < run.first {
                         continue;
                     }
@@ -810,6 +818,8 @@ impl<'a> Replayer<'a> {
                 }
                 i += 1;
             }
+            drop(records);
+            self.cached = Some((seg_no, seg));
         }
         self.txn = None;
         self.batch.push_str("COMMIT;\n");

@@ -1057,6 +1057,25 @@ impl Segment {
         }
     }
 
+    /// Iterates over the records from record `first` on (numbered across the segment), without
+    /// decompressing the blocks before the one holding it. Returns the iterator and the number
+    /// of the first record it yields (≤ `first`: the first record of that block), or the record
+    /// count if `first` is past the end.
+    pub fn records_from(&self, first: u64) -> (Records<'_>, u64) {
+        let mut skipped = 0u64;
+        let mut next_block = 0;
+        while let Some(b) = self.blocks.get(next_block) {
+            if skipped + u64::from(b.record_count) > first {
+                break;
+            }
+            skipped += u64::from(b.record_count);
+            next_block += 1;
+        }
+        let mut it = self.records();
+        it.next_block = next_block;
+        (it, skipped)
+    }
+
     /// Decodes every block, discarding the records: a full integrity check.
     pub fn verify(&self) -> Result<(), SegmentError> {
         self.records().try_for_each(|r| r.map(drop))
@@ -2081,6 +2100,24 @@ mod tests {
     fn read_vector(name: &str, file: &str) -> Vec<u8> {
         let path = vectors_dir().join(name).join(file);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn records_from_skips_whole_blocks() {
+        let f = multi_block_fixture();
+        let seg = Segment::parse(f.encode()).unwrap();
+        let all: Vec<Record> = seg.records().map(Result::unwrap).collect();
+        for first in [0u64, 1, 5, 17, 32, 33, 40] {
+            let (it, at) = seg.records_from(first);
+            assert!(at <= first.min(all.len() as u64));
+            let got: Vec<Record> = it.map(Result::unwrap).collect();
+            assert_eq!(got, all[at as usize..], "from {first}");
+            if (first as usize) < all.len() {
+                assert!(first - at < 33, "skipped whole blocks only");
+            }
+        }
+        let (_, at) = seg.records_from(17);
+        assert!(at > 0, "blocks before record 17 are skipped");
     }
 
     #[test]
