@@ -153,13 +153,15 @@ async fn stream_bytes(src: &tokio_postgres::Client) -> i64 {
     .get(0)
 }
 
-/// Waits until the server has streamed more than `before` bytes for the slot.
-async fn wait_streamed(src: &tokio_postgres::Client, before: i64, what: &str) {
+/// Waits until the server has streamed more than `before` bytes for the slot. `obs` must not be
+/// inside a transaction: statistics are read once per transaction (stats_fetch_consistency).
+async fn wait_streamed(src: &tokio_postgres::Client, archiver: &Archiver, before: i64, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while stream_bytes(src).await <= before {
         assert!(
             Instant::now() < deadline,
-            "the server never streamed {what}"
+            "the server never streamed {what}:\n{}",
+            archiver.log_text()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -266,8 +268,9 @@ async fn aborted_streamed_transactions_leave_nothing_also_across_a_restart() {
         .unwrap();
     let mut instants = vec![note(&cluster, &src, "start").await];
 
-    // Streamed, then rolled back.
-    let before = stream_bytes(&src).await;
+    // Streamed, then rolled back. Statistics are watched from a session outside it.
+    let obs = cluster.client("app").await;
+    let before = stream_bytes(&obs).await;
     src.batch_execute(
         "BEGIN;
          INSERT INTO big SELECT i, repeat(md5(i::text), 2) FROM generate_series(1, 20000) i;
@@ -276,7 +279,7 @@ async fn aborted_streamed_transactions_leave_nothing_also_across_a_restart() {
     )
     .await
     .unwrap();
-    wait_streamed(&src, before, "the first transaction").await;
+    wait_streamed(&obs, &archiver, before, "the first transaction").await;
     src.batch_execute("ROLLBACK").await.unwrap();
     src.batch_execute("INSERT INTO log (note) VALUES ('after abort')")
         .await
@@ -287,7 +290,7 @@ async fn aborted_streamed_transactions_leave_nothing_also_across_a_restart() {
     // restart, one aborts.
     let committer = cluster.client("app").await;
     let aborter = cluster.client("app").await;
-    let before = stream_bytes(&src).await;
+    let before = stream_bytes(&obs).await;
     committer
         .batch_execute(
             "BEGIN;
@@ -304,7 +307,7 @@ async fn aborted_streamed_transactions_leave_nothing_also_across_a_restart() {
         )
         .await
         .unwrap();
-    wait_streamed(&src, before, "the transactions in progress").await;
+    wait_streamed(&obs, &archiver, before, "the transactions in progress").await;
     // Let the archiver seal and store segments holding their first chunks.
     wait_for_streamed_segment(&repo).await;
     src.batch_execute("INSERT INTO log (note) VALUES ('before kill')")
