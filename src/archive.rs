@@ -14,12 +14,19 @@
 //! * **received ≥ sealed ≥ durable**, and only *durable* (every segment up to it is stored)
 //!   is sent to PostgreSQL as the flush LSN. A crash at any instant therefore loses nothing:
 //!   the slot replays from at most the archive's end.
-//! * A segment holds whole transactions only; a transaction cut by a shutdown or crash is
-//!   dropped and received again on the next run.
+//! * A segment holds whole transactions, except streamed ones (PostgreSQL ≥ 14, protocol 2,
+//!   `streaming` on), whose chunks are written as they arrive and may span segments. A
+//!   transaction cut by a shutdown or crash is received again on the next run (a streamed one
+//!   from its first chunk, which supersedes the earlier chunks at replay). Segment ends, and so
+//!   the acknowledged LSN, are *stream positions*: every commit below is archived, none at or
+//!   above (see `stream.rs` for why a position inside an in-progress streamed transaction is one).
 //! * The stream resumes at the archive's end; a transaction whose commit LSN is below it is a
 //!   duplicate and is dropped; a slot already beyond the archive's end is a gap and stops the run.
 //! * Memory is bounded: the channels between the stages are bounded, so a slow store makes the
 //!   receiver stop reading (the slot holds the WAL meanwhile).
+//!   A transaction sent whole is buffered until its commit: with streaming on, the server
+//!   streams any transaction larger than `logical_decoding_work_mem`, which bounds that buffer;
+//!   with protocol 1 (PostgreSQL 10–13) a transaction is buffered whole.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,7 +44,7 @@ use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgoutput::{self, Message};
 use crate::replication::{ReplicationClient, ReplicationMessage};
 use crate::repo::{self, Identity};
-use crate::segment::{self, CommitEntry, Record, SegmentBuilder};
+use crate::segment::Record;
 use crate::source::{Source, SourceError};
 use crate::store::Store;
 
@@ -395,18 +402,10 @@ async fn run_once(
     }
     drop(source);
 
-    let proto = "1";
     let pubs = format!("\"{}\"", opts.publication.replace('"', "\"\""));
+    let plugin_options = stream::plugin_options(repl.server_version_num(), &pubs);
     let stream = repl
-        .start_replication(
-            &opts.slot,
-            resume.start,
-            &[
-                ("proto_version", proto),
-                ("publication_names", &pubs),
-                ("messages", "true"),
-            ],
-        )
+        .start_replication(&opts.slot, resume.start, &plugin_options)
         .await?;
     info!(slot = %opts.slot, generation = resume.generation, start = %resume.start, "archiving");
 
@@ -636,17 +635,13 @@ async fn pipeline(
 /// unreachable: about `EVENT_QUEUE` messages, plus (2 × upload_concurrency + 1) segments of at
 /// most `segment_bytes` (plus one transaction) each.
 const EVENT_QUEUE: usize = 4096;
+/// Prefix of the heartbeat's logical message.
+pub const HEARTBEAT_PREFIX: &str = "tidemark.heartbeat";
 /// How often a growing lag is logged.
 const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(15);
 
-/// The transaction being received.
-struct OpenTxn {
-    final_lsn: Lsn,
-    xid: u32,
-    commit_time: PgTimestamp,
-    records: Vec<Record>,
-    skip: bool,
-}
+/// The writer's state machine (streamed transactions, segment positions), apart from I/O.
+mod stream;
 
 async fn writer_task(
     mut events: mpsc::Receiver<Event>,
@@ -655,65 +650,24 @@ async fn writer_task(
     ctx: WriterContext,
     start: Lsn,
 ) -> Result<u64, ArchiveError> {
-    let new_builder = |start: Lsn| {
-        SegmentBuilder::new(
-            ctx.system_id,
-            ctx.timeline,
-            ctx.generation,
-            &ctx.database,
-            &ctx.slot,
-            start,
-        )
-    };
-    let mut seg_start = start;
-    let mut builder = new_builder(seg_start);
-    let mut commits_in_segment = 0u64;
+    let mut w = stream::Writer::new(ctx, opts.segment_bytes, start);
     let mut first_commit_at: Option<Instant> = None;
     let mut last_seal = Instant::now();
-    let mut end = start; // end of the last whole transaction or idle position
-    let mut last_server_time = PgTimestamp(0);
-    let mut txn: Option<OpenTxn> = None;
-    let mut transactions = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut schema_guard = crate::ddl::SchemaGuard::new();
-
-    async fn seal(
-        builder: SegmentBuilder,
-        sealed: &mpsc::Sender<Sealed>,
-        generation: u32,
-        start: Lsn,
-        end: Lsn,
-        last_server_time: PgTimestamp,
-    ) -> Result<(), ArchiveError> {
-        let bytes = builder.finish(end, last_server_time);
-        let key = segment::object_name(generation, start, end);
-        let range = format!("{start}-{end}");
-        debug!(%range, bytes = bytes.len(), "sealed segment");
-        sealed
-            .send(Sealed {
-                key,
-                range,
-                end,
-                bytes,
-            })
-            .await
-            .map_err(|_| ArchiveError::Internal("uploader stopped".into()))
-    }
-
     loop {
         let ev = tokio::select! {
             ev = events.recv() => ev,
             _ = tick.tick() => {
-                let due = txn.is_none()
-                    && ((commits_in_segment > 0
-                        && first_commit_at.is_some_and(|t| t.elapsed() >= opts.seal_interval))
-                        || (commits_in_segment == 0 && end > seg_start
-                            && last_seal.elapsed() >= opts.idle_interval));
+                // Application commits are stored `seal_interval` after the first of them (the
+                // RPO). Anything else — heartbeats, recorded sequence values, stream chunks not
+                // yet committed, keepalive progress — waits for `idle_interval`, so that a quiet
+                // database costs about one PUT a minute.
+                let due = !w.in_buffered_txn()
+                    && w.can_seal()
+                    && (first_commit_at.is_some_and(|t| t.elapsed() >= opts.seal_interval)
+                        || last_seal.elapsed() >= opts.idle_interval);
                 if due {
-                    let b = std::mem::replace(&mut builder, new_builder(end));
-                    seal(b, &sealed, ctx.generation, seg_start, end, last_server_time).await?;
-                    seg_start = end;
-                    commits_in_segment = 0;
+                    send_sealed(&sealed, w.seal()).await?;
                     first_commit_at = None;
                     last_seal = Instant::now();
                 }
@@ -721,140 +675,48 @@ async fn writer_task(
             }
         };
         let Some(ev) = ev else { break };
-        match ev {
+        let outcome = match ev {
             Event::Idle {
                 wal_end,
                 server_time,
             } => {
-                last_server_time = last_server_time.max(server_time);
-                if txn.is_none() && wal_end > end {
-                    end = wal_end;
-                }
+                w.idle(wal_end, server_time);
+                stream::Outcome::default()
             }
-            Event::Data(rec) => {
-                last_server_time = last_server_time.max(rec.server_time);
-                let tag = rec.payload.first().copied();
-                match tag {
-                    Some(b'B') => {
-                        let msg = decode(&rec)?;
-                        let Message::Begin {
-                            final_lsn,
-                            commit_time,
-                            xid,
-                        } = msg
-                        else {
-                            return Err(ArchiveError::Decode {
-                                lsn: rec.lsn,
-                                detail: "expected Begin".into(),
-                            });
-                        };
-                        if txn.is_some() {
-                            return Err(ArchiveError::Decode {
-                                lsn: rec.lsn,
-                                detail: "Begin inside an open transaction".into(),
-                            });
-                        }
-                        // A transaction committed below our start is already archived.
-                        let skip = final_lsn < start;
-                        if skip {
-                            debug!(commit = %final_lsn, "dropping duplicate transaction");
-                        }
-                        txn = Some(OpenTxn {
-                            final_lsn,
-                            xid,
-                            commit_time,
-                            records: vec![rec],
-                            skip,
-                        });
-                    }
-                    Some(b'C') => {
-                        let msg = decode(&rec)?;
-                        let Message::Commit {
-                            commit_lsn,
-                            end_lsn,
-                            commit_time,
-                            ..
-                        } = msg
-                        else {
-                            return Err(ArchiveError::Decode {
-                                lsn: rec.lsn,
-                                detail: "expected Commit".into(),
-                            });
-                        };
-                        let Some(mut t) = txn.take() else {
-                            return Err(ArchiveError::Decode {
-                                lsn: rec.lsn,
-                                detail: "Commit without Begin".into(),
-                            });
-                        };
-                        if t.skip {
-                            continue;
-                        }
-                        if commit_lsn != t.final_lsn {
-                            warn!(begin = %t.final_lsn, commit = %commit_lsn, "commit LSN differs from Begin's final LSN");
-                        }
-                        t.records.push(rec);
-                        let first_record = builder.record_count() as u32;
-                        for r in &t.records {
-                            builder.push(r);
-                        }
-                        builder.commit(CommitEntry {
-                            commit_lsn,
-                            end_lsn,
-                            xid: t.xid,
-                            commit_time: commit_time.max(t.commit_time),
-                            first_record,
-                        });
-                        end = end.max(end_lsn);
-                        commits_in_segment += 1;
-                        transactions += 1;
-                        first_commit_at.get_or_insert_with(Instant::now);
-                        if builder.encoded_len() >= opts.segment_bytes {
-                            let b = std::mem::replace(&mut builder, new_builder(end));
-                            seal(b, &sealed, ctx.generation, seg_start, end, last_server_time)
-                                .await?;
-                            seg_start = end;
-                            commits_in_segment = 0;
-                            first_commit_at = None;
-                            last_seal = Instant::now();
-                        }
-                    }
-                    _ => match &mut txn {
-                        Some(t) => {
-                            schema_guard.observe(&rec.payload, &rec.lsn.to_string())?;
-                            if !t.skip {
-                                t.records.push(rec)
-                            }
-                        }
-                        None => {
-                            // Non-transactional logical messages arrive outside transactions;
-                            // tidemark emits only transactional ones, so they are not archived.
-                            debug!(lsn = %rec.lsn, tag = ?tag.map(|t| t as char), "record outside a transaction ignored");
-                        }
-                    },
-                }
-            }
+            Event::Data(rec) => w.record(rec)?,
+        };
+        if outcome.committed_data {
+            first_commit_at.get_or_insert_with(Instant::now);
+        }
+        if w.size_due() {
+            send_sealed(&sealed, w.seal()).await?;
+            first_commit_at = None;
+            last_seal = Instant::now();
         }
     }
-    // Input closed: seal what is whole. An open transaction is dropped; it is received again.
-    if let Some(t) = &txn {
+    // Input closed: seal what is written. A buffered (non-streamed) transaction is dropped and
+    // received again; chunks of an open streamed transaction are sealed and superseded when the
+    // server streams it again from its first chunk.
+    if let Some(xid) = w.buffered_xid() {
         info!(
-            xid = t.xid,
+            xid,
             "dropping the transaction in progress; it will be received again"
         );
     }
-    if commits_in_segment > 0 || end > seg_start {
-        seal(
-            builder,
-            &sealed,
-            ctx.generation,
-            seg_start,
-            end,
-            last_server_time,
-        )
-        .await?;
+    if w.can_seal() {
+        send_sealed(&sealed, w.seal()).await?;
+    } else if w.has_records() {
+        info!("dropping re-streamed chunks that do not advance the stream position; they will be received again");
     }
-    Ok(transactions)
+    Ok(w.transactions())
+}
+
+async fn send_sealed(sealed: &mpsc::Sender<Sealed>, s: Sealed) -> Result<(), ArchiveError> {
+    debug!(range = %s.range, bytes = s.bytes.len(), "sealed segment");
+    sealed
+        .send(s)
+        .await
+        .map_err(|_| ArchiveError::Internal("uploader stopped".into()))
 }
 
 fn decode(rec: &Record) -> Result<Message, ArchiveError> {
@@ -983,7 +845,7 @@ async fn heartbeat_task(info: ConnInfo, every: Duration, stop: CancellationToken
                     Err(_) => {}
                 }
                 let r = client
-                    .execute("SELECT pg_logical_emit_message(true, 'tidemark.heartbeat', '')", &[])
+                    .execute("SELECT pg_logical_emit_message(true, $1, '')", &[&HEARTBEAT_PREFIX])
                     .await;
                 if let Err(e) = r {
                     warn!(error = %e, "heartbeat disabled: cannot emit a logical message; a quiet database's restore window advances only with its own commits");

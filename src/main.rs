@@ -120,7 +120,7 @@ struct ArchiveArgs {
     /// Seal the open segment this long after its first commit (the RPO).
     #[arg(long, env = "TIDEMARK_SEAL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     seal_interval: Duration,
-    /// Seal a segment once it holds this many bytes (at the next commit boundary).
+    /// Seal a segment once it holds this many bytes.
     #[arg(long, env = "TIDEMARK_SEGMENT_BYTES", default_value_t = 16 << 20)]
     segment_bytes: usize,
     /// Commit a heartbeat message this often so a quiet database's restore window advances ("0s" disables).

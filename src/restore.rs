@@ -291,7 +291,8 @@ pub async fn run(
     }
 
     let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
-    for path in &verified {
+    replayer.spool = verified.clone();
+    for (seg_no, path) in verified.iter().enumerate() {
         let bytes = tokio::fs::read(path).await.map_err(|e| {
             RestoreError::Target(format!(
                 "reading the spooled segment {}: {e}",
@@ -300,7 +301,7 @@ pub async fn run(
         })?;
         let seg =
             Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))?;
-        if !replayer.apply_segment(&seg).await? {
+        if !replayer.apply_segment(&seg, seg_no).await? {
             break;
         }
     }
@@ -440,6 +441,150 @@ struct Replayer<'a> {
     stopped: bool,
     /// Checks that every change of a table's columns is explained by a replayed DDL message.
     guard: crate::ddl::SchemaGuard,
+    /// The spooled segments, in order, for re-reading the chunks of streamed transactions.
+    spool: Vec<std::path::PathBuf>,
+    /// Where the chunks of streamed transactions not yet committed lie.
+    chunks: Chunks,
+    /// The spooled segment last read for a streamed transaction (by number).
+    cached: Option<(usize, Segment)>,
+    /// The current transaction is a duplicate of one already applied: render nothing.
+    skip_txn: bool,
+    /// The batch's trailing INSERT: its text up to the VALUES list, and the batch length
+    /// right after it (another INSERT with the same prefix is folded into it).
+    open_insert: Option<(String, usize)>,
+}
+
+/// The chunks of the streamed transactions not yet committed or aborted, by position in the
+/// spool, never their rows: each record of a chunk is noted as part of a run of consecutive
+/// records of one (sub)transaction, and read again at the transaction's Stream Commit.
+///
+/// A chunk with the first-segment flag starts the transaction afresh: the server streams an
+/// in-progress transaction again from its start after the archiver reconnected, so chunks an
+/// earlier connection wrote are superseded, never applied twice. A chunk cut by a disconnection
+/// (no Stream Stop) ends at the next Begin, Commit or Stream Start.
+#[derive(Debug, Default)]
+struct Chunks {
+    streams: HashMap<u32, StreamedTxn>,
+    /// Top-level xid of the chunk being read.
+    in_chunk: Option<u32>,
+}
+
+/// What [`Chunks::note`] made of a message.
+#[derive(Debug)]
+enum Noted {
+    /// Not part of a streamed transaction.
+    Other,
+    /// Noted.
+    Done,
+    /// A Stream Commit: the transaction's chunks.
+    Commit {
+        xid: u32,
+        txn: StreamedTxn,
+        commit_lsn: Lsn,
+        commit_time: PgTimestamp,
+    },
+}
+
+impl Chunks {
+    /// Notes message `msg`, record `index` of spooled segment `seg_no`.
+    fn note(&mut self, msg: &Message, seg_no: usize, index: u64) -> Noted {
+        match msg {
+            Message::StreamStart { xid, first_segment } => {
+                if *first_segment {
+                    self.streams.insert(
+                        *xid,
+                        StreamedTxn {
+                            whole: true,
+                            ..StreamedTxn::default()
+                        },
+                    );
+                } else {
+                    self.streams.entry(*xid).or_default();
+                }
+                self.in_chunk = Some(*xid);
+            }
+            Message::StreamStop => self.in_chunk = None,
+            Message::StreamAbort { xid, subxid, .. } => {
+                self.in_chunk = None;
+                if xid == subxid {
+                    self.streams.remove(xid);
+                } else if let Some(t) = self.streams.get_mut(xid) {
+                    t.aborted.insert(*subxid);
+                }
+            }
+            Message::StreamCommit {
+                xid,
+                commit_lsn,
+                commit_time,
+                ..
+            } => {
+                self.in_chunk = None;
+                return Noted::Commit {
+                    xid: *xid,
+                    txn: self.streams.remove(xid).unwrap_or_default(),
+                    commit_lsn: *commit_lsn,
+                    commit_time: *commit_time,
+                };
+            }
+            Message::Begin { .. } | Message::Commit { .. } => {
+                self.in_chunk = None;
+                return Noted::Other;
+            }
+            other => {
+                let Some(top) = self.in_chunk else {
+                    return Noted::Other;
+                };
+                let xid = match other {
+                    Message::Relation { xid, .. }
+                    | Message::Type { xid, .. }
+                    | Message::Insert { xid, .. }
+                    | Message::Update { xid, .. }
+                    | Message::Delete { xid, .. }
+                    | Message::Truncate { xid, .. }
+                    | Message::Message { xid, .. } => xid.unwrap_or(top),
+                    _ => top,
+                };
+                self.streams.entry(top).or_default().add(seg_no, index, xid);
+            }
+        }
+        Noted::Done
+    }
+}
+
+/// Where the chunks of one streamed transaction lie in the spooled segments.
+#[derive(Debug, Default)]
+struct StreamedTxn {
+    /// A chunk with the first-segment flag was seen: the runs hold the whole transaction.
+    whole: bool,
+    runs: Vec<ChunkRun>,
+    /// Subtransactions rolled back (Stream Abort with a subxid): their changes are skipped.
+    aborted: std::collections::HashSet<u32>,
+}
+
+/// Consecutive records `first..=last` of spooled segment `seg`, all of (sub)transaction `xid`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChunkRun {
+    seg: usize,
+    first: u64,
+    last: u64,
+    xid: u32,
+}
+
+impl StreamedTxn {
+    fn add(&mut self, seg: usize, index: u64, xid: u32) {
+        if let Some(r) = self.runs.last_mut() {
+            if r.seg == seg && r.last + 1 == index && r.xid == xid {
+                r.last = index;
+                return;
+            }
+        }
+        self.runs.push(ChunkRun {
+            seg,
+            first: index,
+            last: index,
+            xid,
+        });
+    }
 }
 
 const BATCH_BYTES: usize = 1 << 20;
@@ -484,18 +629,33 @@ impl<'a> Replayer<'a> {
             last_commit: None,
             stopped: false,
             guard,
+            spool: Vec::new(),
+            chunks: Chunks::default(),
+            cached: None,
+            skip_txn: false,
+            open_insert: None,
         })
     }
 
-    /// Applies one segment; returns false once the target is reached.
-    async fn apply_segment(&mut self, seg: &Segment) -> Result<bool, RestoreError> {
-        for rec in seg.records() {
+    /// Applies one segment (number `seg_no` of the spool); returns false once the target is
+    /// reached.
+    async fn apply_segment(&mut self, seg: &Segment, seg_no: usize) -> Result<bool, RestoreError> {
+        for (index, rec) in seg.records().enumerate() {
             let rec = rec.map_err(|e| RestoreError::Target(e.to_string()))?;
-            let msg = pgoutput::decode(&rec.payload, false).map_err(|e| RestoreError::Replay {
-                commit_lsn: self.txn.map(|t| t.0).unwrap_or(rec.lsn),
-                commit_time: self.txn.map(|t| t.1).unwrap_or_default(),
-                detail: format!("undecodable record at {}: {e}", rec.lsn),
-            })?;
+            let msg =
+                pgoutput::decode(&rec.payload, self.chunks.in_chunk.is_some()).map_err(|e| {
+                    RestoreError::Replay {
+                        commit_lsn: self.txn.map(|t| t.0).unwrap_or(rec.lsn),
+                        commit_time: self.txn.map(|t| t.1).unwrap_or_default(),
+                        detail: format!("undecodable record at {}: {e}", rec.lsn),
+                    }
+                })?;
+            if self.stream_message(&msg, seg_no, index as u64).await? {
+                if self.stopped {
+                    return Ok(false);
+                }
+                continue;
+            }
             self.apply(msg).await?;
             if self.stopped {
                 return Ok(false);
@@ -509,8 +669,11 @@ impl<'a> Replayer<'a> {
             Message::Begin {
                 final_lsn,
                 commit_time,
-                ..
+                xid,
             } => {
+                // Chunks an earlier run streamed of this transaction are superseded: the server
+                // sent it whole this time.
+                self.chunks.streams.remove(&xid);
                 let past = match self.target {
                     Target::Time(t) => commit_time > t,
                     Target::Lsn(l) => final_lsn > l,
@@ -521,7 +684,8 @@ impl<'a> Replayer<'a> {
                     return Ok(());
                 }
                 self.txn = Some((final_lsn, commit_time));
-                if final_lsn >= self.start {
+                self.skip_txn = self.already_applied(final_lsn);
+                if final_lsn >= self.start && !self.skip_txn {
                     self.batch.push_str("BEGIN;\n");
                     self.statements.push(Stmt {
                         kind: b'B',
@@ -538,7 +702,7 @@ impl<'a> Replayer<'a> {
                 let Some((final_lsn, _)) = self.txn.take() else {
                     return Err(self.replay_err("Commit without Begin"));
                 };
-                if final_lsn >= self.start {
+                if final_lsn >= self.start && !std::mem::take(&mut self.skip_txn) {
                     self.batch.push_str("COMMIT;\n");
                     self.statements.push(Stmt {
                         kind: b'C',
@@ -552,24 +716,13 @@ impl<'a> Replayer<'a> {
                     }
                 }
             }
-            Message::Relation { .. } => {
-                if let Some(rel) = RelationInfo::from_message(&msg) {
-                    // Before the backup's point the backup's own columns are authoritative.
-                    let check = self.txn.is_some_and(|t| t.0 >= self.start);
-                    let at = self.txn.map(|t| t.0.to_string()).unwrap_or_default();
-                    if let Err(e) = self.guard.relation(&rel, check, &at) {
-                        return Err(self.replay_err(&e.restore_detail()));
-                    }
-                    let rel = keep_relation_facts(self.relations.get(&rel.oid), rel);
-                    self.relations.insert(rel.oid, rel);
-                }
-            }
+            Message::Relation { .. } => self.relation(&msg)?,
             Message::Message { .. } => self.logical_message(msg).await?,
             other => {
                 let Some((final_lsn, _)) = self.txn else {
                     return Ok(());
                 };
-                if final_lsn < self.start {
+                if final_lsn < self.start || self.skip_txn {
                     return Ok(());
                 }
                 self.render(other)?;
@@ -634,6 +787,178 @@ impl<'a> Replayer<'a> {
         Ok(())
     }
 
+    /// A transaction committed at or before the last one applied is a duplicate.
+    fn already_applied(&self, commit_lsn: Lsn) -> bool {
+        self.last_commit.is_some_and(|(l, _)| commit_lsn <= l)
+    }
+
+    /// Handles the messages of streamed transactions (see [`Chunks`]); returns false for any
+    /// other message.
+    async fn stream_message(
+        &mut self,
+        msg: &Message,
+        seg_no: usize,
+        index: u64,
+    ) -> Result<bool, RestoreError> {
+        let (xid, t, commit_lsn, commit_time) = match self.chunks.note(msg, seg_no, index) {
+            Noted::Other => return Ok(false),
+            Noted::Done => return Ok(true),
+            Noted::Commit {
+                xid,
+                txn,
+                commit_lsn,
+                commit_time,
+            } => (xid, txn, commit_lsn, commit_time),
+        };
+        let past = match self.target {
+            Target::Time(target) => commit_time > target,
+            Target::Lsn(l) => commit_lsn > l,
+            Target::Latest => false,
+        };
+        if past {
+            self.stopped = true;
+        } else if commit_lsn >= self.start && !self.already_applied(commit_lsn) {
+            if !t.whole {
+                return Err(RestoreError::Replay {
+                    commit_lsn,
+                    commit_time,
+                    detail: format!(
+                        "the streamed transaction {xid} began before the base backup's position {}; its first changes are in segments before it\nHINT: restore from an earlier base backup (a target before this backup's time, or from a repository that still holds it)",
+                        self.start
+                    ),
+                });
+            }
+            self.apply_streamed(t, commit_lsn, commit_time).await?;
+        }
+        Ok(true)
+    }
+
+    /// Applies a committed streamed transaction, reading its chunks again from the spool.
+    /// Relation messages are taken from every chunk (also of rolled-back subtransactions: the
+    /// server does not send them again); changes of rolled-back subtransactions are skipped.
+    async fn apply_streamed(
+        &mut self,
+        t: StreamedTxn,
+        commit_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), RestoreError> {
+        self.txn = Some((commit_lsn, commit_time));
+        self.batch.push_str("BEGIN;\n");
+        self.statements.push(Stmt {
+            kind: b'B',
+            rel: None,
+            commit: commit_lsn,
+        });
+        let mut i = 0;
+        while i < t.runs.len() {
+            let seg_no = t.runs[i].seg;
+            let seg = match self.cached.take() {
+                Some((n, seg)) if n == seg_no => seg,
+                _ => {
+                    let path = &self.spool[seg_no];
+                    let bytes = tokio::fs::read(path).await.map_err(|e| {
+                        RestoreError::Target(format!(
+                            "reading the spooled segment {}: {e}",
+                            path.display()
+                        ))
+                    })?;
+                    Segment::parse(Bytes::from(bytes))
+                        .map_err(|e| RestoreError::Target(e.to_string()))?
+                }
+            };
+            let (records, at) = seg.records_from(t.runs[i].first);
+            let mut records = records.zip(at..);
+            while i < t.runs.len() && t.runs[i].seg == seg_no {
+                let run = t.runs[i];
+                let skip_changes = t.aborted.contains(&run.xid);
+                for (rec, idx) in records.by_ref() {
+                    if idx < run.first {
+                        continue;
+                    }
+                    let rec = rec.map_err(|e| RestoreError::Target(e.to_string()))?;
+                    let msg = pgoutput::decode(&rec.payload, true).map_err(|e| {
+                        self.replay_err(&format!("undecodable record at {}: {e}", rec.lsn))
+                    })?;
+                    match msg {
+                        // Kept even from an aborted subtransaction: the server does not send
+                        // a relation again.
+                        Message::Relation { .. } => self.relation(&msg)?,
+                        Message::Message { .. } if !skip_changes => {
+                            self.logical_message(msg).await?
+                        }
+                        other if !skip_changes => self.render(other)?,
+                        _ => {}
+                    }
+                    if self.batch.len() >= BATCH_BYTES {
+                        self.send_batch().await?;
+                    }
+                    if idx >= run.last {
+                        break;
+                    }
+                }
+                i += 1;
+            }
+            drop(records);
+            self.cached = Some((seg_no, seg));
+        }
+        self.txn = None;
+        self.batch.push_str("COMMIT;\n");
+        self.statements.push(Stmt {
+            kind: b'C',
+            rel: None,
+            commit: commit_lsn,
+        });
+        self.applied += 1;
+        self.last_commit = Some((commit_lsn, commit_time));
+        if self.batch.len() >= BATCH_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// A Relation message: checked against the captured DDL (the schema guard), then the
+    /// relation map follows it.
+    fn relation(&mut self, msg: &Message) -> Result<(), RestoreError> {
+        if let Some(rel) = RelationInfo::from_message(msg) {
+            // Before the backup's point the backup's own columns are authoritative.
+            let check = self.txn.is_some_and(|t| t.0 >= self.start);
+            let at = self.txn.map(|t| t.0.to_string()).unwrap_or_default();
+            if let Err(e) = self.guard.relation(&rel, check, &at) {
+                return Err(self.replay_err(&e.restore_detail()));
+            }
+            let rel = keep_relation_facts(self.relations.get(&rel.oid), rel);
+            self.relations.insert(rel.oid, rel);
+        }
+        Ok(())
+    }
+
+    /// Appends one rendered INSERT, folding it into the batch's trailing INSERT into the same
+    /// relation (a multi-row INSERT): replaying a large transaction row by row is too slow.
+    fn push_insert(&mut self, one: &str, rel: Option<String>) {
+        const MARK: &str = " OVERRIDING SYSTEM VALUE VALUES ";
+        if let Some((prefix, end)) = &self.open_insert {
+            if *end == self.batch.len() && one.starts_with(prefix.as_str()) {
+                self.batch.pop(); // the trailing ';'
+                self.batch.push(',');
+                self.batch.push_str(&one[prefix.len()..]);
+                self.open_insert = Some((prefix.clone(), self.batch.len()));
+                return;
+            }
+        }
+        self.batch.push_str(one);
+        self.statements.push(Stmt {
+            kind: b'I',
+            rel,
+            commit: self.txn.map(|t| t.0).unwrap_or_default(),
+        });
+        self.open_insert = match one.find(MARK) {
+            Some(i) if one.ends_with(';') => {
+                Some((one[..i + MARK.len()].to_string(), self.batch.len()))
+            }
+            _ => None,
+        };
+    }
+
     fn rel(&self, relid: u32) -> Result<&RelationInfo, RestoreError> {
         self.relations.get(&relid).ok_or_else(|| {
             self.replay_err(&format!(
@@ -643,6 +968,15 @@ impl<'a> Replayer<'a> {
     }
 
     fn render(&mut self, msg: Message) -> Result<(), RestoreError> {
+        if let Message::Insert { relid, new, .. } = &msg {
+            let rel = self.rel(*relid)?;
+            let mut one = String::new();
+            statement::render_insert(rel, new, &mut one)
+                .map_err(|e| self.replay_err(&e.to_string()))?;
+            let name = rel.qualified_name();
+            self.push_insert(&one, Some(name));
+            return Ok(());
+        }
         let mut out = std::mem::take(&mut self.batch);
         let before = out.len();
         let kind = msg.tag() as u8;
@@ -720,6 +1054,7 @@ impl<'a> Replayer<'a> {
         if self.batch.is_empty() {
             return Ok(());
         }
+        self.open_insert = None;
         let sql = std::mem::take(&mut self.batch);
         let statements = std::mem::take(&mut self.statements);
         let results = self
@@ -727,8 +1062,16 @@ impl<'a> Replayer<'a> {
             .simple_query(&sql)
             .await
             .map_err(|e| RestoreError::Replay {
-                commit_lsn: self.last_commit.map(|c| c.0).unwrap_or_default(),
-                commit_time: self.last_commit.map(|c| c.1).unwrap_or_default(),
+                commit_lsn: self
+                    .txn
+                    .or(self.last_commit)
+                    .map(|c| c.0)
+                    .unwrap_or_default(),
+                commit_time: self
+                    .txn
+                    .or(self.last_commit)
+                    .map(|c| c.1)
+                    .unwrap_or_default(),
                 detail: format!(
                     "the target refused a batch of transactions ending with this one: {}",
                     crate::source::error_chain(&e)
@@ -855,6 +1198,126 @@ mod tests {
             latest_commit: Some(PgTimestamp(4000)),
             end: Some(Lsn(400)),
         }]
+    }
+
+    fn ins(xid: u32) -> Message {
+        Message::Insert {
+            xid: Some(xid),
+            relid: 1,
+            new: pgoutput::TupleData(vec![]),
+        }
+    }
+
+    fn start(xid: u32, first_segment: bool) -> Message {
+        Message::StreamStart { xid, first_segment }
+    }
+
+    fn commit(xid: u32) -> Message {
+        Message::StreamCommit {
+            xid,
+            flags: 0,
+            commit_lsn: Lsn(10),
+            end_lsn: Lsn(20),
+            commit_time: PgTimestamp(1),
+        }
+    }
+
+    /// Feeds (segment, messages) and returns the runs of each Stream Commit.
+    fn feed(input: &[(usize, Vec<Message>)]) -> Vec<(u32, StreamedTxn)> {
+        let mut c = Chunks::default();
+        let mut out = Vec::new();
+        for (seg, msgs) in input {
+            for (i, m) in msgs.iter().enumerate() {
+                if let Noted::Commit { xid, txn, .. } = c.note(m, *seg, i as u64) {
+                    out.push((xid, txn));
+                }
+            }
+        }
+        out
+    }
+
+    fn run(seg: usize, first: u64, last: u64, xid: u32) -> ChunkRun {
+        ChunkRun {
+            seg,
+            first,
+            last,
+            xid,
+        }
+    }
+
+    #[test]
+    fn restreamed_chunks_supersede_the_earlier_connection() {
+        let out = feed(&[
+            // Connection 1: a chunk of 7, cut by the disconnection (no Stream Stop).
+            (0, vec![start(7, true), ins(7), ins(7)]),
+            // Connection 2: 7 again from its first chunk, a small transaction between chunks,
+            // a subtransaction (8) rolled back, and the commit.
+            (
+                1,
+                vec![
+                    start(7, true),
+                    ins(7),
+                    ins(7),
+                    Message::StreamStop,
+                    Message::Begin {
+                        final_lsn: Lsn(5),
+                        commit_time: PgTimestamp(1),
+                        xid: 9,
+                    },
+                    start(7, false),
+                    ins(8),
+                    ins(8),
+                    Message::StreamStop,
+                ],
+            ),
+            (
+                2,
+                vec![
+                    Message::StreamAbort {
+                        xid: 7,
+                        subxid: 8,
+                        abort: None,
+                    },
+                    start(7, false),
+                    ins(7),
+                    Message::StreamStop,
+                    commit(7),
+                ],
+            ),
+        ]);
+        assert_eq!(out.len(), 1);
+        let (xid, t) = &out[0];
+        assert_eq!(*xid, 7);
+        assert!(t.whole);
+        assert_eq!(t.runs, [run(1, 1, 2, 7), run(1, 6, 7, 8), run(2, 2, 2, 7)]);
+        assert!(t.aborted.contains(&8));
+    }
+
+    #[test]
+    fn aborted_and_partial_streams_are_dropped_or_flagged() {
+        let out = feed(&[
+            (0, vec![start(7, true), ins(7), Message::StreamStop]),
+            (
+                1,
+                vec![
+                    Message::StreamAbort {
+                        xid: 7,
+                        subxid: 7,
+                        abort: None,
+                    },
+                    // A transaction whose first chunk this restore did not read.
+                    start(11, false),
+                    ins(11),
+                    Message::StreamStop,
+                    commit(11),
+                    // A stream commit of an aborted transaction never comes; 7 is gone.
+                    commit(7),
+                ],
+            ),
+        ]);
+        assert_eq!(out.len(), 2);
+        assert!(!out[0].1.whole, "11 began before what was read");
+        assert!(out[1].1.runs.is_empty() && !out[1].1.whole);
     }
 
     #[test]

@@ -42,8 +42,15 @@ pub const MAX_BLOCK_SIZE: usize = 16 * 1024 * 1024;
 /// Largest record payload [`SegmentBuilder::push`] accepts (PostgreSQL messages are < 1 GiB).
 pub const MAX_PAYLOAD_LEN: usize = i32::MAX as usize;
 
-/// Header flags this build understands (none are defined in version 1).
-const KNOWN_FLAGS: u16 = 0;
+/// Header flag: the segment holds records of streamed (in-progress) transactions, as sent by
+/// pgoutput with `streaming` on (protocol ≥ 2): Stream Start/Stop/Commit/Abort records, changes
+/// that carry their (sub)transaction id, and commit entries whose `first_record` is the
+/// transaction's Stream Commit record (its changes lie in this and earlier segments).
+/// A reader that cannot replay such a stream must reject the file (§9 of proto/segment.md).
+pub const FLAG_STREAMED: u16 = 0x0001;
+
+/// Header flags this build understands.
+const KNOWN_FLAGS: u16 = FLAG_STREAMED;
 
 /// Header bytes that are not strings or extensions: fixed fields, two length prefixes, crc.
 const HEADER_FIXED_LEN: usize = 56;
@@ -118,6 +125,8 @@ pub struct SegmentInfo {
     pub record_count: u64,
     /// When the writer opened the segment.
     pub created_at: PgTimestamp,
+    /// Header flags ([`FLAG_STREAMED`]).
+    pub flags: u16,
 }
 
 /// The part of a file an error is about.
@@ -409,6 +418,18 @@ impl SegmentBuilder {
         self
     }
 
+    /// Sets [`FLAG_STREAMED`]: the segment holds records of a streamed transaction.
+    pub fn mark_streamed(&mut self) {
+        let flags = u16::from_le_bytes([self.out[10], self.out[11]]) | FLAG_STREAMED;
+        self.out[10..12].copy_from_slice(&flags.to_le_bytes());
+        self.seal_header();
+    }
+
+    /// Whether [`SegmentBuilder::mark_streamed`] was called.
+    pub fn is_streamed(&self) -> bool {
+        u16::from_le_bytes([self.out[10], self.out[11]]) & FLAG_STREAMED != 0
+    }
+
     fn seal_header(&mut self) {
         let crc_at = self.header_len - 4;
         let crc = crc32fast::hash(&self.out[..crc_at]);
@@ -446,7 +467,8 @@ impl SegmentBuilder {
     }
 
     /// Records a commit in the commit index. Call it after pushing the transaction's records;
-    /// `entry.first_record` must be the index of its Begin record in this segment.
+    /// `entry.first_record` must be the index of its Begin record in this segment (for a
+    /// streamed transaction: of its Stream Commit record, see [`FLAG_STREAMED`]).
     pub fn commit(&mut self, entry: CommitEntry) {
         debug_assert!(
             u64::from(entry.first_record) < self.record_count,
@@ -933,6 +955,7 @@ fn parse_layout(file: &[u8]) -> Result<Layout, SegmentError> {
             last_server_time,
             record_count,
             created_at,
+            flags,
         },
         commits,
         blocks,
@@ -1032,6 +1055,25 @@ impl Segment {
             left: 0,
             done: false,
         }
+    }
+
+    /// Iterates over the records from record `first` on (numbered across the segment), without
+    /// decompressing the blocks before the one holding it. Returns the iterator and the number
+    /// of the first record it yields (≤ `first`: the first record of that block), or the record
+    /// count if `first` is past the end.
+    pub fn records_from(&self, first: u64) -> (Records<'_>, u64) {
+        let mut skipped = 0u64;
+        let mut next_block = 0;
+        while let Some(b) = self.blocks.get(next_block) {
+            if skipped + u64::from(b.record_count) > first {
+                break;
+            }
+            skipped += u64::from(b.record_count);
+            next_block += 1;
+        }
+        let mut it = self.records();
+        it.next_block = next_block;
+        (it, skipped)
     }
 
     /// Decodes every block, discarding the records: a full integrity check.
@@ -1299,6 +1341,7 @@ mod tests {
         created_at: PgTimestamp,
         last_server_time: PgTimestamp,
         block_size: usize,
+        flags: u16,
         records: Vec<Record>,
         commits: Vec<CommitEntry>,
     }
@@ -1316,6 +1359,7 @@ mod tests {
                 created_at: PgTimestamp(T0),
                 last_server_time: PgTimestamp(T0),
                 block_size: DEFAULT_BLOCK_SIZE,
+                flags: 0,
                 records: Vec::new(),
                 commits: Vec::new(),
             }
@@ -1372,6 +1416,9 @@ mod tests {
             )
             .with_block_size(self.block_size)
             .with_created_at(self.created_at);
+            if self.flags & FLAG_STREAMED != 0 {
+                b.mark_streamed();
+            }
             let mut commits = self.commits.iter().peekable();
             for (i, r) in self.records.iter().enumerate() {
                 b.push(r);
@@ -1405,6 +1452,7 @@ mod tests {
                 last_server_time: self.last_server_time,
                 record_count: self.records.len() as u64,
                 created_at: self.created_at,
+                flags: self.flags,
             }
         }
     }
@@ -1466,6 +1514,105 @@ mod tests {
             f.txn(xid, first, changes, lsn);
             lsn += 0x60;
         }
+        f
+    }
+
+    /// `S`: xid, first-segment flag.
+    fn stream_start(xid: u32, first: bool) -> Bytes {
+        let mut m = vec![b'S'];
+        m.extend_from_slice(&xid.to_be_bytes());
+        m.push(u8::from(first));
+        m.into()
+    }
+
+    /// `I` inside a stream: xid, relation id, `N`, new tuple.
+    fn stream_insert(xid: u32, relid: u32, cols: &[Option<&str>]) -> Bytes {
+        let mut m = vec![b'I'];
+        m.extend_from_slice(&xid.to_be_bytes());
+        m.extend_from_slice(&relid.to_be_bytes());
+        m.push(b'N');
+        tuple(&mut m, cols);
+        m.into()
+    }
+
+    /// `c`: xid, flags, commit LSN, end LSN, commit time.
+    fn stream_commit(xid: u32, commit_lsn: Lsn, end_lsn: Lsn, t: PgTimestamp) -> Bytes {
+        let mut m = vec![b'c'];
+        m.extend_from_slice(&xid.to_be_bytes());
+        m.push(0);
+        m.extend_from_slice(&commit_lsn.0.to_be_bytes());
+        m.extend_from_slice(&end_lsn.0.to_be_bytes());
+        m.extend_from_slice(&t.0.to_be_bytes());
+        m.into()
+    }
+
+    /// `A`: xid, subtransaction xid.
+    fn stream_abort(xid: u32, subxid: u32) -> Bytes {
+        let mut m = vec![b'A'];
+        m.extend_from_slice(&xid.to_be_bytes());
+        m.extend_from_slice(&subxid.to_be_bytes());
+        m.into()
+    }
+
+    /// A streamed transaction (xid 800, two chunks, a rolled-back subtransaction 801) with a
+    /// small transaction (xid 802) committed between its chunks, then its Stream Commit.
+    fn streamed_fixture() -> Fixture {
+        let mut f = Fixture::new(Lsn(0x200_0000));
+        f.flags = FLAG_STREAMED;
+        let push = |f: &mut Fixture, lsn: u64, payload: Bytes| {
+            let sent = f.last_server_time.0 + 37;
+            f.records.push(Record {
+                lsn: Lsn(lsn),
+                server_time: PgTimestamp(sent),
+                payload,
+            });
+            f.last_server_time = PgTimestamp(sent);
+        };
+        push(&mut f, 0x200_0028, stream_start(800, true));
+        let mut rel = relation_orders().to_vec();
+        rel.splice(1..1, 800u32.to_be_bytes());
+        push(&mut f, 0x200_0028, rel.into());
+        push(
+            &mut f,
+            0x200_0028,
+            stream_insert(800, ORDERS, &[Some("1"), Some("ada"), None]),
+        );
+        push(
+            &mut f,
+            0x200_0080,
+            stream_insert(801, ORDERS, &[Some("2"), Some("bob"), None]),
+        );
+        push(&mut f, 0x200_0080, Bytes::from_static(b"E"));
+        push(&mut f, 0x200_00C0, stream_abort(800, 801));
+        f.txn(
+            802,
+            0x200_0100,
+            vec![(0x200_0100, insert(ORDERS, &[Some("3"), Some("cy"), None]))],
+            0x200_0150,
+        );
+        push(&mut f, 0x200_0200, stream_start(800, false));
+        push(
+            &mut f,
+            0x200_0200,
+            stream_insert(800, ORDERS, &[Some("4"), Some("di"), None]),
+        );
+        push(&mut f, 0x200_0200, Bytes::from_static(b"E"));
+        let (commit_lsn, end_lsn) = (Lsn(0x200_0280), Lsn(0x200_02B0));
+        let t = PgTimestamp(f.last_server_time.0 + 1_250);
+        let first_record = f.records.len() as u32;
+        push(
+            &mut f,
+            end_lsn.0,
+            stream_commit(800, commit_lsn, end_lsn, t),
+        );
+        f.commits.push(CommitEntry {
+            commit_lsn,
+            end_lsn,
+            xid: 800,
+            commit_time: t,
+            first_record,
+        });
+        f.end_lsn = end_lsn;
         f
     }
 
@@ -1642,7 +1789,10 @@ mod tests {
         flagged[header_len - 4..header_len].copy_from_slice(&crc.to_le_bytes());
         assert_eq!(
             Segment::parse(flagged.into()).unwrap_err(),
-            SegmentError::UnknownFlags { found: 4, known: 0 }
+            SegmentError::UnknownFlags {
+                found: 4,
+                known: FLAG_STREAMED
+            }
         );
         assert!(matches!(
             Segment::parse(Bytes::from_static(b"\x89TDMSEG")),
@@ -1846,6 +1996,7 @@ mod tests {
                 "record_count": info.record_count,
                 "created_at": info.created_at.0,
                 "block_count": block_count,
+                "flags": info.flags,
             },
             "commits": commits.iter().map(|c| serde_json::json!({
                 "commit_lsn": c.commit_lsn.to_string(),
@@ -1867,6 +2018,7 @@ mod tests {
             ("empty", empty_fixture()),
             ("one-transaction", one_transaction_fixture()),
             ("multi-block", multi_block_fixture()),
+            ("streamed", streamed_fixture()),
         ]
     }
 
@@ -1948,6 +2100,24 @@ mod tests {
     fn read_vector(name: &str, file: &str) -> Vec<u8> {
         let path = vectors_dir().join(name).join(file);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    #[test]
+    fn records_from_skips_whole_blocks() {
+        let f = multi_block_fixture();
+        let seg = Segment::parse(f.encode()).unwrap();
+        let all: Vec<Record> = seg.records().map(Result::unwrap).collect();
+        for first in [0u64, 1, 5, 17, 32, 33, 40] {
+            let (it, at) = seg.records_from(first);
+            assert!(at <= first.min(all.len() as u64));
+            let got: Vec<Record> = it.map(Result::unwrap).collect();
+            assert_eq!(got, all[at as usize..], "from {first}");
+            if (first as usize) < all.len() {
+                assert!(first - at < 33, "skipped whole blocks only");
+            }
+        }
+        let (_, at) = seg.records_from(17);
+        assert!(at > 0, "blocks before record 17 are skipped");
     }
 
     #[test]
@@ -2074,6 +2244,7 @@ mod tests {
                     created_at: PgTimestamp(times.0),
                     last_server_time: PgTimestamp(times.1),
                     block_size,
+                    flags: if ids.0 % 2 == 0 { FLAG_STREAMED } else { 0 },
                     records,
                     commits,
                 }

@@ -19,4 +19,5 @@ mod s3;
 mod s3_archive;
 mod spine;
 mod tables;
+mod txn;
 mod types;
