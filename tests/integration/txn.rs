@@ -511,3 +511,43 @@ async fn prepared_transactions_count_when_committed() {
     archiver.stop();
     restore_and_compare(&cluster, &repo, &instants, "prepared").await;
 }
+
+/// Schema changes inside a transaction the server streams (a migration that also rewrites many
+/// rows): the captured DDL is replayed at its place inside the streamed transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_changes_inside_a_streamed_transaction_replay_in_place() {
+    let cluster = streaming_cluster(&[]);
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    let (src, archiver) = start(&cluster, &repo, &[]).await;
+    let mut instants = vec![note(&cluster, &src, "start").await];
+
+    let before = stream_bytes(&src).await;
+    // One statement per query, as migration tools send them: DDL capture records each query.
+    for sql in [
+        "BEGIN",
+        "INSERT INTO big SELECT i, repeat(md5(i::text), 2) FROM generate_series(1, 15000) i",
+        "ALTER TABLE items ADD COLUMN note text",
+        "UPDATE items SET note = 'n' || id WHERE id % 2 = 0",
+        "ALTER TABLE big ADD COLUMN flag boolean NOT NULL DEFAULT false",
+        "UPDATE big SET flag = true WHERE id % 3 = 0",
+        "CREATE TABLE fresh (id int PRIMARY KEY, big_id bigint REFERENCES big (id))",
+        "INSERT INTO fresh SELECT i, i FROM generate_series(1, 500) i",
+        "ALTER TABLE items RENAME COLUMN label TO title",
+        "COMMIT",
+    ] {
+        src.batch_execute(sql).await.unwrap();
+    }
+    wait_streamed(&src, &archiver, before, "the migration").await;
+    instants.push(note(&cluster, &src, "migrated").await);
+    src.batch_execute(
+        "UPDATE items SET title = title || '!' WHERE id < 10;
+         INSERT INTO fresh VALUES (501, 501);",
+    )
+    .await
+    .unwrap();
+    instants.push(note(&cluster, &src, "after").await);
+    wait_archived(&src, &archiver).await;
+    archiver.stop();
+    restore_and_compare(&cluster, &repo, &instants, "migration").await;
+}
