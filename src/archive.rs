@@ -632,8 +632,9 @@ async fn pipeline(
 
 /// Messages between the receiver and the writer. Together with the sealed-segment queue (one
 /// slot per upload in flight) this bounds the archiver's memory while the store is slow or
-/// unreachable: about `EVENT_QUEUE` messages, plus (2 × upload_concurrency + 1) segments of at
-/// most `segment_bytes` (plus one transaction) each.
+/// unreachable: about `EVENT_QUEUE` messages, plus about 2 × upload_concurrency + 2 segments
+/// (queued, uploading, one waiting for an upload slot, one being handed over) of at most
+/// `segment_bytes` each, plus the one being built.
 const EVENT_QUEUE: usize = 4096;
 /// Prefix of the heartbeat's logical message.
 pub const HEARTBEAT_PREFIX: &str = "tidemark.heartbeat";
