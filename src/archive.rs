@@ -47,6 +47,7 @@ use crate::repo::{self, Identity};
 use crate::segment::Record;
 use crate::source::{Source, SourceError};
 use crate::store::Store;
+use crate::telemetry;
 
 /// Settings of an archiving run.
 #[derive(Clone, Debug)]
@@ -237,6 +238,7 @@ pub async fn run(
         match r {
             Ok(()) => return Ok(total),
             Err(e) if streamed_once && e.is_transient() && !shutdown.is_cancelled() => {
+                metrics::counter!(telemetry::RESTARTS).increment(1);
                 if streamed && started.elapsed() >= RETRY_RESET_AFTER {
                     delay = RETRY_FIRST;
                 }
@@ -247,7 +249,12 @@ pub async fn run(
                 }
                 delay = (delay * 2).min(RETRY_MAX);
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                if matches!(e, ArchiveError::SchemaChange(_)) {
+                    metrics::counter!(telemetry::SCHEMA_UNEXPLAINED).increment(1);
+                }
+                return Err(e);
+            }
         }
     }
     unreachable!("the attempt counter does not run out")
@@ -532,6 +539,8 @@ async fn pipeline(
     // server does not time the connection out (wal_sender_timeout).
     let mut pending: Option<Event> = None;
     let mut result: Result<(), ArchiveError> = Ok(());
+    metrics::gauge!(telemetry::ARCHIVING).set(1.0);
+    metrics::gauge!(telemetry::DURABLE_LSN).set(start.0 as f64);
     loop {
         tokio::select! {
             biased;
@@ -543,6 +552,8 @@ async fn pipeline(
                 if durable > acked {
                     acked = durable;
                     acked_at = Instant::now();
+                    metrics::gauge!(telemetry::DURABLE_LSN).set(acked.0 as f64);
+                    metrics::gauge!(telemetry::LAST_DURABLE).set(telemetry::unix_now());
                     if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
                         result = Err(e.into());
                         break;
@@ -550,6 +561,8 @@ async fn pipeline(
                 }
             }
             _ = status_tick.tick() => {
+                metrics::gauge!(telemetry::RECEIVED_LSN).set(received.max(acked).0 as f64);
+                metrics::gauge!(telemetry::LAG_BYTES).set(received.0.saturating_sub(acked.0) as f64);
                 if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
                     result = Err(e.into());
                     break;
@@ -604,6 +617,7 @@ async fn pipeline(
             }
         }
     }
+    metrics::gauge!(telemetry::ARCHIVING).set(0.0);
     // Shutdown order: stop reading (done), seal what is whole, store it, acknowledge, finish.
     if let Some(h) = heartbeat {
         h.abort();
@@ -765,6 +779,7 @@ async fn uploader_task(
                     Ok(()) => {
                         stored += 1;
                         stats.segments.fetch_add(1, Ordering::SeqCst);
+                        metrics::counter!(telemetry::SEGMENTS_STORED).increment(1);
                         if let Some(p) = pending.iter_mut().find(|p| p.0 == id) { p.2 = true; }
                         let mut advanced = None;
                         while pending.front().is_some_and(|p| p.2) {
@@ -799,8 +814,12 @@ async fn put_with_retry(store: &dyn Store, seg: &Sealed) -> Result<(), ArchiveEr
     let started = Instant::now();
     loop {
         match store.put(&seg.key, seg.bytes.clone()).await {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
+                return Ok(());
+            }
             Err(e) if e.is_retryable() => {
+                metrics::counter!(telemetry::STORE_RETRIES).increment(1);
                 warn!(segment = %seg.range, error = %e, waited = ?started.elapsed(), "storing the segment failed; retrying");
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
                 tokio::time::sleep(delay.mul_f64(jitter)).await;

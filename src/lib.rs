@@ -41,3 +41,4 @@ pub mod setup;
 pub mod source;
 pub mod statement;
 pub mod store;
+pub mod telemetry;

@@ -132,6 +132,10 @@ struct ArchiveArgs {
     /// Connections used by base backups.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9187, GET /metrics). With it, an
+    /// archiver stopped by an unexplained schema change stays up (metrics show it) until signalled.
+    #[arg(long, env = "TIDEMARK_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args, Debug)]
@@ -272,7 +276,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 backup_parallel: a.parallel.max(1),
                 ..archive_options(&a.slot)
             };
-            let summary = archive::run(&source, repo, &opts, shutdown_on_signals()).await?;
+            if let Some(addr) = a.metrics_address {
+                tidemark::telemetry::install(addr).map_err(anyhow::Error::msg)?;
+            }
+            let shutdown = shutdown_on_signals();
+            let summary = match archive::run(&source, repo, &opts, shutdown.clone()).await {
+                Err(e @ archive::ArchiveError::SchemaChange(_)) if a.metrics_address.is_some() => {
+                    // Restarting would archive on without noticing (a new run has not seen the
+                    // table before the change): stay stopped, visibly, until told to go.
+                    let e = anyhow::Error::new(e);
+                    tracing::error!("{}", tidemark::exit::render(&e));
+                    tracing::error!("archiving stopped; serving metrics until SIGTERM");
+                    shutdown.cancelled().await;
+                    return Err(e);
+                }
+                r => r?,
+            };
             eprintln!(
                 "archived generation {} from {} to {} ({} transactions in {} segments this run)",
                 summary.generation,

@@ -272,6 +272,7 @@ impl Writer {
                 self.pos = self.pos.max(end_lsn);
                 self.commits_in_segment += 1;
                 self.transactions += 1;
+                metrics::counter!(crate::telemetry::TRANSACTIONS).increment(1);
                 return Ok(Outcome {
                     committed_data: true,
                 });
@@ -328,6 +329,7 @@ impl Writer {
         self.pos = self.pos.max(end_lsn);
         self.commits_in_segment += 1;
         self.transactions += 1;
+        metrics::counter!(crate::telemetry::TRANSACTIONS).increment(1);
         let bookkeeping = t.records[1..t.records.len() - 1]
             .iter()
             .all(|r| is_bookkeeping(&r.payload));

@@ -261,8 +261,13 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
     assert_ne!(as_archiver, cluster.conninfo("app"));
     let repo_dir = tempfile::tempdir().unwrap();
     let repo = repo_dir.path().join("repo");
-    let start = || OtherRoleArchiver::start(&as_archiver, &repo);
-    let mut archiver = start();
+    let start = || OtherRoleArchiver::start(&as_archiver, &repo, &[]);
+    let metrics_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut archiver =
+        OtherRoleArchiver::start(&as_archiver, &repo, &["--metrics-address", &metrics_addr]);
     archiver.wait_streaming(&src).await;
     wait_base_backup(&repo).await;
     assert!(
@@ -277,6 +282,36 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     src.batch_execute("ALTER TABLE t ADD COLUMN w int; INSERT INTO t VALUES (3, 'three', 3)")
         .await
+        .unwrap();
+    // With metrics served, the stopped archiver stays up and says so until it is signalled.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = scrape(&metrics_addr);
+        if metric(&m, "tidemark_schema_unexplained_changes_total") == Some(1.0) {
+            assert_eq!(metric(&m, "tidemark_archiving"), Some(0.0), "{m}");
+            assert!(
+                metric(&m, "tidemark_segments_stored_total") >= Some(1.0),
+                "{m}"
+            );
+            assert!(metric(&m, "tidemark_durable_lsn_bytes") > Some(0.0), "{m}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no schema-change metric:\n{m}\n{}",
+            archiver.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        archiver.child.try_wait().unwrap().is_none(),
+        "the stopped archiver stays up while serving metrics:\n{}",
+        archiver.log_text()
+    );
+    Command::new("kill")
+        .args(["-TERM", &archiver.child.id().to_string()])
+        .status()
         .unwrap();
     let code = archiver.wait_exit(Duration::from_secs(30));
     let log = archiver.log_text();
@@ -401,18 +436,40 @@ async fn restored_sequences_are_not_behind_the_source() {
 }
 
 /// `tidemark archive` with a source connection string of our choosing (another role).
+/// `GET /metrics` of the archiver's Prometheus endpoint.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\nHost: tidemark\r\n\r\n");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
+/// The value of an unlabelled metric in a scrape.
+fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
 struct OtherRoleArchiver {
     child: Child,
     log: std::path::PathBuf,
 }
 
 impl OtherRoleArchiver {
-    fn start(source: &str, repo: &Path) -> OtherRoleArchiver {
+    fn start(source: &str, repo: &Path, extra: &[&str]) -> OtherRoleArchiver {
         let log = repo.with_extension(format!("other-{}.log", rand::random::<u32>()));
         let child = Command::new(support::tidemark_bin())
             .args(["archive", "--source", source, "--repo"])
             .arg(repo)
             .args(["--heartbeat", "1s", "--status-interval", "1s"])
+            .args(extra)
             .env("TIDEMARK_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
