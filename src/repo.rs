@@ -123,10 +123,22 @@ pub fn check_identity(
     }
 }
 
+/// Writes the repository's identity (`archive.json`), once.
+///
+/// Two commands starting on a fresh repository at once (an archiver and a `backup`) may both
+/// write it: the loser's create-only put conflicts only by its creation time, so it accepts the
+/// winner's identity when that names the same cluster and database.
 pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
     let body = serde_json::to_vec_pretty(id).expect("identity serializes");
-    store.put(IDENTITY_KEY, Bytes::from(body)).await?;
-    Ok(())
+    match store.put(IDENTITY_KEY, Bytes::from(body)).await {
+        Ok(()) => Ok(()),
+        Err(StoreError::Conflict { .. }) => {
+            let found = read_identity(store).await?;
+            let system_id = id.system_id.parse::<u64>().unwrap_or_default();
+            check_identity(store, found.as_ref(), system_id, &id.database)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Lists every segment of the repository, grouped by generation, each chain sorted by LSN.
