@@ -293,14 +293,7 @@ pub async fn run(
     let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
     replayer.spool = verified.clone();
     for (seg_no, path) in verified.iter().enumerate() {
-        let bytes = tokio::fs::read(path).await.map_err(|e| {
-            RestoreError::Target(format!(
-                "reading the spooled segment {}: {e}",
-                path.display()
-            ))
-        })?;
-        let seg =
-            Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))?;
+        let seg = read_spooled(path).await?;
         if !replayer.apply_segment(&seg, seg_no).await? {
             break;
         }
@@ -424,6 +417,17 @@ async fn fetch_and_verify(
     }
     debug!(segments = out.len(), "segments verified");
     Ok(out)
+}
+
+/// Reads back a segment the restore fetched, verified and spooled.
+async fn read_spooled(path: &std::path::Path) -> Result<Segment, RestoreError> {
+    let bytes = tokio::fs::read(path).await.map_err(|e| {
+        RestoreError::Target(format!(
+            "reading the spooled segment {}: {e}",
+            path.display()
+        ))
+    })?;
+    Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))
 }
 
 /// Applies decoded transactions to the target, batching several per round trip.
@@ -703,17 +707,7 @@ impl<'a> Replayer<'a> {
                     return Err(self.replay_err("Commit without Begin"));
                 };
                 if final_lsn >= self.start && !std::mem::take(&mut self.skip_txn) {
-                    self.batch.push_str("COMMIT;\n");
-                    self.statements.push(Stmt {
-                        kind: b'C',
-                        rel: None,
-                        commit: commit_lsn,
-                    });
-                    self.applied += 1;
-                    self.last_commit = Some((commit_lsn, commit_time));
-                    if self.batch.len() >= BATCH_BYTES {
-                        self.flush().await?;
-                    }
+                    self.commit(commit_lsn, commit_time).await?;
                 }
             }
             Message::Relation { .. } => self.relation(&msg)?,
@@ -854,17 +848,7 @@ impl<'a> Replayer<'a> {
             let seg_no = t.runs[i].seg;
             let seg = match self.cached.take() {
                 Some((n, seg)) if n == seg_no => seg,
-                _ => {
-                    let path = &self.spool[seg_no];
-                    let bytes = tokio::fs::read(path).await.map_err(|e| {
-                        RestoreError::Target(format!(
-                            "reading the spooled segment {}: {e}",
-                            path.display()
-                        ))
-                    })?;
-                    Segment::parse(Bytes::from(bytes))
-                        .map_err(|e| RestoreError::Target(e.to_string()))?
-                }
+                _ => read_spooled(&self.spool[seg_no]).await?,
             };
             let (records, at) = seg.records_from(t.runs[i].first);
             let mut records = records.zip(at..);
@@ -902,6 +886,15 @@ impl<'a> Replayer<'a> {
             self.cached = Some((seg_no, seg));
         }
         self.txn = None;
+        self.commit(commit_lsn, commit_time).await
+    }
+
+    /// Ends the replayed transaction (outside `self.txn`), sending the batch once it is large.
+    async fn commit(
+        &mut self,
+        commit_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), RestoreError> {
         self.batch.push_str("COMMIT;\n");
         self.statements.push(Stmt {
             kind: b'C',

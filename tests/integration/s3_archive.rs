@@ -4,57 +4,17 @@
 
 use std::time::{Duration, Instant};
 
-use crate::spine::{server_now, workload_step, Archiver, SCHEMA};
+use crate::spine::{
+    restore_each_instant, server_now, tidemark_env, workload_step, Archiver, SCHEMA,
+};
 use crate::support::proxy::{FaultProxy, Faults, Mode};
 use crate::support::s3::S3Server;
-use crate::support::{self, Cluster, ClusterOptions, ContentSnapshot};
+use crate::support::{self, Cluster, ClusterOptions};
 
 /// The archiver's memory bound while the store is unreachable, for this workload: reading stops
 /// once the queues are full (see `archive.rs`: the event queue and one sealed segment per upload
 /// slot), so resident memory stays well under this.
 const OUTAGE_RSS_BOUND: u64 = 64 << 20;
-
-fn tidemark_env(env: &[(&'static str, String)], args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(support::tidemark_bin())
-        .args(args)
-        .env("TIDEMARK_LOG", "warn")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .expect("run tidemark");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-async fn restore_and_compare(
-    cluster: &Cluster,
-    env: &[(&'static str, String)],
-    repo: &str,
-    instants: &[(String, ContentSnapshot)],
-    prefix: &str,
-) {
-    for (i, (t, expected)) in instants.iter().enumerate() {
-        let db = format!("{prefix}_{i}");
-        cluster.create_database(&db);
-        let (code, out, err) = tidemark_env(
-            env,
-            &[
-                "restore",
-                "--repo",
-                repo,
-                "--target",
-                &cluster.conninfo(&db),
-                "--to-time",
-                t,
-            ],
-        );
-        assert_eq!(code, 0, "restore to {t} failed: {out}{err}");
-        let restored = support::snapshot_content(&cluster.client(&db).await).await;
-        support::assert_same_content(expected, &restored, &format!("restore to {t} from {repo}"));
-    }
-}
 
 /// Waits until the slot has confirmed everything the server has written so far (and a
 /// heartbeat after it).
@@ -129,7 +89,7 @@ async fn archive_and_restore_through_a_faulty_s3() {
         server.open_uploads().is_empty(),
         "no multipart upload may stay open"
     );
-    restore_and_compare(&cluster, &env, repo, &instants, "faulty").await;
+    restore_each_instant(&cluster, repo, &env, &instants, "faulty").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,5 +154,5 @@ async fn archiving_rides_out_a_30_second_s3_outage() {
         log.contains("falling behind") || log.contains("retrying"),
         "the outage must be logged:\n{log}"
     );
-    restore_and_compare(&cluster, &env, repo, &instants, "outage").await;
+    restore_each_instant(&cluster, repo, &env, &instants, "outage").await;
 }

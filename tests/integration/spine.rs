@@ -171,6 +171,51 @@ pub fn tidemark(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs `tidemark` with extra environment variables; returns (exit code, stdout, stderr).
+pub fn tidemark_env(env: &[(&'static str, String)], args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(support::tidemark_bin())
+        .args(args)
+        .env("TIDEMARK_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .expect("run tidemark");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Restores `repo` to each noted instant into a fresh database `{prefix}_{i}` and compares its
+/// content with the source's at that instant.
+pub async fn restore_each_instant(
+    cluster: &Cluster,
+    repo: &str,
+    env: &[(&'static str, String)],
+    instants: &[(String, support::ContentSnapshot)],
+    prefix: &str,
+) {
+    for (i, (t, expected)) in instants.iter().enumerate() {
+        let db = format!("{prefix}_{i}");
+        cluster.create_database(&db);
+        let (code, out, err) = tidemark_env(
+            env,
+            &[
+                "restore",
+                "--repo",
+                repo,
+                "--target",
+                &cluster.conninfo(&db),
+                "--to-time",
+                t,
+            ],
+        );
+        assert_eq!(code, 0, "restore to {t} failed: {out}{err}");
+        let restored = support::snapshot_content(&cluster.client(&db).await).await;
+        support::assert_same_content(expected, &restored, &format!("restore to {t} from {repo}"));
+    }
+}
+
 /// The server's clock now, as a restore target (UTC, microseconds).
 pub async fn server_now(client: &tokio_postgres::Client) -> String {
     client
@@ -259,22 +304,7 @@ async fn restore_to_each_instant_equals_the_source_then() {
     assert_eq!(code, 0, "list failed: {out}{err}");
     assert!(out.contains("base backup"), "{out}");
 
-    for (i, (t, expected)) in instants.iter().enumerate() {
-        let db = format!("restored_{i}");
-        cluster.create_database(&db);
-        let (code, out, err) = tidemark(&[
-            "restore",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--target",
-            &cluster.conninfo(&db),
-            "--to-time",
-            t,
-        ]);
-        assert_eq!(code, 0, "restore to {t} failed: {out}{err}");
-        let restored = support::snapshot_content(&cluster.client(&db).await).await;
-        support::assert_same_content(expected, &restored, &format!("restore to {t}"));
-    }
+    restore_each_instant(&cluster, repo.to_str().unwrap(), &[], &instants, "restored").await;
     // An instant the archive has not seen passed is refused, never moved.
     cluster.create_database("restored_future");
     let (code, out, err) = tidemark(&[
