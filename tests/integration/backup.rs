@@ -95,7 +95,8 @@ async fn export_snapshot(client: &tokio_postgres::Client) -> (String, Lsn) {
     (row.get(0), lsn.parse().unwrap())
 }
 
-fn pg_dump_schema(cluster: &Cluster, db: &str) -> String {
+/// `pg_dump --schema-only` of `db`, without comments.
+pub fn pg_dump_schema(cluster: &Cluster, db: &str) -> String {
     let pg_dump = tidemark::pgbin::find("pg_dump", None).unwrap();
     let out = std::process::Command::new(pg_dump)
         .args(["--schema-only", "--no-publications", "-d"])

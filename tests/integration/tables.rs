@@ -8,8 +8,9 @@
 use std::time::Duration;
 
 use crate::spine::{server_now, tidemark, Archiver};
+use crate::support::assert_same_schema;
 use crate::support::{self, Cluster, ClusterOptions};
-use crate::types::{assert_same_schema, schema_of, wait_base_backup};
+use crate::types::{schema_of, wait_base_backup};
 
 const SCHEMA: &str = "
     CREATE TABLE nopk (a int, b text, big text);

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backup::pg_dump_schema;
 use crate::spine::{server_now, tidemark, Archiver};
 use crate::support::{self, Cluster, ClusterOptions, ContentHashes};
 
@@ -21,29 +22,6 @@ fn streaming_cluster(extra: &[&str]) -> Cluster {
         extra_conf: conf,
         ..ClusterOptions::default()
     })
-}
-
-/// `pg_dump --schema-only` of `db`, without comments.
-fn schema(cluster: &Cluster, db: &str) -> String {
-    let pg_dump = tidemark::pgbin::find("pg_dump", None).unwrap();
-    let out = std::process::Command::new(pg_dump)
-        .args(["--schema-only", "--no-publications", "-d"])
-        .arg(cluster.conninfo(db))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pg_dump {db}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .filter(|l| {
-            !l.starts_with("--") && !l.starts_with("\\restrict") && !l.starts_with("\\unrestrict")
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// An instant of the source: its time, exact content, and schema.
@@ -57,7 +35,7 @@ struct Instant_ {
 async fn note(cluster: &Cluster, src: &tokio_postgres::Client, name: &'static str) -> Instant_ {
     let time = server_now(src).await;
     let content = support::content_hashes(src).await;
-    let schema = schema(cluster, "app");
+    let schema = pg_dump_schema(cluster, "app");
     // Distinct instants: the next commit is clearly after this one.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Instant_ {
@@ -127,7 +105,7 @@ async fn restore_and_compare(cluster: &Cluster, repo: &Path, instants: &[Instant
         support::assert_same_hashes(&at.content, &restored, &format!("restore to {}", at.name));
         assert_eq!(
             at.schema,
-            schema(cluster, &db),
+            pg_dump_schema(cluster, &db),
             "schema after restore to {}",
             at.name
         );

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::spine::{server_now, tidemark, Archiver};
+use crate::support::assert_same_schema;
 use crate::support::{self, Cluster, ClusterOptions};
 
 /// `pg_dump --schema-only` of `db`, normalized for comparing two databases: comments, blank
@@ -57,26 +58,6 @@ fn normalize_schema(dump: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// Panics with the first differing lines unless the schemas are equal.
-pub fn assert_same_schema(expected: &str, actual: &str, context: &str) {
-    if expected == actual {
-        return;
-    }
-    let e: Vec<&str> = expected.lines().collect();
-    let a: Vec<&str> = actual.lines().collect();
-    let first = e
-        .iter()
-        .zip(&a)
-        .position(|(x, y)| x != y)
-        .unwrap_or(e.len().min(a.len()));
-    let from = first.saturating_sub(3);
-    panic!(
-        "schema differs ({context}) at line {first}:\n--- expected ---\n{}\n--- actual ---\n{}",
-        e[from..(first + 8).min(e.len())].join("\n"),
-        a[from..(first + 8).min(a.len())].join("\n"),
-    );
 }
 
 /// Waits until the repository holds a complete base backup (`archive.json` is written after
