@@ -351,7 +351,7 @@ fn mib(b: f64) -> String {
 
 struct LagSampler {
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<(Vec<f64>, Vec<f64>, u64)>,
+    task: tokio::task::JoinHandle<(Vec<f64>, Vec<f64>, Vec<u64>)>,
 }
 
 impl LagSampler {
@@ -361,7 +361,7 @@ impl LagSampler {
         let (stop, mut stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut history: std::collections::VecDeque<(Instant, i64)> = Default::default();
-            let (mut bytes, mut secs, mut max_rss) = (Vec::new(), Vec::new(), 0u64);
+            let (mut bytes, mut secs, mut rss) = (Vec::new(), Vec::new(), Vec::new());
             let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
@@ -393,19 +393,28 @@ impl LagSampler {
                 };
                 secs.push(if now_lsn > conf { lag } else { 0.0 });
                 if let Some(pid) = pid {
-                    max_rss = max_rss.max(rss_bytes(pid).unwrap_or(0));
+                    rss.push(rss_bytes(pid).unwrap_or(0));
                 }
             }
-            (bytes, secs, max_rss)
+            (bytes, secs, rss)
         });
         LagSampler { stop, task }
     }
 
     /// (p99 bytes, p99 seconds, max RSS)
     async fn finish(self) -> (f64, f64, u64) {
+        let (bytes, secs, rss) = self.samples().await;
+        (
+            percentile(bytes, 0.99),
+            percentile(secs, 0.99),
+            rss.into_iter().max().unwrap_or(0),
+        )
+    }
+
+    /// Every sample: (lag bytes, lag seconds, RSS).
+    async fn samples(self) -> (Vec<f64>, Vec<f64>, Vec<u64>) {
         let _ = self.stop.send(true);
-        let (bytes, secs, rss) = self.task.await.unwrap();
-        (percentile(bytes, 0.99), percentile(secs, 0.99), rss)
+        self.task.await.unwrap()
     }
 }
 
@@ -901,21 +910,39 @@ async fn huge_row(sizes: &Sizes) -> Vec<Row> {
     let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
     wait_confirmed(&client, "tidemark", end).await;
     let took = t.elapsed();
-    let (_, _, max_rss) = sampler.finish().await;
+    let (_, _, rss) = sampler.samples().await;
     stop(a);
-    let growth = max_rss as f64 / baseline.max(1) as f64 - 1.0;
+    // Flat: the RSS does not grow with the transaction. The samples (every 100 ms while it is
+    // written and archived) in four quarters of time; each quarter's maximum within ±10 % of
+    // their mean.
+    let max_rss = rss.iter().copied().max().unwrap_or(0);
+    let quarter = rss.len().div_ceil(4).max(1);
+    let peaks: Vec<f64> = rss
+        .chunks(quarter)
+        .map(|q| q.iter().copied().max().unwrap_or(0) as f64)
+        .collect();
+    let mean = peaks.iter().sum::<f64>() / peaks.len().max(1) as f64;
+    let spread = peaks
+        .iter()
+        .map(|p| (p / mean.max(1.0) - 1.0).abs())
+        .fold(0.0, f64::max);
     vec![Row {
-        what: "memory through one huge transaction (RSS max vs idle)",
+        what: "memory through one huge transaction (RSS)",
         tidemark: format!(
-            "{} max, {} idle ({:+.0} %), archived in {took:.1?}",
+            "{} max ({} idle); quarter peaks {} MiB (±{:.0} %); archived in {took:.1?}",
             mib(max_rss as f64),
             mib(baseline as f64),
-            growth * 100.0
+            peaks
+                .iter()
+                .map(|p| format!("{:.1}", p / (1 << 20) as f64))
+                .collect::<Vec<_>>()
+                .join(" / "),
+            spread * 100.0
         ),
         reference: "-".into(),
         ratio: None,
         target: "<= 64 MiB, flat (±10 %)",
-        met: Some(max_rss <= 64 << 20 && growth <= 0.10),
+        met: Some(max_rss <= 64 << 20 && spread <= 0.10),
     }]
 }
 

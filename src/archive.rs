@@ -84,7 +84,7 @@ impl Default for ArchiveOptions {
             slot_explicit: false,
             publication_explicit: false,
             seal_interval: Duration::from_secs(1),
-            segment_bytes: 16 << 20,
+            segment_bytes: 8 << 20,
             idle_interval: Duration::from_secs(60),
             status_interval: Duration::from_secs(10),
             heartbeat: Some(Duration::from_secs(10)),
@@ -489,6 +489,8 @@ struct Sealed {
     range: String,
     end: Lsn,
     bytes: Bytes,
+    /// Its share of the in-memory budget, released when it is stored (dropped).
+    admitted: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -506,6 +508,7 @@ async fn pipeline(
     let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(opts.upload_concurrency.max(1));
     let (durable_tx, mut durable_rx) = watch::channel(start);
     let failed = CancellationToken::new();
+    let flow = Arc::new(Flow::new(in_flight_budget(opts.segment_bytes)));
 
     let writer = tokio::spawn(writer_task(
         event_rx,
@@ -513,6 +516,7 @@ async fn pipeline(
         opts.clone(),
         ctx.clone(),
         start,
+        flow.clone(),
     ));
     let uploader = tokio::spawn(uploader_task(
         sealed_rx,
@@ -521,6 +525,7 @@ async fn pipeline(
         opts.upload_concurrency.max(1),
         failed.clone(),
         stats.clone(),
+        flow,
     ));
     let heartbeat = opts.heartbeat.map(|every| {
         let token = shutdown.child_token();
@@ -644,12 +649,20 @@ async fn pipeline(
     Ok(())
 }
 
-/// Messages between the receiver and the writer. Together with the sealed-segment queue (one
-/// slot per upload in flight) this bounds the archiver's memory while the store is slow or
-/// unreachable: about `EVENT_QUEUE` messages, plus about 2 × upload_concurrency + 2 segments
-/// (queued, uploading, one waiting for an upload slot, one being handed over) of at most
-/// `segment_bytes` each, plus the one being built.
+/// Messages between the receiver and the writer. Together with the budget of sealed segments
+/// ([`in_flight_budget`]) this bounds the archiver's memory while the store is slow or
+/// unreachable: about `EVENT_QUEUE` messages, plus the segment being built (about
+/// `segment_bytes`), plus the budget.
 const EVENT_QUEUE: usize = 4096;
+
+/// Bytes of sealed segments held in memory at once, queued or uploading: two full segments
+/// (one uploading while the next waits, so the writer never waits for a whole upload), and
+/// never less than 4 MiB so that the small segments of a live stream can upload
+/// `upload_concurrency` at a time. With the segment being built, this keeps the archiver's
+/// memory flat through a transaction of any size.
+fn in_flight_budget(segment_bytes: usize) -> usize {
+    segment_bytes.saturating_mul(2).max(4 << 20)
+}
 /// Prefix of the heartbeat's logical message.
 pub const HEARTBEAT_PREFIX: &str = "tidemark.heartbeat";
 /// How often a growing lag is logged.
@@ -664,26 +677,34 @@ async fn writer_task(
     opts: ArchiveOptions,
     ctx: WriterContext,
     start: Lsn,
+    flow: Arc<Flow>,
 ) -> Result<u64, ArchiveError> {
     let mut w = stream::Writer::new(ctx, opts.segment_bytes, start);
-    let mut first_commit_at: Option<Instant> = None;
+    // When the open segment is due for its application commits (see `commit_deadline`).
+    let mut commit_due: Option<Instant> = None;
     let mut last_seal = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         let ev = tokio::select! {
             ev = events.recv() => ev,
+            _ = sleep_until_some(commit_due) => {
+                if !w.in_buffered_txn() && w.can_seal() {
+                    send_sealed(&sealed, &flow, w.seal()).await?;
+                    commit_due = None;
+                    last_seal = Instant::now();
+                } else {
+                    // A transaction is arriving: look again in a moment.
+                    commit_due = Some(Instant::now() + Duration::from_millis(5));
+                }
+                continue;
+            }
             _ = tick.tick() => {
-                // Application commits are stored `seal_interval` after the first of them (the
-                // RPO). Anything else — heartbeats, recorded sequence values, stream chunks not
-                // yet committed, keepalive progress — waits for `idle_interval`, so that a quiet
-                // database costs about one PUT a minute.
-                let due = !w.in_buffered_txn()
-                    && w.can_seal()
-                    && (first_commit_at.is_some_and(|t| t.elapsed() >= opts.seal_interval)
-                        || last_seal.elapsed() >= opts.idle_interval);
-                if due {
-                    send_sealed(&sealed, w.seal()).await?;
-                    first_commit_at = None;
+                // Anything but application commits — heartbeats, recorded sequence values,
+                // stream chunks not yet committed, keepalive progress — waits for
+                // `idle_interval`, so that a quiet database costs about one PUT a minute.
+                if !w.in_buffered_txn() && w.can_seal() && last_seal.elapsed() >= opts.idle_interval {
+                    send_sealed(&sealed, &flow, w.seal()).await?;
+                    commit_due = None;
                     last_seal = Instant::now();
                 }
                 continue;
@@ -700,12 +721,14 @@ async fn writer_task(
             }
             Event::Data(rec) => w.record(rec)?,
         };
-        if outcome.committed_data {
-            first_commit_at.get_or_insert_with(Instant::now);
+        if outcome.committed_data && commit_due.is_none() {
+            let wait =
+                commit_deadline(opts.seal_interval, outcome.commit_age, flow.store_latency());
+            commit_due = Some(Instant::now() + wait);
         }
         if w.size_due() {
-            send_sealed(&sealed, w.seal()).await?;
-            first_commit_at = None;
+            send_sealed(&sealed, &flow, w.seal()).await?;
+            commit_due = None;
             last_seal = Instant::now();
         }
     }
@@ -719,15 +742,91 @@ async fn writer_task(
         );
     }
     if w.can_seal() {
-        send_sealed(&sealed, w.seal()).await?;
+        send_sealed(&sealed, &flow, w.seal()).await?;
     } else if w.has_records() {
         info!("dropping re-streamed chunks that do not advance the stream position; they will be received again");
     }
     Ok(w.transactions())
 }
 
-async fn send_sealed(sealed: &mpsc::Sender<Sealed>, s: Sealed) -> Result<(), ArchiveError> {
+/// How long after its arrival the first application commit of the open segment may wait before
+/// the segment is sealed, so that it is stored about `seal_interval` after it committed on the
+/// source: the seal interval less the time the commit took to reach us (measured on the
+/// server's clock) and less the store's recent write latency. At least half the seal interval,
+/// so that an archiver catching up on a backlog (every commit already old) still writes
+/// segments of a useful size.
+fn commit_deadline(
+    seal_interval: Duration,
+    commit_age: Duration,
+    store_latency: Duration,
+) -> Duration {
+    seal_interval
+        .saturating_sub(commit_age.saturating_add(store_latency))
+        .max(seal_interval / 2)
+}
+
+/// Sleeps until `at`, or forever when there is no deadline.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Shared between the writer and the uploader: the budget of sealed-segment bytes in memory
+/// (queued or uploading), and the store's recent write latency.
+struct Flow {
+    /// Permits in KiB.
+    budget: Arc<Semaphore>,
+    budget_kib: u32,
+    /// Exponentially weighted mean of successful segment writes, in microseconds.
+    latency_us: AtomicU64,
+}
+
+impl Flow {
+    fn new(budget_bytes: usize) -> Flow {
+        let budget_kib = (budget_bytes / 1024).clamp(1, u32::MAX as usize / 2) as u32;
+        Flow {
+            budget: Arc::new(Semaphore::new(budget_kib as usize)),
+            budget_kib,
+            latency_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Waits until a sealed segment of `len` bytes fits in the budget (one segment larger than
+    /// the whole budget takes all of it).
+    async fn admit(&self, len: usize) -> tokio::sync::OwnedSemaphorePermit {
+        let kib = (len.div_ceil(1024)).clamp(1, self.budget_kib as usize) as u32;
+        self.budget
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("budget semaphore is never closed")
+    }
+
+    fn store_latency(&self) -> Duration {
+        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+    }
+
+    fn observe_store(&self, took: Duration) {
+        let sample = took.as_micros().min(u64::MAX as u128) as u64;
+        let old = self.latency_us.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            (old * 4 + sample) / 5
+        };
+        self.latency_us.store(new, Ordering::Relaxed);
+    }
+}
+
+async fn send_sealed(
+    sealed: &mpsc::Sender<Sealed>,
+    flow: &Flow,
+    mut s: Sealed,
+) -> Result<(), ArchiveError> {
     debug!(range = %s.range, bytes = s.bytes.len(), "sealed segment");
+    s.admitted = Some(flow.admit(s.bytes.len()).await);
     sealed
         .send(s)
         .await
@@ -750,6 +849,7 @@ async fn uploader_task(
     concurrency: usize,
     failed: CancellationToken,
     stats: Arc<AttemptStats>,
+    flow: Arc<Flow>,
 ) -> Result<u64, ArchiveError> {
     let permits = Arc::new(Semaphore::new(concurrency));
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Result<(), ArchiveError>)>();
@@ -768,8 +868,10 @@ async fn uploader_task(
                 pending.push_back((id, seg.end, false));
                 let store = store.clone();
                 let done = done_tx.clone();
+                let flow = flow.clone();
                 tokio::spawn(async move {
-                    let r = put_with_retry(&*store, &seg).await;
+                    let r = put_with_retry(&*store, &seg, &flow).await;
+                    drop(seg);
                     drop(permit);
                     let _ = done.send((id, r));
                 });
@@ -809,12 +911,14 @@ async fn uploader_task(
     }
 }
 
-async fn put_with_retry(store: &dyn Store, seg: &Sealed) -> Result<(), ArchiveError> {
+async fn put_with_retry(store: &dyn Store, seg: &Sealed, flow: &Flow) -> Result<(), ArchiveError> {
     let mut delay = Duration::from_millis(200);
     let started = Instant::now();
     loop {
+        let attempt = Instant::now();
         match store.put(&seg.key, seg.bytes.clone()).await {
             Ok(()) => {
+                flow.observe_store(attempt.elapsed());
                 metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
                 return Ok(());
             }
@@ -873,5 +977,42 @@ async fn heartbeat_task(info: ConnInfo, every: Duration, stop: CancellationToken
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_deadline_subtracts_arrival_and_store_latency_down_to_half() {
+        let s = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        assert_eq!(commit_deadline(s, ms(0), ms(0)), s);
+        assert_eq!(commit_deadline(s, ms(30), ms(120)), ms(850));
+        // A backlog: every commit is already old; segments still cover half a second.
+        assert_eq!(commit_deadline(s, ms(5000), ms(10)), ms(500));
+        assert_eq!(commit_deadline(s, ms(400), ms(400)), ms(500));
+    }
+
+    #[tokio::test]
+    async fn flow_budget_bounds_sealed_bytes_and_tracks_latency() {
+        let flow = Flow::new(4 << 20);
+        let a = flow.admit(3 << 20).await;
+        // A second 3 MiB segment does not fit until the first is released.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), flow.admit(3 << 20)).await;
+        assert!(waiting.is_err(), "admitted past the budget");
+        drop(a);
+        let _b = flow.admit(3 << 20).await;
+        // One segment larger than the whole budget takes all of it rather than waiting forever.
+        drop(_b);
+        let _huge = tokio::time::timeout(Duration::from_millis(50), flow.admit(64 << 20))
+            .await
+            .expect("an oversized segment is admitted alone");
+        assert_eq!(flow.store_latency(), Duration::ZERO);
+        flow.observe_store(Duration::from_millis(100));
+        assert_eq!(flow.store_latency(), Duration::from_millis(100));
+        flow.observe_store(Duration::from_millis(200));
+        assert_eq!(flow.store_latency(), Duration::from_millis(120));
     }
 }

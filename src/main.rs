@@ -117,11 +117,13 @@ struct ArchiveArgs {
     repo: RepoArgs,
     #[command(flatten)]
     slot: SlotArgs,
-    /// Seal the open segment this long after its first commit (the RPO).
+    /// Store a commit about this long after it committed on the source (the RPO): the open
+    /// segment is sealed this long after its first commit, less the time that commit took to
+    /// arrive and the store's recent write latency (at least half of it).
     #[arg(long, env = "TIDEMARK_SEAL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     seal_interval: Duration,
     /// Seal a segment once it holds this many bytes.
-    #[arg(long, env = "TIDEMARK_SEGMENT_BYTES", default_value_t = 16 << 20)]
+    #[arg(long, env = "TIDEMARK_SEGMENT_BYTES", default_value_t = 8 << 20)]
     segment_bytes: usize,
     /// Commit a heartbeat message this often so a quiet database's restore window advances ("0s" disables).
     #[arg(long, env = "TIDEMARK_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]

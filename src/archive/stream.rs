@@ -70,6 +70,14 @@ pub(super) struct Outcome {
     /// A transaction committed that carries more than tidemark's own bookkeeping (heartbeats,
     /// recorded sequence values): the application's data, whose RPO the seal interval sets.
     pub committed_data: bool,
+    /// For a commit: how old it already was when the server sent it (the XLogData send time
+    /// minus the commit time, both on the server's clock, so clock skew does not enter).
+    pub commit_age: std::time::Duration,
+}
+
+/// `sent - committed`, clamped at zero.
+fn age(sent: PgTimestamp, committed: PgTimestamp) -> std::time::Duration {
+    std::time::Duration::from_micros(sent.0.saturating_sub(committed.0).max(0) as u64)
 }
 
 pub(super) struct Writer {
@@ -155,6 +163,7 @@ impl Writer {
             range: format!("{start}-{end}"),
             end,
             bytes,
+            admitted: None,
         }
     }
 
@@ -275,6 +284,7 @@ impl Writer {
                 metrics::counter!(crate::telemetry::TRANSACTIONS).increment(1);
                 return Ok(Outcome {
                     committed_data: true,
+                    commit_age: age(rec.server_time, commit_time),
                 });
             }
             _ if self.chunk.is_some() => {
@@ -295,6 +305,7 @@ impl Writer {
     }
 
     fn commit_buffered(&mut self, rec: Record) -> Result<Outcome, ArchiveError> {
+        let sent = rec.server_time;
         let Message::Commit {
             commit_lsn,
             end_lsn,
@@ -335,6 +346,7 @@ impl Writer {
             .all(|r| is_bookkeeping(&r.payload));
         Ok(Outcome {
             committed_data: !bookkeeping,
+            commit_age: age(sent, commit_time),
         })
     }
 }
