@@ -504,7 +504,7 @@ async fn pipeline(
     shutdown: CancellationToken,
     stats: Arc<AttemptStats>,
 ) -> Result<(), ArchiveError> {
-    let (event_tx, event_rx) = mpsc::channel::<Event>(EVENT_QUEUE);
+    let (event_tx, event_rx) = mpsc::channel::<Vec<Event>>(EVENT_QUEUE);
     let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(opts.upload_concurrency.max(1));
     let (durable_tx, mut durable_rx) = watch::channel(start);
     let failed = CancellationToken::new();
@@ -539,10 +539,10 @@ async fn pipeline(
     let mut acked = start;
     let mut received = start;
     let mut acked_at = Instant::now();
-    // A message read from the stream that the writer has no room for yet. While it waits, the
+    // Messages read from the stream that the writer has no room for yet. While they wait, the
     // stream is not read (the slot keeps the WAL), but status updates keep flowing so the
     // server does not time the connection out (wal_sender_timeout).
-    let mut pending: Option<Event> = None;
+    let mut pending: Option<Vec<Event>> = None;
     let mut result: Result<(), ArchiveError> = Ok(());
     metrics::gauge!(telemetry::ARCHIVING).set(1.0);
     metrics::gauge!(telemetry::DURABLE_LSN).set(start.0 as f64);
@@ -593,31 +593,51 @@ async fn pipeline(
                 }
             }
             msg = stream.next(), if pending.is_none() => {
-                match msg {
-                    Ok(Some(ReplicationMessage::XLogData { wal_start, server_time, data, .. })) => {
-                        received = received.max(wal_start);
-                        let rec = Record { lsn: wal_start, server_time, payload: data };
-                        pending = Some(Event::Data(rec));
-                    }
-                    Ok(Some(ReplicationMessage::Keepalive { wal_end, server_time, reply_requested })) => {
-                        if reply_requested {
-                            if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
-                                result = Err(e.into());
-                                break;
-                            }
+                // This message and every whole one the same socket read brought go to the
+                // writer as one batch: one hand-over (and one wake-up) per read, not per
+                // message.
+                let mut batch = Vec::new();
+                let mut batch_bytes = 0usize;
+                let mut next = msg.transpose();
+                let mut ended = false;
+                while let Some(msg) = next.take() {
+                    match msg {
+                        Ok(ReplicationMessage::XLogData { wal_start, server_time, data, .. }) => {
+                            received = received.max(wal_start);
+                            batch_bytes += data.len();
+                            batch.push(Event::Data(Record { lsn: wal_start, server_time, payload: data }));
                         }
-                        pending = Some(Event::Idle { wal_end, server_time });
+                        Ok(ReplicationMessage::Keepalive { wal_end, server_time, reply_requested }) => {
+                            if reply_requested {
+                                if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
+                                    result = Err(e.into());
+                                    ended = true;
+                                    break;
+                                }
+                            }
+                            batch.push(Event::Idle { wal_end, server_time });
+                        }
+                        Err(e) => { result = Err(e.into()); ended = true; break; }
                     }
-                    Ok(None) => { result = Err(ArchiveError::StreamEnded); break; }
-                    Err(e) => { result = Err(e.into()); break; }
+                    if batch.len() < BATCH_MESSAGES && batch_bytes < BATCH_BYTES {
+                        next = stream.next_buffered();
+                    }
                 }
-                // Hand the message over at once when there is room (the common case).
-                if let Some(ev) = pending.take() {
-                    match event_tx.try_send(ev) {
+                if batch.is_empty() && !ended {
+                    // `next()` returned Ok(None): the server ended the copy.
+                    result = Err(ArchiveError::StreamEnded);
+                    ended = true;
+                }
+                if !batch.is_empty() {
+                    // Hand the batch over at once when there is room (the common case).
+                    match event_tx.try_send(batch) {
                         Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(ev)) => pending = Some(ev),
+                        Err(mpsc::error::TrySendError::Full(b)) => pending = Some(b),
                         Err(mpsc::error::TrySendError::Closed(_)) => break,
                     }
+                }
+                if ended {
+                    break;
                 }
             }
         }
@@ -649,11 +669,16 @@ async fn pipeline(
     Ok(())
 }
 
-/// Messages between the receiver and the writer. Together with the budget of sealed segments
-/// ([`in_flight_budget`]) this bounds the archiver's memory while the store is slow or
-/// unreachable: about `EVENT_QUEUE` messages, plus the segment being built (about
-/// `segment_bytes`), plus the budget.
-const EVENT_QUEUE: usize = 4096;
+/// Batches of messages between the receiver and the writer. Together with the budget of sealed
+/// segments ([`in_flight_budget`]) this bounds the archiver's memory while the store is slow or
+/// unreachable: at most `EVENT_QUEUE × BATCH_MESSAGES` messages (4,096) and, but for single
+/// messages larger than `BATCH_BYTES`, `EVENT_QUEUE × BATCH_BYTES` (4 MiB) of them, plus the
+/// segment being built (about `segment_bytes`), plus the budget.
+const EVENT_QUEUE: usize = 16;
+/// A batch ends after this many messages…
+const BATCH_MESSAGES: usize = 256;
+/// …or once it holds this many payload bytes.
+const BATCH_BYTES: usize = 256 * 1024;
 
 /// Bytes of sealed segments held in memory at once, queued or uploading: two full segments
 /// (one uploading while the next waits, so the writer never waits for a whole upload), and
@@ -672,7 +697,7 @@ const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(15);
 mod stream;
 
 async fn writer_task(
-    mut events: mpsc::Receiver<Event>,
+    mut events: mpsc::Receiver<Vec<Event>>,
     sealed: mpsc::Sender<Sealed>,
     opts: ArchiveOptions,
     ctx: WriterContext,
@@ -710,26 +735,28 @@ async fn writer_task(
                 continue;
             }
         };
-        let Some(ev) = ev else { break };
-        let outcome = match ev {
-            Event::Idle {
-                wal_end,
-                server_time,
-            } => {
-                w.idle(wal_end, server_time);
-                stream::Outcome::default()
+        let Some(batch) = ev else { break };
+        for ev in batch {
+            let outcome = match ev {
+                Event::Idle {
+                    wal_end,
+                    server_time,
+                } => {
+                    w.idle(wal_end, server_time);
+                    stream::Outcome::default()
+                }
+                Event::Data(rec) => w.record(rec)?,
+            };
+            if outcome.committed_data && commit_due.is_none() {
+                let wait =
+                    commit_deadline(opts.seal_interval, outcome.commit_age, flow.store_latency());
+                commit_due = Some(Instant::now() + wait);
             }
-            Event::Data(rec) => w.record(rec)?,
-        };
-        if outcome.committed_data && commit_due.is_none() {
-            let wait =
-                commit_deadline(opts.seal_interval, outcome.commit_age, flow.store_latency());
-            commit_due = Some(Instant::now() + wait);
-        }
-        if w.size_due() {
-            send_sealed(&sealed, &flow, w.seal()).await?;
-            commit_due = None;
-            last_seal = Instant::now();
+            if w.size_due() {
+                send_sealed(&sealed, &flow, w.seal()).await?;
+                commit_due = None;
+                last_seal = Instant::now();
+            }
         }
     }
     // Input closed: seal what is written. A buffered (non-streamed) transaction is dropped and

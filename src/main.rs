@@ -208,10 +208,21 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // The archiver runs on one thread. Its receiver, writer and uploader hand every batch of
+    // messages to each other; on a multi-threaded runtime each hand-over parks and wakes a worker
+    // thread, which cost three to four times the CPU of the work itself (mostly in the kernel)
+    // and took it from the walsender beside it. CPU-heavy work is small (LZ4/zstd of a few
+    // MB/s) and blocking file I/O already goes to tokio's blocking pool. The other commands copy
+    // and load tables on several connections and keep the multi-threaded runtime.
+    let runtime = match cli.command {
+        Command::Archive(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+    }
+    .expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -396,6 +396,27 @@ impl ReplicationStream {
             return Ok(None);
         }
         let msg = self.conn.read().await?;
+        self.copy_message(msg)
+    }
+
+    /// The next message if a whole one is already received, without waiting for the socket:
+    /// `None` when none is (or the copy has ended). With [`ReplicationStream::next`], lets the
+    /// caller hand on everything one socket read brought at once.
+    pub fn next_buffered(&mut self) -> Option<Result<ReplicationMessage, ReplicationError>> {
+        if self.state != StreamState::Copying {
+            return None;
+        }
+        match self.conn.read_buffered() {
+            Ok(Some(msg)) => self.copy_message(msg).transpose(),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn copy_message(
+        &mut self,
+        msg: wire::BackendMessage,
+    ) -> Result<Option<ReplicationMessage>, ReplicationError> {
         match msg.tag {
             b'd' => parse_copy_data(msg.body).map(Some),
             b'c' => {

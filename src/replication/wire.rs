@@ -200,7 +200,7 @@ impl Conn {
     pub fn new(sock: Box<dyn Socket>, target: String) -> Conn {
         Conn {
             sock,
-            rbuf: BytesMut::with_capacity(64 * 1024),
+            rbuf: BytesMut::with_capacity(256 * 1024),
             wbuf: BytesMut::with_capacity(1024),
             target,
             params: HashMap::new(),
@@ -218,18 +218,8 @@ impl Conn {
     /// once complete, with no await point between taking it and returning it.
     pub async fn read(&mut self) -> Result<BackendMessage, ReplicationError> {
         loop {
-            while let Some(msg) = parse_frame(&mut self.rbuf)? {
-                match msg.tag {
-                    b'N' => log_notice(&msg.body),
-                    b'S' => {
-                        let mut c = Cursor::new(&msg.body);
-                        let (k, v) = (c.cstr()?, c.cstr()?);
-                        tracing::trace!(parameter = k, value = v, "server parameter");
-                        self.params.insert(k.to_string(), v.to_string());
-                    }
-                    b'A' => tracing::debug!("ignoring NotificationResponse"),
-                    _ => return Ok(msg),
-                }
+            if let Some(msg) = self.read_buffered()? {
+                return Ok(msg);
             }
             let n = self
                 .sock
@@ -243,6 +233,25 @@ impl Conn {
                 )));
             }
         }
+    }
+
+    /// Like [`Conn::read`], but only from what is already received: `Ok(None)` when no whole
+    /// message is buffered. Lets a reader take everything one socket read brought in one go.
+    pub fn read_buffered(&mut self) -> Result<Option<BackendMessage>, ReplicationError> {
+        while let Some(msg) = parse_frame(&mut self.rbuf)? {
+            match msg.tag {
+                b'N' => log_notice(&msg.body),
+                b'S' => {
+                    let mut c = Cursor::new(&msg.body);
+                    let (k, v) = (c.cstr()?, c.cstr()?);
+                    tracing::trace!(parameter = k, value = v, "server parameter");
+                    self.params.insert(k.to_string(), v.to_string());
+                }
+                b'A' => tracing::debug!("ignoring NotificationResponse"),
+                _ => return Ok(Some(msg)),
+            }
+        }
+        Ok(None)
     }
 
     /// Writes and flushes everything in the output buffer. Not cancel-safe.
