@@ -12,6 +12,11 @@
 //! payloads (they are opaque bytes here), and does not check continuity between segments or
 //! the meaning of commit entries: that is the restore planner's job.
 //!
+//! Format version 2 (written by default) stores each block as one zstd frame, frames records
+//! with varint deltas of `lsn` and `server_time`, and keeps a compact varint commit index;
+//! version 1 (LZ4 blocks, fixed-width framing and commit entries) is still read, and written on
+//! request ([`SegmentBuilder::with_format_version`]).
+//!
 //! Invariant: **a segment that parses is byte-for-byte what was written.** Every byte of the
 //! file is either compared with a constant or covered by a CRC-32 (header, each block's stored
 //! bytes, each block's decompressed bytes, trailer, footer), and block headers are cross-checked
@@ -3120,6 +3125,87 @@ mod tests {
     fn read_vector(name: &str, file: &str) -> Vec<u8> {
         let path = vectors_dir().join(name).join(file);
         std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    /// Re-encodes every segment under `TIDEMARK_REENCODE_DIR` (an archive's directory) in
+    /// version 1 and in version 2 at zstd levels 1 and 3, and prints the total sizes: the same
+    /// records and commits, so the figures compare the formats on real traffic. Run with
+    /// `TIDEMARK_REENCODE_DIR=… cargo test --release --lib reencode_archive -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "measures an archive given in TIDEMARK_REENCODE_DIR"]
+    fn reencode_archive() {
+        let Ok(dir) = std::env::var("TIDEMARK_REENCODE_DIR") else {
+            eprintln!("set TIDEMARK_REENCODE_DIR to an archive directory");
+            return;
+        };
+        fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "seg") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut files = Vec::new();
+        walk(std::path::Path::new(&dir), &mut files);
+        let variants = [
+            ("v1 lz4", 1u16, 0i32),
+            ("v2 zstd-1", 2, 1),
+            ("v2 zstd-3", 2, 3),
+        ];
+        let mut sizes = [0usize; 3];
+        let mut times = [std::time::Duration::ZERO; 3];
+        let (mut stored, mut commits, mut records, mut payload) = (0usize, 0usize, 0usize, 0usize);
+        for path in &files {
+            let bytes = Bytes::from(std::fs::read(path).unwrap());
+            stored += bytes.len();
+            let seg = Segment::parse(bytes).unwrap();
+            let recs: Vec<Record> = seg.records().map(Result::unwrap).collect();
+            commits += seg.commits.len();
+            records += recs.len();
+            payload += recs.iter().map(|r| r.payload.len()).sum::<usize>();
+            for (i, (_, version, level)) in variants.iter().enumerate() {
+                let t = std::time::Instant::now();
+                let mut b = SegmentBuilder::new(
+                    seg.info.system_id,
+                    seg.info.timeline,
+                    seg.info.generation,
+                    &seg.info.database,
+                    &seg.info.slot,
+                    seg.info.start_lsn,
+                )
+                .with_format_version(*version)
+                .with_zstd_level(*level)
+                .with_created_at(seg.info.created_at);
+                if seg.info.flags & FLAG_STREAMED != 0 {
+                    b.mark_streamed();
+                }
+                for r in &recs {
+                    b.push(r);
+                }
+                for c in &seg.commits {
+                    b.commit(*c);
+                }
+                let out = b.finish(seg.info.end_lsn, seg.info.last_server_time);
+                times[i] += t.elapsed();
+                sizes[i] += out.len();
+            }
+        }
+        println!(
+            "{} segments, {commits} commits, {records} records, {payload} payload bytes, \
+             {stored} bytes stored",
+            files.len()
+        );
+        for (i, (name, _, _)) in variants.iter().enumerate() {
+            println!(
+                "{name}: {} bytes, {:.1} B/commit, write {:.0} MB/s of payload",
+                sizes[i],
+                sizes[i] as f64 / commits.max(1) as f64,
+                payload as f64 / times[i].as_secs_f64() / 1e6
+            );
+        }
     }
 
     #[test]
