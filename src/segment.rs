@@ -46,7 +46,10 @@ pub const FORMAT_VERSION: u16 = 2;
 pub const MIN_FORMAT_VERSION: u16 = 1;
 
 /// zstd level the writer uses unless told otherwise ([`SegmentBuilder::with_zstd_level`]).
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+///
+/// Level 1, not zstd's default 3: on pgbench traffic in 64 KiB blocks level 1 stores as few bytes
+/// per transaction as level 3 (77.7 vs 77.9 B/txn) and compresses faster.
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 
 /// Default target size of a block's uncompressed contents.
 pub const DEFAULT_BLOCK_SIZE: usize = 64 * 1024;
@@ -812,12 +815,15 @@ impl SegmentBuilder {
     }
 
     /// Approximate size of the finished file if it were finished now (the block being filled
-    /// is counted uncompressed). For deciding when to seal on size.
+    /// is counted uncompressed, plus zstd's worst-case frame overhead in version 2). For
+    /// deciding when to seal on size.
     pub fn encoded_len(&self) -> usize {
-        let pending = if self.block_records > 0 {
-            BLOCK_HEADER_LEN + self.block.len()
-        } else {
-            0
+        let pending = match (self.block_records, self.version) {
+            (0, _) => 0,
+            (_, Version::V1) => BLOCK_HEADER_LEN + self.block.len(),
+            (_, Version::V2) => {
+                BLOCK_HEADER_LEN + zstd::zstd_safe::compress_bound(self.block.len())
+            }
         };
         let blocks = self.blocks.len() + usize::from(self.block_records > 0);
         self.out.len()
