@@ -4,7 +4,7 @@
 //! `cargo bench --bench segment` runs the full sizes; under `cargo test --all-targets` (no
 //! `--bench` argument) it runs a tiny smoke version so the harness cannot rot.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tidemark::lsn::{Lsn, PgTimestamp};
@@ -80,6 +80,7 @@ fn transaction(i: u64, lsn: &mut u64) -> (Vec<Record>, CommitEntry) {
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
     let txns: u64 = if full { 200_000 } else { 2_000 };
+    let runs = if full { 5 } else { 1 };
     let mut lsn = 0x1000_0000u64;
     let data: Vec<_> = (0..txns).map(|i| transaction(i, &mut lsn)).collect();
     let payload_bytes: usize = data
@@ -88,52 +89,63 @@ fn main() {
         .map(|r| r.payload.len())
         .sum();
 
-    let t = Instant::now();
-    let mut builder = SegmentBuilder::new(1, 1, 1, "bench", "tidemark", Lsn(0x1000_0000));
-    for (recs, entry) in &data {
-        let first = builder.record_count() as u32;
-        for r in recs {
-            builder.push(r);
-        }
-        builder.commit(CommitEntry {
-            first_record: first,
-            ..*entry
-        });
-    }
-    let file = builder.finish(Lsn(lsn), PgTimestamp(0));
-    let write = t.elapsed();
-
-    let t = Instant::now();
-    let seg = Segment::parse(file.clone()).expect("parse");
-    let mut n = 0u64;
-    for r in seg.records() {
-        r.expect("record");
-        n += 1;
-    }
-    let read = t.elapsed();
-    assert_eq!(n, txns * 6);
-    assert_eq!(seg.commits.len() as u64, txns);
-
     let mb = payload_bytes as f64 / 1e6;
     println!(
-        "segment benchmark ({} transactions, {} records, {:.1} MB of pgoutput payload)",
-        txns, n, mb
+        "segment benchmark ({} transactions, {} records, {:.1} MB of pgoutput payload, best of {runs})",
+        txns,
+        txns * 6,
+        mb
     );
-    println!("| what | figure |");
-    println!("|---|---|");
-    println!(
-        "| write (frame + crc + lz4) | {:.0} MB/s, {:.0} k txn/s |",
-        mb / write.as_secs_f64(),
-        txns as f64 / write.as_secs_f64() / 1e3
-    );
-    println!(
-        "| read (verify + decompress + iterate) | {:.0} MB/s, {:.0} k txn/s |",
-        mb / read.as_secs_f64(),
-        txns as f64 / read.as_secs_f64() / 1e3
-    );
-    println!(
-        "| stored bytes per transaction | {:.1} B (payload {:.1} B) |",
-        file.len() as f64 / txns as f64,
-        payload_bytes as f64 / txns as f64
-    );
+    println!("| format | write | read (verify + decompress + iterate) | stored B/txn |");
+    println!("|---|---|---|---|");
+    for (label, version, level) in [
+        ("v1 (lz4)", 1, 0),
+        ("v2 (zstd -1, default)", 2, 1),
+        ("v2 (zstd -3)", 2, 3),
+    ] {
+        // Best of `runs`: the machine may be shared, and the best run is the least disturbed.
+        let (mut write, mut read) = (Duration::MAX, Duration::MAX);
+        let mut stored = 0;
+        for _ in 0..runs {
+            let t = Instant::now();
+            let mut builder = SegmentBuilder::new(1, 1, 1, "bench", "tidemark", Lsn(0x1000_0000))
+                .with_format_version(version)
+                .with_zstd_level(level);
+            for (recs, entry) in &data {
+                let first = builder.record_count() as u32;
+                for r in recs {
+                    builder.push(r);
+                }
+                builder.commit(CommitEntry {
+                    first_record: first,
+                    ..*entry
+                });
+            }
+            let file = builder.finish(Lsn(lsn), PgTimestamp(0));
+            write = write.min(t.elapsed());
+
+            let t = Instant::now();
+            let seg = Segment::parse(file.clone()).expect("parse");
+            let mut n = 0u64;
+            for r in seg.records() {
+                r.expect("record");
+                n += 1;
+            }
+            read = read.min(t.elapsed());
+            assert_eq!(n, txns * 6);
+            assert_eq!(seg.commits.len() as u64, txns);
+            assert_eq!(seg.format_version(), version);
+            stored = file.len();
+        }
+
+        println!(
+            "| {label} | {:.0} MB/s, {:.0} k txn/s | {:.0} MB/s, {:.0} k txn/s | {:.1} B (payload {:.1} B) |",
+            mb / write.as_secs_f64(),
+            txns as f64 / write.as_secs_f64() / 1e3,
+            mb / read.as_secs_f64(),
+            txns as f64 / read.as_secs_f64() / 1e3,
+            stored as f64 / txns as f64,
+            payload_bytes as f64 / txns as f64
+        );
+    }
 }
