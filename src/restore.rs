@@ -246,6 +246,9 @@ pub struct RestoreSummary {
     pub last_commit_lsn: Option<Lsn>,
     pub last_commit_time: Option<PgTimestamp>,
     pub seconds: f64,
+    /// Of which replaying the archived transactions (from the end of the base backup's load to
+    /// the last result of the target).
+    pub replay_seconds: f64,
 }
 
 /// Restores the repository into `target` (an existing, empty database).
@@ -290,6 +293,7 @@ pub async fn run(
         backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
     }
 
+    let replay_started = Instant::now();
     let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
     replayer.spool = verified.clone();
     for (seg_no, path) in verified.iter().enumerate() {
@@ -299,6 +303,7 @@ pub async fn run(
         }
     }
     replayer.flush().await?;
+    let replay_seconds = replay_started.elapsed().as_secs_f64();
 
     // Sequences: the backed-up values were set with the data; replay moved them as the source
     // did (recorded values from the archiver's `tidemark.sequences` messages, TRUNCATE …
@@ -316,6 +321,7 @@ pub async fn run(
         last_commit_lsn: replayer.last_commit.map(|c| c.0),
         last_commit_time: replayer.last_commit.map(|c| c.1),
         seconds: started.elapsed().as_secs_f64(),
+        replay_seconds,
     };
     info!(?summary, "restore complete");
     Ok(summary)
@@ -837,6 +843,7 @@ impl<'a> Replayer<'a> {
                 // Run on their own (inside the open transaction) so a failure names the
                 // statement; the group ends with this transaction, and statements prepared
                 // before are dropped (they may name what the DDL changed).
+                self.pump().await?;
                 let stmt = self.stmt(b'X', None);
                 self.deallocate_all(&stmt);
                 self.drain().await?;
@@ -1657,6 +1664,19 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(!out[0].1.whole, "11 began before what was read");
         assert!(out[1].1.runs.is_empty() && !out[1].1.whole);
+    }
+
+    #[test]
+    fn multi_row_inserts_stay_under_the_parameter_limit() {
+        assert_eq!(max_insert_rows(1), INSERT_ROWS);
+        assert_eq!(max_insert_rows(1000), 64);
+        assert_eq!(max_insert_rows(1100), 32);
+        assert_eq!(max_insert_rows(1600), 32);
+        assert_eq!(max_insert_rows(40000), 1);
+        for ncols in [1, 3, 1023, 1024, 1025, 1600] {
+            let rows = max_insert_rows(ncols);
+            assert!(rows.is_power_of_two() && (rows * ncols <= 65535 || rows == 1));
+        }
     }
 
     #[test]

@@ -1242,6 +1242,121 @@ mod tests {
         );
     }
 
+    fn b(s: &str) -> Option<Bytes> {
+        Some(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn prepared_statements_have_placeholders_and_text_parameters() {
+        let rel = users(REPLICA_IDENTITY_DEFAULT);
+        let p = prepare_insert(&rel, &tuple(vec![t("1"), t("O'Reilly"), Value::Null])).unwrap();
+        assert_eq!(
+            p.sql,
+            r#"INSERT INTO "public"."users" ("id","name","bio") OVERRIDING SYSTEM VALUE VALUES ($1,$2,$3)"#
+        );
+        assert_eq!(p.params, vec![b("1"), b("O'Reilly"), None]);
+        assert_eq!(
+            format!("{}($1,$2,$3)", insert_prefix(&rel).unwrap()),
+            p.sql,
+            "a multi-row INSERT starts like the single-row one"
+        );
+        assert_eq!(
+            prepare_insert_params(&rel, &tuple(vec![t("1"), t("O'Reilly"), Value::Null])).unwrap(),
+            p.params
+        );
+
+        // SET parameters first, then the key; the text does not depend on the values.
+        let p = prepare_update(&rel, None, &tuple(vec![t("5"), t("Bob"), Value::Null]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.sql,
+            r#"UPDATE ONLY "public"."users" SET "name" = $1, "bio" = $2 WHERE "id" = $3"#
+        );
+        assert_eq!(p.params, vec![b("Bob"), None, b("5")]);
+        let q = prepare_update(&rel, None, &tuple(vec![t("6"), t("x"), t("y")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(q.sql, p.sql);
+        // Nothing to set: no statement.
+        assert_eq!(
+            prepare_update(
+                &rel,
+                None,
+                &tuple(vec![t("5"), Value::UnchangedToast, Value::UnchangedToast])
+            )
+            .unwrap(),
+            None
+        );
+
+        let rel = users(REPLICA_IDENTITY_FULL);
+        let old = OldTuple::Full(tuple(vec![t("5"), t("a"), Value::Null]));
+        let p = prepare_delete(&rel, &old).unwrap();
+        assert_eq!(
+            p.sql,
+            r#"DELETE FROM ONLY "public"."users" WHERE ctid = (SELECT ctid FROM ONLY "public"."users" WHERE pg_catalog.format('%s', "id") = $1 AND pg_catalog.format('%s', "name") = $2 AND pg_catalog.num_nulls("bio") = 1 LIMIT 1)"#
+        );
+        assert_eq!(p.params, vec![b("5"), b("a")]);
+
+        // Partitioned, full row: the CTE's parameters are numbered after SET's.
+        let mut rel = users(REPLICA_IDENTITY_FULL);
+        rel.partitioned = true;
+        let p = prepare_update(&rel, Some(&old), &tuple(vec![t("6"), t("a"), Value::Null]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.sql,
+            r#"WITH tidemark_row AS MATERIALIZED (SELECT tableoid, ctid FROM "public"."users" WHERE pg_catalog.format('%s', "id") = $2 AND pg_catalog.format('%s', "name") = $3 AND pg_catalog.num_nulls("bio") = 1 LIMIT 1) UPDATE "public"."users" SET "id" = $1 WHERE tableoid = (SELECT tableoid FROM tidemark_row) AND ctid = (SELECT ctid FROM tidemark_row)"#
+        );
+        assert_eq!(p.params, vec![b("6"), b("5"), b("a")]);
+    }
+
+    #[test]
+    fn prepared_statements_check_values_like_literals() {
+        let rel = users(REPLICA_IDENTITY_DEFAULT);
+        let err = prepare_insert(&rel, &tuple(vec![t("1"), t("a\0b"), t("b")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"column "name" of "public"."users": value contains a NUL byte at offset 1"#
+        );
+        let err = prepare_insert_params(&rel, &tuple(vec![t("1"), t("a"), Value::UnchangedToast]))
+            .unwrap_err();
+        assert!(matches!(err, StatementError::UnchangedToastInInsert { .. }));
+        let err = prepare_delete(
+            &rel,
+            &OldTuple::Key(tuple(vec![Value::Null, t("a"), t("b")])),
+        )
+        .unwrap_err();
+        assert!(matches!(err, StatementError::CannotLocateRow { .. }));
+        assert_eq!(
+            prepare_insert(&users(REPLICA_IDENTITY_DEFAULT), &tuple(vec![]))
+                .unwrap_err()
+                .to_string(),
+            r#"new tuple of "public"."users" has 0 values but the relation has 3 columns"#
+        );
+        let mut empty = users(REPLICA_IDENTITY_DEFAULT);
+        empty.columns.clear();
+        assert_eq!(insert_prefix(&empty), None);
+        assert_eq!(
+            prepare_insert(&empty, &tuple(vec![])).unwrap().sql,
+            r#"INSERT INTO "public"."users" DEFAULT VALUES"#
+        );
+    }
+
+    #[test]
+    fn parameters_as_literals() {
+        let mut out = String::new();
+        push_param_literal(&mut out, Some(b"it's")).unwrap();
+        out.push(',');
+        push_param_literal(&mut out, None).unwrap();
+        out.push(',');
+        push_param_literal(&mut out, Some(br"a\b")).unwrap();
+        assert_eq!(out, r"'it''s',NULL,'a\b'");
+        assert!(push_param_literal(&mut out, Some(b"a\0")).is_err());
+        assert!(push_param_literal(&mut out, Some(b"\xff")).is_err());
+        assert_eq!(out, r"'it''s',NULL,'a\b'");
+    }
+
     #[test]
     fn truncate() {
         let a = users(REPLICA_IDENTITY_DEFAULT);
