@@ -13,7 +13,7 @@
 //! * Nothing is written to the target before the target is checked empty and every segment the
 //!   plan needs has been read and verified (checksums, continuity).
 //! * Source transactions are applied whole and in commit order, several consecutive ones per
-//!   target transaction (see [`Replayer`]: group boundaries are source commit boundaries); one
+//!   target transaction (see `Replayer`: group boundaries are source commit boundaries); one
 //!   that the backup already holds (commit LSN below the backup's consistent point) is skipped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
