@@ -341,7 +341,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             let s = restore::run(&repo, &target_db, target, a.parallel.max(1)).await?;
             println!(
-                "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s",
+                "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s (replay {:.2}s)",
                 s.backup_id,
                 s.transactions_replayed,
                 s.last_commit_lsn
@@ -350,7 +350,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 s.last_commit_time
                     .map(|t| t.to_string())
                     .unwrap_or_else(|| "-".into()),
-                s.seconds
+                s.seconds,
+                s.replay_seconds
             );
         }
         Command::Demo(a) => demo::run(a.source.as_deref(), a.repo.as_deref(), a.duration).await?,

@@ -12,10 +12,11 @@
 //!   names the earliest and latest restorable instants.
 //! * Nothing is written to the target before the target is checked empty and every segment the
 //!   plan needs has been read and verified (checksums, continuity).
-//! * Each source transaction is applied as one target transaction; one that the backup already
-//!   holds (commit LSN below the backup's consistent point) is skipped.
+//! * Source transactions are applied whole and in commit order, several consecutive ones per
+//!   target transaction (see `Replayer`: group boundaries are source commit boundaries); one
+//!   that the backup already holds (commit LSN below the backup's consistent point) is skipped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -246,6 +247,9 @@ pub struct RestoreSummary {
     pub last_commit_lsn: Option<Lsn>,
     pub last_commit_time: Option<PgTimestamp>,
     pub seconds: f64,
+    /// Of which replaying the archived transactions (from the end of the base backup's load to
+    /// the last result of the target).
+    pub replay_seconds: f64,
 }
 
 /// Restores the repository into `target` (an existing, empty database).
@@ -290,6 +294,7 @@ pub async fn run(
         backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
     }
 
+    let replay_started = Instant::now();
     let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
     replayer.spool = verified.clone();
     for (seg_no, path) in verified.iter().enumerate() {
@@ -299,6 +304,7 @@ pub async fn run(
         }
     }
     replayer.flush().await?;
+    let replay_seconds = replay_started.elapsed().as_secs_f64();
 
     // Sequences: the backed-up values were set with the data; replay moved them as the source
     // did (recorded values from the archiver's `tidemark.sequences` messages, TRUNCATE …
@@ -316,6 +322,7 @@ pub async fn run(
         last_commit_lsn: replayer.last_commit.map(|c| c.0),
         last_commit_time: replayer.last_commit.map(|c| c.1),
         seconds: started.elapsed().as_secs_f64(),
+        replay_seconds,
     };
     info!(?summary, "restore complete");
     Ok(summary)
@@ -430,15 +437,55 @@ async fn read_spooled(path: &std::path::Path) -> Result<Segment, RestoreError> {
     Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))
 }
 
-/// Applies decoded transactions to the target, batching several per round trip.
+/// Applies decoded transactions to the target.
+///
+/// Speed (replay must run many times faster than the source committed) comes from three
+/// things, none of which changes what is applied or in which order:
+/// * Prepared statements: each row change is a statement with `$n` placeholders (see
+///   [`statement::Prepared`]), prepared once per shape (`PREPARE tidemark_N AS …`) and run as
+///   `EXECUTE tidemark_N('v1', NULL, …)`, so the server parses and plans it once, not once per
+///   row. Runs of inserts into one table are folded into multi-row INSERTs of a few fixed
+///   sizes.
+/// * Batching and pipelining: statements go as one simple query of about [`BATCH_BYTES`] (the
+///   server answers them without a round trip each), and the next batch is rendered while the
+///   target runs the previous one. Results come back in order, so a failure still names the
+///   source transaction of the statement that failed.
+/// * Group commit: up to [`GROUP_TXNS`] consecutive source transactions are applied as one
+///   target transaction. This is safe because the group's boundaries are source commit
+///   boundaries and nothing else runs on the target meanwhile: the statements run in the
+///   source's commit order, so each one sees exactly the state the source had at that point,
+///   and the state at the group's commit is the state after its last source transaction,
+///   which satisfied every constraint on the source (a deferred constraint is checked on that
+///   state). A restore to a target instant stops before the first transaction past it and
+///   commits the group so far: the group never holds a transaction past the target. A group
+///   ends after a transaction that ran DDL.
 struct Replayer<'a> {
     client: &'a tokio_postgres::Client,
     relations: HashMap<u32, RelationInfo>,
     start: Lsn,
     target: Target,
+    /// Rendered operations not yet sent, in order.
+    queue: Vec<(Op, Stmt)>,
+    queue_bytes: usize,
+    /// The run of inserts being folded into a multi-row INSERT.
+    run: Option<InsertRun>,
+    /// Statements written for the target, not yet sent (one simple query).
     batch: String,
-    /// One entry per statement in `batch`, to check each one's row count.
+    /// One entry per statement in `batch`, to check each one's result.
     statements: Vec<Stmt>,
+    /// Sent batches whose results are not read yet, oldest first.
+    in_flight: VecDeque<(InFlight<'a>, Vec<Stmt>)>,
+    /// Prepared statements (`tidemark_N`) by text.
+    prepared: HashMap<String, u64>,
+    next_prepared: u64,
+    /// The INSERT prefix of each relation (see [`statement::insert_prefix`]), by source OID.
+    insert_prefixes: HashMap<u32, Option<Arc<str>>>,
+    /// A target transaction is open (BEGIN queued or sent).
+    group_open: bool,
+    /// Source transactions in the open group.
+    group_txns: usize,
+    /// The open group ends with the current source transaction.
+    group_break: bool,
     txn: Option<(Lsn, PgTimestamp)>,
     applied: u64,
     last_commit: Option<(Lsn, PgTimestamp)>,
@@ -453,9 +500,34 @@ struct Replayer<'a> {
     cached: Option<(usize, Segment)>,
     /// The current transaction is a duplicate of one already applied: render nothing.
     skip_txn: bool,
-    /// The batch's trailing INSERT: its text up to the VALUES list, and the batch length
-    /// right after it (another INSERT with the same prefix is folded into it).
-    open_insert: Option<(String, usize)>,
+}
+
+/// An operation for the target.
+enum Op {
+    /// A statement over the simple-query protocol (BEGIN, COMMIT, TRUNCATE, setval…).
+    Simple(String),
+    /// A row change, executed with a prepared statement.
+    Prepared(statement::Prepared),
+}
+
+/// The results of a batch sent to the target: the rows of each statement that completed,
+/// then an error if one failed.
+type InFlight<'a> = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = (Vec<u64>, Result<(), tokio_postgres::Error>)> + Send + 'a,
+    >,
+>;
+
+/// Consecutive inserts into one relation with the same columns (one source transaction).
+struct InsertRun {
+    relid: u32,
+    prefix: Arc<str>,
+    ncols: usize,
+    /// The parameters of the rows not yet emitted, row after row.
+    params: Vec<Option<Bytes>>,
+    rows: usize,
+    bytes: usize,
+    stmt: Stmt,
 }
 
 /// The chunks of the streamed transactions not yet committed or aborted, by position in the
@@ -591,7 +663,17 @@ impl StreamedTxn {
     }
 }
 
+/// Rendered operations are sent once they hold this many bytes of parameters.
 const BATCH_BYTES: usize = 1 << 20;
+/// Most batches sent and not yet answered.
+const IN_FLIGHT_BATCHES: usize = 2;
+/// Most source transactions applied as one target transaction.
+const GROUP_TXNS: usize = 32;
+/// Most rows of one multi-row INSERT (a power of two; fewer for wide tables: PostgreSQL takes
+/// at most 65535 parameters).
+const INSERT_ROWS: usize = 64;
+/// Prepared statements kept (all are dropped when more are needed).
+const MAX_PREPARED: usize = 2000;
 
 impl<'a> Replayer<'a> {
     async fn new(
@@ -626,8 +708,18 @@ impl<'a> Replayer<'a> {
             relations,
             start,
             target,
+            queue: Vec::new(),
+            queue_bytes: 0,
+            run: None,
             batch: String::new(),
             statements: Vec::new(),
+            in_flight: VecDeque::new(),
+            prepared: HashMap::new(),
+            next_prepared: 0,
+            insert_prefixes: HashMap::new(),
+            group_open: false,
+            group_txns: 0,
+            group_break: false,
             txn: None,
             applied: 0,
             last_commit: None,
@@ -637,7 +729,6 @@ impl<'a> Replayer<'a> {
             chunks: Chunks::default(),
             cached: None,
             skip_txn: false,
-            open_insert: None,
         })
     }
 
@@ -663,6 +754,9 @@ impl<'a> Replayer<'a> {
             self.apply(msg).await?;
             if self.stopped {
                 return Ok(false);
+            }
+            if self.queue_bytes >= BATCH_BYTES {
+                self.pump().await?;
             }
         }
         Ok(true)
@@ -690,12 +784,7 @@ impl<'a> Replayer<'a> {
                 self.txn = Some((final_lsn, commit_time));
                 self.skip_txn = self.already_applied(final_lsn);
                 if final_lsn >= self.start && !self.skip_txn {
-                    self.batch.push_str("BEGIN;\n");
-                    self.statements.push(Stmt {
-                        kind: b'B',
-                        rel: None,
-                        commit: final_lsn,
-                    });
+                    self.begin();
                 }
             }
             Message::Commit {
@@ -753,8 +842,14 @@ impl<'a> Replayer<'a> {
                 let statements =
                     crate::ddl::plan_replay(&d).map_err(|e| self.replay_err(&e.to_string()))?;
                 // Run on their own (inside the open transaction) so a failure names the
-                // statement.
-                self.send_batch().await?;
+                // statement; the group ends with this transaction, and statements prepared
+                // before are dropped (they may name what the DDL changed).
+                self.pump().await?;
+                let stmt = self.stmt(b'X', None);
+                self.deallocate_all(&stmt);
+                self.drain().await?;
+                self.insert_prefixes.clear();
+                self.group_break = true;
                 for sql in &statements {
                     if let Err(e) = self.client.simple_query(sql).await {
                         return Err(self.replay_err(&format!(
@@ -769,14 +864,17 @@ impl<'a> Replayer<'a> {
                 crate::ddl::setval_sql(&s.sequences).into_iter().collect()
             }
         };
+        let commit_time = self.txn.map(|t| t.1).unwrap_or_default();
         for sql in statements {
-            self.batch.push_str(&sql);
-            self.batch.push_str(";\n");
-            self.statements.push(Stmt {
-                kind: b'M',
-                rel: None,
-                commit,
-            });
+            self.push_op(
+                Op::Simple(sql),
+                Stmt {
+                    kind: b'M',
+                    rel: None,
+                    commit,
+                    commit_time,
+                },
+            );
         }
         Ok(())
     }
@@ -837,12 +935,7 @@ impl<'a> Replayer<'a> {
         commit_time: PgTimestamp,
     ) -> Result<(), RestoreError> {
         self.txn = Some((commit_lsn, commit_time));
-        self.batch.push_str("BEGIN;\n");
-        self.statements.push(Stmt {
-            kind: b'B',
-            rel: None,
-            commit: commit_lsn,
-        });
+        self.begin();
         let mut i = 0;
         while i < t.runs.len() {
             let seg_no = t.runs[i].seg;
@@ -873,8 +966,8 @@ impl<'a> Replayer<'a> {
                         other if !skip_changes => self.render(other)?,
                         _ => {}
                     }
-                    if self.batch.len() >= BATCH_BYTES {
-                        self.send_batch().await?;
+                    if self.queue_bytes >= BATCH_BYTES {
+                        self.pump().await?;
                     }
                     if idx >= run.last {
                         break;
@@ -889,24 +982,60 @@ impl<'a> Replayer<'a> {
         self.commit(commit_lsn, commit_time).await
     }
 
-    /// Ends the replayed transaction (outside `self.txn`), sending the batch once it is large.
+    /// Opens a target transaction for the current source transaction, unless the group's is
+    /// open.
+    fn begin(&mut self) {
+        if self.group_open {
+            return;
+        }
+        self.group_open = true;
+        let stmt = self.stmt(b'B', None);
+        self.push_op(Op::Simple("BEGIN".into()), stmt);
+    }
+
+    /// Ends the replayed source transaction (outside `self.txn`): ends the group when it is
+    /// full or must end here, and sends what is rendered.
     async fn commit(
         &mut self,
         commit_lsn: Lsn,
         commit_time: PgTimestamp,
     ) -> Result<(), RestoreError> {
-        self.batch.push_str("COMMIT;\n");
-        self.statements.push(Stmt {
-            kind: b'C',
-            rel: None,
-            commit: commit_lsn,
-        });
+        self.close_run();
         self.applied += 1;
         self.last_commit = Some((commit_lsn, commit_time));
-        if self.batch.len() >= BATCH_BYTES {
-            self.flush().await?;
+        self.group_txns += 1;
+        if self.group_break || self.group_txns >= GROUP_TXNS {
+            self.end_group(commit_lsn, commit_time);
         }
-        Ok(())
+        self.pump().await
+    }
+
+    /// Queues the COMMIT of the open target transaction.
+    fn end_group(&mut self, commit: Lsn, commit_time: PgTimestamp) {
+        if !self.group_open {
+            return;
+        }
+        self.push_op(
+            Op::Simple("COMMIT".into()),
+            Stmt {
+                kind: b'C',
+                rel: None,
+                commit,
+                commit_time,
+            },
+        );
+        self.group_open = false;
+        self.group_txns = 0;
+        self.group_break = false;
+    }
+
+    fn stmt(&self, kind: u8, rel: Option<String>) -> Stmt {
+        Stmt {
+            kind,
+            rel,
+            commit: self.txn.map(|t| t.0).unwrap_or_default(),
+            commit_time: self.txn.map(|t| t.1).unwrap_or_default(),
+        }
     }
 
     /// A Relation message: checked against the captured DDL (the schema guard), then the
@@ -920,36 +1049,10 @@ impl<'a> Replayer<'a> {
                 return Err(self.replay_err(&e.restore_detail()));
             }
             let rel = keep_relation_facts(self.relations.get(&rel.oid), rel);
+            self.insert_prefixes.remove(&rel.oid);
             self.relations.insert(rel.oid, rel);
         }
         Ok(())
-    }
-
-    /// Appends one rendered INSERT, folding it into the batch's trailing INSERT into the same
-    /// relation (a multi-row INSERT): replaying a large transaction row by row is too slow.
-    fn push_insert(&mut self, one: &str, rel: Option<String>) {
-        const MARK: &str = " OVERRIDING SYSTEM VALUE VALUES ";
-        if let Some((prefix, end)) = &self.open_insert {
-            if *end == self.batch.len() && one.starts_with(prefix.as_str()) {
-                self.batch.pop(); // the trailing ';'
-                self.batch.push(',');
-                self.batch.push_str(&one[prefix.len()..]);
-                self.open_insert = Some((prefix.clone(), self.batch.len()));
-                return;
-            }
-        }
-        self.batch.push_str(one);
-        self.statements.push(Stmt {
-            kind: b'I',
-            rel,
-            commit: self.txn.map(|t| t.0).unwrap_or_default(),
-        });
-        self.open_insert = match one.find(MARK) {
-            Some(i) if one.ends_with(';') => {
-                Some((one[..i + MARK.len()].to_string(), self.batch.len()))
-            }
-            _ => None,
-        };
     }
 
     fn rel(&self, relid: u32) -> Result<&RelationInfo, RestoreError> {
@@ -960,65 +1063,153 @@ impl<'a> Replayer<'a> {
         })
     }
 
+    /// Queues an operation (after the run of inserts, which it ends).
+    fn push_op(&mut self, op: Op, stmt: Stmt) {
+        self.close_run();
+        self.queue_op(op, stmt);
+    }
+
+    fn queue_op(&mut self, op: Op, stmt: Stmt) {
+        self.queue_bytes += op_bytes(&op);
+        self.queue.push((op, stmt));
+    }
+
+    /// Renders one change.
     fn render(&mut self, msg: Message) -> Result<(), RestoreError> {
-        if let Message::Insert { relid, new, .. } = &msg {
-            let rel = self.rel(*relid)?;
-            let mut one = String::new();
-            statement::render_insert(rel, new, &mut one)
-                .map_err(|e| self.replay_err(&e.to_string()))?;
-            let name = rel.qualified_name();
-            self.push_insert(&one, Some(name));
-            return Ok(());
-        }
-        let mut out = std::mem::take(&mut self.batch);
-        let before = out.len();
-        let kind = msg.tag() as u8;
-        let relid = match &msg {
-            Message::Insert { relid, .. }
-            | Message::Update { relid, .. }
-            | Message::Delete { relid, .. } => Some(*relid),
-            _ => None,
-        };
-        let r: Result<(), String> = match &msg {
-            Message::Insert { relid, new, .. } => {
-                let rel = self.rel(*relid)?;
-                statement::render_insert(rel, new, &mut out).map_err(|e| e.to_string())
-            }
+        match &msg {
+            Message::Insert { relid, new, .. } => self.insert(*relid, new),
             Message::Update {
                 relid, old, new, ..
             } => {
                 let rel = self.rel(*relid)?;
-                statement::render_update(rel, old.as_ref(), new, &mut out)
-                    .map_err(|e| e.to_string())
+                let p = statement::prepare_update(rel, old.as_ref(), new)
+                    .map_err(|e| self.replay_err(&e.to_string()))?;
+                if let Some(p) = p {
+                    let stmt = self.stmt(b'U', Some(rel.qualified_name()));
+                    self.push_op(Op::Prepared(p), stmt);
+                }
+                Ok(())
             }
             Message::Delete { relid, old, .. } => {
                 let rel = self.rel(*relid)?;
-                statement::render_delete(rel, old, &mut out).map_err(|e| e.to_string())
+                let p = statement::prepare_delete(rel, old)
+                    .map_err(|e| self.replay_err(&e.to_string()))?;
+                let stmt = self.stmt(b'D', Some(rel.qualified_name()));
+                self.push_op(Op::Prepared(p), stmt);
+                Ok(())
             }
             Message::Truncate {
                 options, relids, ..
             } => {
                 let rels: Result<Vec<&RelationInfo>, _> =
                     relids.iter().map(|r| self.rel(*r)).collect();
-                statement::render_truncate(&rels?, *options, &mut out);
+                let mut sql = String::new();
+                statement::render_truncate(&rels?, *options, &mut sql);
+                if !sql.is_empty() {
+                    let stmt = self.stmt(b'T', None);
+                    self.push_op(Op::Simple(sql), stmt);
+                }
                 Ok(())
             }
             // Type, Origin and logical messages (heartbeats) change no rows.
             _ => Ok(()),
+        }
+    }
+
+    /// An insert: added to the run of inserts into the same relation (a multi-row INSERT).
+    fn insert(&mut self, relid: u32, new: &pgoutput::TupleData) -> Result<(), RestoreError> {
+        let rel = self.rel(relid)?;
+        let p = statement::prepare_insert_params(rel, new)
+            .map_err(|e| self.replay_err(&e.to_string()))?;
+        let prefix = match self.insert_prefixes.get(&relid) {
+            Some(p) => p.clone(),
+            None => {
+                let p: Option<Arc<str>> = statement::insert_prefix(rel).map(Arc::from);
+                self.insert_prefixes.insert(relid, p.clone());
+                p
+            }
         };
-        self.batch = out;
-        r.map_err(|d| self.replay_err(&d))?;
-        if self.batch.len() > before {
-            let rel = relid
-                .and_then(|r| self.relations.get(&r))
-                .map(|r| r.qualified_name());
-            self.statements.push(Stmt {
-                kind,
-                rel,
-                commit: self.txn.map(|t| t.0).unwrap_or_default(),
+        let Some(prefix) = prefix else {
+            // No columns: `INSERT … DEFAULT VALUES`, one per row.
+            let rel = self.rel(relid)?;
+            let p =
+                statement::prepare_insert(rel, new).map_err(|e| self.replay_err(&e.to_string()))?;
+            let stmt = self.stmt(b'I', None);
+            self.push_op(Op::Prepared(p), stmt);
+            return Ok(());
+        };
+        if self
+            .run
+            .as_ref()
+            .is_some_and(|r| r.relid != relid || r.prefix != prefix)
+        {
+            self.close_run();
+        }
+        let ncols = p.len();
+        let bytes: usize = p
+            .iter()
+            .map(|v| v.as_ref().map_or(0, |b| b.len()) + 4)
+            .sum();
+        let max_rows = max_insert_rows(ncols);
+        if self.run.is_none() {
+            self.run = Some(InsertRun {
+                relid,
+                prefix,
+                ncols,
+                params: Vec::with_capacity(ncols * max_rows),
+                rows: 0,
+                bytes: 0,
+                stmt: self.stmt(b'I', None),
             });
         }
+        let run = self.run.as_mut().expect("just set");
+        run.params.extend(p);
+        run.rows += 1;
+        run.bytes += bytes;
+        if run.rows >= max_rows {
+            self.close_run();
+        }
         Ok(())
+    }
+
+    /// Queues the run of inserts as multi-row INSERTs of power-of-two sizes (few shapes to
+    /// prepare).
+    fn close_run(&mut self) {
+        let Some(mut run) = self.run.take() else {
+            return;
+        };
+        let mut params = std::mem::take(&mut run.params).into_iter();
+        let mut left = run.rows;
+        while left > 0 {
+            let rows = 1usize << (usize::BITS - 1 - left.leading_zeros());
+            let mut sql = String::with_capacity(run.prefix.len() + rows * run.ncols * 5);
+            sql.push_str(&run.prefix);
+            let mut n = 0;
+            for r in 0..rows {
+                sql.push_str(if r == 0 { "(" } else { ",(" });
+                for c in 0..run.ncols {
+                    if c > 0 {
+                        sql.push(',');
+                    }
+                    n += 1;
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                }
+                sql.push(')');
+            }
+            let op = Op::Prepared(statement::Prepared {
+                sql,
+                params: params.by_ref().take(rows * run.ncols).collect(),
+            });
+            let stmt = Stmt {
+                kind: b'I',
+                rel: None,
+                commit: run.stmt.commit,
+                commit_time: run.stmt.commit_time,
+            };
+            self.queue_op(op, stmt);
+            left -= rows;
+        }
     }
 
     fn replay_err(&self, detail: &str) -> RestoreError {
@@ -1029,51 +1220,195 @@ impl<'a> Replayer<'a> {
         }
     }
 
-    /// Sends the batched whole transactions and checks that every UPDATE and DELETE touched
-    /// exactly one row: anything else means the target diverged from the source.
+    /// Commits the open group and waits for every result: every UPDATE and DELETE must have
+    /// touched exactly one row, anything else means the target diverged from the source.
     async fn flush(&mut self) -> Result<(), RestoreError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
         if self.txn.is_some() {
             return Err(self.replay_err("internal: flush inside a transaction"));
         }
-        self.send_batch().await
+        let (commit, time) = self.last_commit.unwrap_or_default();
+        self.end_group(commit, time);
+        self.drain().await
     }
 
-    /// Sends what is batched, which may end inside the open transaction (the server keeps it
-    /// open), and checks the row counts.
+    /// Sends what is queued and waits for every result (the target transaction stays open).
+    async fn drain(&mut self) -> Result<(), RestoreError> {
+        self.pump().await?;
+        self.send_batch().await?;
+        while !self.in_flight.is_empty() {
+            self.complete_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what is queued into the batch, and sends the batch once it is large.
+    async fn pump(&mut self) -> Result<(), RestoreError> {
+        self.close_run();
+        let queue = std::mem::take(&mut self.queue);
+        self.queue_bytes = 0;
+        for (op, stmt) in queue {
+            if let Op::Prepared(p) = &op {
+                if !self.prepared.contains_key(&p.sql) {
+                    self.prepare(&p.sql, &stmt).await?;
+                }
+            }
+            self.write_op(op, stmt)?;
+        }
+        if self.batch.len() >= BATCH_BYTES {
+            self.send_batch().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one operation into the batch: a prepared row change as `EXECUTE name(…)` with
+    /// its parameters as literals, after the `PREPARE` of its statement the first time.
+    fn write_op(&mut self, op: Op, stmt: Stmt) -> Result<(), RestoreError> {
+        match op {
+            Op::Simple(sql) => {
+                self.batch.push_str(&sql);
+                self.batch.push_str(";\n");
+            }
+            Op::Prepared(p) => {
+                let Some(&name) = self.prepared.get(&p.sql) else {
+                    return Err(RestoreError::Replay {
+                        commit_lsn: stmt.commit,
+                        commit_time: stmt.commit_time,
+                        detail: "internal: a statement was not prepared".into(),
+                    });
+                };
+                self.batch.push_str("EXECUTE tidemark_");
+                self.batch.push_str(&name.to_string());
+                for (i, v) in p.params.iter().enumerate() {
+                    self.batch.push_str(if i == 0 { "(" } else { "," });
+                    statement::push_param_literal(&mut self.batch, v.as_deref()).map_err(|e| {
+                        RestoreError::Replay {
+                            commit_lsn: stmt.commit,
+                            commit_time: stmt.commit_time,
+                            detail: e.to_string(),
+                        }
+                    })?;
+                }
+                if !p.params.is_empty() {
+                    self.batch.push(')');
+                }
+                self.batch.push_str(";\n");
+            }
+        }
+        self.statements.push(stmt);
+        Ok(())
+    }
+
+    /// Prepares `sql` as the next `tidemark_N`, in a query of its own: the server keeps the
+    /// whole query text with a prepared statement, and copies it at every EXECUTE.
+    async fn prepare(&mut self, sql: &str, stmt: &Stmt) -> Result<(), RestoreError> {
+        if self.prepared.len() >= MAX_PREPARED {
+            self.deallocate_all(stmt);
+        }
+        self.send_batch().await?;
+        self.next_prepared += 1;
+        let n = self.next_prepared;
+        self.batch = format!("PREPARE tidemark_{n} AS {sql}");
+        self.statements.push(Stmt {
+            kind: b'P',
+            rel: stmt.rel.clone(),
+            commit: stmt.commit,
+            commit_time: stmt.commit_time,
+        });
+        self.send_batch().await?;
+        self.prepared.insert(sql.to_string(), n);
+        Ok(())
+    }
+
+    /// Deallocates every statement this replay prepared (they may name what a DDL changed).
+    fn deallocate_all(&mut self, stmt: &Stmt) {
+        for (_, n) in self.prepared.drain() {
+            self.batch.push_str("DEALLOCATE tidemark_");
+            self.batch.push_str(&n.to_string());
+            self.batch.push_str(";\n");
+            self.statements.push(Stmt {
+                kind: b'X',
+                rel: None,
+                commit: stmt.commit,
+                commit_time: stmt.commit_time,
+            });
+        }
+    }
+
+    /// Sends the batch (one simple query; the server answers the statements in order), without
+    /// waiting for its results beyond [`IN_FLIGHT_BATCHES`]: the next batch is rendered
+    /// meanwhile.
     async fn send_batch(&mut self) -> Result<(), RestoreError> {
         if self.batch.is_empty() {
             return Ok(());
         }
-        self.open_insert = None;
         let sql = std::mem::take(&mut self.batch);
         let statements = std::mem::take(&mut self.statements);
-        let results = self
-            .client
-            .simple_query(&sql)
-            .await
-            .map_err(|e| RestoreError::Replay {
-                commit_lsn: self
-                    .txn
-                    .or(self.last_commit)
-                    .map(|c| c.0)
-                    .unwrap_or_default(),
-                commit_time: self
-                    .txn
-                    .or(self.last_commit)
-                    .map(|c| c.1)
-                    .unwrap_or_default(),
+        let client = self.client;
+        let mut fut: InFlight<'a> = Box::pin(async move {
+            let mut counts = Vec::new();
+            let stream = match client.simple_query_raw(&sql).await {
+                Ok(s) => s,
+                Err(e) => return (counts, Err(e)),
+            };
+            let mut stream = std::pin::pin!(stream);
+            while let Some(m) = stream.next().await {
+                match m {
+                    Ok(tokio_postgres::SimpleQueryMessage::CommandComplete(n)) => counts.push(n),
+                    Ok(_) => {}
+                    Err(e) => return (counts, Err(e)),
+                }
+            }
+            (counts, Ok(()))
+        });
+        // The first poll hands the query to the connection task: batches reach the server in
+        // the order they are sent.
+        if let std::task::Poll::Ready(r) =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(fut.as_mut().poll(cx))).await
+        {
+            fut = Box::pin(std::future::ready(r));
+        }
+        self.in_flight.push_back((fut, statements));
+        while self.in_flight.len() > IN_FLIGHT_BATCHES {
+            self.complete_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the oldest batch's results and checks them: a statement the target refused
+    /// is named with its source transaction, and every UPDATE and DELETE must have touched
+    /// exactly one row (anything else means the target diverged from the source).
+    async fn complete_one(&mut self) -> Result<(), RestoreError> {
+        let Some((fut, statements)) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let (counts, result) = fut.await;
+        if let Err(e) = result {
+            let stmt = statements.get(counts.len()).or(statements.last());
+            let what = match stmt.map(|s| s.kind) {
+                Some(b'B') => "BEGIN".to_string(),
+                Some(b'C') => "the COMMIT of the transactions up to this one".to_string(),
+                Some(b'I') => "an INSERT".to_string(),
+                Some(b'U') => format!(
+                    "an UPDATE of {}",
+                    stmt.and_then(|s| s.rel.as_deref()).unwrap_or("?")
+                ),
+                Some(b'D') => format!(
+                    "a DELETE of {}",
+                    stmt.and_then(|s| s.rel.as_deref()).unwrap_or("?")
+                ),
+                Some(b'P') => "the preparation of a statement".to_string(),
+                Some(b'T') => "a TRUNCATE".to_string(),
+                _ => "a statement".to_string(),
+            };
+            return Err(RestoreError::Replay {
+                commit_lsn: stmt.map(|s| s.commit).unwrap_or_default(),
+                commit_time: stmt.map(|s| s.commit_time).unwrap_or_default(),
                 detail: format!(
-                    "the target refused a batch of transactions ending with this one: {}",
+                    "the target refused {what}: {}",
                     crate::source::error_chain(&e)
                 ),
-            })?;
-        let counts = results.iter().filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
-            _ => None,
-        });
+            });
+        }
         for (stmt, n) in statements.iter().zip(counts) {
             if matches!(stmt.kind, b'U' | b'D') && n != 1 {
                 let what = if stmt.kind == b'U' {
@@ -1083,7 +1418,7 @@ impl<'a> Replayer<'a> {
                 };
                 return Err(RestoreError::Replay {
                     commit_lsn: stmt.commit,
-                    commit_time: PgTimestamp::default(),
+                    commit_time: stmt.commit_time,
                     detail: format!(
                         "{what} of {} matched {n} rows instead of 1: the restored data diverged from the source",
                         stmt.rel.as_deref().unwrap_or("?")
@@ -1093,6 +1428,24 @@ impl<'a> Replayer<'a> {
         }
         Ok(())
     }
+}
+
+/// Bytes an operation sends (for memory limits).
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::Simple(sql) => sql.len(),
+        Op::Prepared(p) => p.sql.len() + p.param_bytes(),
+    }
+}
+
+/// Rows of the largest multi-row INSERT for a table of `ncols` columns: a power of two, at
+/// most [`INSERT_ROWS`], with at most 65535 parameters.
+fn max_insert_rows(ncols: usize) -> usize {
+    let mut rows = INSERT_ROWS;
+    while rows > 1 && rows * ncols > 65535 {
+        rows /= 2;
+    }
+    rows
 }
 
 /// The relations as they stood at the backup, keyed by their source OID: a change after the
@@ -1162,11 +1515,12 @@ fn keep_relation_facts(known: Option<&RelationInfo>, mut rel: RelationInfo) -> R
     rel
 }
 
-/// A statement of a batch, for checking its result.
+/// What an operation is, for checking its result and naming it in errors.
 struct Stmt {
     kind: u8,
     rel: Option<String>,
     commit: Lsn,
+    commit_time: PgTimestamp,
 }
 
 #[cfg(test)]
@@ -1311,6 +1665,19 @@ mod tests {
         assert_eq!(out.len(), 2);
         assert!(!out[0].1.whole, "11 began before what was read");
         assert!(out[1].1.runs.is_empty() && !out[1].1.whole);
+    }
+
+    #[test]
+    fn multi_row_inserts_stay_under_the_parameter_limit() {
+        assert_eq!(max_insert_rows(1), INSERT_ROWS);
+        assert_eq!(max_insert_rows(1000), 64);
+        assert_eq!(max_insert_rows(1100), 32);
+        assert_eq!(max_insert_rows(1600), 32);
+        assert_eq!(max_insert_rows(40000), 1);
+        for ncols in [1, 3, 1023, 1024, 1025, 1600] {
+            let rows = max_insert_rows(ncols);
+            assert!(rows.is_power_of_two() && (rows * ncols <= 65535 || rows == 1));
+        }
     }
 
     #[test]

@@ -29,7 +29,10 @@
 //! - The caller should check that every UPDATE and DELETE reports exactly one row: zero means
 //!   the target has diverged from the source, and nothing in the statement can detect that.
 
+use std::cell::RefCell;
 use std::fmt;
+
+use bytes::Bytes;
 
 use crate::pgoutput::{
     Message, OldTuple, TupleData, Value, REPLICA_IDENTITY_DEFAULT, REPLICA_IDENTITY_FULL,
@@ -216,6 +219,22 @@ fn push_literal(out: &mut String, value: &[u8]) -> Result<(), LiteralError> {
     Ok(())
 }
 
+/// Appends a parameter of a [`Prepared`] statement as an untyped literal (`'v'`, or `NULL`),
+/// e.g. for `EXECUTE name('v', NULL)`. Errors (appending nothing) if the value is not UTF-8
+/// or holds a NUL, which the `prepare_*` functions already refuse.
+pub fn push_param_literal(out: &mut String, value: Option<&[u8]>) -> Result<(), LiteralError> {
+    match value {
+        Some(v) => {
+            check_text(v)?;
+            push_literal(out, v)
+        }
+        None => {
+            out.push_str("NULL");
+            Ok(())
+        }
+    }
+}
+
 /// Runs `render` on `out`, restoring `out` to its previous length if it fails.
 fn atomically(
     out: &mut String,
@@ -233,6 +252,54 @@ fn atomically(
 struct Ctx<'a> {
     rel: &'a RelationInfo,
     action: &'static str,
+    /// Parameter mode: values are written as `$n` placeholders and collected here (text
+    /// format, `None` for NULL) instead of being written as literals.
+    params: Option<&'a RefCell<Vec<Option<Bytes>>>>,
+}
+
+/// A statement with `$n` placeholders and its parameters, for the extended query protocol.
+///
+/// The parameters are text-format values of unspecified type: PostgreSQL resolves each
+/// placeholder's type from its context exactly as it resolves an untyped literal (`'42'`) in
+/// the same place, and converts the text with the type's input function, so a prepared
+/// statement and the literal statement [`render_insert`] & co. write have the same effect.
+/// The text depends only on the relation, the kind of change and which values are
+/// unchanged TOAST (or NULL in a full-row locator): statements of the same shape share one
+/// text, which the caller can prepare once and execute many times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// The statement, without a trailing `;`.
+    pub sql: String,
+    /// `$1`, `$2`… in order; `None` is NULL.
+    pub params: Vec<Option<Bytes>>,
+}
+
+impl Prepared {
+    /// Bytes of parameter data (for memory limits).
+    pub fn param_bytes(&self) -> usize {
+        self.params
+            .iter()
+            .map(|p| p.as_ref().map_or(0, |b| b.len()) + 4)
+            .sum()
+    }
+}
+
+/// Checks that a text value can be a PostgreSQL text value: UTF-8, without NUL.
+fn check_text(value: &[u8]) -> Result<(), LiteralError> {
+    std::str::from_utf8(value).map_err(|e| LiteralError::NotUtf8 {
+        offset: e.valid_up_to(),
+    })?;
+    if let Some(offset) = value.iter().position(|&b| b == 0) {
+        return Err(LiteralError::Nul { offset });
+    }
+    Ok(())
+}
+
+fn push_placeholder(out: &mut String, params: &RefCell<Vec<Option<Bytes>>>, v: Option<Bytes>) {
+    let mut p = params.borrow_mut();
+    p.push(v);
+    out.push('$');
+    out.push_str(&p.len().to_string());
 }
 
 impl Ctx<'_> {
@@ -268,18 +335,27 @@ impl Ctx<'_> {
         column: &ColumnInfo,
         value: &Value,
     ) -> Result<(), StatementError> {
+        let literal_error = |source| StatementError::Literal {
+            table: self.table(),
+            column: quote_ident(&column.name),
+            source,
+        };
         match value {
             Value::Null => {
-                out.push_str("NULL");
+                match self.params {
+                    Some(p) => push_placeholder(out, p, None),
+                    None => out.push_str("NULL"),
+                }
                 Ok(())
             }
-            Value::Text(bytes) => {
-                push_literal(out, bytes).map_err(|source| StatementError::Literal {
-                    table: self.table(),
-                    column: quote_ident(&column.name),
-                    source,
-                })
-            }
+            Value::Text(bytes) => match self.params {
+                Some(p) => {
+                    check_text(bytes).map_err(literal_error)?;
+                    push_placeholder(out, p, Some(bytes.clone()));
+                    Ok(())
+                }
+                None => push_literal(out, bytes).map_err(literal_error),
+            },
             Value::Binary(_) => Err(StatementError::BinaryValue {
                 table: self.table(),
                 column: quote_ident(&column.name),
@@ -423,9 +499,72 @@ pub fn render_insert(
     new: &TupleData,
     out: &mut String,
 ) -> Result<(), StatementError> {
+    insert_sql(rel, new, out, None)
+}
+
+/// [`render_insert`] as a [`Prepared`] statement (without the trailing `;`).
+pub fn prepare_insert(rel: &RelationInfo, new: &TupleData) -> Result<Prepared, StatementError> {
+    let params = RefCell::new(Vec::with_capacity(new.0.len()));
+    let mut sql = String::new();
+    insert_sql(rel, new, &mut sql, Some(&params))?;
+    sql.pop();
+    Ok(Prepared {
+        sql,
+        params: params.into_inner(),
+    })
+}
+
+/// The parameters of [`prepare_insert`]'s statement for `new`, checked as it checks them,
+/// without writing the statement.
+pub fn prepare_insert_params(
+    rel: &RelationInfo,
+    new: &TupleData,
+) -> Result<Vec<Option<Bytes>>, StatementError> {
+    let params = RefCell::new(Vec::with_capacity(new.0.len()));
     let ctx = Ctx {
         rel,
         action: "insert",
+        params: Some(&params),
+    };
+    ctx.check_count(new, "new tuple")?;
+    let mut scratch = String::new();
+    for (column, value) in rel.columns.iter().zip(&new.0) {
+        scratch.clear();
+        ctx.push_value(&mut scratch, column, value)?;
+    }
+    Ok(params.into_inner())
+}
+
+/// The start of [`prepare_insert`]'s statement, up to and including `VALUES ` (`None` for a
+/// table without columns): a multi-row INSERT is this followed by one `($n,…)` per row, the
+/// rows' parameters in order.
+pub fn insert_prefix(rel: &RelationInfo) -> Option<String> {
+    if rel.columns.is_empty() {
+        return None;
+    }
+    let mut out = String::from("INSERT INTO ");
+    out.push_str(&rel.qualified_name());
+    out.push_str(" (");
+    for (i, column) in rel.columns.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_ident(&mut out, &column.name);
+    }
+    out.push_str(") OVERRIDING SYSTEM VALUE VALUES ");
+    Some(out)
+}
+
+fn insert_sql(
+    rel: &RelationInfo,
+    new: &TupleData,
+    out: &mut String,
+    params: Option<&RefCell<Vec<Option<Bytes>>>>,
+) -> Result<(), StatementError> {
+    let ctx = Ctx {
+        rel,
+        action: "insert",
+        params,
     };
     ctx.check_count(new, "new tuple")?;
     atomically(out, |out| {
@@ -474,9 +613,38 @@ pub fn render_update(
     new: &TupleData,
     out: &mut String,
 ) -> Result<(), StatementError> {
+    update_sql(rel, old, new, out, None)
+}
+
+/// [`render_update`] as a [`Prepared`] statement; `None` when nothing is left to set.
+pub fn prepare_update(
+    rel: &RelationInfo,
+    old: Option<&OldTuple>,
+    new: &TupleData,
+) -> Result<Option<Prepared>, StatementError> {
+    let params = RefCell::new(Vec::with_capacity(new.0.len()));
+    let mut sql = String::new();
+    update_sql(rel, old, new, &mut sql, Some(&params))?;
+    if sql.pop().is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Prepared {
+        sql,
+        params: params.into_inner(),
+    }))
+}
+
+fn update_sql(
+    rel: &RelationInfo,
+    old: Option<&OldTuple>,
+    new: &TupleData,
+    out: &mut String,
+    params: Option<&RefCell<Vec<Option<Bytes>>>>,
+) -> Result<(), StatementError> {
     let ctx = Ctx {
         rel,
         action: "update",
+        params,
     };
     ctx.check_count(new, "new tuple")?;
     if old.is_none()
@@ -561,9 +729,31 @@ pub fn render_delete(
     old: &OldTuple,
     out: &mut String,
 ) -> Result<(), StatementError> {
+    delete_sql(rel, old, out, None)
+}
+
+/// [`render_delete`] as a [`Prepared`] statement.
+pub fn prepare_delete(rel: &RelationInfo, old: &OldTuple) -> Result<Prepared, StatementError> {
+    let params = RefCell::new(Vec::new());
+    let mut sql = String::new();
+    delete_sql(rel, old, &mut sql, Some(&params))?;
+    sql.pop();
+    Ok(Prepared {
+        sql,
+        params: params.into_inner(),
+    })
+}
+
+fn delete_sql(
+    rel: &RelationInfo,
+    old: &OldTuple,
+    out: &mut String,
+    params: Option<&RefCell<Vec<Option<Bytes>>>>,
+) -> Result<(), StatementError> {
     let ctx = Ctx {
         rel,
         action: "delete",
+        params,
     };
     let mut locate = String::new();
     let cte = ctx.push_old_where(&mut locate, old)?;
@@ -1050,6 +1240,121 @@ mod tests {
             delete(&rel, &old).unwrap(),
             r#"WITH tidemark_row AS MATERIALIZED (SELECT tableoid, ctid FROM "public"."users" WHERE pg_catalog.format('%s', "id") = '5' AND pg_catalog.format('%s', "name") = 'a' AND pg_catalog.num_nulls("bio") = 1 LIMIT 1) DELETE FROM "public"."users" WHERE tableoid = (SELECT tableoid FROM tidemark_row) AND ctid = (SELECT ctid FROM tidemark_row);"#
         );
+    }
+
+    fn b(s: &str) -> Option<Bytes> {
+        Some(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn prepared_statements_have_placeholders_and_text_parameters() {
+        let rel = users(REPLICA_IDENTITY_DEFAULT);
+        let p = prepare_insert(&rel, &tuple(vec![t("1"), t("O'Reilly"), Value::Null])).unwrap();
+        assert_eq!(
+            p.sql,
+            r#"INSERT INTO "public"."users" ("id","name","bio") OVERRIDING SYSTEM VALUE VALUES ($1,$2,$3)"#
+        );
+        assert_eq!(p.params, vec![b("1"), b("O'Reilly"), None]);
+        assert_eq!(
+            format!("{}($1,$2,$3)", insert_prefix(&rel).unwrap()),
+            p.sql,
+            "a multi-row INSERT starts like the single-row one"
+        );
+        assert_eq!(
+            prepare_insert_params(&rel, &tuple(vec![t("1"), t("O'Reilly"), Value::Null])).unwrap(),
+            p.params
+        );
+
+        // SET parameters first, then the key; the text does not depend on the values.
+        let p = prepare_update(&rel, None, &tuple(vec![t("5"), t("Bob"), Value::Null]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.sql,
+            r#"UPDATE ONLY "public"."users" SET "name" = $1, "bio" = $2 WHERE "id" = $3"#
+        );
+        assert_eq!(p.params, vec![b("Bob"), None, b("5")]);
+        let q = prepare_update(&rel, None, &tuple(vec![t("6"), t("x"), t("y")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(q.sql, p.sql);
+        // Nothing to set: no statement.
+        assert_eq!(
+            prepare_update(
+                &rel,
+                None,
+                &tuple(vec![t("5"), Value::UnchangedToast, Value::UnchangedToast])
+            )
+            .unwrap(),
+            None
+        );
+
+        let rel = users(REPLICA_IDENTITY_FULL);
+        let old = OldTuple::Full(tuple(vec![t("5"), t("a"), Value::Null]));
+        let p = prepare_delete(&rel, &old).unwrap();
+        assert_eq!(
+            p.sql,
+            r#"DELETE FROM ONLY "public"."users" WHERE ctid = (SELECT ctid FROM ONLY "public"."users" WHERE pg_catalog.format('%s', "id") = $1 AND pg_catalog.format('%s', "name") = $2 AND pg_catalog.num_nulls("bio") = 1 LIMIT 1)"#
+        );
+        assert_eq!(p.params, vec![b("5"), b("a")]);
+
+        // Partitioned, full row: the CTE's parameters are numbered after SET's.
+        let mut rel = users(REPLICA_IDENTITY_FULL);
+        rel.partitioned = true;
+        let p = prepare_update(&rel, Some(&old), &tuple(vec![t("6"), t("a"), Value::Null]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.sql,
+            r#"WITH tidemark_row AS MATERIALIZED (SELECT tableoid, ctid FROM "public"."users" WHERE pg_catalog.format('%s', "id") = $2 AND pg_catalog.format('%s', "name") = $3 AND pg_catalog.num_nulls("bio") = 1 LIMIT 1) UPDATE "public"."users" SET "id" = $1 WHERE tableoid = (SELECT tableoid FROM tidemark_row) AND ctid = (SELECT ctid FROM tidemark_row)"#
+        );
+        assert_eq!(p.params, vec![b("6"), b("5"), b("a")]);
+    }
+
+    #[test]
+    fn prepared_statements_check_values_like_literals() {
+        let rel = users(REPLICA_IDENTITY_DEFAULT);
+        let err = prepare_insert(&rel, &tuple(vec![t("1"), t("a\0b"), t("b")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"column "name" of "public"."users": value contains a NUL byte at offset 1"#
+        );
+        let err = prepare_insert_params(&rel, &tuple(vec![t("1"), t("a"), Value::UnchangedToast]))
+            .unwrap_err();
+        assert!(matches!(err, StatementError::UnchangedToastInInsert { .. }));
+        let err = prepare_delete(
+            &rel,
+            &OldTuple::Key(tuple(vec![Value::Null, t("a"), t("b")])),
+        )
+        .unwrap_err();
+        assert!(matches!(err, StatementError::CannotLocateRow { .. }));
+        assert_eq!(
+            prepare_insert(&users(REPLICA_IDENTITY_DEFAULT), &tuple(vec![]))
+                .unwrap_err()
+                .to_string(),
+            r#"new tuple of "public"."users" has 0 values but the relation has 3 columns"#
+        );
+        let mut empty = users(REPLICA_IDENTITY_DEFAULT);
+        empty.columns.clear();
+        assert_eq!(insert_prefix(&empty), None);
+        assert_eq!(
+            prepare_insert(&empty, &tuple(vec![])).unwrap().sql,
+            r#"INSERT INTO "public"."users" DEFAULT VALUES"#
+        );
+    }
+
+    #[test]
+    fn parameters_as_literals() {
+        let mut out = String::new();
+        push_param_literal(&mut out, Some(b"it's")).unwrap();
+        out.push(',');
+        push_param_literal(&mut out, None).unwrap();
+        out.push(',');
+        push_param_literal(&mut out, Some(br"a\b")).unwrap();
+        assert_eq!(out, r"'it''s',NULL,'a\b'");
+        assert!(push_param_literal(&mut out, Some(b"a\0")).is_err());
+        assert!(push_param_literal(&mut out, Some(b"\xff")).is_err());
+        assert_eq!(out, r"'it''s',NULL,'a\b'");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod crash;
 mod ddl;
 mod harness_smoke;
 mod oracle;
+mod replay;
 mod replication;
 mod resilience;
 mod s3;
