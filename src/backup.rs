@@ -1053,7 +1053,7 @@ impl SchemaFile {
 
 /// Memory for each index build of the restore (`pg_restore` would use the server's default,
 /// 64 MB unless configured): sorts in memory, and lets a big index be built by parallel workers.
-const RESTORE_MAINTENANCE_WORK_MEM: &str = "1GB";
+pub const RESTORE_MAINTENANCE_WORK_MEM: &str = "1GB";
 
 /// `PGOPTIONS` for pg_restore: [`RESTORE_MAINTENANCE_WORK_MEM`], then the caller's own
 /// `PGOPTIONS` (which win).
