@@ -174,7 +174,7 @@ const SESSION_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0;
 // ---------------------------------------------------------------------------------------------
 
 /// A table to copy, as found in the catalog.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct TableSpec {
     oid: u32,
     schema: String,
@@ -677,26 +677,43 @@ async fn copy_tables(
     tables: &[TableSpec],
     tasks: Vec<CopyTask>,
 ) -> Result<Vec<TableEntry>, BackupError> {
-    let next_part: Vec<AtomicUsize> = tables.iter().map(|_| AtomicUsize::new(0)).collect();
-    let queue = Mutex::new(tasks);
-    let workers = clients.into_iter().map(|client| {
-        let queue = &queue;
-        let next_part = &next_part;
-        async move {
+    // Each connection in a task of its own, so that their streams are read on all threads.
+    let shared = Arc::new((
+        Mutex::new(tasks),
+        tables
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect::<Vec<_>>(),
+        tables.to_vec(),
+        id.to_string(),
+    ));
+    // Dropping the set (on an error) aborts the other connections' copies.
+    let mut workers = tokio::task::JoinSet::new();
+    for client in clients {
+        let shared = shared.clone();
+        let store = store.clone();
+        workers.spawn(async move {
+            let (queue, next_part, tables, id) = &*shared;
             let mut done = Vec::new();
             loop {
                 let next = queue.lock().expect("queue lock").pop();
                 let Some(task) = next else { break };
                 let t = &tables[task.table];
-                let parts = copy_task(&client, store, id, task, t, &next_part[task.table]).await?;
+                let parts = copy_task(&client, &store, id, task, t, &next_part[task.table]).await?;
                 done.push((task.table, parts));
             }
             // Ends the read-only transaction; nothing to keep.
             let _ = client.batch_execute("COMMIT").await;
             Ok::<_, BackupError>(done)
-        }
-    });
-    let results = futures_util::future::try_join_all(workers).await?;
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = workers.join_next().await {
+        results.push(r.map_err(|e| BackupError::Io {
+            context: "copying tables".into(),
+            source: std::io::Error::other(e),
+        })??);
+    }
     let mut entries: Vec<TableEntry> = tables
         .iter()
         .map(|t| TableEntry {
@@ -751,7 +768,7 @@ async fn copy_task(
         storing.spawn(store_part(store.clone(), key, part));
     };
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(pg(format!("COPY {shown} TO STDOUT")))?;
+        let chunk = chunk.map_err(|e| pg(format!("COPY {shown} TO STDOUT"))(e))?;
         for part in cutter.push(&chunk) {
             while storing.len() >= PARTS_IN_FLIGHT {
                 parts.push(joined(storing.join_next().await)?);
@@ -1173,7 +1190,6 @@ async fn load_data(
     // Popped from the end: biggest parts first.
     jobs.sort_by_key(|&(t, p)| (m.tables[t].parts[p].raw_bytes, std::cmp::Reverse((t, p))));
     let workers_n = parallel.min(jobs.len()).max(1);
-    let queue = Mutex::new(jobs);
     let clients = futures_util::future::try_join_all((0..workers_n).map(|_| async {
         let client = open_for_load(target).await?;
         client
@@ -1183,25 +1199,37 @@ async fn load_data(
         Ok::<_, BackupError>(client)
     }))
     .await?;
-    let workers = clients.into_iter().map(|client| {
-        let queue = &queue;
-        async move {
+    // Each connection in a task of its own, so that they run on all threads. Dropping the set
+    // (on an error) aborts the others: their connections close, their transactions roll back.
+    let shared = Arc::new((Mutex::new(jobs), m.clone()));
+    let mut workers = tokio::task::JoinSet::new();
+    for client in clients {
+        let shared = shared.clone();
+        let store = store.clone();
+        workers.spawn(async move {
+            let (queue, m) = &*shared;
             let pop = || queue.lock().expect("queue lock").pop();
             let mut rows = 0u64;
             let mut bytes = 0u64;
             let mut current =
-                pop().map(|(t, p)| ((t, p), start_fetch(store, &m.tables[t].parts[p])));
+                pop().map(|(t, p)| ((t, p), start_fetch(&store, &m.tables[t].parts[p])));
             while let Some(((t, p), fetch)) = current.take() {
                 let part = &m.tables[t].parts[p];
                 let data = fetched(fetch, &part.key).await?;
-                current = pop().map(|(t, p)| ((t, p), start_fetch(store, &m.tables[t].parts[p])));
+                current = pop().map(|(t, p)| ((t, p), start_fetch(&store, &m.tables[t].parts[p])));
                 rows += load_part(&client, &m.tables[t], part, data).await?;
                 bytes += part.raw_bytes;
             }
             Ok::<_, BackupError>((client, rows, bytes))
-        }
-    });
-    let done = futures_util::future::try_join_all(workers).await?;
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = workers.join_next().await {
+        done.push(r.map_err(|e| BackupError::Io {
+            context: "loading tables".into(),
+            source: std::io::Error::other(e),
+        })??);
+    }
     for (client, rows, bytes) in &done {
         client
             .batch_execute("COMMIT")
@@ -1230,7 +1258,7 @@ async fn load_part(
     pin_mut!(sink);
     // Returning early drops the sink, which aborts the COPY.
     for piece in chunks(data, COPY_MESSAGE) {
-        sink.feed(piece).await.map_err(pg(ctx()))?;
+        sink.feed(piece).await.map_err(|e| pg(ctx())(e))?;
     }
     let rows = sink.finish().await.map_err(pg(ctx()))?;
     if rows != p.rows {
