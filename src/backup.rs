@@ -2,8 +2,14 @@
 //!
 //! Owns: the objects under `basebackups/<id>/` (see `proto/manifest.md`): the schema
 //! (`pg_dump --schema-only -Fc`), the table data (COPY text, cut into parts of at most
-//! [`PART_LIMIT`] bytes at row boundaries, lz4-framed), the sequences' values, and the manifest,
-//! written last: a folder without a manifest is an incomplete backup and is ignored.
+//! [`PART_LIMIT`] bytes at row boundaries, lz4-framed; big tables read in block ranges of
+//! [`SPLIT_BLOCKS`] on all connections), the sequences' values, and the manifest, written last:
+//! a folder without a manifest is an incomplete backup and is ignored.
+//!
+//! Throughput: the schema dump runs while the tables are copied; each connection's parts are
+//! compressed and stored while its COPY keeps streaming; loading runs one COPY per part on every
+//! connection, each fetching its next part while it loads one, and builds indexes only after
+//! the data, with [`RESTORE_MAINTENANCE_WORK_MEM`].
 //!
 //! Taking: the caller holds a replication connection idle with an exported snapshot whose
 //! position is `consistent_point` (a transaction is in the backup iff its commit LSN is below
@@ -20,9 +26,10 @@ pub mod cut;
 pub mod manifest;
 pub mod toc;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -167,7 +174,7 @@ const SESSION_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0;
 // ---------------------------------------------------------------------------------------------
 
 /// A table to copy, as found in the catalog.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct TableSpec {
     oid: u32,
     schema: String,
@@ -228,9 +235,34 @@ async fn open_in_snapshot(source: &ConnInfo, snapshot: &str) -> Result<Client, B
     Ok(client)
 }
 
+/// How a backup is cut into work.
+#[derive(Clone, Copy, Debug)]
+pub struct TakeOptions {
+    /// Tables of more blocks than this are copied in ranges of this many blocks, in parallel
+    /// (with more than one connection, on servers 14 and later).
+    pub split_blocks: u32,
+}
+
+impl Default for TakeOptions {
+    fn default() -> Self {
+        TakeOptions {
+            split_blocks: SPLIT_BLOCKS,
+        }
+    }
+}
+
 /// Takes a base backup of `req.source` at `req.snapshot` into `store`; returns its manifest,
 /// which has been stored last.
 pub async fn take(store: &Arc<dyn Store>, req: BackupRequest<'_>) -> Result<Manifest, BackupError> {
+    take_with(store, req, TakeOptions::default()).await
+}
+
+/// [`take`], with options.
+pub async fn take_with(
+    store: &Arc<dyn Store>,
+    req: BackupRequest<'_>,
+    opts: TakeOptions,
+) -> Result<Manifest, BackupError> {
     let id = backup_id(req.generation, req.consistent_point);
     let prefix = format!("{}{id}/", manifest::ROOT);
     let existing = store.list(&prefix).await?;
@@ -246,7 +278,7 @@ pub async fn take(store: &Arc<dyn Store>, req: BackupRequest<'_>) -> Result<Mani
             store.delete(&o.key).await?;
         }
     }
-    let result = take_inner(store, &req, &id).await;
+    let result = take_inner(store, &req, &id, opts).await;
     if let Err(e) = &result {
         // Best effort: an incomplete backup has no manifest and is ignored anyway.
         tracing::warn!(backup = %id, error = %e, "base backup failed; removing its objects");
@@ -265,19 +297,21 @@ async fn take_inner(
     store: &Arc<dyn Store>,
     req: &BackupRequest<'_>,
     id: &str,
+    opts: TakeOptions,
 ) -> Result<Manifest, BackupError> {
     let started_at = PgTimestamp::now();
     let n = req.parallel.max(1);
-    let mut clients = Vec::with_capacity(n);
-    for _ in 0..n {
-        clients.push(open_in_snapshot(req.source, req.snapshot).await?);
-    }
+    let clients = futures_util::future::try_join_all(
+        (0..n).map(|_| open_in_snapshot(req.source, req.snapshot)),
+    )
+    .await?;
     let main = &clients[0];
 
     // Read after the snapshot was exported: every transaction in it committed before this.
     let row = main
         .query_one(
-            "SELECT clock_timestamp(), current_setting('server_version_num')::int4",
+            "SELECT clock_timestamp(), current_setting('server_version_num')::int4,
+                    current_setting('block_size')::int8",
             &[],
         )
         .await
@@ -285,6 +319,7 @@ async fn take_inner(
     let snapshot_time: std::time::SystemTime = row.get(0);
     let snapshot_time = PgTimestamp::from_datetime(snapshot_time.into());
     let server_version_num = row.get::<_, i32>(1) as u32;
+    let block_size: i64 = row.get(2);
 
     let exists = main
         .query_opt(
@@ -306,10 +341,15 @@ async fn take_inner(
     let key_objects = list_key_objects(main, &tables).await?;
     let sequences = list_sequences(main).await?;
 
-    let schema = dump_schema(store, id, req, server_version_num).await?;
-    tracing::info!(backup = %id, tables = tables.len(), "schema stored; copying tables");
-
-    let entries = copy_tables(store, id, clients, &tables).await?;
+    // TID range scans (server 14+) make reading a range of blocks cheap.
+    let split = n > 1 && server_version_num >= 140000;
+    let tasks = plan_copy_tasks(&tables, block_size, split, opts.split_blocks.max(1));
+    tracing::info!(backup = %id, tables = tables.len(), copies = tasks.len(), "dumping the schema and copying the tables");
+    // pg_dump reads the catalog in the same snapshot while the tables are copied.
+    let (schema, entries) = tokio::try_join!(
+        dump_schema(store, id, req, server_version_num),
+        copy_tables(store, id, clients, &tables, tasks)
+    )?;
 
     let mut totals = Totals {
         tables: entries.len() as u64,
@@ -555,68 +595,185 @@ async fn dump_schema(
     Ok(entry)
 }
 
-/// Copies the tables over the connections, biggest first; returns entries in table order.
+/// Tables bigger than this many blocks are read in ranges of this many blocks, each on its own
+/// COPY, so that the connections share a big table (server 14+: TID range scans).
+pub const SPLIT_BLOCKS: u32 = 4096;
+
+/// Parts compressed and stored concurrently per connection while its COPY keeps streaming.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// One COPY: a whole table, or the rows of a range of its blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CopyTask {
+    table: usize,
+    /// Blocks `[from, to)`; `to = None`: to the end, including blocks added since the size was
+    /// read. `None` for the whole table.
+    blocks: Option<(u32, Option<u32>)>,
+    /// Bytes on disk, to schedule big tasks first.
+    weight: i64,
+}
+
+/// Cuts the tables into COPY tasks, biggest last (the queue is popped from the end).
+fn plan_copy_tasks(
+    tables: &[TableSpec],
+    block_size: i64,
+    split: bool,
+    split_blocks: u32,
+) -> Vec<CopyTask> {
+    let mut tasks = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        let blocks = (t.size / block_size.max(1)).clamp(0, u32::MAX as i64) as u32;
+        if !split || t.partitioned_root || blocks <= split_blocks {
+            tasks.push(CopyTask {
+                table: i,
+                blocks: None,
+                weight: t.size,
+            });
+            continue;
+        }
+        let mut from = 0u32;
+        while from < blocks {
+            let to = from.saturating_add(split_blocks);
+            let last = to >= blocks;
+            tasks.push(CopyTask {
+                table: i,
+                blocks: Some((from, (!last).then_some(to))),
+                weight: i64::from(split_blocks) * block_size,
+            });
+            from = to;
+        }
+    }
+    // Stable: among equal weights, lower tables and lower ranges are popped first.
+    tasks.reverse();
+    tasks.sort_by_key(|t| t.weight);
+    tasks
+}
+
+/// The COPY that reads a task's rows.
+fn copy_task_sql(t: &TableSpec, blocks: Option<(u32, Option<u32>)>) -> String {
+    let Some((from, to)) = blocks else {
+        return copy_out_sql(t);
+    };
+    let cols: Vec<String> = t.columns.iter().map(|c| quote_ident(c)).collect();
+    // ONLY: COPY of a table does not read its inheritance children; neither may this.
+    let mut sql = format!(
+        "COPY (SELECT {} FROM ONLY {} WHERE ctid >= '({from},0)'::pg_catalog.tid",
+        cols.join(", "),
+        qualified(&t.schema, &t.name)
+    );
+    if let Some(to) = to {
+        sql.push_str(&format!(" AND ctid < '({to},0)'::pg_catalog.tid"));
+    }
+    sql.push_str(") TO STDOUT");
+    sql
+}
+
+/// Copies the tables over the connections, biggest first, big tables in block ranges on all
+/// connections at once; returns entries in table order, each with its parts in key order.
 async fn copy_tables(
     store: &Arc<dyn Store>,
     id: &str,
     clients: Vec<Client>,
     tables: &[TableSpec],
+    tasks: Vec<CopyTask>,
 ) -> Result<Vec<TableEntry>, BackupError> {
-    let mut order: Vec<usize> = (0..tables.len()).collect();
-    // Popped from the end: biggest last in the vector.
-    order.sort_by_key(|&i| tables[i].size);
-    let queue = Mutex::new(order);
-    let workers = clients.into_iter().map(|client| {
-        let queue = &queue;
-        async move {
+    // Each connection in a task of its own, so that their streams are read on all threads.
+    let shared = Arc::new((
+        Mutex::new(tasks),
+        tables
+            .iter()
+            .map(|_| AtomicUsize::new(0))
+            .collect::<Vec<_>>(),
+        tables.to_vec(),
+        id.to_string(),
+    ));
+    // Dropping the set (on an error) aborts the other connections' copies.
+    let mut workers = tokio::task::JoinSet::new();
+    for client in clients {
+        let shared = shared.clone();
+        let store = store.clone();
+        workers.spawn(async move {
+            let (queue, next_part, tables, id) = &*shared;
             let mut done = Vec::new();
             loop {
                 let next = queue.lock().expect("queue lock").pop();
-                let Some(i) = next else { break };
-                done.push((i, copy_table(&client, store, id, i, &tables[i]).await?));
+                let Some(task) = next else { break };
+                let t = &tables[task.table];
+                let parts = copy_task(&client, &store, id, task, t, &next_part[task.table]).await?;
+                done.push((task.table, parts));
             }
             // Ends the read-only transaction; nothing to keep.
             let _ = client.batch_execute("COMMIT").await;
             Ok::<_, BackupError>(done)
+        });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = workers.join_next().await {
+        results.push(r.map_err(|e| BackupError::Io {
+            context: "copying tables".into(),
+            source: std::io::Error::other(e),
+        })??);
+    }
+    let mut entries: Vec<TableEntry> = tables
+        .iter()
+        .map(|t| TableEntry {
+            oid: t.oid,
+            schema: t.schema.clone(),
+            name: t.name.clone(),
+            partitioned_root: t.partitioned_root,
+            columns: t.columns.clone(),
+            rows: 0,
+            raw_bytes: 0,
+            stored_bytes: 0,
+            parts: Vec::new(),
+        })
+        .collect();
+    for (table, parts) in results.into_iter().flatten() {
+        let e = &mut entries[table];
+        for p in parts {
+            e.rows += p.rows;
+            e.raw_bytes += p.raw_bytes;
+            e.stored_bytes += p.stored_bytes;
+            e.parts.push(p);
         }
-    });
-    let results = futures_util::future::try_join_all(workers).await?;
-    let mut by_index: BTreeMap<usize, TableEntry> = results.into_iter().flatten().collect();
-    Ok((0..tables.len())
-        .map(|i| by_index.remove(&i).expect("every table copied"))
-        .collect())
+    }
+    for e in &mut entries {
+        e.parts.sort_by(|a, b| a.key.cmp(&b.key));
+    }
+    Ok(entries)
 }
 
-async fn copy_table(
+/// Runs one COPY task; its parts are compressed and stored while the COPY goes on.
+async fn copy_task(
     client: &Client,
     store: &Arc<dyn Store>,
     id: &str,
-    index: usize,
+    task: CopyTask,
     t: &TableSpec,
-) -> Result<TableEntry, BackupError> {
+    next_part: &AtomicUsize,
+) -> Result<Vec<PartEntry>, BackupError> {
     let shown = qualified(&t.schema, &t.name);
     let started = Instant::now();
-    let mut entry = TableEntry {
-        oid: t.oid,
-        schema: t.schema.clone(),
-        name: t.name.clone(),
-        partitioned_root: t.partitioned_root,
-        columns: t.columns.clone(),
-        rows: 0,
-        raw_bytes: 0,
-        stored_bytes: 0,
-        parts: Vec::new(),
-    };
     let stream = client
-        .copy_out(copy_out_sql(t).as_str())
+        .copy_out(copy_task_sql(t, task.blocks).as_str())
         .await
         .map_err(pg(format!("COPY {shown} TO STDOUT")))?;
     pin_mut!(stream);
     let mut cutter = cut::PartCutter::new(PART_LIMIT);
+    // Dropping the set (on an error) aborts the parts still being stored.
+    let mut storing = tokio::task::JoinSet::new();
+    let mut parts = Vec::new();
+    let spawn = |storing: &mut tokio::task::JoinSet<_>, part: cut::RawPart| {
+        let key = part_key(id, task.table, next_part.fetch_add(1, Ordering::Relaxed));
+        storing.spawn(store_part(store.clone(), key, part));
+    };
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(pg(format!("COPY {shown} TO STDOUT")))?;
+        let chunk = chunk.map_err(|e| pg(format!("COPY {shown} TO STDOUT"))(e))?;
         for part in cutter.push(&chunk) {
-            store_part(store, id, index, &mut entry, part).await?;
+            while storing.len() >= PARTS_IN_FLIGHT {
+                parts.push(joined(storing.join_next().await)?);
+            }
+            spawn(&mut storing, part);
         }
     }
     let last = cutter.finish().map_err(|e| BackupError::BadObject {
@@ -624,43 +781,55 @@ async fn copy_table(
         message: e.to_string(),
     })?;
     if let Some(part) = last {
-        store_part(store, id, index, &mut entry, part).await?;
+        spawn(&mut storing, part);
     }
-    tracing::debug!(table = %shown, rows = entry.rows, parts = entry.parts.len(), elapsed = ?started.elapsed(), "table copied");
-    Ok(entry)
+    while let Some(r) = storing.join_next().await {
+        parts.push(joined(Some(r))?);
+    }
+    tracing::debug!(table = %shown, blocks = ?task.blocks, rows = parts.iter().map(|p| p.rows).sum::<u64>(), parts = parts.len(), elapsed = ?started.elapsed(), "table copied");
+    Ok(parts)
+}
+
+fn joined(
+    r: Option<Result<Result<PartEntry, BackupError>, tokio::task::JoinError>>,
+) -> Result<PartEntry, BackupError> {
+    match r.expect("a part is being stored") {
+        Ok(r) => r,
+        Err(e) => Err(BackupError::Io {
+            context: "storing a part".into(),
+            source: std::io::Error::other(e),
+        }),
+    }
 }
 
 async fn store_part(
-    store: &Arc<dyn Store>,
-    id: &str,
-    index: usize,
-    entry: &mut TableEntry,
+    store: Arc<dyn Store>,
+    key: String,
     part: cut::RawPart,
-) -> Result<(), BackupError> {
-    let key = part_key(id, index, entry.parts.len());
+) -> Result<PartEntry, BackupError> {
     let raw_bytes = part.data.len() as u64;
     let rows = part.rows;
-    let stored = tokio::task::spawn_blocking(move || compress(&part.data))
-        .await
-        .map_err(|e| BackupError::Io {
-            context: format!("compressing {key}"),
-            source: std::io::Error::other(e),
-        })?
-        .map_err(io_err(format!("compressing {key}")))?;
-    let crc32 = crc32fast::hash(&stored);
+    let (stored, crc32) = tokio::task::spawn_blocking(move || {
+        compress(&part.data).map(|c| {
+            let crc = crc32fast::hash(&c);
+            (c, crc)
+        })
+    })
+    .await
+    .map_err(|e| BackupError::Io {
+        context: format!("compressing {key}"),
+        source: std::io::Error::other(e),
+    })?
+    .map_err(io_err(format!("compressing {key}")))?;
     let stored_bytes = stored.len() as u64;
     store.put(&key, Bytes::from(stored)).await?;
-    entry.rows += rows;
-    entry.raw_bytes += raw_bytes;
-    entry.stored_bytes += stored_bytes;
-    entry.parts.push(PartEntry {
+    Ok(PartEntry {
         key,
         rows,
         raw_bytes,
         stored_bytes,
         crc32,
-    });
-    Ok(())
+    })
 }
 
 /// lz4 frame format (readable by `lz4 -d`), with the content size and a content checksum.
@@ -892,9 +1061,26 @@ impl SchemaFile {
         }
         let dump = self.file.arg();
         args.push(&dump);
-        run_tool(&self.pg_restore, &args, target.child_env()).await?;
+        let mut env = target.child_env();
+        env.push(("PGOPTIONS".into(), restore_pgoptions()));
+        run_tool(&self.pg_restore, &args, env).await?;
         Ok(())
     }
+}
+
+/// Memory for each index build of the restore (`pg_restore` would use the server's default,
+/// 64 MB unless configured): sorts in memory, and lets a big index be built by parallel workers.
+pub const RESTORE_MAINTENANCE_WORK_MEM: &str = "1GB";
+
+/// `PGOPTIONS` for pg_restore: [`RESTORE_MAINTENANCE_WORK_MEM`], then the caller's own
+/// `PGOPTIONS` (which win).
+fn restore_pgoptions() -> String {
+    let mut opts = format!("-c maintenance_work_mem={RESTORE_MAINTENANCE_WORK_MEM}");
+    if let Ok(own) = std::env::var("PGOPTIONS") {
+        opts.push(' ');
+        opts.push_str(&own);
+    }
+    opts
 }
 
 fn verify(key: &str, data: &[u8], expected: u32) -> Result<(), BackupError> {
@@ -918,62 +1104,23 @@ async fn open_for_load(target: &ConnInfo) -> Result<Client, BackupError> {
     Ok(client)
 }
 
-async fn load_data(
-    store: &Arc<dyn Store>,
-    m: &Manifest,
-    target: &ConnInfo,
-    parallel: usize,
-    stats: &mut LoadStats,
-) -> Result<(), BackupError> {
-    let mut order: Vec<usize> = (0..m.tables.len())
-        .filter(|&i| !m.tables[i].parts.is_empty())
-        .collect();
-    order.sort_by_key(|&i| m.tables[i].raw_bytes);
-    let workers_n = parallel.min(order.len()).max(1);
-    let queue = Mutex::new(order);
-    let mut clients = Vec::with_capacity(workers_n);
-    for _ in 0..workers_n {
-        clients.push(open_for_load(target).await?);
+/// A spawned task aborted when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
-    let workers = clients.into_iter().map(|client| {
-        let queue = &queue;
-        async move {
-            let mut done = (0u64, 0u64, 0u64);
-            loop {
-                let next = queue.lock().expect("queue lock").pop();
-                let Some(i) = next else { break };
-                let t = &m.tables[i];
-                let rows = load_table(&client, store, t).await?;
-                done.0 += 1;
-                done.1 += rows;
-                done.2 += t.raw_bytes;
-            }
-            Ok::<_, BackupError>(done)
-        }
-    });
-    for (tables, rows, bytes) in futures_util::future::try_join_all(workers).await? {
-        stats.tables += tables;
-        stats.rows += rows;
-        stats.bytes += bytes;
-    }
-    Ok(())
 }
 
-/// Loads one table with one COPY (so a failure leaves it empty); parts in order.
-async fn load_table(
-    client: &Client,
-    store: &Arc<dyn Store>,
-    t: &TableEntry,
-) -> Result<u64, BackupError> {
-    let display = qualified(&t.schema, &t.name);
-    let sink = client
-        .copy_in::<_, Bytes>(copy_in_sql(t).as_str())
-        .await
-        .map_err(pg(format!("COPY {display} FROM STDIN")))?;
-    pin_mut!(sink);
-    for p in &t.parts {
+/// A part fetched, checked and decompressed.
+type Fetched = Result<Bytes, BackupError>;
+
+fn start_fetch(store: &Arc<dyn Store>, p: &PartEntry) -> AbortOnDrop<Fetched> {
+    let store = store.clone();
+    let p = p.clone();
+    AbortOnDrop(tokio::spawn(async move {
         let data = store.get(&p.key).await?;
-        // Returning early drops the sink, which aborts the COPY.
         verify(&p.key, &data, p.crc32)?;
         let expected = p.raw_bytes as usize;
         let raw = tokio::task::spawn_blocking(move || decompress(&data, expected))
@@ -995,21 +1142,140 @@ async fn load_table(
                 ),
             });
         }
-        sink.send(Bytes::from(raw))
-            .await
-            .map_err(pg(format!("COPY {display} FROM STDIN ({})", p.key)))?;
+        Ok(Bytes::from(raw))
+    }))
+}
+
+async fn fetched(f: AbortOnDrop<Fetched>, key: &str) -> Fetched {
+    match (&mut { f }.0).await {
+        Ok(r) => r,
+        Err(e) => Err(BackupError::Io {
+            context: format!("reading {key}"),
+            source: std::io::Error::other(e),
+        }),
     }
-    let rows = sink
-        .finish()
+}
+
+/// Loads every part with its own COPY, on `parallel` connections at once (parts of one table
+/// too), biggest parts first, each connection fetching its next part while it loads one.
+/// Every connection loads inside one transaction, committed only once all parts are loaded:
+/// a failure leaves no table half loaded.
+async fn load_data(
+    store: &Arc<dyn Store>,
+    m: &Manifest,
+    target: &ConnInfo,
+    parallel: usize,
+    stats: &mut LoadStats,
+) -> Result<(), BackupError> {
+    let mut jobs: Vec<(usize, usize)> = Vec::new();
+    for (i, t) in m.tables.iter().enumerate() {
+        let (rows, raw): (u64, u64) = t
+            .parts
+            .iter()
+            .fold((0, 0), |a, p| (a.0 + p.rows, a.1 + p.raw_bytes));
+        if rows != t.rows || raw != t.raw_bytes {
+            return Err(BackupError::BadObject {
+                key: m.key(),
+                message: format!(
+                    "table {}: its parts hold {rows} rows and {raw} bytes, the table entry \
+                     records {} rows and {} bytes",
+                    qualified(&t.schema, &t.name),
+                    t.rows,
+                    t.raw_bytes
+                ),
+            });
+        }
+        jobs.extend((0..t.parts.len()).map(|p| (i, p)));
+    }
+    // Popped from the end: biggest parts first.
+    jobs.sort_by_key(|&(t, p)| (m.tables[t].parts[p].raw_bytes, std::cmp::Reverse((t, p))));
+    let workers_n = parallel.min(jobs.len()).max(1);
+    let clients = futures_util::future::try_join_all((0..workers_n).map(|_| async {
+        let client = open_for_load(target).await?;
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(pg("starting a load transaction"))?;
+        Ok::<_, BackupError>(client)
+    }))
+    .await?;
+    // Each connection in a task of its own, so that they run on all threads. Dropping the set
+    // (on an error) aborts the others: their connections close, their transactions roll back.
+    let shared = Arc::new((Mutex::new(jobs), m.clone()));
+    let mut workers = tokio::task::JoinSet::new();
+    for client in clients {
+        let shared = shared.clone();
+        let store = store.clone();
+        workers.spawn(async move {
+            let (queue, m) = &*shared;
+            let pop = || queue.lock().expect("queue lock").pop();
+            let mut rows = 0u64;
+            let mut bytes = 0u64;
+            let mut current =
+                pop().map(|(t, p)| ((t, p), start_fetch(&store, &m.tables[t].parts[p])));
+            while let Some(((t, p), fetch)) = current.take() {
+                let part = &m.tables[t].parts[p];
+                let data = fetched(fetch, &part.key).await?;
+                current = pop().map(|(t, p)| ((t, p), start_fetch(&store, &m.tables[t].parts[p])));
+                rows += load_part(&client, &m.tables[t], part, data).await?;
+                bytes += part.raw_bytes;
+            }
+            Ok::<_, BackupError>((client, rows, bytes))
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(r) = workers.join_next().await {
+        done.push(r.map_err(|e| BackupError::Io {
+            context: "loading tables".into(),
+            source: std::io::Error::other(e),
+        })??);
+    }
+    for (client, rows, bytes) in &done {
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(pg("committing the loaded data"))?;
+        stats.rows += rows;
+        stats.bytes += bytes;
+    }
+    stats.tables = m.tables.iter().filter(|t| !t.parts.is_empty()).count() as u64;
+    Ok(())
+}
+
+/// Loads one part with one COPY, checking its row count.
+async fn load_part(
+    client: &Client,
+    t: &TableEntry,
+    p: &PartEntry,
+    data: Bytes,
+) -> Result<u64, BackupError> {
+    let display = qualified(&t.schema, &t.name);
+    let ctx = || format!("COPY {display} FROM STDIN ({})", p.key);
+    let sink = client
+        .copy_in::<_, Bytes>(copy_in_sql(t).as_str())
         .await
-        .map_err(pg(format!("COPY {display} FROM STDIN")))?;
-    if rows != t.rows {
+        .map_err(pg(ctx()))?;
+    pin_mut!(sink);
+    // Returning early drops the sink, which aborts the COPY.
+    for piece in chunks(data, COPY_MESSAGE) {
+        sink.feed(piece).await.map_err(|e| pg(ctx())(e))?;
+    }
+    let rows = sink.finish().await.map_err(pg(ctx()))?;
+    if rows != p.rows {
         return Err(BackupError::Invalid(format!(
-            "COPY {display} loaded {rows} rows, the manifest records {}",
-            t.rows
+            "COPY {display} loaded {rows} rows from {}, the manifest records {}",
+            p.key, p.rows
         )));
     }
     Ok(rows)
+}
+
+/// Size of the CopyData messages sent: the server starts on a message once it has all of it.
+const COPY_MESSAGE: usize = 1 << 20;
+
+fn chunks(data: Bytes, size: usize) -> impl Iterator<Item = Bytes> {
+    let n = data.len().div_ceil(size);
+    (0..n).map(move |i| data.slice(i * size..data.len().min((i + 1) * size)))
 }
 
 /// Sets every sequence to its backed-up value. Done with the data, before the restore replays
@@ -1136,6 +1402,62 @@ mod tests {
         t.columns.clear();
         t.partitioned_root = false;
         assert_eq!(copy_out_sql(&t), "COPY \"s\".\"T x\" TO STDOUT");
+    }
+
+    #[test]
+    fn big_tables_are_cut_into_block_ranges() {
+        let spec = |name: &str, size: i64, root: bool| TableSpec {
+            oid: 1,
+            schema: "s".into(),
+            name: name.into(),
+            partitioned_root: root,
+            columns: vec!["a".into()],
+            size,
+        };
+        let tables = [
+            spec("small", 8192 * 3, false),
+            spec("big", 8192 * 10, false),
+            spec("root", 8192 * 100, true),
+        ];
+        let mut tasks = plan_copy_tasks(&tables, 8192, true, 4);
+        let mut popped = Vec::new();
+        while let Some(t) = tasks.pop() {
+            popped.push((t.table, t.blocks));
+        }
+        assert_eq!(
+            popped,
+            [
+                (2, None),
+                (1, Some((0, Some(4)))),
+                (1, Some((4, Some(8)))),
+                (1, Some((8, None))),
+                (0, None),
+            ]
+        );
+        let whole = plan_copy_tasks(&tables, 8192, false, 4);
+        assert!(whole.iter().all(|t| t.blocks.is_none()) && whole.len() == 3);
+        assert_eq!(
+            copy_task_sql(&tables[1], Some((4, Some(8)))),
+            "COPY (SELECT \"a\" FROM ONLY \"s\".\"big\" WHERE ctid >= '(4,0)'::pg_catalog.tid \
+             AND ctid < '(8,0)'::pg_catalog.tid) TO STDOUT"
+        );
+        assert_eq!(
+            copy_task_sql(&tables[1], Some((8, None))),
+            "COPY (SELECT \"a\" FROM ONLY \"s\".\"big\" WHERE ctid >= '(8,0)'::pg_catalog.tid) TO STDOUT"
+        );
+        assert_eq!(copy_task_sql(&tables[1], None), copy_out_sql(&tables[1]));
+    }
+
+    #[test]
+    fn copy_messages_split_anywhere_and_rejoin() {
+        let data = Bytes::from((0..=255u8).cycle().take(2500).collect::<Vec<u8>>());
+        let pieces: Vec<Bytes> = chunks(data.clone(), 1000).collect();
+        assert_eq!(
+            pieces.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [1000, 1000, 500]
+        );
+        assert_eq!(pieces.concat(), data.to_vec());
+        assert_eq!(chunks(Bytes::new(), 1000).count(), 0);
     }
 
     #[test]

@@ -41,7 +41,7 @@ impl PartCutter {
     pub fn push(&mut self, mut data: &[u8]) -> Vec<RawPart> {
         let mut out = Vec::new();
         if !self.tail.is_empty() {
-            match data.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', data) {
                 None => {
                     self.tail.extend_from_slice(data);
                     return out;
@@ -54,7 +54,7 @@ impl PartCutter {
                 }
             }
         }
-        match data.iter().rposition(|&b| b == b'\n') {
+        match memchr::memrchr(b'\n', data) {
             None => self.tail.extend_from_slice(data),
             Some(j) => {
                 self.add_rows(&data[..=j], &mut out);
@@ -80,7 +80,7 @@ impl PartCutter {
                 self.append(rows);
                 return;
             }
-            match rows[..room].iter().rposition(|&b| b == b'\n') {
+            match memchr::memrchr(b'\n', &rows[..room]) {
                 Some(k) => {
                     self.append(&rows[..=k]);
                     rows = &rows[k + 1..];
@@ -101,7 +101,12 @@ impl PartCutter {
     }
 
     fn append(&mut self, rows: &[u8]) {
-        self.cur_rows += rows.iter().filter(|&&b| b == b'\n').count() as u64;
+        if self.cur.capacity() == 0 {
+            // Once, up front: growing by doubling would copy the part over and over. Untouched
+            // capacity costs address space only.
+            self.cur.reserve(self.limit.max(rows.len()));
+        }
+        self.cur_rows += memchr::memchr_iter(b'\n', rows).count() as u64;
         self.cur.extend_from_slice(rows);
     }
 

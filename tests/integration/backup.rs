@@ -66,6 +66,11 @@ CREATE TABLE nocols ();
 INSERT INTO nocols DEFAULT VALUES;
 INSERT INTO nocols DEFAULT VALUES;
 CREATE TABLE empty_t (x int);
+-- Copied in block ranges (split_blocks = 2 below): the parent's ranges must not read the child.
+CREATE TABLE inh_parent (id int, v text);
+CREATE TABLE inh_kid (extra int) INHERITS (inh_parent);
+INSERT INTO inh_parent SELECT g, 'p' || g FROM generate_series(1, 2000) g;
+INSERT INTO inh_kid SELECT g, 'k' || g, g FROM generate_series(1, 1500) g;
 CREATE UNLOGGED TABLE scratch (x int);
 INSERT INTO scratch VALUES (1);
 
@@ -171,14 +176,17 @@ async fn take_and_load_round_trip() {
         publication: "pub",
         parallel: 3,
     };
-    let m = backup::take(&store, req).await.unwrap();
-    let m_root = backup::take(
+    // Small block ranges, so that tables are copied in parallel ranges.
+    let opts = backup::TakeOptions { split_blocks: 2 };
+    let m = backup::take_with(&store, req, opts).await.unwrap();
+    let m_root = backup::take_with(
         &store,
         BackupRequest {
             publication: "pub_root",
             generation: 2,
             ..req
         },
+        opts,
     )
     .await
     .unwrap();
@@ -214,6 +222,16 @@ async fn take_and_load_round_trip() {
         .parts
         .iter()
         .all(|p| p.raw_bytes <= backup::PART_LIMIT as u64));
+    let inh = m.tables.iter().find(|t| t.name == "inh_parent").unwrap();
+    assert_eq!(inh.rows, 2000, "the child's rows are not the parent's");
+    // Ranges of 2 blocks: several parts, each a COPY of its own; keys in order, no gaps.
+    for t in [big, inh] {
+        assert!(t.parts.len() >= 3, "{}: {} parts", t.name, t.parts.len());
+        for (i, p) in t.parts.iter().enumerate() {
+            assert!(p.key.ends_with(&format!(".{i:04}.copy.lz4")), "{}", p.key);
+        }
+        assert_eq!(t.parts.iter().map(|p| p.rows).sum::<u64>(), t.rows);
+    }
     let child = m.tables.iter().find(|t| t.name == "child").unwrap();
     assert_eq!(
         child.columns,
@@ -332,6 +350,15 @@ async fn take_and_load_round_trip() {
     let msg = err.to_string();
     assert!(msg.contains(&victim.key), "{msg}");
     assert!(msg.contains(&format!("{:08x}", victim.crc32)), "{msg}");
+    // Nothing of the failed load is left: no table is half loaded.
+    assert_eq!(
+        cluster.psql(
+            "dst_bad",
+            "SELECT (SELECT count(*) FROM big) + (SELECT count(*) FROM inh_parent)
+                  + (SELECT count(*) FROM child) + (SELECT count(*) FROM kinds)"
+        ),
+        "0"
+    );
 }
 
 #[tokio::test]
