@@ -1070,7 +1070,7 @@ impl SchemaFile {
 
 /// Memory for each index build of the restore (`pg_restore` would use the server's default,
 /// 64 MB unless configured): sorts in memory, and lets a big index be built by parallel workers.
-pub const RESTORE_MAINTENANCE_WORK_MEM: &str = "1GB";
+pub const RESTORE_MAINTENANCE_WORK_MEM: &str = "512MB";
 
 /// `PGOPTIONS` for pg_restore: [`RESTORE_MAINTENANCE_WORK_MEM`], then the caller's own
 /// `PGOPTIONS` (which win).
