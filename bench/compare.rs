@@ -817,8 +817,14 @@ fn archived_bytes(pgbr_repo: Option<&Path>, cluster: &Cluster) -> u64 {
 
 async fn backup_rows(sizes: &Sizes) -> Vec<Row> {
     let work = tempfile::tempdir().unwrap();
+    // Autovacuum off: the second restore would otherwise share the machine with the vacuum of
+    // the tables the first one just loaded.
     let cluster = Cluster::start(ClusterOptions {
-        extra_conf: vec!["max_wal_size = 4GB".into(), "shared_buffers = 256MB".into()],
+        extra_conf: vec![
+            "max_wal_size = 4GB".into(),
+            "shared_buffers = 256MB".into(),
+            "autovacuum = off".into(),
+        ],
         ..ClusterOptions::default()
     });
     cluster.create_database("big");

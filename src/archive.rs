@@ -525,7 +525,7 @@ async fn pipeline(
         opts.upload_concurrency.max(1),
         failed.clone(),
         stats.clone(),
-        flow,
+        flow.clone(),
     ));
     let heartbeat = opts.heartbeat.map(|every| {
         let token = shutdown.child_token();
@@ -575,7 +575,10 @@ async fn pipeline(
             }
             _ = lag_tick.tick() => {
                 let behind = received.0.saturating_sub(acked.0);
-                if pending.is_some() || (behind > 0 && acked_at.elapsed() >= LAG_REPORT_INTERVAL) {
+                // Sealed segments waiting to be stored that long, or reading paused. (Heartbeats
+                // alone wait for the idle interval by design: not a lag.)
+                let unstored = flow.unstored.load(Ordering::Relaxed) > 0;
+                if pending.is_some() || (unstored && acked_at.elapsed() >= LAG_REPORT_INTERVAL) {
                     warn!(
                         received = %received,
                         durable = %acked,
@@ -808,6 +811,8 @@ struct Flow {
     budget_kib: u32,
     /// Exponentially weighted mean of successful segment writes, in microseconds.
     latency_us: AtomicU64,
+    /// Segments sealed and not stored yet.
+    unstored: std::sync::atomic::AtomicUsize,
 }
 
 impl Flow {
@@ -817,6 +822,7 @@ impl Flow {
             budget: Arc::new(Semaphore::new(budget_kib as usize)),
             budget_kib,
             latency_us: AtomicU64::new(0),
+            unstored: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -854,6 +860,7 @@ async fn send_sealed(
 ) -> Result<(), ArchiveError> {
     debug!(range = %s.range, bytes = s.bytes.len(), "sealed segment");
     s.admitted = Some(flow.admit(s.bytes.len()).await);
+    flow.unstored.fetch_add(1, Ordering::Relaxed);
     sealed
         .send(s)
         .await
@@ -946,6 +953,7 @@ async fn put_with_retry(store: &dyn Store, seg: &Sealed, flow: &Flow) -> Result<
         match store.put(&seg.key, seg.bytes.clone()).await {
             Ok(()) => {
                 flow.observe_store(attempt.elapsed());
+                flow.unstored.fetch_sub(1, Ordering::Relaxed);
                 metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
                 return Ok(());
             }
