@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::spine::{restore_each_instant, server_now, tidemark, Archiver};
+use crate::spine::{restore_each_instant, restore_latest_equals, server_now, Archiver};
 use crate::support::{self, Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
@@ -80,16 +80,11 @@ async fn restore_between_small_transactions_equals_the_source_then() {
 
     restore_each_instant(&cluster, repo.to_str().unwrap(), &[], &instants, "replayed").await;
 
-    cluster.create_database("replayed_latest");
-    let (code, out, err) = tidemark(&[
-        "restore",
-        "--repo",
+    restore_latest_equals(
+        &cluster,
         repo.to_str().unwrap(),
-        "--target",
-        &cluster.conninfo("replayed_latest"),
-        "--latest",
-    ]);
-    assert_eq!(code, 0, "restore --latest failed: {out}{err}");
-    let restored = support::snapshot_content(&cluster.client("replayed_latest").await).await;
-    support::assert_same_content(&final_content, &restored, "restore --latest");
+        "replayed_latest",
+        &final_content,
+    )
+    .await;
 }

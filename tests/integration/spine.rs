@@ -186,6 +186,30 @@ pub fn tidemark_env(env: &[(&'static str, String)], args: &[&str]) -> (i32, Stri
     )
 }
 
+/// Restores `repo` with `--latest` into a fresh database `db`, compares its content with
+/// `expected`, and returns a client of it.
+pub async fn restore_latest_equals(
+    cluster: &Cluster,
+    repo: &str,
+    db: &str,
+    expected: &support::ContentSnapshot,
+) -> tokio_postgres::Client {
+    cluster.create_database(db);
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        repo,
+        "--target",
+        &cluster.conninfo(db),
+        "--latest",
+    ]);
+    assert_eq!(code, 0, "restore --latest failed: {out}{err}");
+    let client = cluster.client(db).await;
+    let restored = support::snapshot_content(&client).await;
+    support::assert_same_content(expected, &restored, "restore --latest");
+    client
+}
+
 /// Restores `repo` to each noted instant into a fresh database `{prefix}_{i}` and compares its
 /// content with the source's at that instant.
 pub async fn restore_each_instant(
@@ -322,20 +346,14 @@ async fn restore_to_each_instant_equals_the_source_then() {
         "{err}"
     );
 
-    cluster.create_database("restored_latest");
-    let (code, out, err) = tidemark(&[
-        "restore",
-        "--repo",
+    let c = restore_latest_equals(
+        &cluster,
         repo.to_str().unwrap(),
-        "--target",
-        &cluster.conninfo("restored_latest"),
-        "--latest",
-    ]);
-    assert_eq!(code, 0, "restore --latest failed: {out}{err}");
-    let restored = support::snapshot_content(&cluster.client("restored_latest").await).await;
-    support::assert_same_content(&final_content, &restored, "restore --latest");
+        "restored_latest",
+        &final_content,
+    )
+    .await;
     // The restored application can insert: sequences are past every value.
-    let c = cluster.client("restored_latest").await;
     c.execute("INSERT INTO docs (title) VALUES ('after restore')", &[])
         .await
         .unwrap();
