@@ -12,9 +12,46 @@ use crate::support::s3::S3Server;
 use crate::support::{self, Cluster, ClusterOptions};
 
 /// The archiver's memory bound while the store is unreachable, for this workload: reading stops
-/// once the queues are full (see `archive.rs`: the event queue and one sealed segment per upload
-/// slot), so resident memory stays well under this.
+/// once the queues are full (see `archive.rs`: the event queue and the byte budget of sealed
+/// segments), so resident memory stays well under this.
 const OUTAGE_RSS_BOUND: u64 = 64 << 20;
+
+/// An S3 server behind our fault proxy (in `mode`), a source database with the spine's schema
+/// and a first workload step, and an archiver streaming it into `s3://archive/{prefix}`.
+struct S3Scenario {
+    server: S3Server,
+    proxy: FaultProxy,
+    env: Vec<(&'static str, String)>,
+    repo: String,
+    cluster: Cluster,
+    src: tokio_postgres::Client,
+    archiver: Archiver,
+}
+
+async fn s3_scenario(prefix: &str, mode: Mode) -> S3Scenario {
+    let server = S3Server::start();
+    server.create_bucket("archive");
+    let proxy = FaultProxy::start(&server.endpoint);
+    proxy.set_mode(mode);
+    let env = server.cli_env(&proxy.endpoint);
+    let repo = format!("s3://archive/{prefix}");
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    workload_step(&src, 1).await;
+    let mut archiver = Archiver::start_with(&cluster, "app", &repo, &[], &env);
+    archiver.wait_streaming(&src, "tidemark").await;
+    S3Scenario {
+        server,
+        proxy,
+        env,
+        repo,
+        cluster,
+        src,
+        archiver,
+    }
+}
 
 /// Waits until the slot has confirmed everything the server has written so far (and a
 /// heartbeat after it).
@@ -51,20 +88,16 @@ async fn wait_caught_up(client: &tokio_postgres::Client, archiver: &mut Archiver
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_and_restore_through_a_faulty_s3() {
-    let server = S3Server::start();
-    server.create_bucket("archive");
-    let proxy = FaultProxy::start(&server.endpoint);
-    proxy.set_mode(Mode::Faulty(Faults::default()));
-    let env = server.cli_env(&proxy.endpoint);
-    let repo = "s3://archive/app";
-
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let mut archiver = Archiver::start_with(&cluster, "app", repo, &[], &env);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let S3Scenario {
+        server,
+        proxy,
+        env,
+        repo,
+        cluster,
+        src,
+        mut archiver,
+    } = s3_scenario("app", Mode::Faulty(Faults::default())).await;
+    let repo = repo.as_str();
 
     let mut instants = Vec::new();
     for step in 2..6 {
@@ -94,19 +127,16 @@ async fn archive_and_restore_through_a_faulty_s3() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archiving_rides_out_a_30_second_s3_outage() {
-    let server = S3Server::start();
-    server.create_bucket("archive");
-    let proxy = FaultProxy::start(&server.endpoint);
-    let env = server.cli_env(&proxy.endpoint);
-    let repo = "s3://archive/outage";
-
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let mut archiver = Archiver::start_with(&cluster, "app", repo, &[], &env);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let S3Scenario {
+        server: _server,
+        proxy,
+        env,
+        repo,
+        cluster,
+        src,
+        mut archiver,
+    } = s3_scenario("outage", Mode::Pass).await;
+    let repo = repo.as_str();
 
     let mut instants = Vec::new();
     workload_step(&src, 2).await;
