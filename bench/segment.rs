@@ -100,8 +100,9 @@ fn main() {
     println!("|---|---|---|---|");
     for (label, version, level) in [
         ("v1 (lz4)", 1, 0),
-        ("v2 (zstd -1, default)", 2, 1),
-        ("v2 (zstd -3)", 2, 3),
+        ("v2 (zstd -1)", 2, 1),
+        ("v3 (columns, zstd -1)", 3, 1),
+        ("v3 (columns, zstd -3, default)", 3, 3),
     ] {
         // Best of `runs`: the machine may be shared, and the best run is the least disturbed.
         let (mut write, mut read) = (Duration::MAX, Duration::MAX);

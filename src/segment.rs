@@ -33,6 +33,8 @@ use std::fmt;
 
 use bytes::Bytes;
 
+mod columns;
+
 use crate::lsn::{Lsn, PgTimestamp};
 
 /// The 8 bytes at the start and at the very end of every segment file.
@@ -46,19 +48,20 @@ pub const MAGIC: [u8; 8] = *b"\x89TDMSEG\n";
 /// Version 2 stores blocks as zstd frames with varint-delta record framing and a compact commit
 /// index; version 1 (LZ4 blocks, fixed 20-byte record framing, fixed 32-byte commit entries) is
 /// still read, and written on request ([`SegmentBuilder::with_format_version`]).
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 
 /// The oldest format version this build reads.
 pub const MIN_FORMAT_VERSION: u16 = 1;
 
 /// zstd level the writer uses unless told otherwise ([`SegmentBuilder::with_zstd_level`]).
 ///
-/// Level 1, not zstd's default 3: on pgbench traffic in 64 KiB blocks level 1 stores as few bytes
-/// per transaction as level 3 (77.7 vs 77.9 B/txn) and compresses faster.
-pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
+/// zstd's own default, 3: on pgbench traffic in version 3's columns it stores 31 B per
+/// transaction where level 1 stores 33, and the columns are a third of the records' size, so
+/// it still compresses faster than version 2 did at level 1 (bench/README.md).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Default target size of a block's uncompressed contents.
-pub const DEFAULT_BLOCK_SIZE: usize = 64 * 1024;
+pub const DEFAULT_BLOCK_SIZE: usize = 1024 * 1024;
 
 /// Largest block size [`SegmentBuilder::with_block_size`] accepts (larger values are clamped).
 pub const MAX_BLOCK_SIZE: usize = 16 * 1024 * 1024;
@@ -328,6 +331,9 @@ enum Version {
     V1,
     /// zstd frames, varint-delta record framing, compact commit index.
     V2,
+    /// As version 2, but each block's records are stored in columns (`columns.rs`) and the
+    /// commit index is a zstd frame of columns too.
+    V3,
 }
 
 impl Version {
@@ -335,6 +341,7 @@ impl Version {
         match v {
             1 => Some(Version::V1),
             2 => Some(Version::V2),
+            3 => Some(Version::V3),
             _ => None,
         }
     }
@@ -343,13 +350,14 @@ impl Version {
         match self {
             Version::V1 => 1,
             Version::V2 => 2,
+            Version::V3 => 3,
         }
     }
 
     fn trailer_fixed_len(self) -> usize {
         match self {
             Version::V1 => TRAILER_FIXED_LEN,
-            Version::V2 => TRAILER_FIXED_LEN_V2,
+            Version::V2 | Version::V3 => TRAILER_FIXED_LEN_V2,
         }
     }
 
@@ -362,7 +370,8 @@ impl Version {
     fn min_record_len(self) -> u64 {
         match self {
             Version::V1 => RECORD_HEADER_LEN as u64,
-            Version::V2 => MIN_RECORD_LEN_V2 as u64,
+            // Version 3: a kind byte and the lsn and server_time varints.
+            Version::V2 | Version::V3 => MIN_RECORD_LEN_V2 as u64,
         }
     }
 
@@ -370,7 +379,7 @@ impl Version {
     fn max_ratio(self) -> u64 {
         match self {
             Version::V1 => MAX_LZ4_RATIO,
-            Version::V2 => MAX_ZSTD_RATIO,
+            Version::V2 | Version::V3 => MAX_ZSTD_RATIO,
         }
     }
 }
@@ -522,6 +531,20 @@ impl Zstd {
     }
 }
 
+impl Zstd {
+    /// Compresses `data` into one frame (declaring its content size) in the scratch buffer.
+    fn compress(&mut self, data: &[u8]) -> &[u8] {
+        self.scratch.clear();
+        self.scratch
+            .reserve(zstd::zstd_safe::compress_bound(data.len()));
+        let n = self
+            .cctx
+            .compress_to_buffer(data, &mut self.scratch)
+            .expect("zstd output sized with compress_bound");
+        &self.scratch[..n]
+    }
+}
+
 impl fmt::Debug for Zstd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Zstd").finish_non_exhaustive()
@@ -559,7 +582,7 @@ fn encode_commit(version: Version, out: &mut Vec<u8>, base: &mut CommitBase, c: 
             out.extend_from_slice(&c.xid.to_le_bytes());
             out.extend_from_slice(&c.first_record.to_le_bytes());
         }
-        Version::V2 => {
+        Version::V2 | Version::V3 => {
             put_uvarint(
                 out,
                 zigzag(c.commit_lsn.0.wrapping_sub(base.commit_lsn) as i64),
@@ -579,6 +602,19 @@ fn encode_commit(version: Version, out: &mut Vec<u8>, base: &mut CommitBase, c: 
         xid: c.xid,
         first_record: c.first_record,
     };
+}
+
+/// Appends one commit entry to the five columns of a version 3 commit index: the same deltas
+/// as a version 2 entry, each field in its own column.
+fn encode_commit_columns(columns: &mut [Vec<u8>; 5], base: &mut CommitBase, c: &CommitEntry) {
+    let mut entry = Vec::with_capacity(40);
+    encode_commit(Version::V2, &mut entry, base, c);
+    let mut pos = 0;
+    for column in columns.iter_mut() {
+        let start = pos;
+        get_uvarint(&entry, &mut pos, 64).expect("encode_commit wrote five varints");
+        column.extend_from_slice(&entry[start..pos]);
+    }
 }
 
 /// Zigzag of a wrapping 32-bit difference read as an `i32`.
@@ -602,7 +638,8 @@ pub struct SegmentBuilder {
     out: Vec<u8>,
     header_len: usize,
     version: Version,
-    zstd_level: i32,
+    /// zstd level if set ([`SegmentBuilder::with_zstd_level`]), else the version's default.
+    zstd_level: Option<i32>,
     /// Created at the first sealed block of a version 2 segment.
     zstd: Option<Zstd>,
     /// Uncompressed contents of the block being filled.
@@ -612,10 +649,14 @@ pub struct SegmentBuilder {
     /// start, so that every block decodes on its own).
     prev_lsn: u64,
     prev_time: i64,
-    block_size: usize,
+    /// Target block size if set ([`SegmentBuilder::with_block_size`]), else the version's
+    /// default.
+    block_size: Option<usize>,
     blocks: Vec<BlockEntry>,
-    /// The commit index, encoded as it grows.
+    /// The commit index, encoded as it grows (versions 1 and 2).
     commit_index: Vec<u8>,
+    /// Version 3: the commit index's five columns, compressed into one frame by `finish`.
+    commit_columns: [Vec<u8>; 5],
     commit_count: usize,
     commit_base: Option<CommitBase>,
     record_count: u64,
@@ -639,7 +680,7 @@ impl SegmentBuilder {
         let db_len = u16::try_from(database.len()).expect("database name longer than 65535 bytes");
         let slot_len = u16::try_from(slot.len()).expect("slot name longer than 65535 bytes");
         let header_len = HEADER_FIXED_LEN + database.len() + slot.len();
-        let mut out = Vec::with_capacity(header_len + DEFAULT_BLOCK_SIZE);
+        let mut out = Vec::with_capacity(header_len + 64 * 1024);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&0u16.to_le_bytes()); // flags
@@ -658,16 +699,17 @@ impl SegmentBuilder {
         let mut builder = SegmentBuilder {
             out,
             header_len,
-            version: Version::V2,
-            zstd_level: DEFAULT_ZSTD_LEVEL,
+            version: Version::V3,
+            zstd_level: None,
             zstd: None,
             block: Vec::new(),
             block_records: 0,
             prev_lsn: 0,
             prev_time: 0,
-            block_size: DEFAULT_BLOCK_SIZE,
+            block_size: None,
             blocks: Vec::new(),
             commit_index: Vec::new(),
+            commit_columns: Default::default(),
             commit_count: 0,
             commit_base: None,
             record_count: 0,
@@ -679,7 +721,7 @@ impl SegmentBuilder {
     /// Sets the target uncompressed block size, clamped to `1..=`[`MAX_BLOCK_SIZE`].
     /// Applies from the next block on.
     pub fn with_block_size(mut self, bytes: usize) -> Self {
-        self.block_size = bytes.clamp(1, MAX_BLOCK_SIZE);
+        self.block_size = Some(bytes.clamp(1, MAX_BLOCK_SIZE));
         self
     }
 
@@ -705,7 +747,7 @@ impl SegmentBuilder {
     /// Sets the zstd compression level of version 2 blocks (default [`DEFAULT_ZSTD_LEVEL`];
     /// zstd clamps it to its range). Applies from the next block on.
     pub fn with_zstd_level(mut self, level: i32) -> Self {
-        self.zstd_level = level;
+        self.zstd_level = Some(level);
         self.zstd = None;
         self
     }
@@ -730,6 +772,24 @@ impl SegmentBuilder {
         u16::from_le_bytes([self.out[10], self.out[11]]) & FLAG_STREAMED != 0
     }
 
+    /// The block size in effect: as set, or [`DEFAULT_BLOCK_SIZE`] (version 3) or 64 KiB
+    /// (versions 1 and 2, as their writers used).
+    fn block_size(&self) -> usize {
+        self.block_size.unwrap_or(match self.version {
+            Version::V3 => DEFAULT_BLOCK_SIZE,
+            Version::V1 | Version::V2 => 64 * 1024,
+        })
+    }
+
+    /// The zstd level in effect: as set, or [`DEFAULT_ZSTD_LEVEL`] (version 3) or 1 (version 2,
+    /// as its writers used).
+    fn zstd_level(&self) -> i32 {
+        self.zstd_level.unwrap_or(match self.version {
+            Version::V3 => DEFAULT_ZSTD_LEVEL,
+            Version::V1 | Version::V2 => 1,
+        })
+    }
+
     fn seal_header(&mut self) {
         let crc_at = self.header_len - 4;
         let crc = crc32fast::hash(&self.out[..crc_at]);
@@ -740,7 +800,7 @@ impl SegmentBuilder {
     fn framed_len(&self, rec: &Record) -> usize {
         match self.version {
             Version::V1 => RECORD_HEADER_LEN + rec.payload.len(),
-            Version::V2 => {
+            Version::V2 | Version::V3 => {
                 let dl = rec.lsn.0.wrapping_sub(self.prev_lsn) as i64;
                 let dt = rec.server_time.0.wrapping_sub(self.prev_time);
                 uvarint_len(zigzag(dl))
@@ -762,12 +822,13 @@ impl SegmentBuilder {
             "record payload of {payload_len} bytes exceeds the format's limit of {MAX_PAYLOAD_LEN}"
         );
         let mut framed = self.framed_len(rec);
-        if self.block_records > 0 && self.block.len() + framed > self.block_size {
+        let block_size = self.block_size();
+        if self.block_records > 0 && self.block.len() + framed > block_size {
             self.seal_block();
             framed = self.framed_len(rec);
         }
         if self.block.capacity() == 0 {
-            self.block.reserve(self.block_size.max(framed));
+            self.block.reserve(block_size.max(framed));
         }
         match self.version {
             Version::V1 => {
@@ -777,7 +838,7 @@ impl SegmentBuilder {
                 self.block
                     .extend_from_slice(&(payload_len as u32).to_le_bytes());
             }
-            Version::V2 => {
+            Version::V2 | Version::V3 => {
                 let dl = rec.lsn.0.wrapping_sub(self.prev_lsn) as i64;
                 let dt = rec.server_time.0.wrapping_sub(self.prev_time);
                 put_uvarint(&mut self.block, zigzag(dl));
@@ -790,7 +851,7 @@ impl SegmentBuilder {
         self.block.extend_from_slice(&rec.payload);
         self.block_records += 1;
         self.record_count += 1;
-        if self.block.len() >= self.block_size {
+        if self.block.len() >= block_size {
             self.seal_block();
         }
     }
@@ -811,7 +872,11 @@ impl SegmentBuilder {
             let created = i64::from_le_bytes(self.out[at..at + 8].try_into().expect("8 bytes"));
             CommitBase::new(Lsn(start), PgTimestamp(created))
         });
-        encode_commit(self.version, &mut self.commit_index, base, &entry);
+        if self.version == Version::V3 {
+            encode_commit_columns(&mut self.commit_columns, base, &entry);
+        } else {
+            encode_commit(self.version, &mut self.commit_index, base, &entry);
+        }
         self.commit_count += 1;
     }
 
@@ -827,16 +892,18 @@ impl SegmentBuilder {
         let pending = match (self.block_records, self.version) {
             (0, _) => 0,
             (_, Version::V1) => BLOCK_HEADER_LEN + self.block.len(),
-            (_, Version::V2) => {
+            (_, Version::V2 | Version::V3) => {
                 BLOCK_HEADER_LEN + zstd::zstd_safe::compress_bound(self.block.len())
             }
         };
+        let commit_index: usize =
+            self.commit_index.len() + self.commit_columns.iter().map(Vec::len).sum::<usize>();
         let blocks = self.blocks.len() + usize::from(self.block_records > 0);
         self.out.len()
             + pending
             + self.version.trailer_fixed_len()
             + blocks * BLOCK_ENTRY_LEN
-            + self.commit_index.len()
+            + commit_index
             + FOOTER_LEN
     }
 
@@ -845,11 +912,38 @@ impl SegmentBuilder {
         if self.block_records == 0 {
             return;
         }
-        let zstd = match self.version {
-            Version::V1 => None,
-            Version::V2 => Some(self.zstd.get_or_insert_with(|| Zstd::new(self.zstd_level))),
+        let data_crc = crc32fast::hash(&self.block);
+        let level = self.zstd_level();
+        let entry = match self.version {
+            Version::V1 => append_block(
+                &mut self.out,
+                &self.block,
+                data_crc,
+                self.block_records,
+                None,
+            ),
+            Version::V2 => {
+                let zstd = self.zstd.get_or_insert_with(|| Zstd::new(level));
+                append_block(
+                    &mut self.out,
+                    &self.block,
+                    data_crc,
+                    self.block_records,
+                    Some(zstd),
+                )
+            }
+            Version::V3 => {
+                let body = columns::encode(&self.block, self.block_records);
+                let zstd = self.zstd.get_or_insert_with(|| Zstd::new(level));
+                append_block(
+                    &mut self.out,
+                    &body,
+                    data_crc,
+                    self.block_records,
+                    Some(zstd),
+                )
+            }
         };
-        let entry = append_block(&mut self.out, &self.block, self.block_records, zstd);
         self.blocks.push(entry);
         self.block.clear();
         self.block_records = 0;
@@ -864,6 +958,12 @@ impl SegmentBuilder {
     /// over 100 GiB).
     pub fn finish(mut self, end_lsn: Lsn, last_server_time: PgTimestamp) -> Bytes {
         self.seal_block();
+        let level = self.zstd_level();
+        if self.version == Version::V3 && self.commit_count > 0 {
+            let columns = self.commit_columns.concat();
+            let zstd = self.zstd.get_or_insert_with(|| Zstd::new(level));
+            self.commit_index = zstd.compress(&columns).to_vec();
+        }
         let mut out = std::mem::take(&mut self.out);
         append_trailer_and_footer(
             &mut out,
@@ -881,11 +981,14 @@ impl SegmentBuilder {
     }
 }
 
-/// Appends block `data` (framed records, uncompressed) to `out`: header, then the stored bytes,
-/// a zstd frame made with `zstd` if given (version 2), else an LZ4 block (version 1).
+/// Appends a block to `out`: header, then `data` compressed, as a zstd frame made with `zstd`
+/// if given (versions 2 and 3), else as an LZ4 block (version 1). `data` is the framed records
+/// (versions 1 and 2) or their columns (version 3); `data_crc` is the CRC-32 of the framed
+/// records.
 fn append_block(
     out: &mut Vec<u8>,
     data: &[u8],
+    data_crc: u32,
     record_count: u32,
     zstd: Option<&mut Zstd>,
 ) -> BlockEntry {
@@ -893,16 +996,9 @@ fn append_block(
     let data_start = offset + BLOCK_HEADER_LEN;
     let compressed_len = match zstd {
         Some(z) => {
-            z.scratch.clear();
-            z.scratch
-                .reserve(zstd::zstd_safe::compress_bound(data.len()));
-            let n = z
-                .cctx
-                .compress_to_buffer(data, &mut z.scratch)
-                .expect("zstd output sized with compress_bound");
             out.resize(data_start, 0);
-            out.extend_from_slice(&z.scratch[..n]);
-            n
+            out.extend_from_slice(z.compress(data));
+            out.len() - data_start
         }
         None => {
             let max = lz4_flex::block::get_maximum_output_size(data.len());
@@ -920,7 +1016,7 @@ fn append_block(
         compressed_len: compressed_len as u32,
         uncompressed_len: data.len() as u32,
         record_count,
-        data_crc: crc32fast::hash(data),
+        data_crc,
         block_crc: 0,
     };
     entry.block_crc = block_crc(&entry, &out[data_start..]);
@@ -965,7 +1061,7 @@ fn append_trailer_and_footer(
     out.extend_from_slice(&totals.record_count.to_le_bytes());
     out.extend_from_slice(&block_count.to_le_bytes());
     out.extend_from_slice(&commit_count.to_le_bytes());
-    if version == Version::V2 {
+    if version != Version::V1 {
         let len = u32::try_from(commit_index.len()).expect("commit index over 4 GiB");
         out.extend_from_slice(&len.to_le_bytes());
     }
@@ -1203,7 +1299,7 @@ fn parse_layout(file: &[u8]) -> Result<Layout, SegmentError> {
     let commit_count = t.u32("commit_count")?;
     let commit_index_len = match version {
         Version::V1 => u64::from(commit_count) * COMMIT_ENTRY_LEN as u64,
-        Version::V2 => u64::from(t.u32("commit_index_len")?),
+        Version::V2 | Version::V3 => u64::from(t.u32("commit_index_len")?),
     };
     let expected_len = trailer_fixed_len as u64
         + u64::from(block_count) * BLOCK_ENTRY_LEN as u64
@@ -1211,7 +1307,7 @@ fn parse_layout(file: &[u8]) -> Result<Layout, SegmentError> {
     if expected_len != trailer_len {
         let what = match version {
             Version::V1 => format!("{commit_count} commits"),
-            Version::V2 => format!("a {commit_index_len}-byte commit index"),
+            Version::V2 | Version::V3 => format!("a {commit_index_len}-byte commit index"),
         };
         return Err(malformed(
             Region::Trailer,
@@ -1222,17 +1318,31 @@ fn parse_layout(file: &[u8]) -> Result<Layout, SegmentError> {
             ),
         ));
     }
-    let min_commit_len = match version {
-        Version::V1 => COMMIT_ENTRY_LEN as u64,
-        Version::V2 => MIN_COMMIT_ENTRY_LEN_V2 as u64,
+    // Version 3's index is compressed: entries take at least 5 bytes once decompressed, which
+    // is at most MAX_ZSTD_RATIO times the stored bytes.
+    let (min_commit_len, index_ratio) = match version {
+        Version::V1 => (COMMIT_ENTRY_LEN as u64, 1),
+        Version::V2 => (MIN_COMMIT_ENTRY_LEN_V2 as u64, 1),
+        Version::V3 => (MIN_COMMIT_ENTRY_LEN_V2 as u64, MAX_ZSTD_RATIO),
     };
-    if u64::from(commit_count) * min_commit_len > commit_index_len {
+    if version == Version::V3 && (commit_count == 0) != (commit_index_len == 0) {
+        return Err(malformed(
+            Region::Trailer,
+            trailer_offset + 28,
+            format!(
+                "{commit_count} commits with a {commit_index_len}-byte commit index (an index \
+                 is empty exactly when there are no commits)"
+            ),
+        ));
+    }
+    if u64::from(commit_count) * min_commit_len > commit_index_len * index_ratio {
         return Err(malformed(
             Region::Trailer,
             trailer_offset + 28,
             format!(
                 "{commit_count} commits cannot fit in a {commit_index_len}-byte commit index \
-                 (each takes at least {min_commit_len} bytes)"
+                 (each takes at least {min_commit_len} bytes{})",
+                if index_ratio > 1 { " decompressed" } else { "" }
             ),
         ));
     }
@@ -1273,6 +1383,20 @@ fn parse_layout(file: &[u8]) -> Result<Layout, SegmentError> {
                 CommitBase::new(start_lsn, created_at),
                 &mut commits,
             )?;
+        }
+        Version::V3 => {
+            let index_offset = t.offset();
+            let index = t.take(commit_index_len as usize, "commit index")?;
+            if commit_count > 0 {
+                let columns = decompress_commit_index(index, index_offset, commit_count)?;
+                decode_commit_columns(
+                    &columns,
+                    index_offset,
+                    commit_count,
+                    CommitBase::new(start_lsn, created_at),
+                    &mut commits,
+                )?;
+            }
         }
     }
 
@@ -1443,6 +1567,70 @@ fn decode_commits(
     Ok(())
 }
 
+/// Decompresses a version 3 commit index: one zstd frame declaring its content size, at least 5
+/// and at most 50 bytes an entry (five varints of at most 10 bytes).
+fn decompress_commit_index(index: &[u8], offset: u64, count: u32) -> Result<Vec<u8>, SegmentError> {
+    let fail =
+        |detail: String| malformed(Region::Trailer, offset, format!("commit index: {detail}"));
+    let min = u64::from(count) * MIN_COMMIT_ENTRY_LEN_V2 as u64;
+    let max = (u64::from(count) * 50).min(index.len() as u64 * MAX_ZSTD_RATIO);
+    let size = check_zstd_frame(index).map_err(fail)?;
+    if size < min || size > max {
+        return Err(fail(format!(
+            "the frame declares {size} bytes of content, {count} entries take {min}..={max}"
+        )));
+    }
+    zstd_decompress(index, size as usize).map_err(fail)
+}
+
+/// Decodes a version 3 commit index's decompressed columns: the five varints of every entry
+/// (as in version 2), column by column.
+fn decode_commit_columns(
+    columns: &[u8],
+    offset: u64,
+    count: u32,
+    base: CommitBase,
+    commits: &mut Vec<CommitEntry>,
+) -> Result<(), SegmentError> {
+    // Re-interleave into version 2's entry order and decode that: one varint parser, one set
+    // of checks.
+    let mut fields: [Vec<&[u8]>; 5] = Default::default();
+    let mut pos = 0;
+    for (f, column) in fields.iter_mut().enumerate() {
+        let bits = if f < 3 { 64 } else { 32 };
+        column.reserve(count as usize);
+        for k in 0..count {
+            let start = pos;
+            get_uvarint(columns, &mut pos, bits).map_err(|e| {
+                malformed(
+                    Region::Trailer,
+                    offset,
+                    format!("commit entry {k}: field {} at offset {start} of the decompressed commit index {e}", f + 1),
+                )
+            })?;
+            column.push(&columns[start..pos]);
+        }
+    }
+    if pos != columns.len() {
+        return Err(malformed(
+            Region::Trailer,
+            offset,
+            format!(
+                "the {count} commit entries end at offset {pos} of the decompressed commit index, \
+                 which is {} bytes long",
+                columns.len()
+            ),
+        ));
+    }
+    let mut entries = Vec::with_capacity(columns.len());
+    for k in 0..count as usize {
+        for column in &fields {
+            entries.extend_from_slice(column[k]);
+        }
+    }
+    decode_commits(&entries, offset, count, base, commits)
+}
+
 /// Reads and verifies a segment's header, trailer and block table without decompressing any
 /// block: enough for listings and restore planning.
 pub fn read_info(bytes: &[u8]) -> Result<(SegmentInfo, Vec<CommitEntry>), SegmentError> {
@@ -1514,7 +1702,7 @@ fn frame_at(
                 payload: start..start + len,
             })
         }
-        Version::V2 => {
+        Version::V2 | Version::V3 => {
             let mut at = pos;
             let mut field = |name: &str| {
                 let field_at = at;
@@ -1631,6 +1819,16 @@ impl Segment {
         let data = match self.version {
             Version::V1 => decompress_lz4(stored, &b, n)?,
             Version::V2 => decompress_zstd(stored, &b, n)?,
+            Version::V3 => {
+                let body = decompress_zstd(stored, &b, n)?;
+                columns::decode(&body, b.record_count).map_err(|detail| {
+                    malformed(
+                        Region::Block(n),
+                        b.offset,
+                        format!("its columns do not decode: {detail}"),
+                    )
+                })?
+            }
         };
         let actual = crc32fast::hash(&data);
         if actual != b.data_crc {
@@ -1708,13 +1906,26 @@ thread_local! {
         const { std::cell::RefCell::new(None) };
 }
 
-/// Decompresses a version 2 block: exactly one zstd frame, no dictionary, whose header declares
-/// the content size `uncompressed_len`, decompressing to exactly that many bytes.
+/// Decompresses a version 2 or 3 block: exactly one zstd frame, no dictionary, whose header
+/// declares the content size `uncompressed_len`, decompressing to exactly that many bytes.
 fn decompress_zstd(stored: &[u8], b: &BlockEntry, n: u32) -> Result<Vec<u8>, SegmentError> {
-    let fail = |detail| Err(decompress_error(b, n, "zstd", detail));
+    let fail = |detail| decompress_error(b, n, "zstd", detail);
     let declared = b.uncompressed_len;
+    let size = check_zstd_frame(stored).map_err(fail)?;
+    if size != u64::from(declared) {
+        return Err(fail(format!(
+            "the frame declares {size} bytes of content, the block header {declared}"
+        )));
+    }
+    // Bounded by MAX_ZSTD_RATIO × compressed_len (checked by parse_layout).
+    zstd_decompress(stored, declared as usize).map_err(fail)
+}
+
+/// Checks that `stored` is exactly one zstd frame that declares its content size, and returns
+/// that size.
+fn check_zstd_frame(stored: &[u8]) -> Result<u64, String> {
     if stored.get(..4) != Some(&ZSTD_MAGIC[..]) {
-        return fail(format!(
+        return Err(format!(
             "not a zstd frame: starts with {}, expected {}",
             hex(&stored[..stored.len().min(4)]),
             hex(&ZSTD_MAGIC)
@@ -1723,27 +1934,24 @@ fn decompress_zstd(stored: &[u8], b: &BlockEntry, n: u32) -> Result<Vec<u8>, Seg
     match zstd::zstd_safe::find_frame_compressed_size(stored) {
         Ok(len) if len == stored.len() => {}
         Ok(len) => {
-            return fail(format!(
-                "the zstd frame takes {len} of the block's {} stored bytes (a block is exactly one \
-                 frame)",
+            return Err(format!(
+                "the zstd frame takes {len} of the {} stored bytes (exactly one frame is allowed)",
                 stored.len()
             ))
         }
-        Err(code) => return fail(zstd::zstd_safe::get_error_name(code).to_string()),
+        Err(code) => return Err(zstd::zstd_safe::get_error_name(code).to_string()),
     }
     match zstd::zstd_safe::get_frame_content_size(stored) {
-        Ok(Some(size)) if size == u64::from(declared) => {}
-        Ok(Some(size)) => {
-            return fail(format!(
-                "the frame declares {size} bytes of content, the block header {declared}"
-            ))
-        }
-        Ok(None) => return fail("the frame does not declare its content size".to_string()),
-        Err(_) => return fail("the frame header is malformed".to_string()),
+        Ok(Some(size)) => Ok(size),
+        Ok(None) => Err("the frame does not declare its content size".to_string()),
+        Err(_) => Err("the frame header is malformed".to_string()),
     }
-    // Bounded by MAX_ZSTD_RATIO × compressed_len (checked by parse_layout); the frame's own
-    // content size is checked against it by zstd, so more output is an error, not a write.
-    let mut data = Vec::with_capacity(declared as usize);
+}
+
+/// Decompresses a checked frame ([`check_zstd_frame`]) that declares `size` bytes. The frame's
+/// content size is checked by zstd, so more output is an error, not a write.
+fn zstd_decompress(stored: &[u8], size: usize) -> Result<Vec<u8>, String> {
+    let mut data = Vec::with_capacity(size);
     let result = ZSTD_DCTX.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -1753,11 +1961,11 @@ fn decompress_zstd(stored: &[u8], b: &BlockEntry, n: u32) -> Result<Vec<u8>, Seg
         dctx.decompress_to_buffer(stored, &mut data)
     });
     match result {
-        Ok(got) if got == declared as usize && data.len() == got => Ok(data),
-        Ok(got) => fail(format!(
-            "decompressed to {got} bytes, the header declares {declared}"
+        Ok(got) if got == size && data.len() == got => Ok(data),
+        Ok(got) => Err(format!(
+            "decompressed to {got} bytes, the frame declares {size}"
         )),
-        Err(e) => fail(e.to_string()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -2254,17 +2462,19 @@ mod tests {
         let f = multi_block_fixture();
         let seg = Segment::parse(f.encode()).unwrap();
         assert!(seg.block_count() > 3, "{} blocks", seg.block_count());
-        for b in &seg.blocks {
-            assert!(
-                b.uncompressed_len as usize <= f.block_size || b.record_count == 1,
-                "{b:?}"
-            );
+        // The block size bounds the framed records (version 3 stores them as columns).
+        let framed: Vec<usize> = (0..seg.block_count())
+            .map(|i| seg.decode_block(i).unwrap().len())
+            .collect();
+        for (b, len) in seg.blocks.iter().zip(&framed) {
+            assert!(*len <= f.block_size || b.record_count == 1, "{b:?}");
         }
         // The oversized update sits alone in its block.
         assert!(seg
             .blocks
             .iter()
-            .any(|b| b.record_count == 1 && b.uncompressed_len as usize > f.block_size));
+            .zip(&framed)
+            .any(|(b, len)| b.record_count == 1 && *len > f.block_size));
     }
 
     #[test]
@@ -2312,9 +2522,9 @@ mod tests {
     #[test]
     fn block_size_is_clamped() {
         let b = SegmentBuilder::new(1, 1, 1, "db", "slot", Lsn(0)).with_block_size(0);
-        assert_eq!(b.block_size, 1);
+        assert_eq!(b.block_size(), 1);
         let b = b.with_block_size(usize::MAX);
-        assert_eq!(b.block_size, MAX_BLOCK_SIZE);
+        assert_eq!(b.block_size(), MAX_BLOCK_SIZE);
     }
 
     #[test]
@@ -2386,11 +2596,11 @@ mod tests {
     #[test]
     fn header_errors_name_both_values() {
         let bytes = one_transaction_fixture().encode();
-        let mut v3 = bytes.to_vec();
-        v3[8] = 3;
+        let mut v4 = bytes.to_vec();
+        v4[8] = 4;
         assert_eq!(
-            Segment::parse(v3.into()).unwrap_err().to_string(),
-            "unsupported segment format version 3: this build reads versions 1 to 2\n\
+            Segment::parse(v4.into()).unwrap_err().to_string(),
+            "unsupported segment format version 4: this build reads versions 1 to 3\n\
              HINT: a newer tidemark wrote this archive; read it with that release or a later one"
         );
         let mut flagged = bytes.to_vec();
@@ -2455,8 +2665,21 @@ mod tests {
                 compressed: None,
             };
             edit(i, &mut forge);
-            let z = (seg.version == Version::V2).then_some(&mut zstd);
-            let mut e = append_block(&mut out, &forge.data, forge.record_count, z);
+            let crc = crc32fast::hash(&forge.data);
+            let mut e = match seg.version {
+                Version::V1 => append_block(&mut out, &forge.data, crc, forge.record_count, None),
+                Version::V2 => append_block(
+                    &mut out,
+                    &forge.data,
+                    crc,
+                    forge.record_count,
+                    Some(&mut zstd),
+                ),
+                Version::V3 => {
+                    let body = columns::encode(&forge.data, forge.record_count);
+                    append_block(&mut out, &body, crc, forge.record_count, Some(&mut zstd))
+                }
+            };
             let start = e.offset as usize + BLOCK_HEADER_LEN;
             if let Some(c) = forge.compressed {
                 out.truncate(start);
@@ -2472,8 +2695,16 @@ mod tests {
         let records = blocks.iter().map(|b| u64::from(b.record_count)).sum();
         let mut index = Vec::new();
         let mut base = CommitBase::new(seg.info.start_lsn, seg.info.created_at);
+        let mut columns: [Vec<u8>; 5] = Default::default();
         for c in &seg.commits {
-            encode_commit(seg.version, &mut index, &mut base, c);
+            if seg.version == Version::V3 {
+                encode_commit_columns(&mut columns, &mut base, c);
+            } else {
+                encode_commit(seg.version, &mut index, &mut base, c);
+            }
+        }
+        if seg.version == Version::V3 && !seg.commits.is_empty() {
+            index = zstd.compress(&columns.concat()).to_vec();
         }
         append_trailer_and_footer(
             &mut out,
@@ -2772,7 +3003,8 @@ mod tests {
 
     #[test]
     fn v2_commit_index_rules_are_enforced() {
-        let f = multi_block_fixture();
+        let mut f = multi_block_fixture();
+        f.version = 2;
         let seg = Segment::parse(f.encode()).unwrap();
         let mut index = Vec::new();
         let mut base = CommitBase::new(seg.info.start_lsn, seg.info.created_at);
@@ -3039,11 +3271,15 @@ mod tests {
         })
     }
 
-    /// Version 2 vectors under their plain names; the version 1 ones (what earlier writers
-    /// produced, still readable) under `v1-<name>`.
+    /// Version 3 vectors under their plain names; the version 2 and 1 ones (what earlier
+    /// writers produced, still readable) under `v2-<name>` and `v1-<name>`.
     fn valid_cases() -> Vec<(&'static str, Fixture)> {
         let v1 = |mut f: Fixture| {
             f.version = 1;
+            f
+        };
+        let v2 = |mut f: Fixture| {
+            f.version = 2;
             f
         };
         vec![
@@ -3051,6 +3287,10 @@ mod tests {
             ("one-transaction", one_transaction_fixture()),
             ("multi-block", multi_block_fixture()),
             ("streamed", streamed_fixture()),
+            ("v2-empty", v2(empty_fixture())),
+            ("v2-one-transaction", v2(one_transaction_fixture())),
+            ("v2-multi-block", v2(multi_block_fixture())),
+            ("v2-streamed", v2(streamed_fixture())),
             ("v1-empty", v1(empty_fixture())),
             ("v1-one-transaction", v1(one_transaction_fixture())),
             ("v1-multi-block", v1(multi_block_fixture())),
@@ -3074,8 +3314,8 @@ mod tests {
             trailer_offset + TRAILER_FIXED_LEN_V2 - 4 + seg.blocks.len() * BLOCK_ENTRY_LEN;
         let mut garbage = one.clone();
         garbage.extend_from_slice(b"\n\n");
-        let mut v3 = one.clone();
-        v3[8] = 3;
+        let mut v4 = one.clone();
+        v4[8] = 4;
         vec![
             // A flipped bit inside block 1's compressed bytes.
             (
@@ -3096,7 +3336,7 @@ mod tests {
                 b[1] = b'X';
                 b
             }),
-            ("unsupported-version", v3),
+            ("unsupported-version", v4),
         ]
     }
 
@@ -3165,10 +3405,11 @@ mod tests {
         let variants = [
             ("v1 lz4", 1u16, 0i32),
             ("v2 zstd-1", 2, 1),
-            ("v2 zstd-3", 2, 3),
+            ("v3 zstd-1", 3, 1),
+            ("v3 zstd-3", 3, 3),
         ];
-        let mut sizes = [0usize; 3];
-        let mut times = [std::time::Duration::ZERO; 3];
+        let mut sizes = [0usize; 4];
+        let mut times = [std::time::Duration::ZERO; 4];
         let (mut stored, mut commits, mut records, mut payload) = (0usize, 0usize, 0usize, 0usize);
         for path in &files {
             let bytes = Bytes::from(std::fs::read(path).unwrap());
@@ -3203,6 +3444,15 @@ mod tests {
                 let out = b.finish(seg.info.end_lsn, seg.info.last_server_time);
                 times[i] += t.elapsed();
                 sizes[i] += out.len();
+                // Read back: the same records and commits.
+                let again = Segment::parse(out).unwrap();
+                assert_eq!(again.commits, seg.commits);
+                let back: Vec<Record> = again.records().map(Result::unwrap).collect();
+                assert!(
+                    back == recs,
+                    "records differ after re-encoding {}",
+                    path.display()
+                );
             }
         }
         println!(
@@ -3438,6 +3688,12 @@ mod tests {
             } else {
                 zstd::bulk::decompress(stored, u as usize).ok()
             };
+            // Version 3's data_crc covers the decoded records, not the columns.
+            let records = u32_at(bytes, offset.saturating_add(8)).unwrap_or(0);
+            let plain = match plain {
+                Some(body) if bytes[8] == 3 => columns::decode(&body, records).ok(),
+                other => other,
+            };
             if let Some(plain) = plain {
                 let crc = crc32fast::hash(&plain);
                 bytes[offset + 12..offset + 16].copy_from_slice(&crc.to_le_bytes());
@@ -3487,7 +3743,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(
             bytes in proptest::collection::vec(any::<u8>(), 0..600),
-            version in 1u16..=2,
+            version in 1u16..=3,
         ) {
             let _ = decode_all(&bytes);
             let _ = read_info(&bytes);
