@@ -12,16 +12,20 @@
 //! payloads (they are opaque bytes here), and does not check continuity between segments or
 //! the meaning of commit entries: that is the restore planner's job.
 //!
-//! Format version 2 (written by default) stores each block as one zstd frame, frames records
-//! with varint deltas of `lsn` and `server_time`, and keeps a compact varint commit index;
-//! version 1 (LZ4 blocks, fixed-width framing and commit entries) is still read, and written on
-//! request ([`SegmentBuilder::with_format_version`]).
+//! Format version 3 (written by default) stores each block's records *in columns*
+//! ([`columns`]: the fields of Begin and Commit messages as deltas of each other, one group of
+//! streams per table column, integers written as text stored as varints) and compresses them as
+//! one zstd frame; its commit index is a zstd frame of columns too. Version 2 (zstd frames of
+//! records framed with varint deltas, a varint commit index) and version 1 (LZ4 blocks,
+//! fixed-width framing and commit entries) are still read, and written on request
+//! ([`SegmentBuilder::with_format_version`]).
 //!
-//! Why zstd although the project started on LZ4 (`lz4_flex`, still used for base-backup parts):
-//! on real pgbench traffic the v1 segments cost 174 B per transaction and v2 77 B (the same
-//! records re-encoded), while zstd at level 1 writes as fast as LZ4 did on the archiver's data
-//! (bench/segment.rs) — a few MB/s of change stream cost the writer well under a millisecond per
-//! second either way. The archive is what users pay to keep for months; its size decided.
+//! Why this departs from the plain LZ4 (`lz4_flex`) of the project's first design (still used
+//! for base-backup parts): the archive is what users pay to keep for months. On the same real
+//! pgbench records, version 1 stores 188 B per transaction, version 2 (zstd of the records) 88 B
+//! and version 3 (zstd of the columns) 35 B, and version 3 also writes faster than version 2:
+//! its columns are a third of the records' size (bench/README.md). A few MB/s of change stream
+//! cost the writer well under a millisecond per second in every version.
 //!
 //! Invariant: **a segment that parses is byte-for-byte what was written.** Every byte of the
 //! file is either compared with a constant or covered by a CRC-32 (header, each block's stored
@@ -45,9 +49,10 @@ pub const MAGIC: [u8; 8] = *b"\x89TDMSEG\n";
 
 /// The format version this build writes by default and the newest one it reads.
 ///
-/// Version 2 stores blocks as zstd frames with varint-delta record framing and a compact commit
-/// index; version 1 (LZ4 blocks, fixed 20-byte record framing, fixed 32-byte commit entries) is
-/// still read, and written on request ([`SegmentBuilder::with_format_version`]).
+/// Version 3 stores each block's records in columns ([`columns`]) compressed as a zstd frame,
+/// and a compressed commit index; version 2 (zstd frames of varint-framed records) and version
+/// 1 (LZ4 blocks, fixed 20-byte record framing, fixed 32-byte commit entries) are still read,
+/// and written on request ([`SegmentBuilder::with_format_version`]).
 pub const FORMAT_VERSION: u16 = 3;
 
 /// The oldest format version this build reads.
@@ -725,12 +730,12 @@ impl SegmentBuilder {
         self
     }
 
-    /// Writes format `version` instead of [`FORMAT_VERSION`]: 1 makes files that tidemark
-    /// releases before format version 2 can read (LZ4, about twice the size). For
-    /// compatibility tests and benchmarks.
+    /// Writes format `version` instead of [`FORMAT_VERSION`]: files that tidemark releases
+    /// before that version can read (version 2: about 2.5 times the size, version 1: about 5
+    /// times). For compatibility tests and benchmarks.
     ///
     /// # Panics
-    /// If `version` is not one this build writes (1 or 2), or records were pushed already.
+    /// If `version` is not one this build writes (1 to 3), or records were pushed already.
     pub fn with_format_version(mut self, version: u16) -> Self {
         let v = Version::from_u16(version)
             .unwrap_or_else(|| panic!("segment format version {version} cannot be written"));
@@ -1747,7 +1752,7 @@ impl Segment {
         })
     }
 
-    /// The file's format version (1 or 2).
+    /// The file's format version (1 to 3).
     pub fn format_version(&self) -> u16 {
         self.version.number()
     }
@@ -2999,6 +3004,59 @@ mod tests {
         };
         append_trailer_and_footer(&mut out, seg.version, totals, &seg.blocks, count, index);
         out
+    }
+
+    #[test]
+    fn v3_commit_index_rules_are_enforced() {
+        let f = multi_block_fixture();
+        assert_eq!(f.version, 3);
+        let seg = Segment::parse(f.encode()).unwrap();
+        let n = seg.commits.len();
+        let mut base = CommitBase::new(seg.info.start_lsn, seg.info.created_at);
+        let mut columns: [Vec<u8>; 5] = Default::default();
+        for c in &seg.commits {
+            encode_commit_columns(&mut columns, &mut base, c);
+        }
+        let plain = columns.concat();
+        let frame = |content: &[u8]| zstd::bulk::compress(content, 3).unwrap();
+        // Rebuilt unchanged, it reads back the same.
+        assert_eq!(
+            with_commit_index(&f, n, &frame(&plain)),
+            f.encode().to_vec()
+        );
+        let trailer = seg.blocks.last().unwrap().end();
+        let index_at = trailer + 36 + 28 * seg.blocks.len() as u64;
+        let err = |bytes: Vec<u8>| decode_all(&bytes).unwrap_err().to_string();
+        // Commits without an index, and an index without commits.
+        assert!(err(with_commit_index(&f, n, &[])).contains("an index is empty exactly when"));
+        assert!(err(with_commit_index(&f, 0, &frame(&plain))).contains("0 commits with a"));
+        // The columns must hold exactly n entries: one field short, one byte over.
+        let short = &plain[..plain.len() - 1];
+        assert!(err(with_commit_index(&f, n, &frame(short))).contains("runs past the end"));
+        let mut long = plain.clone();
+        long.push(0);
+        assert_eq!(
+            err(with_commit_index(&f, n, &frame(&long))),
+            format!(
+                "trailer at offset {index_at}: the {n} commit entries end at offset {} of the \
+                 decompressed commit index, which is {} bytes long",
+                plain.len(),
+                plain.len() + 1
+            )
+        );
+        // A frame that declares less than 5 bytes an entry is refused before decompressing.
+        assert_eq!(
+            err(with_commit_index(&f, n, &frame(&plain[..4 * n]))),
+            format!(
+                "trailer at offset {index_at}: commit index: the frame declares {} bytes of \
+                 content, {n} entries take {}..={}",
+                4 * n,
+                5 * n,
+                50 * n
+            )
+        );
+        // Not a zstd frame.
+        assert!(err(with_commit_index(&f, n, &plain)).contains("not a zstd frame"));
     }
 
     #[test]
