@@ -1,7 +1,8 @@
 //! Base backups: taking one at a snapshot aligned with the change stream, and loading one.
 //!
 //! Owns: the objects under `basebackups/<id>/` (see `proto/manifest.md`): the schema
-//! (`pg_dump --schema-only -Fc`), the table data (COPY text, cut into parts of at most
+//! (`pg_dump --schema-only -Fc`), the table data (COPY binary where every column type allows it,
+//! else COPY text; cut into parts of at most
 //! [`PART_LIMIT`] bytes at row boundaries, lz4-framed; big tables read in block ranges of
 //! [`SPLIT_BLOCKS`] on all connections), the sequences' values, and the manifest, written last:
 //! a folder without a manifest is an incomplete backup and is ignored.
@@ -43,8 +44,9 @@ use crate::pgbin::{self, PgBinError};
 use crate::store::{Store, StoreError};
 
 pub use manifest::{
-    backup_id, manifest_key, part_key, schema_key, KeyKind, KeyObject, Manifest, ManifestError,
-    PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
+    backup_id, manifest_key, part_key, schema_key, CopyFormat, KeyKind, KeyObject, Manifest,
+    ManifestError, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
+    MIN_FORMAT_VERSION,
 };
 
 /// Largest amount of COPY text in one stored part (a single larger row makes a part of its own).
@@ -181,8 +183,18 @@ struct TableSpec {
     name: String,
     partitioned_root: bool,
     columns: Vec<String>,
+    /// The COPY format its data is read and stored in.
+    format: CopyFormat,
     /// On-disk size (of all partitions for a root), to schedule big tables first.
     size: i64,
+}
+
+/// ` (FORMAT binary)` for binary COPY, nothing for text.
+fn format_option(format: CopyFormat) -> &'static str {
+    match format {
+        CopyFormat::Text => "",
+        CopyFormat::Binary => " (FORMAT binary)",
+    }
 }
 
 fn column_list(columns: &[String]) -> String {
@@ -204,18 +216,26 @@ fn copy_out_sql(t: &TableSpec) -> String {
         } else {
             cols.join(", ")
         };
-        format!("COPY (SELECT {select} FROM {table}) TO STDOUT")
+        format!(
+            "COPY (SELECT {select} FROM {table}) TO STDOUT{}",
+            format_option(t.format)
+        )
     } else {
-        format!("COPY {table}{} TO STDOUT", column_list(&t.columns))
+        format!(
+            "COPY {table}{} TO STDOUT{}",
+            column_list(&t.columns),
+            format_option(t.format)
+        )
     }
 }
 
 /// The COPY that loads a table's data (a partitioned root routes rows to its partitions).
 fn copy_in_sql(t: &TableEntry) -> String {
     format!(
-        "COPY {}{} FROM STDIN",
+        "COPY {}{} FROM STDIN{}",
         qualified(&t.schema, &t.name),
-        column_list(&t.columns)
+        column_list(&t.columns),
+        format_option(t.format)
     )
 }
 
@@ -241,12 +261,16 @@ pub struct TakeOptions {
     /// Tables of more blocks than this are copied in ranges of this many blocks, in parallel
     /// (with more than one connection, on servers 14 and later).
     pub split_blocks: u32,
+    /// Tables whose column types allow it are stored in COPY's binary format (the target
+    /// server loads it with less work than text); `false`: every table in text.
+    pub binary: bool,
 }
 
 impl Default for TakeOptions {
     fn default() -> Self {
         TakeOptions {
             split_blocks: SPLIT_BLOCKS,
+            binary: true,
         }
     }
 }
@@ -336,7 +360,7 @@ async fn take_inner(
         )));
     }
 
-    let tables = list_tables(main, req.publication).await?;
+    let tables = list_tables(main, req.publication, opts.binary).await?;
     lock_tables(main, &tables).await?;
     let key_objects = list_key_objects(main, &tables).await?;
     let sequences = list_sequences(main).await?;
@@ -362,8 +386,14 @@ async fn take_inner(
         totals.raw_bytes += t.raw_bytes;
         totals.stored_bytes += t.stored_bytes;
     }
+    // A reader of format 1 would take binary parts for text: format 2 only when needed.
+    let binary = entries.iter().any(|t| t.format == CopyFormat::Binary);
     let m = Manifest {
-        format_version: FORMAT_VERSION,
+        format_version: if binary {
+            FORMAT_VERSION
+        } else {
+            MIN_FORMAT_VERSION
+        },
         id: id.to_string(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         system_id: req.system_id,
@@ -387,8 +417,29 @@ async fn take_inner(
     Ok(m)
 }
 
-/// The tables the publication publishes, with their columns, sorted by schema and name.
-async fn list_tables(client: &Client, publication: &str) -> Result<Vec<TableSpec>, BackupError> {
+/// A table's columns in COPY order, each with whether its type may travel in COPY's binary
+/// format: a built-in (OID below 16384, `FirstNormalObjectId`) base, range or multirange type
+/// with binary I/O, or an array of one. Their binary forms hold no OIDs but built-in ones
+/// (arrays name their element type), so they load into any server; composite types, enums,
+/// domains and extension types name OIDs of the source, or may lack binary I/O: text.
+const BINARY_COLUMNS_SQL: &str = "SELECT a.attname::text,
+        t.oid < 16384 AND t.typtype IN ('b', 'r', 'm')
+        AND t.typsend <> 0 AND t.typreceive <> 0
+        AND (t.typelem = 0 OR EXISTS (
+            SELECT FROM pg_catalog.pg_type e
+            WHERE e.oid = t.typelem AND e.oid < 16384 AND e.typtype IN ('b', 'r', 'm')
+              AND e.typsend <> 0 AND e.typreceive <> 0))
+ FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+ ORDER BY a.attnum";
+
+/// The tables the publication publishes, with their columns, sorted by schema and name; a
+/// table is read in COPY's binary format if `binary` and all its column types allow it.
+async fn list_tables(
+    client: &Client,
+    publication: &str,
+    binary: bool,
+) -> Result<Vec<TableSpec>, BackupError> {
     // pg_publication_tables lists leaf partitions, or partition roots when the publication has
     // publish_via_partition_root. Unlogged and foreign tables are not replicated.
     let rows = client
@@ -410,24 +461,23 @@ async fn list_tables(client: &Client, publication: &str) -> Result<Vec<TableSpec
     let mut tables = Vec::with_capacity(rows.len());
     for r in rows {
         let oid: u32 = r.get(0);
-        let columns = client
-            .query(
-                "SELECT attname::text FROM pg_attribute
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
-                 ORDER BY attnum",
-                &[&oid],
-            )
+        let cols = client
+            .query(BINARY_COLUMNS_SQL, &[&oid])
             .await
-            .map_err(pg("listing columns"))?
-            .iter()
-            .map(|c| c.get(0))
-            .collect();
+            .map_err(pg("listing columns"))?;
+        let columns = cols.iter().map(|c| c.get(0)).collect();
+        let format = if binary && !cols.is_empty() && cols.iter().all(|c| c.get::<_, bool>(1)) {
+            CopyFormat::Binary
+        } else {
+            CopyFormat::Text
+        };
         tables.push(TableSpec {
             oid,
             schema: r.get(1),
             name: r.get(2),
             partitioned_root: r.get(3),
             columns,
+            format,
             size: r.get(4),
         });
     }
@@ -665,6 +715,7 @@ fn copy_task_sql(t: &TableSpec, blocks: Option<(u32, Option<u32>)>) -> String {
         sql.push_str(&format!(" AND ctid < '({to},0)'::pg_catalog.tid"));
     }
     sql.push_str(") TO STDOUT");
+    sql.push_str(format_option(t.format));
     sql
 }
 
@@ -722,6 +773,7 @@ async fn copy_tables(
             name: t.name.clone(),
             partitioned_root: t.partitioned_root,
             columns: t.columns.clone(),
+            format: t.format,
             rows: 0,
             raw_bytes: 0,
             stored_bytes: 0,
@@ -759,7 +811,7 @@ async fn copy_task(
         .await
         .map_err(pg(format!("COPY {shown} TO STDOUT")))?;
     pin_mut!(stream);
-    let mut cutter = cut::PartCutter::new(PART_LIMIT);
+    let mut cutter = Cutter::new(t.format);
     // Dropping the set (on an error) aborts the parts still being stored.
     let mut storing = tokio::task::JoinSet::new();
     let mut parts = Vec::new();
@@ -769,16 +821,22 @@ async fn copy_task(
     };
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| pg(format!("COPY {shown} TO STDOUT"))(e))?;
-        for part in cutter.push(&chunk) {
+        let cut = cutter
+            .push(&chunk)
+            .map_err(|message| BackupError::BadObject {
+                key: shown.clone(),
+                message,
+            })?;
+        for part in cut {
             while storing.len() >= PARTS_IN_FLIGHT {
                 parts.push(joined(storing.join_next().await)?);
             }
             spawn(&mut storing, part);
         }
     }
-    let last = cutter.finish().map_err(|e| BackupError::BadObject {
+    let last = cutter.finish().map_err(|message| BackupError::BadObject {
         key: shown.clone(),
-        message: e.to_string(),
+        message,
     })?;
     if let Some(part) = last {
         spawn(&mut storing, part);
@@ -788,6 +846,35 @@ async fn copy_task(
     }
     tracing::debug!(table = %shown, blocks = ?task.blocks, rows = parts.iter().map(|p| p.rows).sum::<u64>(), parts = parts.len(), elapsed = ?started.elapsed(), "table copied");
     Ok(parts)
+}
+
+/// Cuts one COPY's output into parts, in the table's format.
+enum Cutter {
+    Text(cut::PartCutter),
+    Binary(cut::BinaryCutter),
+}
+
+impl Cutter {
+    fn new(format: CopyFormat) -> Cutter {
+        match format {
+            CopyFormat::Text => Cutter::Text(cut::PartCutter::new(PART_LIMIT)),
+            CopyFormat::Binary => Cutter::Binary(cut::BinaryCutter::new(PART_LIMIT)),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) -> Result<Vec<cut::RawPart>, String> {
+        match self {
+            Cutter::Text(c) => Ok(c.push(chunk)),
+            Cutter::Binary(c) => c.push(chunk).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn finish(self) -> Result<Option<cut::RawPart>, String> {
+        match self {
+            Cutter::Text(c) => c.finish().map_err(|e| e.to_string()),
+            Cutter::Binary(c) => c.finish().map_err(|e| e.to_string()),
+        }
+    }
 }
 
 fn joined(
@@ -1388,6 +1475,7 @@ mod tests {
             name: "T x".into(),
             partitioned_root: false,
             columns: vec!["a".into(), "b\"c".into()],
+            format: CopyFormat::Text,
             size: 0,
         };
         assert_eq!(
@@ -1412,6 +1500,7 @@ mod tests {
             name: name.into(),
             partitioned_root: root,
             columns: vec!["a".into()],
+            format: CopyFormat::Text,
             size,
         };
         let tables = [
