@@ -49,7 +49,8 @@ pub use manifest::{
     MIN_FORMAT_VERSION,
 };
 
-/// Largest amount of COPY text in one stored part (a single larger row makes a part of its own).
+/// Largest amount of COPY output (text, or rows of binary) in one stored part (a single larger row
+/// makes a part of its own).
 pub const PART_LIMIT: usize = 32 << 20;
 
 /// What to back up, and where the stream stands.
@@ -90,7 +91,7 @@ pub struct LoadStats {
     /// Tables loaded (Data) or dump entries restored (Keys, PostData).
     pub tables: u64,
     pub rows: u64,
-    /// COPY text bytes loaded.
+    /// COPY bytes loaded (text, or whole binary streams).
     pub bytes: u64,
     /// Sequences set to their backed-up values (Data), or raised past the columns they feed
     /// where needed (PostData: the number checked).
@@ -1490,6 +1491,17 @@ mod tests {
         t.columns.clear();
         t.partitioned_root = false;
         assert_eq!(copy_out_sql(&t), "COPY \"s\".\"T x\" TO STDOUT");
+        t.format = CopyFormat::Binary;
+        t.columns = vec!["a".into()];
+        assert_eq!(
+            copy_out_sql(&t),
+            "COPY \"s\".\"T x\" (\"a\") TO STDOUT (FORMAT binary)"
+        );
+        assert_eq!(
+            copy_task_sql(&t, Some((4, None))),
+            "COPY (SELECT \"a\" FROM ONLY \"s\".\"T x\" WHERE ctid >= '(4,0)'::pg_catalog.tid) \
+             TO STDOUT (FORMAT binary)"
+        );
     }
 
     #[test]
