@@ -1099,6 +1099,22 @@ impl Drop for TempFile {
 struct SchemaFile {
     file: TempFile,
     pg_restore: PathBuf,
+    /// CRC-32 of the stored dump (checked): names its content.
+    crc32: u32,
+}
+
+/// `pg_restore` of at least major version `min_major`, looked up once per process: looking one
+/// up runs it (and on Debian, `pg_restore` on PATH is a Perl wrapper that takes tens of
+/// milliseconds to start), and a restore needs it in every load phase.
+fn find_pg_restore(min_major: u32) -> Result<PathBuf, BackupError> {
+    static FOUND: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+    let mut found = FOUND.lock().expect("pg_restore lock");
+    if let Some((_, p)) = found.iter().find(|(m, _)| *m == min_major) {
+        return Ok(p.clone());
+    }
+    let p = pgbin::find("pg_restore", Some(min_major))?;
+    found.push((min_major, p.clone()));
+    Ok(p)
 }
 
 impl SchemaFile {
@@ -1107,17 +1123,38 @@ impl SchemaFile {
         verify(&m.schema.key, &data, m.schema.crc32)?;
         // pg_restore must read the archive format of the pg_dump that wrote it, at least as
         // new as the source server.
-        let pg_restore = pgbin::find("pg_restore", Some(m.server_version_num / 10000))?;
+        let pg_restore = find_pg_restore(m.server_version_num / 10000)?;
         let file = TempFile::create(".dump", &data)?;
-        Ok(SchemaFile { file, pg_restore })
+        Ok(SchemaFile {
+            file,
+            pg_restore,
+            crc32: m.schema.crc32,
+        })
     }
 
+    /// `pg_restore -l` of the dump (remembered: the Keys and PostData phases both need it).
     async fn listing(&self) -> Result<String, BackupError> {
+        static LISTINGS: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
+        let cached = LISTINGS
+            .lock()
+            .expect("listing lock")
+            .iter()
+            .find(|(crc, _)| *crc == self.crc32)
+            .map(|(_, l)| l.clone());
+        if let Some(l) = cached {
+            return Ok(l);
+        }
         let out = run_tool(&self.pg_restore, &["-l", &self.file.arg()], Vec::new()).await?;
-        String::from_utf8(out).map_err(|e| BackupError::BadObject {
+        let listing = String::from_utf8(out).map_err(|e| BackupError::BadObject {
             key: "pg_restore -l".into(),
             message: e.to_string(),
-        })
+        })?;
+        let mut listings = LISTINGS.lock().expect("listing lock");
+        if listings.len() >= 4 {
+            listings.remove(0);
+        }
+        listings.push((self.crc32, listing.clone()));
+        Ok(listing)
     }
 
     async fn restore(
