@@ -931,10 +931,42 @@ fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     enc.finish().map_err(std::io::Error::other)
 }
 
-fn decompress(data: &[u8], expected_len: usize) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(expected_len);
-    lz4_flex::frame::FrameDecoder::new(data).read_to_end(&mut out)?;
-    Ok(out)
+/// Decompresses an lz4 frame in pieces of at most `size` bytes; the frame's content checksum
+/// is checked when the end is read (the last item is then an error if it does not match).
+struct Pieces<'a> {
+    decoder: lz4_flex::frame::FrameDecoder<&'a [u8]>,
+    size: usize,
+    failed: bool,
+}
+
+fn pieces(data: &[u8], size: usize) -> Pieces<'_> {
+    Pieces {
+        decoder: lz4_flex::frame::FrameDecoder::new(data),
+        size,
+        failed: false,
+    }
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let mut piece = Vec::with_capacity(self.size);
+        match (&mut self.decoder)
+            .take(self.size as u64)
+            .read_to_end(&mut piece)
+        {
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+            Ok(0) => None,
+            Ok(_) => Some(Ok(piece)),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1238,7 +1270,7 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// A part fetched, checked and decompressed.
+/// A part fetched and checked (still compressed: [`load_part`] decompresses it as it sends it).
 type Fetched = Result<Bytes, BackupError>;
 
 fn start_fetch(store: &Arc<dyn Store>, p: &PartEntry) -> AbortOnDrop<Fetched> {
@@ -1247,27 +1279,7 @@ fn start_fetch(store: &Arc<dyn Store>, p: &PartEntry) -> AbortOnDrop<Fetched> {
     AbortOnDrop(tokio::spawn(async move {
         let data = store.get(&p.key).await?;
         verify(&p.key, &data, p.crc32)?;
-        let expected = p.raw_bytes as usize;
-        let raw = tokio::task::spawn_blocking(move || decompress(&data, expected))
-            .await
-            .map_err(|e| BackupError::Io {
-                context: format!("decompressing {}", p.key),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|e| BackupError::BadObject {
-                key: p.key.clone(),
-                message: format!("cannot decompress: {e}"),
-            })?;
-        if raw.len() != expected {
-            return Err(BackupError::BadObject {
-                key: p.key.clone(),
-                message: format!(
-                    "decompresses to {} bytes, the manifest records {expected}",
-                    raw.len()
-                ),
-            });
-        }
-        Ok(Bytes::from(raw))
+        Ok(data)
     }))
 }
 
@@ -1367,23 +1379,50 @@ async fn load_data(
     Ok(())
 }
 
-/// Loads one part with one COPY, checking its row count.
+/// Loads one part with one COPY, checking its size and row count. The part is decompressed
+/// message by message as it is sent: each message's buffer is small enough to stay in cache
+/// and to be reused by the allocator, where a whole decompressed part (32 MiB) costs page
+/// faults and misses. A part that turns out damaged aborts its COPY (and so the load).
 async fn load_part(
     client: &Client,
     t: &TableEntry,
     p: &PartEntry,
-    data: Bytes,
+    stored: Bytes,
 ) -> Result<u64, BackupError> {
     let display = qualified(&t.schema, &t.name);
     let ctx = || format!("COPY {display} FROM STDIN ({})", p.key);
+    let bad = |message: String| BackupError::BadObject {
+        key: p.key.clone(),
+        message,
+    };
     let sink = client
         .copy_in::<_, Bytes>(copy_in_sql(t).as_str())
         .await
         .map_err(pg(ctx()))?;
     pin_mut!(sink);
     // Returning early drops the sink, which aborts the COPY.
-    for piece in chunks(data, COPY_MESSAGE) {
-        sink.feed(piece).await.map_err(|e| pg(ctx())(e))?;
+    let mut sent = 0u64;
+    for piece in pieces(&stored, COPY_MESSAGE) {
+        let piece = piece.map_err(|e| bad(format!("cannot decompress: {e}")))?;
+        sent += piece.len() as u64;
+        if sent > p.raw_bytes {
+            break;
+        }
+        sink.feed(Bytes::from(piece))
+            .await
+            .map_err(|e| pg(ctx())(e))?;
+    }
+    if sent > p.raw_bytes {
+        return Err(bad(format!(
+            "decompresses to more than the {} bytes the manifest records",
+            p.raw_bytes
+        )));
+    }
+    if sent != p.raw_bytes {
+        return Err(bad(format!(
+            "decompresses to {sent} bytes, the manifest records {}",
+            p.raw_bytes
+        )));
     }
     let rows = sink.finish().await.map_err(pg(ctx()))?;
     if rows != p.rows {
@@ -1397,11 +1436,6 @@ async fn load_part(
 
 /// Size of the CopyData messages sent: the server starts on a message once it has all of it.
 const COPY_MESSAGE: usize = 1 << 20;
-
-fn chunks(data: Bytes, size: usize) -> impl Iterator<Item = Bytes> {
-    let n = data.len().div_ceil(size);
-    (0..n).map(move |i| data.slice(i * size..data.len().min((i + 1) * size)))
-}
 
 /// Sets every sequence to its backed-up value. Done with the data, before the restore replays
 /// the archived changes, so that a replayed `TRUNCATE … RESTART IDENTITY` restarts the
@@ -1586,16 +1620,21 @@ mod tests {
         assert_eq!(copy_task_sql(&tables[1], None), copy_out_sql(&tables[1]));
     }
 
+    fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+        Ok(pieces(data, 1000).collect::<Result<Vec<_>, _>>()?.concat())
+    }
+
     #[test]
-    fn copy_messages_split_anywhere_and_rejoin() {
-        let data = Bytes::from((0..=255u8).cycle().take(2500).collect::<Vec<u8>>());
-        let pieces: Vec<Bytes> = chunks(data.clone(), 1000).collect();
+    fn parts_decompress_in_pieces() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(2500).collect();
+        let c = compress(&data).unwrap();
+        let got: Vec<Vec<u8>> = pieces(&c, 1000).map(Result::unwrap).collect();
         assert_eq!(
-            pieces.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            got.iter().map(|p| p.len()).collect::<Vec<_>>(),
             [1000, 1000, 500]
         );
-        assert_eq!(pieces.concat(), data.to_vec());
-        assert_eq!(chunks(Bytes::new(), 1000).count(), 0);
+        assert_eq!(got.concat(), data);
+        assert_eq!(pieces(&compress(b"").unwrap(), 1000).count(), 0);
     }
 
     #[test]
@@ -1604,14 +1643,11 @@ mod tests {
         let c = compress(&data).unwrap();
         assert_eq!(&c[..4], &[0x04, 0x22, 0x4d, 0x18], "lz4 frame magic");
         assert!(c.len() < data.len());
-        assert_eq!(decompress(&c, data.len()).unwrap(), data);
+        assert_eq!(decompress(&c).unwrap(), data);
         let mut bad = c.clone();
         let mid = bad.len() / 2;
         bad[mid] ^= 0x40;
-        assert!(
-            decompress(&bad, data.len()).is_err(),
-            "content checksum catches damage"
-        );
+        assert!(decompress(&bad).is_err(), "content checksum catches damage");
     }
 
     #[test]
