@@ -1,7 +1,8 @@
 //! Base backups: taking one at a snapshot aligned with the change stream, and loading one.
 //!
 //! Owns: the objects under `basebackups/<id>/` (see `proto/manifest.md`): the schema
-//! (`pg_dump --schema-only -Fc`), the table data (COPY text, cut into parts of at most
+//! (`pg_dump --schema-only -Fc`), the table data (COPY binary where every column type allows it,
+//! else COPY text; cut into parts of at most
 //! [`PART_LIMIT`] bytes at row boundaries, lz4-framed; big tables read in block ranges of
 //! [`SPLIT_BLOCKS`] on all connections), the sequences' values, and the manifest, written last:
 //! a folder without a manifest is an incomplete backup and is ignored.
@@ -43,11 +44,13 @@ use crate::pgbin::{self, PgBinError};
 use crate::store::{Store, StoreError};
 
 pub use manifest::{
-    backup_id, manifest_key, part_key, schema_key, KeyKind, KeyObject, Manifest, ManifestError,
-    PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
+    backup_id, manifest_key, part_key, schema_key, CopyFormat, KeyKind, KeyObject, Manifest,
+    ManifestError, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
+    MIN_FORMAT_VERSION,
 };
 
-/// Largest amount of COPY text in one stored part (a single larger row makes a part of its own).
+/// Largest amount of COPY output (text, or rows of binary) in one stored part (a single larger row
+/// makes a part of its own).
 pub const PART_LIMIT: usize = 32 << 20;
 
 /// What to back up, and where the stream stands.
@@ -88,7 +91,7 @@ pub struct LoadStats {
     /// Tables loaded (Data) or dump entries restored (Keys, PostData).
     pub tables: u64,
     pub rows: u64,
-    /// COPY text bytes loaded.
+    /// COPY bytes loaded (text, or whole binary streams).
     pub bytes: u64,
     /// Sequences set to their backed-up values (Data), or raised past the columns they feed
     /// where needed (PostData: the number checked).
@@ -181,8 +184,18 @@ struct TableSpec {
     name: String,
     partitioned_root: bool,
     columns: Vec<String>,
+    /// The COPY format its data is read and stored in.
+    format: CopyFormat,
     /// On-disk size (of all partitions for a root), to schedule big tables first.
     size: i64,
+}
+
+/// ` (FORMAT binary)` for binary COPY, nothing for text.
+fn format_option(format: CopyFormat) -> &'static str {
+    match format {
+        CopyFormat::Text => "",
+        CopyFormat::Binary => " (FORMAT binary)",
+    }
 }
 
 fn column_list(columns: &[String]) -> String {
@@ -204,18 +217,26 @@ fn copy_out_sql(t: &TableSpec) -> String {
         } else {
             cols.join(", ")
         };
-        format!("COPY (SELECT {select} FROM {table}) TO STDOUT")
+        format!(
+            "COPY (SELECT {select} FROM {table}) TO STDOUT{}",
+            format_option(t.format)
+        )
     } else {
-        format!("COPY {table}{} TO STDOUT", column_list(&t.columns))
+        format!(
+            "COPY {table}{} TO STDOUT{}",
+            column_list(&t.columns),
+            format_option(t.format)
+        )
     }
 }
 
 /// The COPY that loads a table's data (a partitioned root routes rows to its partitions).
 fn copy_in_sql(t: &TableEntry) -> String {
     format!(
-        "COPY {}{} FROM STDIN",
+        "COPY {}{} FROM STDIN{}",
         qualified(&t.schema, &t.name),
-        column_list(&t.columns)
+        column_list(&t.columns),
+        format_option(t.format)
     )
 }
 
@@ -241,12 +262,16 @@ pub struct TakeOptions {
     /// Tables of more blocks than this are copied in ranges of this many blocks, in parallel
     /// (with more than one connection, on servers 14 and later).
     pub split_blocks: u32,
+    /// Tables whose column types allow it are stored in COPY's binary format (the target
+    /// server loads it with less work than text); `false`: every table in text.
+    pub binary: bool,
 }
 
 impl Default for TakeOptions {
     fn default() -> Self {
         TakeOptions {
             split_blocks: SPLIT_BLOCKS,
+            binary: true,
         }
     }
 }
@@ -336,7 +361,7 @@ async fn take_inner(
         )));
     }
 
-    let tables = list_tables(main, req.publication).await?;
+    let tables = list_tables(main, req.publication, opts.binary).await?;
     lock_tables(main, &tables).await?;
     let key_objects = list_key_objects(main, &tables).await?;
     let sequences = list_sequences(main).await?;
@@ -362,8 +387,14 @@ async fn take_inner(
         totals.raw_bytes += t.raw_bytes;
         totals.stored_bytes += t.stored_bytes;
     }
+    // A reader of format 1 would take binary parts for text: format 2 only when needed.
+    let binary = entries.iter().any(|t| t.format == CopyFormat::Binary);
     let m = Manifest {
-        format_version: FORMAT_VERSION,
+        format_version: if binary {
+            FORMAT_VERSION
+        } else {
+            MIN_FORMAT_VERSION
+        },
         id: id.to_string(),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         system_id: req.system_id,
@@ -387,8 +418,29 @@ async fn take_inner(
     Ok(m)
 }
 
-/// The tables the publication publishes, with their columns, sorted by schema and name.
-async fn list_tables(client: &Client, publication: &str) -> Result<Vec<TableSpec>, BackupError> {
+/// A table's columns in COPY order, each with whether its type may travel in COPY's binary
+/// format: a built-in (OID below 16384, `FirstNormalObjectId`) base, range or multirange type
+/// with binary I/O, or an array of one. Their binary forms hold no OIDs but built-in ones
+/// (arrays name their element type), so they load into any server; composite types, enums,
+/// domains and extension types name OIDs of the source, or may lack binary I/O: text.
+const BINARY_COLUMNS_SQL: &str = "SELECT a.attname::text,
+        t.oid < 16384 AND t.typtype IN ('b', 'r', 'm')
+        AND t.typsend <> 0 AND t.typreceive <> 0
+        AND (t.typelem = 0 OR EXISTS (
+            SELECT FROM pg_catalog.pg_type e
+            WHERE e.oid = t.typelem AND e.oid < 16384 AND e.typtype IN ('b', 'r', 'm')
+              AND e.typsend <> 0 AND e.typreceive <> 0))
+ FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+ WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+ ORDER BY a.attnum";
+
+/// The tables the publication publishes, with their columns, sorted by schema and name; a
+/// table is read in COPY's binary format if `binary` and all its column types allow it.
+async fn list_tables(
+    client: &Client,
+    publication: &str,
+    binary: bool,
+) -> Result<Vec<TableSpec>, BackupError> {
     // pg_publication_tables lists leaf partitions, or partition roots when the publication has
     // publish_via_partition_root. Unlogged and foreign tables are not replicated.
     let rows = client
@@ -410,24 +462,23 @@ async fn list_tables(client: &Client, publication: &str) -> Result<Vec<TableSpec
     let mut tables = Vec::with_capacity(rows.len());
     for r in rows {
         let oid: u32 = r.get(0);
-        let columns = client
-            .query(
-                "SELECT attname::text FROM pg_attribute
-                 WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
-                 ORDER BY attnum",
-                &[&oid],
-            )
+        let cols = client
+            .query(BINARY_COLUMNS_SQL, &[&oid])
             .await
-            .map_err(pg("listing columns"))?
-            .iter()
-            .map(|c| c.get(0))
-            .collect();
+            .map_err(pg("listing columns"))?;
+        let columns = cols.iter().map(|c| c.get(0)).collect();
+        let format = if binary && !cols.is_empty() && cols.iter().all(|c| c.get::<_, bool>(1)) {
+            CopyFormat::Binary
+        } else {
+            CopyFormat::Text
+        };
         tables.push(TableSpec {
             oid,
             schema: r.get(1),
             name: r.get(2),
             partitioned_root: r.get(3),
             columns,
+            format,
             size: r.get(4),
         });
     }
@@ -665,6 +716,7 @@ fn copy_task_sql(t: &TableSpec, blocks: Option<(u32, Option<u32>)>) -> String {
         sql.push_str(&format!(" AND ctid < '({to},0)'::pg_catalog.tid"));
     }
     sql.push_str(") TO STDOUT");
+    sql.push_str(format_option(t.format));
     sql
 }
 
@@ -722,6 +774,7 @@ async fn copy_tables(
             name: t.name.clone(),
             partitioned_root: t.partitioned_root,
             columns: t.columns.clone(),
+            format: t.format,
             rows: 0,
             raw_bytes: 0,
             stored_bytes: 0,
@@ -759,7 +812,7 @@ async fn copy_task(
         .await
         .map_err(pg(format!("COPY {shown} TO STDOUT")))?;
     pin_mut!(stream);
-    let mut cutter = cut::PartCutter::new(PART_LIMIT);
+    let mut cutter = Cutter::new(t.format);
     // Dropping the set (on an error) aborts the parts still being stored.
     let mut storing = tokio::task::JoinSet::new();
     let mut parts = Vec::new();
@@ -769,16 +822,22 @@ async fn copy_task(
     };
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| pg(format!("COPY {shown} TO STDOUT"))(e))?;
-        for part in cutter.push(&chunk) {
+        let cut = cutter
+            .push(&chunk)
+            .map_err(|message| BackupError::BadObject {
+                key: shown.clone(),
+                message,
+            })?;
+        for part in cut {
             while storing.len() >= PARTS_IN_FLIGHT {
                 parts.push(joined(storing.join_next().await)?);
             }
             spawn(&mut storing, part);
         }
     }
-    let last = cutter.finish().map_err(|e| BackupError::BadObject {
+    let last = cutter.finish().map_err(|message| BackupError::BadObject {
         key: shown.clone(),
-        message: e.to_string(),
+        message,
     })?;
     if let Some(part) = last {
         spawn(&mut storing, part);
@@ -788,6 +847,35 @@ async fn copy_task(
     }
     tracing::debug!(table = %shown, blocks = ?task.blocks, rows = parts.iter().map(|p| p.rows).sum::<u64>(), parts = parts.len(), elapsed = ?started.elapsed(), "table copied");
     Ok(parts)
+}
+
+/// Cuts one COPY's output into parts, in the table's format.
+enum Cutter {
+    Text(cut::PartCutter),
+    Binary(cut::BinaryCutter),
+}
+
+impl Cutter {
+    fn new(format: CopyFormat) -> Cutter {
+        match format {
+            CopyFormat::Text => Cutter::Text(cut::PartCutter::new(PART_LIMIT)),
+            CopyFormat::Binary => Cutter::Binary(cut::BinaryCutter::new(PART_LIMIT)),
+        }
+    }
+
+    fn push(&mut self, chunk: &[u8]) -> Result<Vec<cut::RawPart>, String> {
+        match self {
+            Cutter::Text(c) => Ok(c.push(chunk)),
+            Cutter::Binary(c) => c.push(chunk).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn finish(self) -> Result<Option<cut::RawPart>, String> {
+        match self {
+            Cutter::Text(c) => c.finish().map_err(|e| e.to_string()),
+            Cutter::Binary(c) => c.finish().map_err(|e| e.to_string()),
+        }
+    }
 }
 
 fn joined(
@@ -843,10 +931,42 @@ fn compress(data: &[u8]) -> std::io::Result<Vec<u8>> {
     enc.finish().map_err(std::io::Error::other)
 }
 
-fn decompress(data: &[u8], expected_len: usize) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(expected_len);
-    lz4_flex::frame::FrameDecoder::new(data).read_to_end(&mut out)?;
-    Ok(out)
+/// Decompresses an lz4 frame in pieces of at most `size` bytes; the frame's content checksum
+/// is checked when the end is read (the last item is then an error if it does not match).
+struct Pieces<'a> {
+    decoder: lz4_flex::frame::FrameDecoder<&'a [u8]>,
+    size: usize,
+    failed: bool,
+}
+
+fn pieces(data: &[u8], size: usize) -> Pieces<'_> {
+    Pieces {
+        decoder: lz4_flex::frame::FrameDecoder::new(data),
+        size,
+        failed: false,
+    }
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        let mut piece = Vec::with_capacity(self.size);
+        match (&mut self.decoder)
+            .take(self.size as u64)
+            .read_to_end(&mut piece)
+        {
+            Err(e) => {
+                self.failed = true;
+                Some(Err(e))
+            }
+            Ok(0) => None,
+            Ok(_) => Some(Ok(piece)),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1011,6 +1131,22 @@ impl Drop for TempFile {
 struct SchemaFile {
     file: TempFile,
     pg_restore: PathBuf,
+    /// CRC-32 of the stored dump (checked): names its content.
+    crc32: u32,
+}
+
+/// `pg_restore` of at least major version `min_major`, looked up once per process: looking one
+/// up runs it (and on Debian, `pg_restore` on PATH is a Perl wrapper that takes tens of
+/// milliseconds to start), and a restore needs it in every load phase.
+fn find_pg_restore(min_major: u32) -> Result<PathBuf, BackupError> {
+    static FOUND: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
+    let mut found = FOUND.lock().expect("pg_restore lock");
+    if let Some((_, p)) = found.iter().find(|(m, _)| *m == min_major) {
+        return Ok(p.clone());
+    }
+    let p = pgbin::find("pg_restore", Some(min_major))?;
+    found.push((min_major, p.clone()));
+    Ok(p)
 }
 
 impl SchemaFile {
@@ -1019,17 +1155,38 @@ impl SchemaFile {
         verify(&m.schema.key, &data, m.schema.crc32)?;
         // pg_restore must read the archive format of the pg_dump that wrote it, at least as
         // new as the source server.
-        let pg_restore = pgbin::find("pg_restore", Some(m.server_version_num / 10000))?;
+        let pg_restore = find_pg_restore(m.server_version_num / 10000)?;
         let file = TempFile::create(".dump", &data)?;
-        Ok(SchemaFile { file, pg_restore })
+        Ok(SchemaFile {
+            file,
+            pg_restore,
+            crc32: m.schema.crc32,
+        })
     }
 
+    /// `pg_restore -l` of the dump (remembered: the Keys and PostData phases both need it).
     async fn listing(&self) -> Result<String, BackupError> {
+        static LISTINGS: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
+        let cached = LISTINGS
+            .lock()
+            .expect("listing lock")
+            .iter()
+            .find(|(crc, _)| *crc == self.crc32)
+            .map(|(_, l)| l.clone());
+        if let Some(l) = cached {
+            return Ok(l);
+        }
         let out = run_tool(&self.pg_restore, &["-l", &self.file.arg()], Vec::new()).await?;
-        String::from_utf8(out).map_err(|e| BackupError::BadObject {
+        let listing = String::from_utf8(out).map_err(|e| BackupError::BadObject {
             key: "pg_restore -l".into(),
             message: e.to_string(),
-        })
+        })?;
+        let mut listings = LISTINGS.lock().expect("listing lock");
+        if listings.len() >= 4 {
+            listings.remove(0);
+        }
+        listings.push((self.crc32, listing.clone()));
+        Ok(listing)
     }
 
     async fn restore(
@@ -1113,7 +1270,7 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// A part fetched, checked and decompressed.
+/// A part fetched and checked (still compressed: [`load_part`] decompresses it as it sends it).
 type Fetched = Result<Bytes, BackupError>;
 
 fn start_fetch(store: &Arc<dyn Store>, p: &PartEntry) -> AbortOnDrop<Fetched> {
@@ -1122,27 +1279,7 @@ fn start_fetch(store: &Arc<dyn Store>, p: &PartEntry) -> AbortOnDrop<Fetched> {
     AbortOnDrop(tokio::spawn(async move {
         let data = store.get(&p.key).await?;
         verify(&p.key, &data, p.crc32)?;
-        let expected = p.raw_bytes as usize;
-        let raw = tokio::task::spawn_blocking(move || decompress(&data, expected))
-            .await
-            .map_err(|e| BackupError::Io {
-                context: format!("decompressing {}", p.key),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(|e| BackupError::BadObject {
-                key: p.key.clone(),
-                message: format!("cannot decompress: {e}"),
-            })?;
-        if raw.len() != expected {
-            return Err(BackupError::BadObject {
-                key: p.key.clone(),
-                message: format!(
-                    "decompresses to {} bytes, the manifest records {expected}",
-                    raw.len()
-                ),
-            });
-        }
-        Ok(Bytes::from(raw))
+        Ok(data)
     }))
 }
 
@@ -1242,23 +1379,50 @@ async fn load_data(
     Ok(())
 }
 
-/// Loads one part with one COPY, checking its row count.
+/// Loads one part with one COPY, checking its size and row count. The part is decompressed
+/// message by message as it is sent: each message's buffer is small enough to stay in cache
+/// and to be reused by the allocator, where a whole decompressed part (32 MiB) costs page
+/// faults and misses. A part that turns out damaged aborts its COPY (and so the load).
 async fn load_part(
     client: &Client,
     t: &TableEntry,
     p: &PartEntry,
-    data: Bytes,
+    stored: Bytes,
 ) -> Result<u64, BackupError> {
     let display = qualified(&t.schema, &t.name);
     let ctx = || format!("COPY {display} FROM STDIN ({})", p.key);
+    let bad = |message: String| BackupError::BadObject {
+        key: p.key.clone(),
+        message,
+    };
     let sink = client
         .copy_in::<_, Bytes>(copy_in_sql(t).as_str())
         .await
         .map_err(pg(ctx()))?;
     pin_mut!(sink);
     // Returning early drops the sink, which aborts the COPY.
-    for piece in chunks(data, COPY_MESSAGE) {
-        sink.feed(piece).await.map_err(|e| pg(ctx())(e))?;
+    let mut sent = 0u64;
+    for piece in pieces(&stored, COPY_MESSAGE) {
+        let piece = piece.map_err(|e| bad(format!("cannot decompress: {e}")))?;
+        sent += piece.len() as u64;
+        if sent > p.raw_bytes {
+            break;
+        }
+        sink.feed(Bytes::from(piece))
+            .await
+            .map_err(|e| pg(ctx())(e))?;
+    }
+    if sent > p.raw_bytes {
+        return Err(bad(format!(
+            "decompresses to more than the {} bytes the manifest records",
+            p.raw_bytes
+        )));
+    }
+    if sent != p.raw_bytes {
+        return Err(bad(format!(
+            "decompresses to {sent} bytes, the manifest records {}",
+            p.raw_bytes
+        )));
     }
     let rows = sink.finish().await.map_err(pg(ctx()))?;
     if rows != p.rows {
@@ -1272,11 +1436,6 @@ async fn load_part(
 
 /// Size of the CopyData messages sent: the server starts on a message once it has all of it.
 const COPY_MESSAGE: usize = 1 << 20;
-
-fn chunks(data: Bytes, size: usize) -> impl Iterator<Item = Bytes> {
-    let n = data.len().div_ceil(size);
-    (0..n).map(move |i| data.slice(i * size..data.len().min((i + 1) * size)))
-}
 
 /// Sets every sequence to its backed-up value. Done with the data, before the restore replays
 /// the archived changes, so that a replayed `TRUNCATE … RESTART IDENTITY` restarts the
@@ -1388,6 +1547,7 @@ mod tests {
             name: "T x".into(),
             partitioned_root: false,
             columns: vec!["a".into(), "b\"c".into()],
+            format: CopyFormat::Text,
             size: 0,
         };
         assert_eq!(
@@ -1402,6 +1562,17 @@ mod tests {
         t.columns.clear();
         t.partitioned_root = false;
         assert_eq!(copy_out_sql(&t), "COPY \"s\".\"T x\" TO STDOUT");
+        t.format = CopyFormat::Binary;
+        t.columns = vec!["a".into()];
+        assert_eq!(
+            copy_out_sql(&t),
+            "COPY \"s\".\"T x\" (\"a\") TO STDOUT (FORMAT binary)"
+        );
+        assert_eq!(
+            copy_task_sql(&t, Some((4, None))),
+            "COPY (SELECT \"a\" FROM ONLY \"s\".\"T x\" WHERE ctid >= '(4,0)'::pg_catalog.tid) \
+             TO STDOUT (FORMAT binary)"
+        );
     }
 
     #[test]
@@ -1412,6 +1583,7 @@ mod tests {
             name: name.into(),
             partitioned_root: root,
             columns: vec!["a".into()],
+            format: CopyFormat::Text,
             size,
         };
         let tables = [
@@ -1448,16 +1620,21 @@ mod tests {
         assert_eq!(copy_task_sql(&tables[1], None), copy_out_sql(&tables[1]));
     }
 
+    fn decompress(data: &[u8]) -> std::io::Result<Vec<u8>> {
+        Ok(pieces(data, 1000).collect::<Result<Vec<_>, _>>()?.concat())
+    }
+
     #[test]
-    fn copy_messages_split_anywhere_and_rejoin() {
-        let data = Bytes::from((0..=255u8).cycle().take(2500).collect::<Vec<u8>>());
-        let pieces: Vec<Bytes> = chunks(data.clone(), 1000).collect();
+    fn parts_decompress_in_pieces() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(2500).collect();
+        let c = compress(&data).unwrap();
+        let got: Vec<Vec<u8>> = pieces(&c, 1000).map(Result::unwrap).collect();
         assert_eq!(
-            pieces.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            got.iter().map(|p| p.len()).collect::<Vec<_>>(),
             [1000, 1000, 500]
         );
-        assert_eq!(pieces.concat(), data.to_vec());
-        assert_eq!(chunks(Bytes::new(), 1000).count(), 0);
+        assert_eq!(got.concat(), data);
+        assert_eq!(pieces(&compress(b"").unwrap(), 1000).count(), 0);
     }
 
     #[test]
@@ -1466,14 +1643,11 @@ mod tests {
         let c = compress(&data).unwrap();
         assert_eq!(&c[..4], &[0x04, 0x22, 0x4d, 0x18], "lz4 frame magic");
         assert!(c.len() < data.len());
-        assert_eq!(decompress(&c, data.len()).unwrap(), data);
+        assert_eq!(decompress(&c).unwrap(), data);
         let mut bad = c.clone();
         let mid = bad.len() / 2;
         bad[mid] ^= 0x40;
-        assert!(
-            decompress(&bad, data.len()).is_err(),
-            "content checksum catches damage"
-        );
+        assert!(decompress(&bad).is_err(), "content checksum catches damage");
     }
 
     #[test]

@@ -7,8 +7,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::lsn::{Lsn, PgTimestamp};
 
-/// The manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest manifest format this build writes and reads: 2 when a table is stored in COPY's
+/// binary format (a reader of format 1 would take binary parts for text).
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The oldest manifest format this build reads (and writes, when every table is COPY text).
+pub const MIN_FORMAT_VERSION: u32 = 1;
 
 /// Folder under which every base backup lives.
 pub const ROOT: &str = "basebackups/";
@@ -88,18 +92,35 @@ pub struct TableEntry {
     pub partitioned_root: bool,
     /// The columns in the COPY data, in order (stored, non-generated columns).
     pub columns: Vec<String>,
+    /// The COPY format of the parts (text when absent: format 1 manifests).
+    #[serde(default)]
+    pub format: CopyFormat,
     pub rows: u64,
     pub raw_bytes: u64,
     pub stored_bytes: u64,
     pub parts: Vec<PartEntry>,
 }
 
-/// One stored part of a table: lz4-framed COPY text, cut at a row boundary.
+/// The COPY format of a table's parts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CopyFormat {
+    /// COPY text: portable across major versions and types.
+    #[default]
+    Text,
+    /// COPY binary: only for tables whose columns are all of built-in base, range or
+    /// multirange types (or arrays of them), whose binary forms do not depend on OIDs of the
+    /// source; the server reads it with less work than text.
+    Binary,
+}
+
+/// One stored part of a table: lz4-framed COPY output (text, or a whole binary COPY stream),
+/// cut at a row boundary.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartEntry {
     pub key: String,
     pub rows: u64,
-    /// Size of the COPY text.
+    /// Size of the COPY output (text, or the whole binary stream).
     pub raw_bytes: u64,
     /// Size of the stored (compressed) object.
     pub stored_bytes: u64,
@@ -158,7 +179,7 @@ pub struct Totals {
 pub enum ManifestError {
     #[error("{key}: not a tidemark manifest: {message}")]
     Invalid { key: String, message: String },
-    #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
+    #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
     UnsupportedVersion { key: String, found: u64 },
 }
 
@@ -182,7 +203,7 @@ impl Manifest {
             .get("format_version")
             .and_then(|v| v.as_u64())
             .ok_or_else(|| invalid("no numeric format_version".into()))?;
-        if version != FORMAT_VERSION as u64 {
+        if !(MIN_FORMAT_VERSION as u64..=FORMAT_VERSION as u64).contains(&version) {
             return Err(ManifestError::UnsupportedVersion {
                 key: key.to_string(),
                 found: version,
@@ -251,6 +272,7 @@ pub(crate) mod tests {
                 name: "t \"quoted\"".into(),
                 partitioned_root: false,
                 columns: vec!["id".into(), "body".into()],
+                format: CopyFormat::Binary,
                 rows: 10,
                 raw_bytes: 100,
                 stored_bytes: 60,
@@ -320,18 +342,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn reads_format_1_as_copy_text() {
+        let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
+        assert_eq!(v["tables"][0]["format"], "binary");
+        v["format_version"] = serde_json::json!(1);
+        v["tables"][0].as_object_mut().unwrap().remove("format");
+        let m = Manifest::from_json("k", &serde_json::to_vec(&v).unwrap()).unwrap();
+        assert_eq!(m.tables[0].format, CopyFormat::Text);
+    }
+
+    #[test]
     fn refuses_other_format_versions() {
         let mut v: serde_json::Value = serde_json::from_slice(&sample().to_json()).unwrap();
-        v["format_version"] = serde_json::json!(2);
+        v["format_version"] = serde_json::json!(3);
         let data = serde_json::to_vec(&v).unwrap();
         let err = Manifest::from_json("basebackups/x/manifest.json", &data).unwrap_err();
         let msg = err.to_string();
         assert!(matches!(
             err,
-            ManifestError::UnsupportedVersion { found: 2, .. }
+            ManifestError::UnsupportedVersion { found: 3, .. }
         ));
         assert!(msg.contains("basebackups/x/manifest.json"), "{msg}");
-        assert!(msg.contains("format_version 2"), "{msg}");
+        assert!(msg.contains("format_version 3"), "{msg}");
 
         let err = Manifest::from_json("k", b"{\"id\": \"x\"}").unwrap_err();
         assert!(err.to_string().contains("no numeric format_version"));

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tidemark::backup::{self, BackupRequest, LoadPhase, Manifest};
+use tidemark::backup::{self, BackupRequest, CopyFormat, LoadPhase, Manifest};
 use tidemark::conninfo::ConnInfo;
 use tidemark::lsn::Lsn;
 use tidemark::store::{LocalStore, Store};
@@ -23,6 +23,26 @@ INSERT INTO kinds (i, t, n, j, b, a, ta, f, ts, d, iv, u) VALUES
   (NULL, NULL, NULL, NULL, NULL, NULL, NULL, 1e308, NULL, NULL, NULL, NULL),
   (5, 'ünïcødé ✓ 日本', 'NaN', '{"nested": {"deep": [{"k": "v"}]}}', NULL, '{{1,2},{3,4}}',
    '{"a,b","c\\d"}', 3.141592653589793, now(), 'today', '-00:00:01.5', 'u5');
+
+-- Column types without an OID-free binary form: the table travels as COPY text.
+CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TYPE pair AS (x int, y text);
+CREATE DOMAIN posint AS int CHECK (VALUE > 0);
+CREATE TABLE custom (id int PRIMARY KEY, m mood, ms mood[], p pair, ps pair[], d posint);
+INSERT INTO custom VALUES (1, 'ok', '{sad,happy}', '(1,"a b")', ARRAY['(2,x)'::pair, NULL], 7),
+  (2, NULL, NULL, NULL, NULL, NULL);
+-- Built-in types of every kind in COPY binary.
+CREATE TABLE builtins (id int PRIMARY KEY, r int4range, mr int4multirange, pt point,
+                       c char(5), vc varchar(10), bo bool, m money, ip inet, vb bit varying,
+                       u uuid, x xml, js json, tsv tsvector, nm name, ts timestamp, tt time,
+                       ttz timetz, fa float4[], tsr tstzrange[], ch "char", o oid);
+INSERT INTO builtins VALUES
+  (1, '[1,5)', '{[1,2),[4,9)}', '(1.5,-2)', 'ab', 'xyz', true, 12.34, '10.1.0.0/16', B'10110',
+   'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '<a>ü</a>', '{"k": [1, "ü"]}', 'fat:2 rat:1',
+   'some name', '2024-02-29 01:02:03.456789', '23:59:59.999999', '12:00+05:30',
+   '{1.5,NaN,-Infinity}', ARRAY['[2024-01-01,2024-02-01)'::tstzrange, 'empty'], 'q', 4294967295),
+  (2, 'empty', '{}', NULL, NULL, '', false, -0.01, '::1', B'', NULL, NULL, 'null', '', '',
+   'infinity', '00:00', NULL, '{}', '{}', NULL, 0);
 
 CREATE TABLE big (id bigint PRIMARY KEY, body text);
 INSERT INTO big SELECT g, repeat(md5(g::text), 20) FROM generate_series(1, 60000) g;
@@ -177,7 +197,10 @@ async fn take_and_load_round_trip() {
         parallel: 3,
     };
     // Small block ranges, so that tables are copied in parallel ranges.
-    let opts = backup::TakeOptions { split_blocks: 2 };
+    let opts = backup::TakeOptions {
+        split_blocks: 2,
+        ..Default::default()
+    };
     let m = backup::take_with(&store, req, opts).await.unwrap();
     let m_root = backup::take_with(
         &store,
@@ -187,6 +210,20 @@ async fn take_and_load_round_trip() {
             ..req
         },
         opts,
+    )
+    .await
+    .unwrap();
+    // All in COPY text (a backup read by tidemark releases that know format 1 only).
+    let m_text = backup::take_with(
+        &store,
+        BackupRequest {
+            generation: 3,
+            ..req
+        },
+        backup::TakeOptions {
+            binary: false,
+            ..opts
+        },
     )
     .await
     .unwrap();
@@ -238,6 +275,19 @@ async fn take_and_load_round_trip() {
         ["id", "parent_id", "qty"],
         "generated column left out"
     );
+    // COPY binary where every column type allows it.
+    let format_of = |name: &str| m.tables.iter().find(|t| t.name == name).unwrap().format;
+    for (name, format) in [
+        ("kinds", CopyFormat::Binary),
+        ("builtins", CopyFormat::Binary),
+        ("big", CopyFormat::Binary),
+        ("custom", CopyFormat::Text),
+        ("nocols", CopyFormat::Text),
+    ] {
+        assert_eq!(format_of(name), format, "{name}");
+    }
+    assert_eq!(m.format_version, 2);
+    assert_eq!(m_root.tables[0].format, CopyFormat::Binary);
     let nocols = m.tables.iter().find(|t| t.name == "nocols").unwrap();
     assert_eq!((nocols.columns.len(), nocols.rows), (0, 2));
     let free = m.sequences.iter().find(|s| s.name == "free_seq").unwrap();
@@ -246,7 +296,7 @@ async fn take_and_load_round_trip() {
     assert!(m_root.tables[0].partitioned_root);
     assert_eq!(m_root.tables[0].rows, 701);
 
-    // Parts are plain lz4 frames.
+    // Parts are plain lz4 frames; a binary part is a whole binary COPY stream.
     if let Ok(out) = std::process::Command::new("lz4")
         .args(["-d", "-c"])
         .arg(dir.path().join(&big.parts[1].key))
@@ -254,11 +304,12 @@ async fn take_and_load_round_trip() {
     {
         assert!(out.status.success());
         assert_eq!(out.stdout.len() as u64, big.parts[1].raw_bytes);
-        assert!(out.stdout.ends_with(b"\n"));
+        assert!(out.stdout.starts_with(b"PGCOPY\n\xff\r\n\0"));
+        assert!(out.stdout.ends_with(b"\xff\xff"));
     }
 
     let listed = backup::list_manifests(&store).await.unwrap();
-    assert_eq!(listed, vec![m.clone(), m_root.clone()]);
+    assert_eq!(listed, vec![m.clone(), m_root.clone(), m_text.clone()]);
 
     // Load, watching the Keys / PostData split.
     cluster.create_database("dst");
@@ -282,7 +333,7 @@ async fn take_and_load_round_trip() {
     // Keys of the published leaves, not of the unpublished partitioned root; no foreign key.
     assert_eq!(
         lines[0],
-        "child_pkey:p,kinds_pkey:p,kinds_u_key:u,measurements_2023_pkey:p,\
+        "builtins_pkey:p,custom_pkey:p,child_pkey:p,kinds_pkey:p,kinds_u_key:u,measurements_2023_pkey:p,\
          measurements_2024_pkey:p,p k:p,parent_pkey:p,uses_free_pkey:p,big_pkey:p"
             .split(',')
             .collect::<std::collections::BTreeSet<_>>()
@@ -322,6 +373,18 @@ async fn take_and_load_round_trip() {
          SELECT last_value FROM free_seq;",
     );
     assert_eq!(after, "7\n51\n501\n200", "{after}");
+
+    // The COPY text backup loads the same content.
+    assert_eq!(m_text.format_version, 1);
+    assert!(m_text.tables.iter().all(|t| t.format == CopyFormat::Text));
+    cluster.create_database("dst_text");
+    let target_text = ConnInfo::parse(&cluster.conninfo("dst_text")).unwrap();
+    load_all(&store, &m_text, &target_text).await.unwrap();
+    assert_same_content(
+        &expected,
+        &snapshot_content(&cluster.client("dst_text").await).await,
+        "restored (COPY text) vs source at the snapshot",
+    );
 
     // The partition-root backup loads through the root.
     cluster.create_database("dst_root");
