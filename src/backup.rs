@@ -422,14 +422,16 @@ async fn take_inner(
 /// format: a built-in (OID below 16384, `FirstNormalObjectId`) base, range or multirange type
 /// with binary I/O, or an array of one. Their binary forms hold no OIDs but built-in ones
 /// (arrays name their element type), so they load into any server; composite types, enums,
-/// domains and extension types name OIDs of the source, or may lack binary I/O: text.
+/// domains and extension types name OIDs of the source, or may lack binary I/O, and the
+/// built-in `reg*` types (regclass, regtype, …) *are* OIDs of the source's objects, where their
+/// text names them: text.
 const BINARY_COLUMNS_SQL: &str = "SELECT a.attname::text,
-        t.oid < 16384 AND t.typtype IN ('b', 'r', 'm')
+        t.oid < 16384 AND t.typtype IN ('b', 'r', 'm') AND t.typname !~ '^_?reg'
         AND t.typsend <> 0 AND t.typreceive <> 0
         AND (t.typelem = 0 OR EXISTS (
             SELECT FROM pg_catalog.pg_type e
             WHERE e.oid = t.typelem AND e.oid < 16384 AND e.typtype IN ('b', 'r', 'm')
-              AND e.typsend <> 0 AND e.typreceive <> 0))
+              AND e.typname !~ '^reg' AND e.typsend <> 0 AND e.typreceive <> 0))
  FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
  ORDER BY a.attnum";

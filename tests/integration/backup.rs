@@ -31,6 +31,10 @@ CREATE DOMAIN posint AS int CHECK (VALUE > 0);
 CREATE TABLE custom (id int PRIMARY KEY, m mood, ms mood[], p pair, ps pair[], d posint);
 INSERT INTO custom VALUES (1, 'ok', '{sad,happy}', '(1,"a b")', ARRAY['(2,x)'::pair, NULL], 7),
   (2, NULL, NULL, NULL, NULL, NULL);
+-- Built-in types whose binary form is an OID of the source (reg*): text, so they name the
+-- target's objects.
+CREATE TABLE refs (id int PRIMARY KEY, c regclass, t regtype, ts regtype[]);
+INSERT INTO refs VALUES (1, 'custom', 'mood', '{pair,posint}'), (2, 'refs', 'int4', NULL);
 -- Built-in types of every kind in COPY binary.
 CREATE TABLE builtins (id int PRIMARY KEY, r int4range, mr int4multirange, pt point,
                        c char(5), vc varchar(10), bo bool, m money, ip inet, vb bit varying,
@@ -282,6 +286,7 @@ async fn take_and_load_round_trip() {
         ("builtins", CopyFormat::Binary),
         ("big", CopyFormat::Binary),
         ("custom", CopyFormat::Text),
+        ("refs", CopyFormat::Text),
         ("nocols", CopyFormat::Text),
     ] {
         assert_eq!(format_of(name), format, "{name}");
@@ -334,7 +339,7 @@ async fn take_and_load_round_trip() {
     assert_eq!(
         lines[0],
         "builtins_pkey:p,custom_pkey:p,child_pkey:p,kinds_pkey:p,kinds_u_key:u,measurements_2023_pkey:p,\
-         measurements_2024_pkey:p,p k:p,parent_pkey:p,uses_free_pkey:p,big_pkey:p"
+         measurements_2024_pkey:p,p k:p,parent_pkey:p,refs_pkey:p,uses_free_pkey:p,big_pkey:p"
             .split(',')
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
