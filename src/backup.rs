@@ -1023,16 +1023,64 @@ pub async fn read_manifest(store: &Arc<dyn Store>, id: &str) -> Result<Manifest,
 // Loading
 // ---------------------------------------------------------------------------------------------
 
-/// Loads one phase of backup `m` into `target` (an existing, empty database).
-pub async fn load(
-    store: &Arc<dyn Store>,
-    m: &Manifest,
-    target: &ConnInfo,
+/// Loads backup `m` into `target` (an existing, empty database), phase by phase
+/// ([`Loader::load`]). The schema dump is fetched, checked and listed once, whichever phases
+/// need it.
+pub struct Loader<'a> {
+    store: &'a Arc<dyn Store>,
+    m: &'a Manifest,
+    target: &'a ConnInfo,
     parallel: usize,
-    phase: LoadPhase,
-) -> Result<LoadStats, BackupError> {
+    schema: tokio::sync::OnceCell<SchemaFile>,
+    listing: tokio::sync::OnceCell<String>,
+}
+
+impl<'a> Loader<'a> {
+    /// A loader using up to `parallel` connections (at least 1).
+    pub fn new(
+        store: &'a Arc<dyn Store>,
+        m: &'a Manifest,
+        target: &'a ConnInfo,
+        parallel: usize,
+    ) -> Loader<'a> {
+        Loader {
+            store,
+            m,
+            target,
+            parallel: parallel.max(1),
+            schema: tokio::sync::OnceCell::new(),
+            listing: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn schema(&self) -> Result<&SchemaFile, BackupError> {
+        self.schema
+            .get_or_try_init(|| SchemaFile::fetch(self.store, self.m))
+            .await
+    }
+
+    /// `pg_restore -l` of the schema dump.
+    async fn listing(&self) -> Result<&str, BackupError> {
+        let dump = self.schema().await?;
+        let listing = self.listing.get_or_try_init(|| dump.listing()).await?;
+        Ok(listing)
+    }
+
+    /// Loads one phase.
+    pub async fn load(&self, phase: LoadPhase) -> Result<LoadStats, BackupError> {
+        load(self, phase).await
+    }
+}
+
+async fn load(loader: &Loader<'_>, phase: LoadPhase) -> Result<LoadStats, BackupError> {
+    let Loader {
+        store,
+        m,
+        target,
+        parallel,
+        ..
+    } = *loader;
     let started = Instant::now();
-    let parallel = parallel.max(1);
     let mut stats = LoadStats {
         phase,
         tables: 0,
@@ -1043,7 +1091,7 @@ pub async fn load(
     };
     match phase {
         LoadPhase::PreData => {
-            let dump = SchemaFile::fetch(store, m).await?;
+            let dump = loader.schema().await?;
             dump.restore(target, &["--section=pre-data"], None, 1)
                 .await?;
         }
@@ -1052,8 +1100,8 @@ pub async fn load(
             stats.sequences = set_backed_up_sequences(m, target).await?;
         }
         LoadPhase::Keys | LoadPhase::PostData => {
-            let dump = SchemaFile::fetch(store, m).await?;
-            let listing = dump.listing().await?;
+            let dump = loader.schema().await?;
+            let listing = loader.listing().await?;
             let wanted: HashSet<(u32, u32)> = m
                 .key_objects
                 .iter()
@@ -1062,7 +1110,7 @@ pub async fn load(
                     KeyKind::ReplicaIdentityIndex => (toc::PG_CLASS, k.oid),
                 })
                 .collect();
-            let split = toc::split(&listing, &wanted);
+            let split = toc::split(listing, &wanted);
             let list = if phase == LoadPhase::Keys {
                 for k in &m.key_objects {
                     let pair = match k.kind {
@@ -1132,23 +1180,9 @@ impl Drop for TempFile {
 /// The schema dump, fetched, checked and written to a temporary file for pg_restore.
 struct SchemaFile {
     file: TempFile,
+    /// Looked up once per restore ([`Loader`]): looking one up runs it, and on Debian
+    /// `pg_restore` on PATH is a Perl wrapper that takes tens of milliseconds to start.
     pg_restore: PathBuf,
-    /// CRC-32 of the stored dump (checked): names its content.
-    crc32: u32,
-}
-
-/// `pg_restore` of at least major version `min_major`, looked up once per process: looking one
-/// up runs it (and on Debian, `pg_restore` on PATH is a Perl wrapper that takes tens of
-/// milliseconds to start), and a restore needs it in every load phase.
-fn find_pg_restore(min_major: u32) -> Result<PathBuf, BackupError> {
-    static FOUND: Mutex<Vec<(u32, PathBuf)>> = Mutex::new(Vec::new());
-    let mut found = FOUND.lock().expect("pg_restore lock");
-    if let Some((_, p)) = found.iter().find(|(m, _)| *m == min_major) {
-        return Ok(p.clone());
-    }
-    let p = pgbin::find("pg_restore", Some(min_major))?;
-    found.push((min_major, p.clone()));
-    Ok(p)
 }
 
 impl SchemaFile {
@@ -1157,38 +1191,18 @@ impl SchemaFile {
         verify(&m.schema.key, &data, m.schema.crc32)?;
         // pg_restore must read the archive format of the pg_dump that wrote it, at least as
         // new as the source server.
-        let pg_restore = find_pg_restore(m.server_version_num / 10000)?;
+        let pg_restore = pgbin::find("pg_restore", Some(m.server_version_num / 10000))?;
         let file = TempFile::create(".dump", &data)?;
-        Ok(SchemaFile {
-            file,
-            pg_restore,
-            crc32: m.schema.crc32,
-        })
+        Ok(SchemaFile { file, pg_restore })
     }
 
-    /// `pg_restore -l` of the dump (remembered: the Keys and PostData phases both need it).
+    /// `pg_restore -l` of the dump.
     async fn listing(&self) -> Result<String, BackupError> {
-        static LISTINGS: Mutex<Vec<(u32, String)>> = Mutex::new(Vec::new());
-        let cached = LISTINGS
-            .lock()
-            .expect("listing lock")
-            .iter()
-            .find(|(crc, _)| *crc == self.crc32)
-            .map(|(_, l)| l.clone());
-        if let Some(l) = cached {
-            return Ok(l);
-        }
         let out = run_tool(&self.pg_restore, &["-l", &self.file.arg()], Vec::new()).await?;
-        let listing = String::from_utf8(out).map_err(|e| BackupError::BadObject {
+        String::from_utf8(out).map_err(|e| BackupError::BadObject {
             key: "pg_restore -l".into(),
             message: e.to_string(),
-        })?;
-        let mut listings = LISTINGS.lock().expect("listing lock");
-        if listings.len() >= 4 {
-            listings.remove(0);
-        }
-        listings.push((self.crc32, listing.clone()));
-        Ok(listing)
+        })
     }
 
     async fn restore(

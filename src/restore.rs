@@ -282,16 +282,17 @@ pub async fn run(
         tempfile::tempdir().map_err(|e| RestoreError::Target(format!("temporary folder: {e}")))?;
     let verified = fetch_and_verify(store, &gens, &plan, to, spool.path()).await?;
 
-    backup::load(store, manifest, target_info, parallel, LoadPhase::PreData).await?;
-    backup::load(store, manifest, target_info, parallel, LoadPhase::Data).await?;
-    backup::load(store, manifest, target_info, parallel, LoadPhase::Keys).await?;
+    let loader = backup::Loader::new(store, manifest, target_info, parallel);
+    loader.load(LoadPhase::PreData).await?;
+    loader.load(LoadPhase::Data).await?;
+    loader.load(LoadPhase::Keys).await?;
     // Replayed DDL may name any object of the backup (DROP INDEX, RENAME COLUMN of an indexed
     // column…): with DDL in the archive, every post-data object exists before replay.
     let post_data_first = crate::ddl::segments_have_ddl(&verified)
         .await
         .map_err(RestoreError::Target)?;
     if post_data_first {
-        backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
+        loader.load(LoadPhase::PostData).await?;
     }
 
     let replay_started = Instant::now();
@@ -314,7 +315,7 @@ pub async fn run(
             .await
             .map_err(RestoreError::from)?;
     } else {
-        backup::load(store, manifest, target_info, parallel, LoadPhase::PostData).await?;
+        loader.load(LoadPhase::PostData).await?;
     }
     let summary = RestoreSummary {
         backup_id: plan.backup_id,

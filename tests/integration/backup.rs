@@ -153,13 +153,14 @@ async fn load_all(
     m: &Manifest,
     target: &ConnInfo,
 ) -> Result<(), backup::BackupError> {
+    let loader = backup::Loader::new(store, m, target, 3);
     for phase in [
         LoadPhase::PreData,
         LoadPhase::Data,
         LoadPhase::Keys,
         LoadPhase::PostData,
     ] {
-        backup::load(store, m, target, 3, phase).await?;
+        loader.load(phase).await?;
     }
     Ok(())
 }
@@ -320,8 +321,9 @@ async fn take_and_load_round_trip() {
     cluster.create_database("dst");
     let target = ConnInfo::parse(&cluster.conninfo("dst")).unwrap();
     let mut rows_loaded = 0;
+    let loader = backup::Loader::new(&store, &m, &target, 3);
     for phase in [LoadPhase::PreData, LoadPhase::Data, LoadPhase::Keys] {
-        let stats = backup::load(&store, &m, &target, 3, phase).await.unwrap();
+        let stats = loader.load(phase).await.unwrap();
         rows_loaded += stats.rows;
     }
     assert_eq!(rows_loaded, m.totals.rows);
@@ -350,9 +352,7 @@ async fn take_and_load_round_trip() {
     assert_eq!(lines[1], "ri_k", "{after_keys}");
     assert_eq!(lines[2], "i", "{after_keys}");
     assert_eq!(lines[3], "0", "{after_keys}");
-    let stats = backup::load(&store, &m, &target, 3, LoadPhase::PostData)
-        .await
-        .unwrap();
+    let stats = loader.load(LoadPhase::PostData).await.unwrap();
     assert_eq!(stats.sequences, m.sequences.len() as u64);
 
     let actual = snapshot_content(&cluster.client("dst").await).await;
@@ -409,12 +409,9 @@ async fn take_and_load_round_trip() {
     std::fs::write(&path, &bytes).unwrap();
     cluster.create_database("dst_bad");
     let target_bad = ConnInfo::parse(&cluster.conninfo("dst_bad")).unwrap();
-    backup::load(&store, &m, &target_bad, 2, LoadPhase::PreData)
-        .await
-        .unwrap();
-    let err = backup::load(&store, &m, &target_bad, 2, LoadPhase::Data)
-        .await
-        .unwrap_err();
+    let loader_bad = backup::Loader::new(&store, &m, &target_bad, 2);
+    loader_bad.load(LoadPhase::PreData).await.unwrap();
+    let err = loader_bad.load(LoadPhase::Data).await.unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains(&victim.key), "{msg}");
     assert!(msg.contains(&format!("{:08x}", victim.crc32)), "{msg}");
