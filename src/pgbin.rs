@@ -6,6 +6,13 @@
 //! version (the server's: `pg_dump` refuses to dump a server newer than itself), candidates
 //! whose `--version` reports an older major are skipped.
 //!
+//! Debian and Ubuntu put `pg_wrapper` (postgresql-common, a Perl script) on `PATH` under each
+//! program's name; it picks a version and runs `/usr/lib/postgresql/<N>/bin/<program>`. Perl's
+//! start costs about 50 ms per run, and a restore runs `pg_restore` four or five times: a
+//! `PATH` entry that resolves to `pg_wrapper` is passed over for the folders it dispatches to
+//! (highest version first, which the version check needs anyway), and used only when none of
+//! them has the program.
+//!
 //! Does not own: running the programs (callers do, with [`crate::conninfo::ConnInfo::child_env`]).
 
 use std::path::{Path, PathBuf};
@@ -66,82 +73,135 @@ fn describe_not_found(
 
 /// Finds `program`, at least of major version `min_major` when given (see the module doc).
 pub fn find(program: &str, min_major: Option<u32>) -> Result<PathBuf, PgBinError> {
-    let mut looked = Vec::new();
-    let mut rejected = Vec::new();
-    let mut seen: Vec<PathBuf> = Vec::new();
+    let env_dir = std::env::var_os(ENV_PG_BIN)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from);
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path_dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    find_in(
+        program,
+        min_major,
+        &Places {
+            env_dir: env_dir.as_deref(),
+            path_dirs: &path_dirs,
+            pg_config_bindir: &pg_config_bindir,
+            debian_root: Path::new(DEBIAN_ROOT),
+        },
+    )
+}
 
-    let mut try_dir = |dir: &Path,
-                       looked_label: Option<String>,
-                       looked: &mut Vec<String>,
-                       rejected: &mut Vec<(PathBuf, Option<u32>)>|
-     -> Option<PathBuf> {
-        if let Some(label) = looked_label {
-            looked.push(label);
+/// Where [`find`] looks (separate for tests).
+struct Places<'a> {
+    env_dir: Option<&'a Path>,
+    path_dirs: &'a [PathBuf],
+    pg_config_bindir: &'a dyn Fn() -> Option<PathBuf>,
+    debian_root: &'a Path,
+}
+
+fn find_in(program: &str, min_major: Option<u32>, places: &Places) -> Result<PathBuf, PgBinError> {
+    let mut s = Search {
+        program,
+        min_major,
+        looked: Vec::new(),
+        rejected: Vec::new(),
+        seen: Vec::new(),
+        wrapper: None,
+    };
+    if let Some(dir) = places.env_dir {
+        s.looked.push(format!("${ENV_PG_BIN} ({})", dir.display()));
+        if let Some(p) = s.try_dir(dir, false) {
+            return Ok(p);
         }
-        let candidate = dir.join(program);
+    }
+    s.looked.push("PATH".into());
+    for dir in places.path_dirs {
+        if let Some(p) = s.try_dir(dir, true) {
+            return Ok(p);
+        }
+    }
+    // With pg_wrapper on PATH, the folders it dispatches to come first.
+    let debian_first = s.wrapper.is_some();
+    if debian_first {
+        if let Some(p) = s.try_debian(places.debian_root) {
+            return Ok(p);
+        }
+    }
+    s.looked.push("pg_config --bindir".into());
+    if let Some(dir) = (places.pg_config_bindir)() {
+        if let Some(p) = s.try_dir(&dir, false) {
+            return Ok(p);
+        }
+    }
+    if !debian_first {
+        if let Some(p) = s.try_debian(places.debian_root) {
+            return Ok(p);
+        }
+    }
+    if let Some(w) = s.wrapper.take() {
+        if let Some(p) = s.accept(w) {
+            return Ok(p);
+        }
+    }
+    Err(PgBinError::NotFound {
+        program: program.to_string(),
+        min_major,
+        looked: s.looked,
+        rejected: s.rejected,
+    })
+}
+
+/// The state of one [`find_in`].
+struct Search<'a> {
+    program: &'a str,
+    min_major: Option<u32>,
+    looked: Vec<String>,
+    rejected: Vec<(PathBuf, Option<u32>)>,
+    /// Canonical paths already tried.
+    seen: Vec<PathBuf>,
+    /// The first `PATH` entry that is Debian's pg_wrapper: the last resort.
+    wrapper: Option<PathBuf>,
+}
+
+impl Search<'_> {
+    fn try_dir(&mut self, dir: &Path, on_path: bool) -> Option<PathBuf> {
+        let candidate = dir.join(self.program);
         if !is_executable(&candidate) {
             return None;
         }
         let canonical = std::fs::canonicalize(&candidate).unwrap_or_else(|_| candidate.clone());
-        if seen.contains(&canonical) {
+        if on_path && canonical.file_name().is_some_and(|n| n == "pg_wrapper") {
+            self.wrapper.get_or_insert(candidate);
             return None;
         }
-        seen.push(canonical);
-        match min_major {
-            None => Some(candidate),
-            Some(min) => {
-                let major = program_major(&candidate);
-                match major {
-                    Some(m) if m >= min => Some(candidate),
-                    other => {
-                        rejected.push((candidate, other));
-                        None
-                    }
-                }
-            }
+        if self.seen.contains(&canonical) {
+            return None;
         }
-    };
-
-    if let Some(dir) = std::env::var_os(ENV_PG_BIN).filter(|d| !d.is_empty()) {
-        let dir = PathBuf::from(dir);
-        let label = format!("${ENV_PG_BIN} ({})", dir.display());
-        if let Some(p) = try_dir(&dir, Some(label), &mut looked, &mut rejected) {
-            return Ok(p);
-        }
+        self.seen.push(canonical);
+        self.accept(candidate)
     }
 
-    looked.push("PATH".into());
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            if let Some(p) = try_dir(&dir, None, &mut looked, &mut rejected) {
-                return Ok(p);
+    fn try_debian(&mut self, root: &Path) -> Option<PathBuf> {
+        self.looked.push(format!("{}/<N>/bin", root.display()));
+        debian_bindirs(root)
+            .iter()
+            .find_map(|dir| self.try_dir(dir, false))
+    }
+
+    /// The candidate if its version is new enough.
+    fn accept(&mut self, candidate: PathBuf) -> Option<PathBuf> {
+        let Some(min) = self.min_major else {
+            return Some(candidate);
+        };
+        match program_major(&candidate) {
+            Some(m) if m >= min => Some(candidate),
+            other => {
+                self.rejected.push((candidate, other));
+                None
             }
         }
     }
-
-    looked.push("pg_config --bindir".into());
-    if let Some(dir) = pg_config_bindir() {
-        if let Some(p) = try_dir(&dir, None, &mut looked, &mut rejected) {
-            return Ok(p);
-        }
-    }
-
-    looked.push(format!("{DEBIAN_ROOT}/<N>/bin"));
-    for dir in debian_bindirs(Path::new(DEBIAN_ROOT)) {
-        if let Some(p) = try_dir(&dir, None, &mut looked, &mut rejected) {
-            return Ok(p);
-        }
-    }
-
-    Err(PgBinError::NotFound {
-        program: program.to_string(),
-        min_major,
-        looked,
-        rejected,
-    })
 }
 
-/// The major version a program reports with `--version`, if it runs and reports one.
 pub fn program_major(program: &Path) -> Option<u32> {
     let out = Command::new(program).arg("--version").output().ok()?;
     if !out.status.success() {
@@ -262,6 +322,95 @@ mod tests {
         assert!(msg.contains("pg_config --bindir"));
         assert!(msg.contains("postgresql-client-15"));
         assert!(msg.contains(ENV_PG_BIN));
+    }
+
+    /// An executable script at `path` that reports `version` like a PostgreSQL program.
+    fn fake_program(path: &Path, version: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(
+            path,
+            format!("#!/bin/sh\necho \"pg_restore (PostgreSQL) {version}\"\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// A Debian-like layout: `usr/bin/pg_restore` → `share/postgresql-common/pg_wrapper`
+    /// (reporting `wrapper_version`), and `lib/postgresql/<v>/bin/pg_restore` for each of
+    /// `versions`; plus a non-wrapper `local/bin/pg_restore` when `local` is given.
+    struct Layout {
+        root: tempfile::TempDir,
+    }
+
+    impl Layout {
+        fn new(wrapper_version: &str, versions: &[&str], local: Option<&str>) -> Layout {
+            let root = tempfile::tempdir().unwrap();
+            let r = root.path();
+            let wrapper = r.join("share/postgresql-common/pg_wrapper");
+            fake_program(&wrapper, wrapper_version);
+            std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+            std::os::unix::fs::symlink(&wrapper, r.join("usr/bin/pg_restore")).unwrap();
+            for v in versions {
+                fake_program(&r.join(format!("lib/postgresql/{v}/bin/pg_restore")), v);
+            }
+            if let Some(v) = local {
+                fake_program(&r.join("local/bin/pg_restore"), v);
+            }
+            Layout { root }
+        }
+
+        fn find(&self, path: &[&str], min: Option<u32>) -> Result<PathBuf, PgBinError> {
+            let r = self.root.path();
+            let path_dirs: Vec<PathBuf> = path.iter().map(|d| r.join(d)).collect();
+            find_in(
+                "pg_restore",
+                min,
+                &Places {
+                    env_dir: None,
+                    path_dirs: &path_dirs,
+                    pg_config_bindir: &|| None,
+                    debian_root: &r.join("lib/postgresql"),
+                },
+            )
+        }
+
+        fn rel(&self, p: PathBuf) -> String {
+            p.strip_prefix(self.root.path())
+                .unwrap()
+                .display()
+                .to_string()
+        }
+    }
+
+    #[test]
+    fn debian_pg_wrapper_on_path_is_passed_over_for_the_folders_it_dispatches_to() {
+        let l = Layout::new("16.2", &["15", "16"], None);
+        let found = l.find(&["usr/bin"], Some(15)).unwrap();
+        assert_eq!(l.rel(found), "lib/postgresql/16/bin/pg_restore");
+        // Too old everywhere: the error names the versioned binary and the wrapper it skipped.
+        let err = l.find(&["usr/bin"], Some(17)).unwrap_err().to_string();
+        assert!(
+            err.contains("lib/postgresql/16/bin/pg_restore is version 16"),
+            "{err}"
+        );
+        assert!(err.contains("usr/bin/pg_restore is version 16"), "{err}");
+    }
+
+    #[test]
+    fn pg_wrapper_is_the_last_resort_and_other_path_entries_keep_their_priority() {
+        // Nothing in the versioned folders: the wrapper is used.
+        let l = Layout::new("15.4", &[], None);
+        assert_eq!(
+            l.rel(l.find(&["usr/bin"], Some(15)).unwrap()),
+            "usr/bin/pg_restore"
+        );
+        // A real program earlier or later on PATH wins over the wrapper and the Debian folders.
+        let l = Layout::new("16.2", &["16"], Some("15.1"));
+        assert_eq!(
+            l.rel(l.find(&["usr/bin", "local/bin"], Some(15)).unwrap()),
+            "local/bin/pg_restore"
+        );
     }
 
     #[test]
