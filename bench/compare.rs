@@ -556,13 +556,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         let rounds: usize = if sizes.full { 2 } else { 1 };
         let mut drains = Pair::default();
         for round in 0..rounds {
-            client
-                .execute(
-                    "SELECT pg_create_logical_replication_slot('twin', 'pgoutput')",
-                    &[],
-                )
-                .await
-                .unwrap();
+            create_twin(&client).await;
             let per_client = (sizes.backlog_txns / sizes.clients as u64)
                 .max(1)
                 .to_string();
@@ -582,18 +576,13 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
                 .unwrap()
                 .get(0);
             let recv = || {
-                timed(
-                    Command::new(bin("pg_recvlogical"))
-                        .args([
-                            "-d",
-                            &cluster.conninfo("bench"),
-                            "--slot",
-                            "twin",
-                            "--start",
-                        ])
-                        .args(["--endpos", &end_text, "--no-loop", "-f", "/dev/null"])
-                        .args(["-o", "proto_version=1", "-o", "publication_names=tidemark"]),
-                )
+                timed(recvlogical(&cluster).args([
+                    "--endpos",
+                    &end_text,
+                    "--no-loop",
+                    "-f",
+                    "/dev/null",
+                ]))
                 .0
             };
             let archiver = || async {
@@ -814,12 +803,8 @@ async fn live_tidemark(
     }
 }
 
-/// pgbench with `pg_recvlogical -s 1 -F 1` attached to a slot of its own (dropped after).
-async fn live_recvlogical(
-    cluster: &Cluster,
-    client: &tokio_postgres::Client,
-    args: &[&str],
-) -> LiveRun {
+/// The reference consumer's slot, `twin`, at the WAL's end.
+async fn create_twin(client: &tokio_postgres::Client) {
     client
         .execute(
             "SELECT pg_create_logical_replication_slot('twin', 'pgoutput')",
@@ -827,16 +812,31 @@ async fn live_recvlogical(
         )
         .await
         .unwrap();
-    let recv = Command::new(bin("pg_recvlogical"))
-        .args([
-            "-d",
-            &cluster.conninfo("bench"),
-            "--slot",
-            "twin",
-            "--start",
-        ])
+}
+
+/// `pg_recvlogical --start` on `twin`, with pgoutput's options for the `tidemark` publication.
+fn recvlogical(cluster: &Cluster) -> Command {
+    let mut c = Command::new(bin("pg_recvlogical"));
+    c.args([
+        "-d",
+        &cluster.conninfo("bench"),
+        "--slot",
+        "twin",
+        "--start",
+    ])
+    .args(["-o", "proto_version=1", "-o", "publication_names=tidemark"]);
+    c
+}
+
+/// pgbench with `pg_recvlogical -s 1 -F 1` attached to a slot of its own (dropped after).
+async fn live_recvlogical(
+    cluster: &Cluster,
+    client: &tokio_postgres::Client,
+    args: &[&str],
+) -> LiveRun {
+    create_twin(client).await;
+    let recv = recvlogical(cluster)
         .args(["-s", "1", "-F", "1", "-f", "/dev/null"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=tidemark"])
         .spawn()
         .unwrap();
     wait_active(client, "twin").await;
