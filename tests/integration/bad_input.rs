@@ -225,7 +225,7 @@ impl Archived {
             workload_step(&src, step).await;
             tokio::time::sleep(Duration::from_millis(1200)).await;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        spine::wait_archived(&src, "tidemark", &archiver.log).await;
         archiver.stop();
         Archived {
             cluster,
