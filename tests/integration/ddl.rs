@@ -399,8 +399,8 @@ async fn restored_sequences_are_not_behind_the_source() {
     )
     .await
     .unwrap();
-    // A heartbeat tick records the values: the second tick started after this instant read
-    // the sequences after it.
+    // A heartbeat tick records the values: of two ticks started after t0, the second read the
+    // sequences after t0, and both committed before the instant noted next.
     let t0 = server_now(&src).await;
     wait_heartbeats(&src, &t0, 2, &archiver.log).await;
     let at = note_instant(&cluster, &src).await;
