@@ -225,7 +225,7 @@ impl Archived {
             workload_step(&src, step).await;
             tokio::time::sleep(Duration::from_millis(1200)).await;
         }
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        spine::wait_archived(&src, "tidemark", &archiver.log).await;
         archiver.stop();
         Archived {
             cluster,
@@ -260,15 +260,10 @@ fn shared_archive() -> Arc<Archived> {
     archived
 }
 
-/// A TCP port on 127.0.0.1 where nothing listens.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
 #[tokio::test]
 async fn archive_from_an_unreachable_source_exits_3_and_writes_nothing() {
-    let port = closed_port();
+    let closed = support::ClosedPort::hold();
+    let port = closed.port;
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("repo");
     let source = format!("host=127.0.0.1 port={port} user=tidemark dbname=app connect_timeout=5");

@@ -1,8 +1,6 @@
 //! `setup` and `backup`: the commands around the archiver.
 
-use std::time::Duration;
-
-use crate::spine::{server_now, tidemark, workload_step, Archiver, SCHEMA};
+use crate::spine::{server_now, tidemark, wait_archived, workload_step, Archiver, SCHEMA};
 use crate::support::{self, Cluster, ClusterOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +69,7 @@ async fn setup_creates_what_archiving_needs_and_names_unreplicable_tables() {
     archiver.wait_streaming(&c, "s1").await;
     c.batch_execute("UPDATE \"No Key\" SET v = 'c' WHERE v = 'a'; DELETE FROM keyed; INSERT INTO keyed VALUES (2)").await.unwrap();
     let expected = support::snapshot_content(&c).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_archived(&c, "s1", &archiver.log).await;
     archiver.stop();
     cluster.create_database("restored");
     let (code, out, err) = tidemark(&[
@@ -114,7 +112,7 @@ async fn a_later_backup_is_used_for_later_targets() {
     let t = server_now(&c).await;
     let expected = support::snapshot_content(&c).await;
     workload_step(&c, 4).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_archived(&c, "tidemark", &archiver.log).await;
     archiver.stop();
 
     let (code, out, err) = tidemark(&["list", "--repo", &repo_s, "--json"]);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::spine::{tidemark, Archiver};
+use crate::spine::{tidemark, wait_archived, Archiver};
 use crate::support::{assert_same_content, snapshot_content, Cluster, ClusterOptions};
 
 const KILLS: usize = 5;
@@ -150,8 +150,8 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_nothing() {
     stop.store(true, Ordering::Relaxed);
     let committed = writer.await.expect("the writer failed");
     eprintln!("writer committed {} transactions", committed.len());
-    // A heartbeat commits after the last change; then a clean stop stores everything.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Everything committed is stored; then a clean stop.
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
 
     let source_ids = ledger_ids(&src).await;

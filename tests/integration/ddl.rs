@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use std::process::{Child, Command, Stdio};
 
-use crate::spine::{server_now, tidemark, Archiver};
+use crate::spine::{
+    server_now, tidemark, wait_archived, wait_heartbeat_received, wait_heartbeats, Archiver,
+};
 use crate::support::{self, Cluster, ClusterOptions, ContentSnapshot};
 
 /// What the source looked like at an instant.
@@ -188,15 +190,21 @@ async fn schema_changes_are_replayed_at_their_place_in_the_stream() {
         .await
         .unwrap();
 
-    // Let a heartbeat pass the last instant, then stop.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let log = archiver.log_text();
+    // The warning is logged when the archiver decodes the change.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let log = archiver.log_text();
+        if log.contains("a captured schema change will stop restores past it")
+            && log.contains("SELECT make_table()")
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The archive holds a commit past the last instant, then stop.
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
-    assert!(
-        log.contains("a captured schema change will stop restores past it")
-            && log.contains("SELECT make_table()"),
-        "{log}"
-    );
     let (code, out, err) = restore(&cluster, &repo, "restored_latest", &["--latest"]);
     assert_ne!(code, 0, "{out}{err}");
     assert!(
@@ -262,13 +270,21 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
     let repo_dir = tempfile::tempdir().unwrap();
     let repo = repo_dir.path().join("repo");
     let start = || OtherRoleArchiver::start(&as_archiver, &repo, &[]);
-    let metrics_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
+    // A free port is picked, then bound by the archiver: another test may take it between.
+    let mut attempts = 0;
+    let (mut archiver, metrics_addr) = loop {
+        let metrics_addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let mut archiver =
+            OtherRoleArchiver::start(&as_archiver, &repo, &["--metrics-address", &metrics_addr]);
+        match archiver.try_wait_streaming(&src).await {
+            Ok(()) => break (archiver, metrics_addr),
+            Err(log) if log.contains("cannot serve metrics") && attempts < 10 => attempts += 1,
+            Err(log) => panic!("{log}"),
+        }
     };
-    let mut archiver =
-        OtherRoleArchiver::start(&as_archiver, &repo, &["--metrics-address", &metrics_addr]);
-    archiver.wait_streaming(&src).await;
     wait_base_backup(&repo).await;
     assert!(
         archiver.log_text().contains("DDL capture is NOT installed"),
@@ -279,12 +295,14 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
         .await
         .unwrap();
     let before = note_instant(&cluster, &src).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Stored before the change stops the archiver (which loses the segment it was building):
+    // a commit past `before`.
+    wait_archived(&src, "tidemark", &archiver.log).await;
     src.batch_execute("ALTER TABLE t ADD COLUMN w int; INSERT INTO t VALUES (3, 'three', 3)")
         .await
         .unwrap();
     // With metrics served, the stopped archiver stays up and says so until it is signalled.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let m = scrape(&metrics_addr);
         if metric(&m, "tidemark_schema_unexplained_changes_total") == Some(1.0) {
@@ -336,7 +354,7 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
     src.batch_execute("INSERT INTO t VALUES (4, 'four', 4)")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
     let (code, out, err) = restore(&cluster, &repo, "restored_latest", &["--latest"]);
     assert_ne!(code, 0, "the restore must refuse: {out}{err}");
@@ -381,8 +399,10 @@ async fn restored_sequences_are_not_behind_the_source() {
     )
     .await
     .unwrap();
-    // One heartbeat interval (1 s) records the values.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A heartbeat tick records the values: of two ticks started after t0, the second read the
+    // sequences after t0, and both committed before the instant noted next.
+    let t0 = server_now(&src).await;
+    wait_heartbeats(&src, &t0, 2, &archiver.log).await;
     let at = note_instant(&cluster, &src).await;
     let values = |c: tokio_postgres::Client| async move {
         let mut out = Vec::new();
@@ -401,7 +421,8 @@ async fn restored_sequences_are_not_behind_the_source() {
     src.batch_execute("SELECT nextval('free_seq') FROM generate_series(1, 1000)")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Received before the stop: the recorded values and a heartbeat past the instant.
+    wait_heartbeat_received(&src, "tidemark", &at.time, &archiver.log).await;
     archiver.stop();
 
     assert_restores_to(&cluster, &repo, "restored", &at).await;
@@ -483,6 +504,13 @@ impl OtherRoleArchiver {
     }
 
     async fn wait_streaming(&mut self, client: &tokio_postgres::Client) {
+        if let Err(e) = self.try_wait_streaming(client).await {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until the archiver streams; Err(what happened, with the log) if it exited.
+    async fn try_wait_streaming(&mut self, client: &tokio_postgres::Client) -> Result<(), String> {
         for _ in 0..900 {
             let rows = client
                 .query(
@@ -492,14 +520,20 @@ impl OtherRoleArchiver {
                 .await
                 .unwrap();
             if !rows.is_empty() {
-                return;
+                return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("archiver exited with {status}:\n{}", self.log_text());
+                return Err(format!(
+                    "archiver exited with {status}:\n{}",
+                    self.log_text()
+                ));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("archiver did not start streaming:\n{}", self.log_text());
+        Err(format!(
+            "archiver did not start streaming:\n{}",
+            self.log_text()
+        ))
     }
 
     /// Waits for the process to exit by itself; its exit code.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::spine::{server_now, tidemark, workload_step, Archiver, SCHEMA};
+use crate::spine::{server_now, tidemark, wait_archived, workload_step, Archiver, SCHEMA};
 use crate::support::{self, assert_same_hashes, content_hashes, Cluster, ClusterOptions};
 
 /// Concurrent writer tasks.
@@ -148,12 +148,13 @@ async fn restore_to_random_instants_under_load_equals_physical_pitr() {
         }));
     }
 
-    // Instants at random moments while the writers run, never at a pause.
+    // Instants at random moments while the writers run, never at a pause: one in each of
+    // INSTANTS equal slots, at least 500 ms apart so that commits separate them.
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut offsets: Vec<Duration> = (0..INSTANTS)
-        .map(|_| Duration::from_millis(rng.gen_range(1_000..WORKLOAD.as_millis() as u64 - 1_000)))
+    let slot = (WORKLOAD.as_millis() as u64 - 2_000) / INSTANTS as u64;
+    let offsets: Vec<Duration> = (0..INSTANTS as u64)
+        .map(|k| Duration::from_millis(1_000 + k * slot + rng.gen_range(0..slot - 500)))
         .collect();
-    offsets.sort();
     let load_start = Instant::now();
     let mut instants = Vec::new();
     for offset in offsets {
@@ -174,8 +175,8 @@ async fn restore_to_random_instants_under_load_equals_physical_pitr() {
         "the workload barely ran: {transactions} transactions"
     );
 
-    // A heartbeat commits after the last change, so every instant is provably passed.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A commit after the last change is stored, so every instant is provably passed.
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
     cluster.switch_wal_and_wait_archived();
     let repo_arg = repo.to_str().unwrap();

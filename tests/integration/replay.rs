@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
-use crate::spine::{restore_each_instant, restore_latest_equals, server_now, Archiver};
+use crate::spine::{
+    restore_each_instant, restore_latest_equals, server_now, wait_archived,
+    wait_heartbeat_received, Archiver,
+};
 use crate::support::{self, Cluster, ClusterOptions};
 
 const SCHEMA: &str = "
@@ -72,9 +75,11 @@ async fn restore_between_small_transactions_equals_the_source_then() {
         }
     }
     let final_content = support::snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    // A quiet instant: only the archiver's heartbeat commits after it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let quiet = server_now(&src).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_heartbeat_received(&src, "tidemark", &quiet, &archiver.log).await;
     archiver.stop();
     instants.push((quiet, final_content.clone()));
 

@@ -94,10 +94,9 @@ async fn identify_system_reports_the_cluster() {
 async fn hosts_are_tried_in_order() {
     let cluster = Cluster::start(ClusterOptions::default());
     let good = info(&cluster.conninfo("postgres"));
-    let closed_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // Held until the end: the port stays closed.
+    let closed = crate::support::ClosedPort::hold();
+    let closed_port = closed.port;
     let both = info(&format!(
         "host=127.0.0.1,{} port={closed_port},{} user={} dbname=postgres",
         good.host_string(),

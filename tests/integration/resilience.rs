@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use crate::spine::{restore_each_instant, server_now, tidemark, workload_step, Archiver, SCHEMA};
+use crate::spine::{
+    restore_each_instant, server_now, tidemark, wait_archived, workload_step, Archiver, SCHEMA,
+};
 use crate::support::{self, Cluster, ClusterOptions};
 
 async fn walsender_pid(client: &tokio_postgres::Client) -> Option<i32> {
@@ -76,7 +78,7 @@ async fn archiving_survives_a_dropped_connection_and_a_server_crash() {
     archiver.wait_streaming(&src, "tidemark").await;
     workload_step(&src, 5).await;
     let last = support::snapshot_content(&src).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.assert_running();
     let log = archiver.log_text();
     archiver.stop();

@@ -240,6 +240,117 @@ pub async fn restore_each_instant(
     }
 }
 
+/// Commits an application-level logical message and waits until the archiver has stored it
+/// and acknowledged it on slot `slot` (`log`: the archiver's log, shown on timeout).
+///
+/// An application commit is stored within --seal-interval (heartbeats wait for the 60 s idle
+/// interval), it dates the archive past every instant noted before this call, and it is
+/// preceded in the stream by everything committed before it: after this, a SIGTERM loses
+/// nothing and a restore to any instant noted so far is allowed. A restore ignores the
+/// message (unknown prefix).
+pub async fn wait_archived(src: &tokio_postgres::Client, slot: &str, log: &Path) {
+    // The end of the message's record: the slot confirms past it only once a segment holding
+    // this transaction's commit is stored.
+    let lsn: String = src
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'test.sync', '')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    wait_until(
+        src,
+        "SELECT coalesce(confirmed_flush_lsn > $1::text::pg_lsn, false)
+           FROM pg_replication_slots WHERE slot_name = $2",
+        &[&lsn, &slot],
+        &format!("slot {slot} to confirm past the sync message at {lsn}"),
+        log,
+    )
+    .await;
+}
+
+/// Waits until `n` heartbeats of the archiver (`log`: its log) started after the server
+/// instant `after` and committed.
+pub async fn wait_heartbeats(src: &tokio_postgres::Client, after: &str, n: usize, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < n {
+        // The heartbeat's connection shows its last statement; idle: it committed.
+        for row in src
+            .query(
+                "SELECT query_start::text FROM pg_stat_activity
+                  WHERE state = 'idle' AND query LIKE 'SELECT pg_logical_emit_message(true, $1%'
+                    AND query_start > $1::text::timestamptz",
+                &[&after],
+            )
+            .await
+            .unwrap()
+        {
+            seen.insert(row.get::<_, String>(0));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {n} heartbeats after {after} (saw {}):\n{}",
+            seen.len(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the archiver streaming from `slot` has received a heartbeat committed after
+/// the server instant `after`, without committing anything itself: a clean stop then stores
+/// it, and the archive sees the server's clock pass `after`.
+pub async fn wait_heartbeat_received(
+    src: &tokio_postgres::Client,
+    slot: &str,
+    after: &str,
+    log: &Path,
+) {
+    wait_heartbeats(src, after, 1, log).await;
+    let target: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // The archiver reports the position it received every --status-interval.
+    wait_until(
+        src,
+        "SELECT coalesce(bool_or(r.write_lsn >= $1::text::pg_lsn), false)
+           FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid
+          WHERE s.slot_name = $2",
+        &[&target, &slot],
+        &format!("the archiver on slot {slot} to receive up to {target}"),
+        log,
+    )
+    .await;
+}
+
+/// Polls `query` (one boolean) until it is true; panics with `log` after 120 s.
+async fn wait_until(
+    src: &tokio_postgres::Client,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    what: &str,
+    log: &Path,
+) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !src
+        .query_one(query, params)
+        .await
+        .unwrap()
+        .get::<_, bool>(0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The server's clock now, as a restore target (UTC, microseconds).
 pub async fn server_now(client: &tokio_postgres::Client) -> String {
     client
@@ -316,11 +427,12 @@ async fn restore_to_each_instant_equals_the_source_then() {
     }
     workload_step(&src, 9).await;
     let final_content = support::snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     // A quiet period: no commit of the application after this instant; the archiver's
     // heartbeat lets the archive see the server's clock pass it.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let quiet = server_now(&src).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_heartbeat_received(&src, "tidemark", &quiet, &archiver.log).await;
     archiver.stop();
     instants.push((quiet, final_content.clone()));
 

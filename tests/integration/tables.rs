@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::spine::{server_now, tidemark, Archiver};
+use crate::spine::{server_now, tidemark, wait_archived, Archiver};
 use crate::support::assert_same_schema;
 use crate::support::{self, Cluster, ClusterOptions};
 use crate::types::{schema_of, wait_base_backup};
@@ -156,7 +156,7 @@ async fn scenario(via_root: bool) {
     src.batch_execute("INSERT INTO nopk VALUES (-1, 'after', NULL)")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
 
     // The duplicates are there (the test can fail on them).
@@ -276,7 +276,7 @@ async fn setup_reports_what_the_archive_will_not_carry() {
     src.batch_execute("INSERT INTO covered VALUES (3, 'c')")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     let log = archiver.log_text();
     archiver.stop();
     assert!(

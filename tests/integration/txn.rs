@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backup::pg_dump_schema;
-use crate::spine::{server_now, tidemark, Archiver};
+use crate::spine::{server_now, tidemark, wait_archived, Archiver};
 use crate::support::{self, Cluster, ClusterOptions, ContentHashes};
 
 fn streaming_cluster(extra: &[&str]) -> Cluster {
@@ -43,40 +43,6 @@ async fn note(cluster: &Cluster, src: &tokio_postgres::Client, name: &'static st
         time,
         content,
         schema,
-    }
-}
-
-/// Commits a logical message (so the archive sees the clock pass every instant noted so far)
-/// and waits until the archiver has stored and acknowledged it.
-async fn wait_archived(src: &tokio_postgres::Client, archiver: &Archiver) {
-    src.batch_execute("SELECT pg_logical_emit_message(true, 'test', 'sync')")
-        .await
-        .unwrap();
-    let lsn: String = src
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let done: bool = src
-            .query_one(
-                "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false)
-                   FROM pg_replication_slots WHERE slot_name = 'tidemark'",
-                &[&lsn],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if done {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the archiver did not acknowledge {lsn}:\n{}",
-            archiver.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
@@ -208,7 +174,7 @@ async fn huge_transaction_is_archived_with_flat_memory() {
     src.batch_execute("UPDATE items SET qty = qty + 1 WHERE id <= 10")
         .await
         .unwrap();
-    wait_archived(&src, &archiver).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     let archived = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let max = sampler.join().unwrap();
@@ -228,7 +194,7 @@ async fn huge_transaction_is_archived_with_flat_memory() {
         .await
         .unwrap();
     instants.push(note(&cluster, &src, "after delete").await);
-    wait_archived(&src, &archiver).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
     restore_and_compare(&cluster, &repo, &instants, "huge").await;
 }
@@ -292,7 +258,7 @@ async fn aborted_streamed_transactions_leave_nothing_also_across_a_restart() {
         .await
         .unwrap();
     instants.push(note(&cluster, &src, "before kill").await);
-    wait_archived(&src, &archiver).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.kill();
 
     let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
@@ -316,7 +282,7 @@ async fn aborted_streamed_transactions_leave_nothing_also_across_a_restart() {
         .await
         .unwrap();
     instants.push(note(&cluster, &src, "end").await);
-    wait_archived(&src, &archiver).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
     restore_and_compare(&cluster, &repo, &instants, "aborted").await;
 }
@@ -414,7 +380,7 @@ async fn savepoint_rollbacks_discard_only_the_subtransaction() {
         .await
         .unwrap();
     instants.push(note(&cluster, &src, "end").await);
-    wait_archived(&src, &archiver).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
     restore_and_compare(&cluster, &repo, &instants, "savepoint").await;
 }
@@ -483,7 +449,7 @@ async fn prepared_transactions_count_when_committed() {
         .await
         .unwrap();
     instants.push(note(&cluster, &src, "p4 rolled back").await);
-    wait_archived(&src, &archiver).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
     restore_and_compare(&cluster, &repo, &instants, "prepared").await;
 }
@@ -523,7 +489,7 @@ async fn schema_changes_inside_a_streamed_transaction_replay_in_place() {
     .await
     .unwrap();
     instants.push(note(&cluster, &src, "after").await);
-    wait_archived(&src, &archiver).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
     restore_and_compare(&cluster, &repo, &instants, "migration").await;
 }

@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::spine::{server_now, tidemark, Archiver};
+use crate::spine::{server_now, tidemark, wait_archived, Archiver};
 use crate::support::assert_same_schema;
 use crate::support::{self, Cluster, ClusterOptions};
 
@@ -263,7 +263,7 @@ async fn every_type_round_trips_at_each_instant() {
     src.batch_execute("INSERT INTO serials (v) VALUES ('after')")
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
     archiver.stop();
 
     // The test must be able to fail: the rows differ between instants, and the edge cases are

@@ -18,6 +18,18 @@ use super::{pg_bindir, SUPERUSER};
 const WAIT: Duration = Duration::from_secs(180);
 /// Attempts at starting a server when its port turns out to be taken.
 const PORT_ATTEMPTS: usize = 5;
+/// A restart waits this many times this long for its port to be free again.
+const SAME_PORT_ATTEMPTS: usize = 15;
+const SAME_PORT_WAIT: Duration = Duration::from_secs(2);
+
+/// What starting the server does when its port is taken.
+#[derive(Clone, Copy)]
+enum PortTaken {
+    /// Move to a free port (a first start: nobody knows the port yet).
+    MoveOn,
+    /// Try the same port again for a while (a restart: clients know the port).
+    Wait,
+}
 /// Log lines shown in panic messages.
 const LOG_TAIL_LINES: usize = 60;
 
@@ -112,7 +124,7 @@ impl Cluster {
             dir: Arc::new(dir),
             _keep: Vec::new(),
         };
-        cluster.start_server();
+        cluster.start_server(PortTaken::MoveOn);
         cluster
     }
 
@@ -229,10 +241,11 @@ impl Cluster {
         self.pg_ctl_stop("immediate");
     }
 
-    /// Start a stopped cluster again (same data, same port if still free).
+    /// Start a stopped cluster again (same data, same port: clients such as a running
+    /// archiver keep its address; panics if the port stays taken).
     pub fn start_again(&mut self) {
         assert!(!self.running, "start_again: the cluster is already running");
-        self.start_server();
+        self.start_server(PortTaken::Wait);
     }
 
     /// Append `postgresql.conf` lines, then stop (fast) and start the server.
@@ -240,7 +253,7 @@ impl Cluster {
         let lines: Vec<String> = extra_conf.iter().map(|s| s.to_string()).collect();
         append_lines(&self.data_dir.join("postgresql.conf"), &lines);
         self.stop();
-        self.start_server();
+        self.start_server(PortTaken::Wait);
     }
 
     /// `SELECT pg_switch_wal()`, then wait until the just-finished segment
@@ -320,9 +333,13 @@ impl Cluster {
         self.running = false;
     }
 
-    /// pg_ctl start -w, moving to a new port if the current one is taken.
-    fn start_server(&mut self) {
-        for attempt in 1..=PORT_ATTEMPTS {
+    /// pg_ctl start -w; if the port is taken, moves to a new one or waits for it to be free.
+    fn start_server(&mut self, taken: PortTaken) {
+        let attempts = match taken {
+            PortTaken::MoveOn => PORT_ATTEMPTS,
+            PortTaken::Wait => SAME_PORT_ATTEMPTS,
+        };
+        for attempt in 1..=attempts {
             let log_len_before = fs::metadata(&self.log_file).map(|m| m.len()).unwrap_or(0);
             let mut cmd = server_command(pg_bindir().join("pg_ctl"), &self.socket_dir);
             cmd.arg("-D")
@@ -338,11 +355,23 @@ impl Cluster {
             let new_log = log.get(log_len_before as usize..).unwrap_or(&log);
             let port_taken = new_log.contains("could not bind")
                 || new_log.contains("could not create any TCP/IP sockets");
-            if !port_taken || attempt == PORT_ATTEMPTS {
+            if !port_taken || attempt == attempts {
+                let why = match (port_taken, taken) {
+                    (true, PortTaken::Wait) => format!(
+                        "; port {} stayed taken by another process while the cluster was \
+                         stopped (a restart keeps its port: clients hold its address)",
+                        self.port
+                    ),
+                    _ => String::new(),
+                };
                 panic!(
-                    "could not start PostgreSQL (attempt {attempt}): {e}\n{}",
+                    "could not start PostgreSQL (attempt {attempt}){why}: {e}\n{}",
                     self.log_tail(LOG_TAIL_LINES)
                 );
+            }
+            if let PortTaken::Wait = taken {
+                std::thread::sleep(SAME_PORT_WAIT);
+                continue;
             }
             self.port = free_port();
             append_lines(
@@ -431,7 +460,7 @@ impl PhysicalBackup {
             dir: Arc::new(dir),
             _keep: vec![Arc::clone(&self._source)],
         };
-        cluster.start_server();
+        cluster.start_server(PortTaken::MoveOn);
 
         let deadline = Instant::now() + WAIT;
         loop {

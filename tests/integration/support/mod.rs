@@ -89,3 +89,25 @@ fn find_pg_bindir() -> PathBuf {
 pub fn tidemark_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tidemark"))
 }
+
+/// A TCP port on 127.0.0.1 where nothing listens, for as long as this value lives: the port
+/// stays bound (without listening, so connecting is refused), so no other test of the binary
+/// (a cluster, an S3 server, a proxy, all picking free ports) can take it meanwhile.
+pub struct ClosedPort {
+    _bound: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn hold() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("bind 127.0.0.1:0");
+        let port = socket.local_addr().expect("local_addr").port();
+        ClosedPort {
+            _bound: socket,
+            port,
+        }
+    }
+}
