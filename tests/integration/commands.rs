@@ -122,16 +122,8 @@ async fn a_later_backup_is_used_for_later_targets() {
     assert_eq!(backups.len(), 2, "{out}");
     let second = backups[1]["id"].as_str().unwrap().to_string();
 
-    cluster.create_database("restored");
-    let (code, out, err) = tidemark(&[
-        "restore",
-        "--repo",
-        &repo_s,
-        "--target",
-        &cluster.conninfo("restored"),
-        "--to-time",
-        &t,
-    ]);
+    let (code, out, err) =
+        crate::spine::restore_into(&cluster, &repo_s, "restored", &["--to-time", &t]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains(&second),

@@ -46,12 +46,7 @@ async fn wait_base_backup(repo: &Path) {
 }
 
 fn restore(cluster: &Cluster, repo: &Path, db: &str, to: &[&str]) -> (i32, String, String) {
-    cluster.create_database(db);
-    let mut args = vec!["restore", "--repo", repo.to_str().unwrap(), "--target"];
-    let target = cluster.conninfo(db);
-    args.push(&target);
-    args.extend_from_slice(to);
-    tidemark(&args)
+    crate::spine::restore_into(cluster, repo.to_str().unwrap(), db, to)
 }
 
 async fn assert_restores_to(cluster: &Cluster, repo: &Path, db: &str, at: &Instant) {

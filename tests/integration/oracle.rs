@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::spine::{server_now, tidemark, wait_archived, workload_step, Archiver, SCHEMA};
+use crate::spine::{restore_into, server_now, wait_archived, workload_step, Archiver, SCHEMA};
 use crate::support::{self, assert_same_hashes, content_hashes, Cluster, ClusterOptions};
 
 /// Concurrent writer tasks.
@@ -191,16 +191,7 @@ async fn restore_to_random_instants_under_load_equals_physical_pitr() {
             hashes
         };
         let db = format!("oracle_{i}");
-        cluster.create_database(&db);
-        let (code, out, err) = tidemark(&[
-            "restore",
-            "--repo",
-            repo_arg,
-            "--target",
-            &cluster.conninfo(&db),
-            "--to-time",
-            t,
-        ]);
+        let (code, out, err) = restore_into(&cluster, repo_arg, &db, &["--to-time", t]);
         assert_eq!(
             code, 0,
             "restore --to-time {t} failed (exit {code}):\n{out}{err}"

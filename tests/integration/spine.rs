@@ -158,6 +158,16 @@ fn rand_suffix() -> u32 {
 }
 
 /// Runs `tidemark` with args; returns (exit code, stdout, stderr).
+/// Creates database `db` and restores the archive at `repo` into it with the target options
+/// `to` (e.g. `["--to-time", t]`): `tidemark`'s exit code, stdout and stderr.
+pub fn restore_into(cluster: &Cluster, repo: &str, db: &str, to: &[&str]) -> (i32, String, String) {
+    cluster.create_database(db);
+    let target = cluster.conninfo(db);
+    let mut args = vec!["restore", "--repo", repo, "--target", &target];
+    args.extend_from_slice(to);
+    tidemark(&args)
+}
+
 pub fn tidemark(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(support::tidemark_bin())
         .args(args)
@@ -442,16 +452,12 @@ async fn restore_to_each_instant_equals_the_source_then() {
 
     restore_each_instant(&cluster, repo.to_str().unwrap(), &[], &instants, "restored").await;
     // An instant the archive has not seen passed is refused, never moved.
-    cluster.create_database("restored_future");
-    let (code, out, err) = tidemark(&[
-        "restore",
-        "--repo",
+    let (code, out, err) = restore_into(
+        &cluster,
         repo.to_str().unwrap(),
-        "--target",
-        &cluster.conninfo("restored_future"),
-        "--to-time",
-        "2999-01-01 00:00:00+00",
-    ]);
+        "restored_future",
+        &["--to-time", "2999-01-01 00:00:00+00"],
+    );
     assert_eq!(code, 6, "a future target must be refused: {out}{err}");
     assert!(
         err.contains("earliest restorable instant") && err.contains("latest"),

@@ -173,16 +173,8 @@ async fn scenario(via_root: bool) {
     let source_schema = schema_of(&cluster, "app");
     for (i, (t, expected)) in instants.iter().enumerate() {
         let db = format!("restored_{i}");
-        cluster.create_database(&db);
-        let (code, out, err) = tidemark(&[
-            "restore",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--target",
-            &cluster.conninfo(&db),
-            "--to-time",
-            t,
-        ]);
+        let (code, out, err) =
+            crate::spine::restore_into(&cluster, repo.to_str().unwrap(), &db, &["--to-time", t]);
         assert_eq!(code, 0, "restore to {t} failed: {out}{err}");
         let restored = cluster.client(&db).await;
         let context = format!("restore to {t} (via root: {via_root})");

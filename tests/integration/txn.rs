@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backup::pg_dump_schema;
-use crate::spine::{server_now, tidemark, wait_archived, Archiver};
+use crate::spine::{restore_into, server_now, wait_archived, Archiver};
 use crate::support::{self, Cluster, ClusterOptions, ContentHashes};
 
 fn streaming_cluster(extra: &[&str]) -> Cluster {
@@ -50,17 +50,13 @@ async fn note(cluster: &Cluster, src: &tokio_postgres::Client, name: &'static st
 async fn restore_and_compare(cluster: &Cluster, repo: &Path, instants: &[Instant_], tag: &str) {
     for (i, at) in instants.iter().enumerate() {
         let db = format!("{tag}_{i}");
-        cluster.create_database(&db);
         let started = Instant::now();
-        let (code, out, err) = tidemark(&[
-            "restore",
-            "--repo",
+        let (code, out, err) = restore_into(
+            cluster,
             repo.to_str().unwrap(),
-            "--target",
-            &cluster.conninfo(&db),
-            "--to-time",
-            &at.time,
-        ]);
+            &db,
+            &["--to-time", &at.time],
+        );
         assert_eq!(
             code, 0,
             "restore to {} ({}) failed: {out}{err}",

@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::spine::{server_now, tidemark, wait_archived, Archiver};
+use crate::spine::{restore_into, server_now, wait_archived, Archiver};
 use crate::support::assert_same_schema;
 use crate::support::{self, Cluster, ClusterOptions};
 
@@ -282,16 +282,8 @@ async fn every_type_round_trips_at_each_instant() {
     let source_schema = schema_of(&cluster, "app");
     for (i, (t, expected)) in instants.iter().enumerate() {
         let db = format!("restored_{i}");
-        cluster.create_database(&db);
-        let (code, out, err) = tidemark(&[
-            "restore",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--target",
-            &cluster.conninfo(&db),
-            "--to-time",
-            t,
-        ]);
+        let (code, out, err) =
+            restore_into(&cluster, repo.to_str().unwrap(), &db, &["--to-time", t]);
         assert_eq!(code, 0, "restore to {t} failed: {out}{err}");
         let restored = support::snapshot_content(&cluster.client(&db).await).await;
         support::assert_same_content(expected, &restored, &format!("restore to {t}"));
