@@ -1102,22 +1102,16 @@ async fn load(loader: &Loader<'_>, phase: LoadPhase) -> Result<LoadStats, Backup
         LoadPhase::Keys | LoadPhase::PostData => {
             let dump = loader.schema().await?;
             let listing = loader.listing().await?;
-            let wanted: HashSet<(u32, u32)> = m
-                .key_objects
-                .iter()
-                .map(|k| match k.kind {
-                    KeyKind::PrimaryKey | KeyKind::Unique => (toc::PG_CONSTRAINT, k.oid),
-                    KeyKind::ReplicaIdentityIndex => (toc::PG_CLASS, k.oid),
-                })
-                .collect();
+            // A key object's entry in the dump's listing: (catalog, oid).
+            let entry = |k: &KeyObject| match k.kind {
+                KeyKind::PrimaryKey | KeyKind::Unique => (toc::PG_CONSTRAINT, k.oid),
+                KeyKind::ReplicaIdentityIndex => (toc::PG_CLASS, k.oid),
+            };
+            let wanted: HashSet<(u32, u32)> = m.key_objects.iter().map(entry).collect();
             let split = toc::split(listing, &wanted);
             let list = if phase == LoadPhase::Keys {
                 for k in &m.key_objects {
-                    let pair = match k.kind {
-                        KeyKind::PrimaryKey | KeyKind::Unique => (toc::PG_CONSTRAINT, k.oid),
-                        KeyKind::ReplicaIdentityIndex => (toc::PG_CLASS, k.oid),
-                    };
-                    if !split.found.contains(&pair) {
+                    if !split.found.contains(&entry(k)) {
                         tracing::warn!(schema = %k.schema, table = %k.table, name = %k.name, "key object not found in the schema dump");
                     }
                 }
@@ -1180,8 +1174,7 @@ impl Drop for TempFile {
 /// The schema dump, fetched, checked and written to a temporary file for pg_restore.
 struct SchemaFile {
     file: TempFile,
-    /// Looked up once per restore ([`Loader`]): looking one up runs it, and on Debian
-    /// `pg_restore` on PATH is a Perl wrapper that takes tens of milliseconds to start.
+    /// Looked up once per restore ([`Loader`]): looking one up runs it (`--version`).
     pg_restore: PathBuf,
 }
 
@@ -1422,17 +1415,14 @@ async fn load_part(
         let piece = piece.map_err(|e| bad(format!("cannot decompress: {e}")))?;
         sent += piece.len() as u64;
         if sent > p.raw_bytes {
-            break;
+            return Err(bad(format!(
+                "decompresses to more than the {} bytes the manifest records",
+                p.raw_bytes
+            )));
         }
         sink.feed(Bytes::from(piece))
             .await
             .map_err(|e| pg(ctx())(e))?;
-    }
-    if sent > p.raw_bytes {
-        return Err(bad(format!(
-            "decompresses to more than the {} bytes the manifest records",
-            p.raw_bytes
-        )));
     }
     if sent != p.raw_bytes {
         return Err(bad(format!(

@@ -21,6 +21,7 @@
 //!
 //! The layout is specified normatively in `proto/segment.md` §5.3.
 
+use bytes::Buf;
 use std::collections::HashMap;
 
 use super::{get_uvarint, put_uvarint, unzigzag, unzigzag32, uvarint_len, zigzag, zigzag32};
@@ -282,9 +283,8 @@ fn encode_with(framed: &[u8], records: u32, all_raw: bool) -> Vec<u8> {
         };
         match tag {
             BEGIN if p.len() == 21 => {
-                let final_lsn = u64::from_be_bytes(p[1..9].try_into().expect("8 bytes"));
-                let ts = i64::from_be_bytes(p[9..17].try_into().expect("8 bytes"));
-                let xid = u32::from_be_bytes(p[17..21].try_into().expect("4 bytes"));
+                let mut b = &p[1..];
+                let (final_lsn, ts, xid) = (b.get_u64(), b.get_i64(), b.get_u32());
                 s[S_KIND].push(BEGIN);
                 put_uvarint(&mut s[S_LSN], lsn_delta(prev_lsn));
                 put_uvarint(
@@ -296,9 +296,8 @@ fn encode_with(framed: &[u8], records: u32, all_raw: bool) -> Vec<u8> {
                 (begin_final, begin_time, begin_xid) = (final_lsn, ts, xid);
             }
             COMMIT if p.len() == 26 => {
-                let commit_lsn = u64::from_be_bytes(p[2..10].try_into().expect("8 bytes"));
-                let end_lsn = u64::from_be_bytes(p[10..18].try_into().expect("8 bytes"));
-                let ts = i64::from_be_bytes(p[18..26].try_into().expect("8 bytes"));
+                let mut b = &p[2..];
+                let (commit_lsn, end_lsn, ts) = (b.get_u64(), b.get_u64(), b.get_i64());
                 s[S_KIND].push(COMMIT);
                 put_uvarint(&mut s[S_LSN], lsn_delta(end_lsn));
                 s[S_COMMIT_FLAGS].push(p[1]);

@@ -157,7 +157,6 @@ fn rand_suffix() -> u32 {
         .subsec_nanos()
 }
 
-/// Runs `tidemark` with args; returns (exit code, stdout, stderr).
 /// Creates database `db` and restores the archive at `repo` into it with the target options
 /// `to` (e.g. `["--to-time", t]`): `tidemark`'s exit code, stdout and stderr.
 pub fn restore_into(cluster: &Cluster, repo: &str, db: &str, to: &[&str]) -> (i32, String, String) {
@@ -168,6 +167,7 @@ pub fn restore_into(cluster: &Cluster, repo: &str, db: &str, to: &[&str]) -> (i3
     tidemark(&args)
 }
 
+/// Runs `tidemark` with args; returns (exit code, stdout, stderr).
 pub fn tidemark(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(support::tidemark_bin())
         .args(args)
