@@ -131,6 +131,24 @@ pub enum ArchiveError {
     Internal(String),
 }
 
+impl crate::error::Classify for ArchiveError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            ArchiveError::Source(e) => e.exit_status(),
+            ArchiveError::Replication(e) => e.exit_status(),
+            ArchiveError::Repo(e) => e.exit_status(),
+            ArchiveError::Upload { source, .. } => source.exit_status(),
+            ArchiveError::Store(e) => e.exit_status(),
+            ArchiveError::Backup(e) => e.exit_status(),
+            ArchiveError::SchemaChange(e) => e.exit_status(),
+            ArchiveError::Gap { .. } => Damaged,
+            ArchiveError::StreamEnded => Database,
+            ArchiveError::Decode { .. } | ArchiveError::Internal(_) => Unexpected,
+        }
+    }
+}
+
 impl ArchiveError {
     /// Whether starting the run over (after a pause) may succeed: the server or the store went
     /// away for a while. Configuration, privilege, identity and continuity errors are not.
@@ -409,7 +427,7 @@ async fn run_once(
     }
     drop(source);
 
-    let pubs = format!("\"{}\"", opts.publication.replace('"', "\"\""));
+    let pubs = crate::sql::quote_ident(&opts.publication);
     let plugin_options = stream::plugin_options(repl.server_version_num(), &pubs);
     let stream = repl
         .start_replication(&opts.slot, resume.start, &plugin_options)
@@ -998,7 +1016,7 @@ async fn heartbeat_task(info: ConnInfo, every: Duration, stop: CancellationToken
                 match crate::ddl::emit_changed_sequences(&client, &mut sequences).await {
                     Ok(_) => sequences_failing = false,
                     Err(e) if !sequences_failing => {
-                        warn!(error = %crate::source::error_chain(&e), "cannot record sequence values (retrying every heartbeat); meanwhile a restore sets sequences from the base backup and past the values of the columns they feed");
+                        warn!(error = %crate::error::chain(&e), "cannot record sequence values (retrying every heartbeat); meanwhile a restore sets sequences from the base backup and past the values of the columns they feed");
                         sequences_failing = true;
                     }
                     Err(_) => {}

@@ -106,7 +106,7 @@ pub enum BackupError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Connect(#[from] ConnInfoError),
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", crate::error::describe_pg(.source))]
     Postgres {
         context: String,
         #[source]
@@ -136,8 +136,30 @@ pub enum BackupError {
     BadObject { key: String, message: String },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    #[error("{0}")]
-    Invalid(String),
+    #[error("{location}: base backup {id} already exists")]
+    Exists { location: String, id: String },
+    #[error("publication {publication:?} does not exist in database {database:?}\nHINT: create it with `tidemark setup`, or pass the --publication that exists")]
+    NoPublication {
+        publication: String,
+        database: String,
+    },
+}
+
+impl crate::error::Classify for BackupError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            BackupError::Store(e) => e.exit_status(),
+            BackupError::Connect(e) => e.exit_status(),
+            BackupError::PgBin(e) => e.exit_status(),
+            BackupError::Manifest(e) => e.exit_status(),
+            BackupError::Postgres { .. } | BackupError::Tool { .. } => Database,
+            BackupError::NoPublication { .. } => Database,
+            BackupError::Io { .. } => Unexpected,
+            BackupError::Corrupt { .. } | BackupError::BadObject { .. } => Damaged,
+            BackupError::Exists { .. } => Repository,
+        }
+    }
 }
 
 fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> BackupError {
@@ -150,19 +172,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> BackupEr
     move |source| BackupError::Io { context, source }
 }
 
-/// Quotes an SQL identifier.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes an SQL string literal (standard_conforming_strings on).
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-fn qualified(schema: &str, name: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident(name))
-}
+pub use crate::sql::{qualified, quote_ident, quote_literal};
 
 /// Session settings for every connection that reads or writes COPY text, so the text means the
 /// same on both sides whatever the servers' and roles' defaults.
@@ -292,10 +302,10 @@ pub async fn take_with(
     let prefix = format!("{}{id}/", manifest::ROOT);
     let existing = store.list(&prefix).await?;
     if existing.iter().any(|o| o.key == manifest_key(&id)) {
-        return Err(BackupError::Invalid(format!(
-            "{}: base backup {id} already exists",
-            store.location()
-        )));
+        return Err(BackupError::Exists {
+            location: store.location(),
+            id,
+        });
     }
     if !existing.is_empty() {
         tracing::warn!(backup = %id, objects = existing.len(), "removing the objects of an earlier, incomplete attempt at this backup");
@@ -354,11 +364,10 @@ async fn take_inner(
         .await
         .map_err(pg("looking up the publication"))?;
     if exists.is_none() {
-        return Err(BackupError::Invalid(format!(
-            "publication {:?} does not exist in database {:?}",
-            req.publication,
-            req.source.dbname()
-        )));
+        return Err(BackupError::NoPublication {
+            publication: req.publication.to_string(),
+            database: req.source.dbname().to_string(),
+        });
     }
 
     let tables = list_tables(main, req.publication, opts.binary).await?;
@@ -1432,10 +1441,13 @@ async fn load_part(
     }
     let rows = sink.finish().await.map_err(pg(ctx()))?;
     if rows != p.rows {
-        return Err(BackupError::Invalid(format!(
-            "COPY {display} loaded {rows} rows from {}, the manifest records {}",
-            p.key, p.rows
-        )));
+        return Err(BackupError::BadObject {
+            key: p.key.clone(),
+            message: format!(
+                "COPY {display} loaded {rows} rows from it, the manifest records {}",
+                p.rows
+            ),
+        });
     }
     Ok(rows)
 }
@@ -1538,12 +1550,6 @@ pub async fn raise_sequences(target: &ConnInfo) -> Result<u64, BackupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn quoting() {
-        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-    }
 
     #[test]
     fn copy_statements() {

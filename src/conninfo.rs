@@ -22,14 +22,24 @@ use tokio_postgres::config::{Host, SslMode};
 pub enum ConnInfoError {
     #[error("invalid connection string: {0}")]
     Parse(String),
-    #[error("sslmode={0} is not supported yet by tidemark (connections are plaintext); use sslmode=disable or prefer, or a TLS-terminating proxy")]
+    #[error("sslmode={0} is not supported yet by tidemark (connections are plaintext); use sslmode=disable, allow or prefer, or a TLS-terminating proxy")]
     TlsUnsupported(String),
-    #[error("cannot connect to {target}: {source}")]
+    #[error("cannot connect to {target}: {}", crate::error::describe_pg(.source))]
     Connect {
         target: String,
         #[source]
         source: tokio_postgres::Error,
     },
+}
+
+impl crate::error::Classify for ConnInfoError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            ConnInfoError::Parse(_) | ConnInfoError::TlsUnsupported(_) => Usage,
+            ConnInfoError::Connect { .. } => Database,
+        }
+    }
 }
 
 /// A fully resolved connection description.
@@ -51,10 +61,23 @@ impl ConnInfo {
         s: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ConnInfo, ConnInfoError> {
-        let mut config = if s.trim().is_empty() {
+        // sslmode is read here, not by the client library: it knows neither `allow` nor the
+        // `verify-*` modes, and would answer only "invalid connection string".
+        let sslmode = find_param(s, "sslmode");
+        let parsed = match &sslmode {
+            Some(p) if p.value == "allow" => {
+                format!("{}{}{}", &s[..p.span.0], "disable", &s[p.span.1..])
+            }
+            Some(p) if !matches!(p.value.as_str(), "disable" | "prefer") => {
+                return Err(ConnInfoError::TlsUnsupported(p.value.clone()));
+            }
+            _ => s.to_string(),
+        };
+        let mut config = if parsed.trim().is_empty() {
             tokio_postgres::Config::new()
         } else {
-            tokio_postgres::Config::from_str(s).map_err(|e| ConnInfoError::Parse(e.to_string()))?
+            tokio_postgres::Config::from_str(&parsed)
+                .map_err(|e| ConnInfoError::Parse(crate::error::describe_pg(&e)))?
         };
         if config.get_hosts().is_empty() {
             match env("PGHOST").filter(|h| !h.is_empty()) {
@@ -104,18 +127,13 @@ impl ConnInfo {
                 .unwrap_or(10);
             config.connect_timeout(Duration::from_secs(secs.max(2)));
         }
-        let sslmode_in_string = s.contains("sslmode");
-        if !sslmode_in_string {
+        if sslmode.is_none() {
             if let Some(mode) = env("PGSSLMODE") {
                 match mode.as_str() {
-                    "disable" | "allow" => config.ssl_mode(SslMode::Disable),
-                    "prefer" => config.ssl_mode(SslMode::Prefer),
+                    "disable" | "allow" | "prefer" => {}
                     other => return Err(ConnInfoError::TlsUnsupported(other.to_string())),
                 };
             }
-        }
-        if config.get_ssl_mode() == SslMode::Require || s.contains("verify-") {
-            return Err(ConnInfoError::TlsUnsupported("require".into()));
         }
         // Connections are plaintext; "prefer" then means "disable", as with a libpq built without SSL.
         config.ssl_mode(SslMode::Disable);
@@ -134,6 +152,19 @@ impl ConnInfo {
         let path = env("PGPASSFILE")
             .map(PathBuf::from)
             .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
+        // As libpq: a password file others can read is not used (nor anything but a file).
+        let meta = std::fs::metadata(&path).ok()?;
+        if !meta.is_file() {
+            tracing::warn!("password file {} is not a plain file", path.display());
+            return None;
+        }
+        if !passfile_private(&meta) {
+            tracing::warn!(
+                "password file {} has group or world access; permissions should be u=rw (0600) or less: it is ignored",
+                path.display()
+            );
+            return None;
+        }
         let text = std::fs::read_to_string(path).ok()?;
         let host = self.host_string();
         let host = if host.starts_with('/') {
@@ -248,6 +279,122 @@ fn add_host(config: &mut tokio_postgres::Config, h: &str) {
     } else {
         config.host(h);
     }
+}
+
+#[cfg(unix)]
+fn passfile_private(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o077 == 0
+}
+
+#[cfg(not(unix))]
+fn passfile_private(_: &std::fs::Metadata) -> bool {
+    true
+}
+
+/// A parameter of a connection string: its value, and where the value's text is in the string.
+#[derive(Debug, PartialEq, Eq)]
+struct Param {
+    value: String,
+    span: (usize, usize),
+}
+
+/// The last `key` in a connection string, URI (`postgresql://…?sslmode=require`) or key=value
+/// (`host=h sslmode='require'`), as libpq reads them: the last occurrence wins.
+fn find_param(s: &str, key: &str) -> Option<Param> {
+    let t = s.trim_start();
+    if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+        let q = s.find('?')? + 1;
+        let mut found = None;
+        let mut at = q;
+        for pair in s[q..].split('&') {
+            if let Some((k, v)) = pair.split_once('=') {
+                if percent_decode(k) == key {
+                    let start = at + k.len() + 1;
+                    found = Some(Param {
+                        value: percent_decode(v),
+                        span: (start, start + v.len()),
+                    });
+                }
+            }
+            at += pair.len() + 1;
+        }
+        return found;
+    }
+    let b = s.as_bytes();
+    let mut i = 0;
+    let mut found = None;
+    let skip_ws = |mut i: usize| {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        i
+    };
+    loop {
+        i = skip_ws(i);
+        if i >= b.len() {
+            return found;
+        }
+        let k0 = i;
+        while i < b.len() && b[i] != b'=' && !b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let k = &s[k0..i];
+        i = skip_ws(i);
+        if b.get(i) != Some(&b'=') {
+            return found; // not key=value: the client library reports it
+        }
+        i = skip_ws(i + 1);
+        let v0 = i;
+        let mut value = String::new();
+        if b.get(i) == Some(&b'\'') {
+            i += 1;
+            while i < b.len() && b[i] != b'\'' {
+                if b[i] == b'\\' && i + 1 < b.len() {
+                    i += 1;
+                }
+                let c = s[i..].chars().next().expect("in bounds");
+                value.push(c);
+                i += c.len_utf8();
+            }
+            i = (i + 1).min(b.len());
+        } else {
+            while i < b.len() && !b[i].is_ascii_whitespace() {
+                if b[i] == b'\\' && i + 1 < b.len() {
+                    i += 1;
+                }
+                let c = s[i..].chars().next().expect("in bounds");
+                value.push(c);
+                i += c.len_utf8();
+            }
+        }
+        if k == key {
+            found = Some(Param {
+                value,
+                span: (v0, i),
+            });
+        }
+    }
+}
+
+/// `%XX` escapes of a URI component decoded (invalid ones kept as they are).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Finds the password for (host, port, db, user) in the text of a `.pgpass` file.
@@ -370,6 +517,83 @@ mod tests {
             ConnInfo::parse_with_env("host=x port=notaport", &e),
             Err(ConnInfoError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn sslmode_is_read_as_libpq_reads_it() {
+        let e = env(&[]);
+        for s in [
+            "host=x sslmode=verify-full",
+            "host=x sslmode = 'verify-ca'",
+            "postgresql://u@x/db?application_name=a&sslmode=verify-full",
+            "host=x sslmode=require",
+        ] {
+            let err = ConnInfo::parse_with_env(s, &e).expect_err(s).to_string();
+            assert!(
+                err.contains("sslmode=verify-") || err.contains("sslmode=require"),
+                "{s}: {err}"
+            );
+        }
+        for s in [
+            "host=x sslmode=allow",
+            "host=x sslmode='allow' port=5",
+            "postgresql://u@x/db?sslmode=allow",
+            "host=x sslmode=disable",
+            // A password or another value that merely contains an sslmode word is no sslmode.
+            "host=x password='verify-full sslmode=require'",
+            "postgresql://u:verify-full@x/db",
+        ] {
+            let c = ConnInfo::parse_with_env(s, &e).unwrap_or_else(|err| panic!("{s}: {err}"));
+            assert_eq!(c.host_string(), "x");
+        }
+        let c =
+            ConnInfo::parse_with_env("host=x password='verify-full sslmode=require'", &e).unwrap();
+        assert_eq!(c.password(), Some(&b"verify-full sslmode=require"[..]));
+        assert_eq!(
+            find_param("host=x  sslmode='a\\'b'", "sslmode"),
+            Some(Param {
+                value: "a'b".into(),
+                span: (16, 22)
+            })
+        );
+    }
+
+    #[test]
+    fn a_bad_connection_string_names_the_keyword() {
+        let e = env(&[]);
+        for (s, keyword) in [
+            ("host=x port=notaport", "`port`"),
+            ("host=x frobnicate=1", "`frobnicate`"),
+            ("postgresql://x:99999999/db", "port"),
+        ] {
+            let err = ConnInfo::parse_with_env(s, &e).expect_err(s).to_string();
+            assert!(err.contains(keyword), "{s}: {err}");
+            assert_ne!(err, "invalid connection string: invalid connection string");
+        }
+    }
+
+    #[test]
+    fn a_password_file_with_group_or_world_access_is_ignored() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgpass");
+        std::fs::write(&path, "*:*:*:*:secret\n").unwrap();
+        let file = path.to_str().unwrap().to_string();
+        let lookup = || {
+            let e = env(&[("PGPASSFILE", &file)]);
+            ConnInfo::parse_with_env("host=h user=u dbname=d", &e)
+                .unwrap()
+                .password()
+                .map(<[u8]>::to_vec)
+        };
+        for mode in [0o600, 0o400] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(lookup().as_deref(), Some(&b"secret"[..]), "{mode:o}");
+        }
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            assert_eq!(lookup(), None, "{mode:o}");
+        }
     }
 
     #[test]

@@ -227,7 +227,7 @@ pub async fn ensure_capture_logged(client: &tokio_postgres::Client) -> Option<Ca
             Some(c)
         }
         Err(e) => {
-            warn!(error = %crate::source::error_chain(&e), "cannot check or install DDL capture; schema changes may not be archived");
+            warn!(error = %crate::error::chain(&e), "cannot check or install DDL capture; schema changes may not be archived");
             None
         }
     }
@@ -927,6 +927,12 @@ pub struct UnexplainedSchemaChange {
     pub before: String,
     pub after: String,
     pub lsn: String,
+}
+
+impl crate::error::Classify for UnexplainedSchemaChange {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        crate::error::ExitStatus::Database
+    }
 }
 
 impl UnexplainedSchemaChange {

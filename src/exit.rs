@@ -1,117 +1,34 @@
-//! Exit codes and the rendering of errors at the command line's edge.
-//!
-//! The codes are stable (scripts and alert rules may depend on them):
-//!
-//! | code | meaning |
-//! |---|---|
-//! | 0 | success |
-//! | 1 | unexpected error |
-//! | 2 | usage error (bad flag or value) |
-//! | 3 | source or target database: unreachable, misconfigured, missing slot or publication, target not empty |
-//! | 4 | repository: not writable, belongs to another database, storage error |
-//! | 5 | archive damaged or incomplete: corrupt segment, gap in the chain |
-//! | 6 | restore target outside what the archive covers |
-//! | 130 | aborted by a second signal |
+//! The command line's edge: values given on it that cannot be used ([`UsageError`], exit code
+//! 2), the parsing of times and durations, and (re-exported from [`crate::error`]) the exit codes
+//! and the rendering of errors.
+
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use crate::archive::ArchiveError;
-use crate::conninfo::ConnInfoError;
+pub use crate::error::{exit_code, render, Classify, ExitStatus};
 use crate::lsn::PgTimestamp;
-use crate::restore::RestoreError;
-use crate::source::SourceError;
-use crate::store::StoreError;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(i32)]
-pub enum ExitStatus {
-    Unexpected = 1,
-    Usage = 2,
-    Database = 3,
-    Repository = 4,
-    Damaged = 5,
-    OutOfRange = 6,
-    Aborted = 130,
-}
 
 /// A value given on the command line that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct UsageError(pub String);
 
-/// The exit code for an error.
-pub fn exit_code(e: &anyhow::Error) -> i32 {
-    for cause in e.chain() {
-        if let Some(code) = code_of(cause) {
-            return code as i32;
-        }
+impl Classify for UsageError {
+    fn exit_status(&self) -> ExitStatus {
+        ExitStatus::Usage
     }
-    ExitStatus::Unexpected as i32
 }
 
-fn code_of(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
-    use ExitStatus::*;
-    if e.is::<UsageError>() || e.is::<crate::lsn::ParseLsnError>() {
-        return Some(Usage);
+/// Parses a duration that must be more than zero (`10s`, `1m 30s`, `500ms`).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err(format!(
+            "{s:?} is zero; give a duration above zero, e.g. 10s"
+        ));
     }
-    if let Some(e) = e.downcast_ref::<ConnInfoError>() {
-        return Some(match e {
-            ConnInfoError::Parse(_) | ConnInfoError::TlsUnsupported(_) => Usage,
-            ConnInfoError::Connect { .. } => Database,
-        });
-    }
-    if e.is::<SourceError>() || e.is::<crate::replication::ReplicationError>() {
-        return Some(Database);
-    }
-    if let Some(e) = e.downcast_ref::<StoreError>() {
-        return Some(match e {
-            StoreError::InvalidUrl(_) => Usage,
-            _ => Repository,
-        });
-    }
-    if let Some(e) = e.downcast_ref::<crate::repo::RepoError>() {
-        return Some(match e {
-            crate::repo::RepoError::Broken { .. } => Damaged,
-            crate::repo::RepoError::Store(_) => Repository,
-            _ => Repository,
-        });
-    }
-    if let Some(e) = e.downcast_ref::<ArchiveError>() {
-        return match e {
-            ArchiveError::Source(s) => code_of(s),
-            ArchiveError::Repo(r) => code_of(r),
-            ArchiveError::Store(s) | ArchiveError::Upload { source: s, .. } => code_of(s),
-            ArchiveError::Replication(_) => Some(Database),
-            ArchiveError::Gap { .. } => Some(Damaged),
-            ArchiveError::SchemaChange(_) => Some(Database),
-            _ => None,
-        };
-    }
-    if let Some(e) = e.downcast_ref::<RestoreError>() {
-        return match e {
-            RestoreError::OutOfRange { .. } => Some(OutOfRange),
-            RestoreError::Corrupt { .. } => Some(Damaged),
-            RestoreError::Empty(_) => Some(Repository),
-            RestoreError::TargetNotEmpty(..) | RestoreError::Target(_) => Some(Database),
-            RestoreError::Repo(r) => code_of(r),
-            RestoreError::Store(s) => code_of(s),
-            _ => None,
-        };
-    }
-    None
-}
-
-/// The error's message followed by its causes, each once.
-pub fn render(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    for cause in e.chain().skip(1) {
-        let s = cause.to_string();
-        if !out.contains(&s) {
-            out.push_str("\n  caused by: ");
-            out.push_str(&s);
-        }
-    }
-    out
+    Ok(d)
 }
 
 /// Parses a restore target time: RFC 3339, or `YYYY-MM-DD HH:MM:SS[.ffffff][±HH[:MM]]` as
@@ -156,8 +73,24 @@ mod tests {
     }
 
     #[test]
+    fn positive_durations_refuse_zero_and_keep_humantime_forms() {
+        assert_eq!(
+            parse_positive_duration("1m 30s").unwrap(),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            parse_positive_duration("500ms").unwrap(),
+            Duration::from_millis(500)
+        );
+        for zero in ["0s", "0", "0ms"] {
+            assert!(parse_positive_duration(zero).unwrap_err().contains("zero"));
+        }
+        assert!(parse_positive_duration("soon").is_err());
+    }
+
+    #[test]
     fn codes_follow_the_error_kind() {
-        let e = anyhow::Error::new(SourceError::WalLevel("replica".into()));
+        let e = anyhow::Error::new(crate::source::SourceError::WalLevel("replica".into()));
         assert_eq!(exit_code(&e), 3);
         let e = anyhow::Error::new(UsageError("x".into()));
         assert_eq!(exit_code(&e), 2);

@@ -19,7 +19,9 @@
 //!   [`restore`] point-in-time restore (plan, then apply), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
 //! * commands: [`setup`], [`backup_cmd`], [`list`], [`demo`] (with [`scratch`], a throwaway
-//!   cluster), and [`exit`] (exit codes and error rendering).
+//!   cluster), and [`exit`] (the command line's values and errors);
+//! * shared by all: [`error`] the one error classification (every module error's exit code,
+//!   checked variant by variant) and [`sql`] the one quoting of identifiers and literals.
 
 pub mod archive;
 pub mod backup;
@@ -27,6 +29,7 @@ pub mod backup_cmd;
 pub mod conninfo;
 pub mod ddl;
 pub mod demo;
+pub mod error;
 pub mod exit;
 pub mod list;
 pub mod lsn;
@@ -39,6 +42,7 @@ pub mod scratch;
 pub mod segment;
 pub mod setup;
 pub mod source;
+pub mod sql;
 pub mod statement;
 pub mod store;
 pub mod telemetry;

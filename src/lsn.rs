@@ -42,6 +42,12 @@ impl fmt::Display for Lsn {
 #[error("invalid LSN {0:?}: expected two hex numbers separated by '/', like 0/16B3748")]
 pub struct ParseLsnError(String);
 
+impl crate::error::Classify for ParseLsnError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        crate::error::ExitStatus::Usage
+    }
+}
+
 impl FromStr for Lsn {
     type Err = ParseLsnError;
     fn from_str(s: &str) -> Result<Lsn, ParseLsnError> {

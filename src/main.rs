@@ -129,7 +129,7 @@ struct ArchiveArgs {
     #[arg(long, env = "TIDEMARK_HEARTBEAT", default_value = "10s", value_parser = humantime::parse_duration)]
     heartbeat: Duration,
     /// Send a standby status update at least this often.
-    #[arg(long, env = "TIDEMARK_STATUS_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "TIDEMARK_STATUS_INTERVAL", default_value = "10s", value_parser = tidemark::exit::parse_positive_duration)]
     status_interval: Duration,
     /// Connections used by base backups.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]

@@ -38,6 +38,15 @@ pub enum PgBinError {
     },
 }
 
+impl crate::error::Classify for PgBinError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        match self {
+            // PostgreSQL's client programs belong with the database: install or point to them.
+            PgBinError::NotFound { .. } => crate::error::ExitStatus::Database,
+        }
+    }
+}
+
 fn describe_not_found(
     program: &str,
     min_major: Option<u32>,

@@ -37,6 +37,7 @@ pub use self::error::ReplicationError;
 use self::wire::{parse_copy_data, unexpected, write_status_update, Conn, Cursor};
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
+use crate::sql::{quote_ident, quote_literal};
 
 /// What IDENTIFY_SYSTEM reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,16 +94,6 @@ impl fmt::Debug for ReplicationClient {
             .field("target", &self.conn.target)
             .finish_non_exhaustive()
     }
-}
-
-/// Quotes an identifier for a replication command: `"…"`, with `"` doubled.
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// Quotes a string literal for a replication command: `'…'`, with `'` doubled.
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// Parses `server_version` ("15.18 (Debian 15.18-1.pgdg120+1)", "9.6.24", "17beta1") into the

@@ -60,6 +60,17 @@ pub enum RepoError {
     },
 }
 
+impl crate::error::Classify for RepoError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            RepoError::Store(e) => e.exit_status(),
+            RepoError::BadIdentity { .. } | RepoError::WrongSource { .. } => Repository,
+            RepoError::Broken { .. } => Damaged,
+        }
+    }
+}
+
 /// A segment as its object name describes it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SegmentRef {

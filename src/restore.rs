@@ -83,13 +83,40 @@ pub enum RestoreError {
     #[error(transparent)]
     Backup(#[from] backup::BackupError),
     #[error("target database: {0}")]
-    Target(String),
+    TargetConnect(#[source] crate::conninfo::ConnInfoError),
+    #[error("target database: {what}: {}", crate::error::describe_pg(.source))]
+    TargetQuery {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{what}: {detail}\nHINT: check the free space and permissions of the temporary folder (TMPDIR); the target database may hold a partial restore: drop it and restore again")]
+    Local { what: String, detail: String },
     #[error("replaying the transaction committed at {commit_lsn} ({commit_time}): {detail}")]
     Replay {
         commit_lsn: Lsn,
         commit_time: PgTimestamp,
         detail: String,
     },
+}
+
+impl crate::error::Classify for RestoreError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            RestoreError::Empty(_) => Repository,
+            RestoreError::OutOfRange { .. } => OutOfRange,
+            RestoreError::TargetNotEmpty(..) | RestoreError::TargetQuery { .. } => Database,
+            RestoreError::TargetConnect(e) => e.exit_status(),
+            RestoreError::Corrupt { .. } => Damaged,
+            RestoreError::Repo(e) => e.exit_status(),
+            RestoreError::Store(e) => e.exit_status(),
+            RestoreError::Backup(e) => e.exit_status(),
+            RestoreError::Local { .. } => Unexpected,
+            // The target refused a statement of an archived transaction.
+            RestoreError::Replay { .. } => Database,
+        }
+    }
 }
 
 /// What a restore will do, computed without touching the target.
@@ -274,12 +301,14 @@ pub async fn run(
     let client = target_info
         .connect()
         .await
-        .map_err(|e| RestoreError::Target(e.to_string()))?;
+        .map_err(RestoreError::TargetConnect)?;
     check_empty(&client, target_info).await?;
 
     // Read and verify every segment before writing anything.
-    let spool =
-        tempfile::tempdir().map_err(|e| RestoreError::Target(format!("temporary folder: {e}")))?;
+    let spool = tempfile::tempdir().map_err(|e| RestoreError::Local {
+        what: "creating a temporary folder for the segments".into(),
+        detail: e.to_string(),
+    })?;
     let verified = fetch_and_verify(store, &gens, &plan, to, spool.path()).await?;
 
     let loader = backup::Loader::new(store, manifest, target_info, parallel);
@@ -290,7 +319,10 @@ pub async fn run(
     // column…): with DDL in the archive, every post-data object exists before replay.
     let post_data_first = crate::ddl::segments_have_ddl(&verified)
         .await
-        .map_err(RestoreError::Target)?;
+        .map_err(|detail| RestoreError::Local {
+            what: "reading the spooled segments".into(),
+            detail,
+        })?;
     if post_data_first {
         loader.load(LoadPhase::PostData).await?;
     }
@@ -339,7 +371,10 @@ async fn check_empty(client: &tokio_postgres::Client, info: &ConnInfo) -> Result
             &[],
         )
         .await
-        .map_err(|e| RestoreError::Target(e.to_string()))?;
+        .map_err(|source| RestoreError::TargetQuery {
+            what: "listing its relations".into(),
+            source,
+        })?;
     let n: i64 = row.get(0);
     if n > 0 {
         let names: String = row.get(1);
@@ -406,9 +441,12 @@ async fn fetch_and_verify(
         }
         expected_start = Some(r.end);
         let path = spool.join(format!("{:06}.seg", out.len()));
-        tokio::fs::write(&path, &bytes).await.map_err(|e| {
-            RestoreError::Target(format!("spooling a segment to {}: {e}", path.display()))
-        })?;
+        tokio::fs::write(&path, &bytes)
+            .await
+            .map_err(|e| RestoreError::Local {
+                what: format!("spooling a segment to {}", path.display()),
+                detail: e.to_string(),
+            })?;
         out.push(path);
         // Replay stops in this segment: later ones are not needed.
         let stops_here = match target {
@@ -429,13 +467,14 @@ async fn fetch_and_verify(
 
 /// Reads back a segment the restore fetched, verified and spooled.
 async fn read_spooled(path: &std::path::Path) -> Result<Segment, RestoreError> {
-    let bytes = tokio::fs::read(path).await.map_err(|e| {
-        RestoreError::Target(format!(
-            "reading the spooled segment {}: {e}",
-            path.display()
-        ))
-    })?;
-    Segment::parse(Bytes::from(bytes)).map_err(|e| RestoreError::Target(e.to_string()))
+    let local = |detail: String| RestoreError::Local {
+        what: format!("reading the spooled segment {}", path.display()),
+        detail,
+    };
+    let bytes = tokio::fs::read(path)
+        .await
+        .map_err(|e| local(e.to_string()))?;
+    Segment::parse(Bytes::from(bytes)).map_err(|e| local(e.to_string()))
 }
 
 /// Applies decoded transactions to the target.
@@ -690,7 +729,10 @@ impl<'a> Replayer<'a> {
                  SET search_path = pg_catalog; SET lc_monetary = 'C';",
             )
             .await
-            .map_err(|e| RestoreError::Target(e.to_string()))?;
+            .map_err(|source| RestoreError::TargetQuery {
+                what: "setting the replay session".into(),
+                source,
+            })?;
         // Replay reproduces the source's effects; the target's triggers and FK checks must not
         // fire again. Needs superuser; without it, triggers fire (logged).
         if let Err(e) = client
@@ -737,7 +779,10 @@ impl<'a> Replayer<'a> {
     /// reached.
     async fn apply_segment(&mut self, seg: &Segment, seg_no: usize) -> Result<bool, RestoreError> {
         for (index, rec) in seg.records().enumerate() {
-            let rec = rec.map_err(|e| RestoreError::Target(e.to_string()))?;
+            let rec = rec.map_err(|e| RestoreError::Local {
+                what: format!("reading spooled segment {seg_no}"),
+                detail: e.to_string(),
+            })?;
             let msg =
                 pgoutput::decode(&rec.payload, self.chunks.in_chunk.is_some()).map_err(|e| {
                     RestoreError::Replay {
@@ -855,7 +900,7 @@ impl<'a> Replayer<'a> {
                     if let Err(e) = self.client.simple_query(sql).await {
                         return Err(self.replay_err(&format!(
                             "the schema change {sql:?} failed on the target: {}\nHINT: the target may lack something the source had (an extension, a role, a tablespace…): provide it and restore again, or restore to an instant before this transaction",
-                            crate::source::error_chain(&e)
+                            crate::error::chain(&e)
                         )));
                     }
                 }
@@ -953,7 +998,10 @@ impl<'a> Replayer<'a> {
                     if idx < run.first {
                         continue;
                     }
-                    let rec = rec.map_err(|e| RestoreError::Target(e.to_string()))?;
+                    let rec = rec.map_err(|e| RestoreError::Local {
+                        what: "reading a spooled segment".into(),
+                        detail: e.to_string(),
+                    })?;
                     let msg = pgoutput::decode(&rec.payload, true).map_err(|e| {
                         self.replay_err(&format!("undecodable record at {}: {e}", rec.lsn))
                     })?;
@@ -1404,10 +1452,7 @@ impl<'a> Replayer<'a> {
             return Err(RestoreError::Replay {
                 commit_lsn: stmt.map(|s| s.commit).unwrap_or_default(),
                 commit_time: stmt.map(|s| s.commit_time).unwrap_or_default(),
-                detail: format!(
-                    "the target refused {what}: {}",
-                    crate::source::error_chain(&e)
-                ),
+                detail: format!("the target refused {what}: {}", crate::error::chain(&e)),
             });
         }
         for (stmt, n) in statements.iter().zip(counts) {
@@ -1478,8 +1523,9 @@ async fn relations_at_backup(
                 &[&qualified],
             )
             .await
-            .map_err(|e| {
-                RestoreError::Target(format!("reading the replica identity of {qualified}: {e}"))
+            .map_err(|source| RestoreError::TargetQuery {
+                what: format!("reading the replica identity of {qualified}"),
+                source,
             })?;
         let ident: String = row.get(0);
         let keys: Vec<String> = row.get(1);

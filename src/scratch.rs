@@ -25,7 +25,7 @@ impl ScratchCluster {
         let dir = tempfile::Builder::new()
             .prefix("tidemark-demo-")
             .tempdir()?;
-        let owner = if unsafe_geteuid_is_root() {
+        let owner = if effective_uid_is_root() {
             Some(postgres_ids()?)
         } else {
             None
@@ -121,7 +121,7 @@ impl Drop for ScratchCluster {
     }
 }
 
-fn unsafe_geteuid_is_root() -> bool {
+fn effective_uid_is_root() -> bool {
     // /proc/self/status holds "Uid: real effective saved fs".
     std::fs::read_to_string("/proc/self/status")
         .ok()

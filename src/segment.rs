@@ -316,6 +316,25 @@ pub enum SegmentError {
     },
 }
 
+impl crate::error::Classify for SegmentError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            // Written by a newer tidemark: not damage, the wrong binary for this repository.
+            SegmentError::UnsupportedVersion { .. } | SegmentError::UnknownFlags { .. } => {
+                Repository
+            }
+            SegmentError::BadMagic { .. }
+            | SegmentError::TooShort { .. }
+            | SegmentError::MissingFooter { .. }
+            | SegmentError::Checksum { .. }
+            | SegmentError::DataChecksum { .. }
+            | SegmentError::Decompress { .. }
+            | SegmentError::Malformed { .. } => Damaged,
+        }
+    }
+}
+
 fn hex(bytes: &[u8]) -> String {
     use fmt::Write;
     let mut s = String::with_capacity(bytes.len() * 2);

@@ -25,10 +25,7 @@ pub async fn run(info: &ConnInfo, slot: &str, publication: &str) -> anyhow::Resu
     }
     match crate::ddl::ensure_capture(&source.client).await {
         Ok(c) => println!("{}", c.describe()),
-        Err(e) => println!(
-            "DDL capture is NOT installed: {}",
-            crate::source::error_chain(&e)
-        ),
+        Err(e) => println!("DDL capture is NOT installed: {}", crate::error::chain(&e)),
     }
     match source.slot(slot).await? {
         Some(s) => println!(

@@ -32,7 +32,7 @@ pub enum SourceError {
     SlotActive(String, String),
     #[error("no free replication slot: max_replication_slots={max} and {used} are in use\nHINT: raise max_replication_slots (needs a restart) or drop an unused slot")]
     NoFreeSlot { max: i64, used: i64 },
-    #[error("query on the source failed ({what}): {source}")]
+    #[error("query on the source failed ({what}): {}", crate::error::describe_pg(.source))]
     Query {
         what: &'static str,
         #[source]
@@ -40,12 +40,29 @@ pub enum SourceError {
     },
 }
 
+impl crate::error::Classify for SourceError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            SourceError::Unreachable { .. }
+            | SourceError::WalLevel(_)
+            | SourceError::NoReplicationPrivilege(..)
+            | SourceError::NoPublication(..)
+            | SourceError::NoSlot(_)
+            | SourceError::ForeignSlot { .. }
+            | SourceError::SlotActive(..)
+            | SourceError::NoFreeSlot { .. }
+            | SourceError::Query { .. } => Database,
+        }
+    }
+}
+
 impl From<ConnInfoError> for SourceError {
     fn from(e: ConnInfoError) -> SourceError {
         match e {
             ConnInfoError::Connect { target, source } => SourceError::Unreachable {
                 target,
-                detail: error_chain(&source),
+                detail: crate::error::describe_pg(&source),
             },
             other => SourceError::Unreachable {
                 target: String::new(),
@@ -53,21 +70,6 @@ impl From<ConnInfoError> for SourceError {
             },
         }
     }
-}
-
-/// The full text of an error and its causes.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {

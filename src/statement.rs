@@ -172,24 +172,7 @@ pub enum StatementError {
     },
 }
 
-/// Quotes an identifier: `"` around, every `"` doubled. Always quotes, so the case and any
-/// character of the name are kept. (Identifiers from the decoder never contain NUL.)
-pub fn quote_ident(ident: &str) -> String {
-    let mut out = String::with_capacity(ident.len() + 2);
-    push_ident(&mut out, ident);
-    out
-}
-
-fn push_ident(out: &mut String, ident: &str) {
-    out.push('"');
-    for c in ident.chars() {
-        if c == '"' {
-            out.push('"');
-        }
-        out.push(c);
-    }
-    out.push('"');
-}
+pub use crate::sql::quote_ident;
 
 /// Quotes a text-format value as a string literal: `'` around, every `'` doubled. For a target
 /// with `standard_conforming_strings = on`, where backslashes are ordinary characters.
@@ -207,15 +190,7 @@ fn push_literal(out: &mut String, value: &[u8]) -> Result<(), LiteralError> {
     if let Some(offset) = value.iter().position(|&b| b == 0) {
         return Err(LiteralError::Nul { offset });
     }
-    out.reserve(text.len() + 2);
-    out.push('\'');
-    for c in text.chars() {
-        if c == '\'' {
-            out.push('\'');
-        }
-        out.push(c);
-    }
-    out.push('\'');
+    crate::sql::push_literal(out, text);
     Ok(())
 }
 
@@ -395,7 +370,7 @@ impl Ctx<'_> {
                 }
             }
             out.push_str(if any { " AND " } else { " WHERE " });
-            push_ident(out, &column.name);
+            crate::sql::push_ident(out, &column.name);
             out.push_str(" = ");
             self.push_value(out, column, value)?;
             any = true;
@@ -438,11 +413,11 @@ impl Ctx<'_> {
             }
             if matches!(value, Value::Null) {
                 conds.push_str("pg_catalog.num_nulls(");
-                push_ident(&mut conds, &column.name);
+                crate::sql::push_ident(&mut conds, &column.name);
                 conds.push_str(") = 1");
             } else {
                 conds.push_str("pg_catalog.format('%s', ");
-                push_ident(&mut conds, &column.name);
+                crate::sql::push_ident(&mut conds, &column.name);
                 conds.push_str(") = ");
                 self.push_value(&mut conds, column, value)?;
             }
@@ -549,7 +524,7 @@ pub fn insert_prefix(rel: &RelationInfo) -> Option<String> {
         if i > 0 {
             out.push(',');
         }
-        push_ident(&mut out, &column.name);
+        crate::sql::push_ident(&mut out, &column.name);
     }
     out.push_str(") OVERRIDING SYSTEM VALUE VALUES ");
     Some(out)
@@ -579,7 +554,7 @@ fn insert_sql(
             if i > 0 {
                 out.push(',');
             }
-            push_ident(out, &column.name);
+            crate::sql::push_ident(out, &column.name);
         }
         out.push_str(") OVERRIDING SYSTEM VALUE VALUES (");
         for (i, (column, value)) in rel.columns.iter().zip(&new.0).enumerate() {
@@ -673,7 +648,7 @@ fn update_sql(
             continue;
         }
         set.push_str(if set.is_empty() { " SET " } else { ", " });
-        push_ident(&mut set, &column.name);
+        crate::sql::push_ident(&mut set, &column.name);
         set.push_str(" = ");
         ctx.push_value(&mut set, column, value)?;
     }

@@ -67,6 +67,20 @@ pub enum StoreError {
     InvalidUrl(String),
 }
 
+impl crate::error::Classify for StoreError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            StoreError::InvalidUrl(_) => Usage,
+            StoreError::NotFound { .. }
+            | StoreError::Conflict { .. }
+            | StoreError::Io { .. }
+            | StoreError::Remote { .. }
+            | StoreError::NotWritable { .. } => Repository,
+        }
+    }
+}
+
 impl StoreError {
     /// Whether retrying the same operation later may succeed.
     pub fn is_retryable(&self) -> bool {

@@ -183,6 +183,16 @@ pub enum ManifestError {
     UnsupportedVersion { key: String, found: u64 },
 }
 
+impl crate::error::Classify for ManifestError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            ManifestError::Invalid { .. } => Damaged,
+            ManifestError::UnsupportedVersion { .. } => Repository,
+        }
+    }
+}
+
 impl Manifest {
     /// Serializes the manifest (pretty-printed: it is meant to be read by people too).
     pub fn to_json(&self) -> Vec<u8> {

@@ -38,6 +38,19 @@ pub enum ReplicationError {
     UnsupportedAuth(String),
 }
 
+impl crate::error::Classify for ReplicationError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            ReplicationError::Io { .. }
+            | ReplicationError::Protocol(_)
+            | ReplicationError::Auth { .. }
+            | ReplicationError::Server { .. }
+            | ReplicationError::UnsupportedAuth(_) => Database,
+        }
+    }
+}
+
 struct ServerErrorDisplay<'a> {
     message: &'a str,
     code: &'a str,

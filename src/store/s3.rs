@@ -263,7 +263,7 @@ impl S3Store {
         // A service error says it best with its code and message; the rest with their causes.
         let detail = match &err {
             SdkError::ServiceError(_) => err.message().unwrap_or("(no message)").to_string(),
-            _ => error_chain(&err),
+            _ => crate::error::chain(&err),
         };
         let (retryable, hint) = match &err {
             SdkError::TimeoutError(_) | SdkError::ResponseError(_) => (true, None),
@@ -750,7 +750,7 @@ impl S3Store {
             self.remote(
                 "GetObject",
                 key,
-                format!("the response body broke off: {}", error_chain(&e)),
+                format!("the response body broke off: {}", crate::error::chain(&e)),
                 true,
             )
         })?;
@@ -808,21 +808,6 @@ impl S3Store {
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
-}
-
-/// An error and its sources, `: `-separated, each once (the SDK's Display says little).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 const ENDPOINT_HINT: &str = "the store could not be reached or did not answer in time, even after retries: check the endpoint (--s3-endpoint, AWS_ENDPOINT_URL), the region and the network";

@@ -283,6 +283,28 @@ async fn archive_from_an_unreachable_source_exits_3_and_writes_nothing() {
     v.finish();
 }
 
+#[test]
+fn archive_with_a_zero_status_interval_exits_2_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let (code, _, err) = tidemark_refusing(&[
+        "archive",
+        "--source",
+        "host=127.0.0.1 port=1",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--status-interval",
+        "0s",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--status-interval") && err.contains("zero"),
+        "the message must name the flag and say why: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!repo.exists());
+}
+
 #[tokio::test]
 async fn archive_with_wal_level_replica_exits_3_with_the_fix() {
     let cluster = Cluster::start(ClusterOptions {
