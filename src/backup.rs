@@ -126,7 +126,7 @@ pub enum BackupError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{key}: stored object is corrupt: its CRC-32 is {actual:08x} but the manifest records {expected:08x}")]
+    #[error("{key}: stored object is corrupt: its CRC-32 is {actual:08x} but the manifest records {expected:08x}\nHINT: this base backup cannot be loaded; restore from another base backup (an earlier --to-time), or from another copy of the repository")]
     Corrupt {
         key: String,
         expected: u32,
@@ -1073,6 +1073,40 @@ impl<'a> Loader<'a> {
         let dump = self.schema().await?;
         let listing = self.listing.get_or_try_init(|| dump.listing()).await?;
         Ok(listing)
+    }
+
+    /// Checks, before anything is written, what can be checked without reading every part:
+    /// the schema dump is fetched and its checksum verified, `pg_restore` reads its listing,
+    /// and every table part the manifest lists is in the repository with the recorded size.
+    /// (A part's own checksum is verified as it is loaded.)
+    pub async fn check(&self) -> Result<(), BackupError> {
+        self.listing().await?;
+        let prefix = format!("{}{}/", manifest::ROOT, self.m.id);
+        let stored: std::collections::HashMap<String, u64> = self
+            .store
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .map(|o| (o.key, o.size))
+            .collect();
+        for p in self.m.tables.iter().flat_map(|t| t.parts.iter()) {
+            let problem = match stored.get(&p.key) {
+                None => "missing: the manifest lists this part but the repository does not hold it".to_string(),
+                Some(&size) if size != p.stored_bytes => format!(
+                    "stored object is {size} bytes but the manifest records {}: truncated or replaced",
+                    p.stored_bytes
+                ),
+                Some(_) => continue,
+            };
+            return Err(BackupError::BadObject {
+                key: p.key.clone(),
+                message: format!(
+                    "{problem}\nHINT: base backup {} cannot be loaded; restore from another base backup (an earlier --to-time) or another copy of the repository",
+                    self.m.id
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Loads one phase.

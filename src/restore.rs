@@ -10,8 +10,11 @@
 //! * A target the archive cannot prove is refused, never moved: a time before the earliest base
 //!   backup, or not yet passed by an archived commit (the server's clock must be seen past it),
 //!   names the earliest and latest restorable instants.
-//! * Nothing is written to the target before the target is checked empty and every segment the
-//!   plan needs has been read and verified (checksums, continuity).
+//! * Nothing is written to the target before the target is checked empty and writable by its
+//!   role, every segment the plan needs has been read and verified (checksums, continuity) and
+//!   the base backup's objects are all there ([`backup::Loader::check`]). The first write marks
+//!   the target as in progress and the last one removes the mark (see `target`): a target that
+//!   is not complete always says so.
 //! * Source transactions are applied whole and in commit order, several consecutive ones per
 //!   target transaction (see `Replayer`: group boundaries are source commit boundaries); one
 //!   that the backup already holds (commit LSN below the backup's consistent point) is skipped.
@@ -33,6 +36,9 @@ use crate::repo::{self, SegmentRef};
 use crate::segment::{self, Segment};
 use crate::statement::{self, RelationInfo};
 use crate::store::Store;
+
+mod target;
+pub use target::MARKER_TABLE;
 
 /// Where a restore stops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,8 +96,23 @@ pub enum RestoreError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("{what}: {detail}\nHINT: check the free space and permissions of the temporary folder (TMPDIR); the target database may hold a partial restore: drop it and restore again")]
+    #[error("{what}: {detail}\nHINT: check the free space and permissions of the temporary folder (TMPDIR)")]
     Local { what: String, detail: String },
+    #[error("the target database {target} holds an incomplete restore ({detail}): a restore into it failed or was interrupted\nHINT: drop it (DROP DATABASE …) and restore into a new, empty database")]
+    TargetIncomplete { target: String, detail: String },
+    #[error("role {role:?} may not restore into {target}: it lacks {what}\nHINT: as the database's owner or a superuser: {grant} (or restore as a role that may)")]
+    TargetPrivilege {
+        target: String,
+        role: String,
+        what: String,
+        grant: String,
+    },
+    #[error("{source}\nTHE TARGET DATABASE {target} IS INCOMPLETE: the restore stopped after writing to it (table public.{MARKER_TABLE} marks it); do not use it: drop it and restore again into a new, empty database")]
+    Incomplete {
+        target: String,
+        #[source]
+        source: Box<RestoreError>,
+    },
     #[error("replaying the transaction committed at {commit_lsn} ({commit_time}): {detail}")]
     Replay {
         commit_lsn: Lsn,
@@ -113,6 +134,10 @@ impl crate::error::Classify for RestoreError {
             RestoreError::Store(e) => e.exit_status(),
             RestoreError::Backup(e) => e.exit_status(),
             RestoreError::Local { .. } => Unexpected,
+            RestoreError::TargetIncomplete { .. } | RestoreError::TargetPrivilege { .. } => {
+                Database
+            }
+            RestoreError::Incomplete { source, .. } => source.exit_status(),
             // The target refused a statement of an archived transaction.
             RestoreError::Replay { .. } => Database,
         }
@@ -302,22 +327,76 @@ pub async fn run(
         .connect()
         .await
         .map_err(RestoreError::TargetConnect)?;
-    check_empty(&client, target_info).await?;
+    target::check_empty(&client, target_info).await?;
+    target::check_privileges(&client, target_info, manifest).await?;
 
-    // Read and verify every segment before writing anything.
+    // Read and verify every segment, and check the base backup, before writing anything.
     let spool = tempfile::tempdir().map_err(|e| RestoreError::Local {
         what: "creating a temporary folder for the segments".into(),
         detail: e.to_string(),
     })?;
     let verified = fetch_and_verify(store, &gens, &plan, to, spool.path()).await?;
-
     let loader = backup::Loader::new(store, manifest, target_info, parallel);
+    loader.check().await?;
+
+    target::mark_in_progress(&client, manifest, &store.location()).await?;
+    let applied = apply(
+        &client,
+        &loader,
+        manifest,
+        &plan,
+        to,
+        target_info,
+        &verified,
+    )
+    .await
+    .map_err(|e| RestoreError::Incomplete {
+        target: target_info.to_string(),
+        source: Box::new(e),
+    })?;
+    let replayer = applied.replayer;
+    let replay_seconds = applied.replay_seconds;
+    let summary = RestoreSummary {
+        backup_id: plan.backup_id,
+        transactions_replayed: replayer.applied,
+        last_commit_lsn: replayer.last_commit.map(|c| c.0),
+        last_commit_time: replayer.last_commit.map(|c| c.1),
+        seconds: started.elapsed().as_secs_f64(),
+        replay_seconds,
+    };
+    info!(?summary, "restore complete");
+    Ok(summary)
+}
+
+/// What [`apply`] did.
+struct Applied {
+    replayer: ReplayOutcome,
+    replay_seconds: f64,
+}
+
+/// What replay did, past the borrow of the target's client.
+struct ReplayOutcome {
+    applied: u64,
+    last_commit: Option<(Lsn, PgTimestamp)>,
+}
+
+/// Writes the restore into the marked target: the base backup, replay, sequences, indexes;
+/// then removes the marker.
+async fn apply(
+    client: &tokio_postgres::Client,
+    loader: &backup::Loader<'_>,
+    manifest: &Manifest,
+    plan: &Plan,
+    to: Target,
+    target_info: &ConnInfo,
+    verified: &[std::path::PathBuf],
+) -> Result<Applied, RestoreError> {
     loader.load(LoadPhase::PreData).await?;
     loader.load(LoadPhase::Data).await?;
     loader.load(LoadPhase::Keys).await?;
     // Replayed DDL may name any object of the backup (DROP INDEX, RENAME COLUMN of an indexed
     // column…): with DDL in the archive, every post-data object exists before replay.
-    let post_data_first = crate::ddl::segments_have_ddl(&verified)
+    let post_data_first = crate::ddl::segments_have_ddl(verified)
         .await
         .map_err(|detail| RestoreError::Local {
             what: "reading the spooled segments".into(),
@@ -328,8 +407,8 @@ pub async fn run(
     }
 
     let replay_started = Instant::now();
-    let mut replayer = Replayer::new(&client, manifest, plan.start, to).await?;
-    replayer.spool = verified.clone();
+    let mut replayer = Replayer::new(client, manifest, plan.start, to).await?;
+    replayer.spool = verified.to_vec();
     for (seg_no, path) in verified.iter().enumerate() {
         let seg = read_spooled(path).await?;
         if !replayer.apply_segment(&seg, seg_no).await? {
@@ -349,42 +428,14 @@ pub async fn run(
     } else {
         loader.load(LoadPhase::PostData).await?;
     }
-    let summary = RestoreSummary {
-        backup_id: plan.backup_id,
-        transactions_replayed: replayer.applied,
-        last_commit_lsn: replayer.last_commit.map(|c| c.0),
-        last_commit_time: replayer.last_commit.map(|c| c.1),
-        seconds: started.elapsed().as_secs_f64(),
+    target::mark_complete(client).await?;
+    Ok(Applied {
+        replayer: ReplayOutcome {
+            applied: replayer.applied,
+            last_commit: replayer.last_commit,
+        },
         replay_seconds,
-    };
-    info!(?summary, "restore complete");
-    Ok(summary)
-}
-
-async fn check_empty(client: &tokio_postgres::Client, info: &ConnInfo) -> Result<(), RestoreError> {
-    let row = client
-        .query_one(
-            "SELECT count(*), coalesce(string_agg(format('%I.%I', n.nspname, c.relname), ', '), '')
-               FROM (SELECT * FROM pg_class LIMIT 1000) c JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
-                AND n.nspname NOT LIKE 'pg\\_temp%' AND n.nspname NOT LIKE 'pg\\_toast%'",
-            &[],
-        )
-        .await
-        .map_err(|source| RestoreError::TargetQuery {
-            what: "listing its relations".into(),
-            source,
-        })?;
-    let n: i64 = row.get(0);
-    if n > 0 {
-        let names: String = row.get(1);
-        let shown: String = names.chars().take(200).collect();
-        return Err(RestoreError::TargetNotEmpty(
-            info.to_string(),
-            format!("{n} relation(s): {shown}"),
-        ));
-    }
-    Ok(())
+    })
 }
 
 /// Downloads the planned segments (several at once), verifies each completely and checks that

@@ -615,3 +615,223 @@ async fn restore_of_a_corrupted_segment_exits_5_naming_its_range() {
     v.target_empty(cluster, db).await;
     v.finish();
 }
+
+/// The stored table parts of the base backups in a repository, largest first.
+fn backup_parts(repo: &Path) -> Vec<PathBuf> {
+    let mut parts: Vec<(u64, PathBuf)> = files_below(&repo.join("basebackups"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".copy.lz4"))
+        .map(|p| (std::fs::metadata(&p).unwrap().len(), p))
+        .collect();
+    parts.sort();
+    parts.into_iter().rev().map(|(_, p)| p).collect()
+}
+
+/// The backup id recorded by the in-progress marker of a restore target, if it has one.
+async fn marker_of(cluster: &Cluster, db: &str) -> Option<String> {
+    let client = cluster.client(db).await;
+    let exists: bool = client
+        .query_one(
+            &format!(
+                "SELECT to_regclass('public.{}') IS NOT NULL",
+                tidemark::restore::MARKER_TABLE
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    if !exists {
+        return None;
+    }
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT backup_id FROM public.{}",
+                tidemark::restore::MARKER_TABLE
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    Some(row.get(0))
+}
+
+/// A second restore into a target an earlier one left incomplete is refused, naming that.
+fn assert_refused_as_incomplete(cluster: &Cluster, repo: &str, db: &str) {
+    let target = cluster.conninfo(db);
+    let result = tidemark_refusing(&["restore", "--repo", repo, "--target", &target, "--latest"]);
+    let mut v = Verdict::of("restore into an incomplete target", &result, 3);
+    v.expect(
+        result.2.contains("incomplete restore"),
+        "the message must say the target holds an incomplete restore",
+    );
+    v.finish();
+}
+
+#[tokio::test]
+async fn restore_with_a_missing_base_backup_part_exits_5_before_writing_anything() {
+    let archived = shared_archive();
+    let cluster = &archived.cluster;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    copy_tree(&archived.repo, &repo);
+    let victim = backup_parts(&repo)
+        .into_iter()
+        .next()
+        .expect("the base backup has table parts");
+    std::fs::remove_file(&victim).unwrap();
+    let name = victim.file_name().unwrap().to_str().unwrap().to_string();
+
+    let db = "from_missing_part";
+    cluster.create_database(db);
+    let result = tidemark_refusing(&[
+        "restore",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--target",
+        &cluster.conninfo(db),
+        "--latest",
+    ]);
+    let mut v = Verdict::of("restore with a missing base-backup part", &result, 5);
+    v.expect(
+        result.2.contains(&name) && result.2.contains("missing"),
+        format!("the message must name the missing part {name}"),
+    );
+    v.target_empty(cluster, db).await;
+    v.finish();
+}
+
+#[tokio::test]
+async fn restore_with_a_flipped_byte_in_a_base_backup_part_exits_5_and_says_the_target_is_incomplete(
+) {
+    let archived = shared_archive();
+    let cluster = &archived.cluster;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    copy_tree(&archived.repo, &repo);
+    let victim = backup_parts(&repo)
+        .into_iter()
+        .next()
+        .expect("the base backup has table parts");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&victim, &bytes).unwrap();
+    let repo_arg = repo.to_str().unwrap();
+
+    let db = "from_flipped_part";
+    cluster.create_database(db);
+    let result = tidemark_refusing(&[
+        "restore",
+        "--repo",
+        repo_arg,
+        "--target",
+        &cluster.conninfo(db),
+        "--latest",
+    ]);
+    let mut v = Verdict::of("restore with a corrupt base-backup part", &result, 5);
+    v.expect(
+        result.2.contains("CRC-32") || result.2.contains("corrupt"),
+        "the message must say the part is corrupt",
+    );
+    v.expect(
+        result.2.contains("INCOMPLETE"),
+        "the message must say loudly that the target is incomplete",
+    );
+    v.expect(
+        marker_of(cluster, db).await.is_some(),
+        "the target must keep its in-progress marker",
+    );
+    v.finish();
+    assert_refused_as_incomplete(cluster, repo_arg, db);
+}
+
+#[tokio::test]
+async fn a_killed_restore_leaves_its_target_marked_incomplete() {
+    let archived = shared_archive();
+    let cluster = &archived.cluster;
+    let db = "killed_restore";
+    cluster.create_database(db);
+    let mut child = Command::new(support::tidemark_bin())
+        .args([
+            "restore",
+            "--repo",
+            archived.repo_arg(),
+            "--target",
+            &cluster.conninfo(db),
+            "--latest",
+        ])
+        .env("TIDEMARK_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Killed as soon as its first write (the marker) is visible.
+    let client = cluster.client(db).await;
+    let probe = format!(
+        "SELECT to_regclass('public.{}') IS NOT NULL",
+        tidemark::restore::MARKER_TABLE
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let marked: bool = client.query_one(&probe, &[]).await.unwrap().get(0);
+        if marked {
+            break;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the restore ended before its marker was seen"
+        );
+        assert!(std::time::Instant::now() < deadline, "no marker appeared");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the restore was to be killed midway");
+    drop(client);
+    assert!(
+        marker_of(cluster, db).await.is_some(),
+        "a killed restore must leave its target marked as incomplete"
+    );
+    assert_refused_as_incomplete(cluster, archived.repo_arg(), db);
+
+    // The control: a restore that completes leaves no marker.
+    let (code, out, err) =
+        spine::restore_into(cluster, archived.repo_arg(), "unkilled", &["--latest"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(marker_of(cluster, "unkilled").await, None);
+}
+
+#[tokio::test]
+async fn restore_as_a_role_without_create_exits_3_with_the_grant_and_writes_nothing() {
+    let archived = shared_archive();
+    let cluster = &archived.cluster;
+    let db = "weak_target";
+    cluster.create_database(db);
+    cluster.psql(
+        db,
+        "CREATE ROLE weak_restorer LOGIN; REVOKE CREATE ON SCHEMA public FROM PUBLIC;",
+    );
+    let target = cluster
+        .conninfo(db)
+        .replace("user=tidemark", "user=weak_restorer");
+    assert!(target.contains("user=weak_restorer"), "{target}");
+    let result = tidemark_refusing(&[
+        "restore",
+        "--repo",
+        archived.repo_arg(),
+        "--target",
+        &target,
+        "--latest",
+    ]);
+    let mut v = Verdict::of("restore as a role without CREATE", &result, 3);
+    v.expect(
+        result
+            .2
+            .contains("GRANT CREATE ON SCHEMA public TO \"weak_restorer\""),
+        "the message must give the GRANT that fixes it",
+    );
+    v.target_empty(cluster, db).await;
+    v.finish();
+}
