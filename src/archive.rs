@@ -28,7 +28,6 @@
 //!   streams any transaction larger than `logical_decoding_work_mem`, which bounds that buffer;
 //!   with protocol 1 (PostgreSQL 10–13) a transaction is buffered whole.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -659,10 +658,12 @@ async fn pipeline(
         .map_err(|e| ArchiveError::Internal(e.to_string()))?;
     let durable = *durable_rx.borrow();
     stats.durable.store(durable.0, Ordering::SeqCst);
-    stats
-        .transactions
-        .fetch_add(writer_result?, Ordering::SeqCst);
+    if let Ok(n) = &writer_result {
+        stats.transactions.fetch_add(*n, Ordering::SeqCst);
+    }
+    // A failed upload comes first: the writer then fails only because the uploader stopped.
     upload_result?;
+    writer_result?;
     result?;
     stream.send_status(durable, durable, durable, false).await?;
     if let Err(e) = stream.finish().await {
@@ -698,6 +699,10 @@ const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(15);
 
 /// The writer's state machine (streamed transactions, segment positions), apart from I/O.
 mod stream;
+
+/// Which sealed segments may be acknowledged.
+mod durable;
+use durable::DurablePrefix;
 
 async fn writer_task(
     mut events: mpsc::Receiver<Vec<Event>>,
@@ -875,7 +880,12 @@ fn decode(rec: &Record) -> Result<Message, ArchiveError> {
 }
 
 /// Uploads sealed segments with bounded concurrency and publishes the durable LSN: the end
-/// of the longest prefix of segments (in seal order) that are all stored.
+/// of the longest prefix of segments (in seal order) that are all stored ([`DurablePrefix`]).
+///
+/// When a segment fails for good, no new upload starts, the uploads in flight are awaited
+/// (those still retrying give up), and every segment stored past the failed one is deleted
+/// again, so the repository is left without a hole followed by objects. The first failure is
+/// the run's error.
 async fn uploader_task(
     mut sealed: mpsc::Receiver<Sealed>,
     store: Arc<dyn Store>,
@@ -885,67 +895,85 @@ async fn uploader_task(
     stats: Arc<AttemptStats>,
     flow: Arc<Flow>,
 ) -> Result<u64, ArchiveError> {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Result<(), ArchiveError>)>();
-    let mut pending: VecDeque<(u64, Lsn, bool)> = VecDeque::new();
-    let mut next_id = 0u64;
+    let mut prefix = DurablePrefix::new(*durable.borrow());
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, PutOutcome)>();
+    // Cancelled at the first failure: puts waiting to retry stop trying.
+    let abandon = CancellationToken::new();
     let mut stored = 0u64;
     let mut input_open = true;
     let mut first_error: Option<ArchiveError> = None;
-    while input_open || !pending.is_empty() {
+    loop {
+        let accepting = input_open && !prefix.has_failed();
+        if !accepting && prefix.in_flight() == 0 {
+            break;
+        }
         tokio::select! {
-            item = sealed.recv(), if input_open && first_error.is_none() => {
+            item = sealed.recv(), if accepting && prefix.in_flight() < concurrency => {
                 let Some(seg) = item else { input_open = false; continue };
-                let permit = permits.clone().acquire_owned().await.expect("semaphore open");
-                let id = next_id;
-                next_id += 1;
-                pending.push_back((id, seg.end, false));
+                let id = prefix.push(seg.end, seg.key.clone());
                 let store = store.clone();
                 let done = done_tx.clone();
                 let flow = flow.clone();
+                let abandon = abandon.clone();
                 tokio::spawn(async move {
-                    let r = put_with_retry(&*store, &seg, &flow).await;
+                    let r = put_with_retry(&*store, &seg, &flow, &abandon).await;
+                    // Releases the segment's share of the memory budget.
                     drop(seg);
-                    drop(permit);
                     let _ = done.send((id, r));
                 });
             }
-            Some((id, r)) = done_rx.recv() => {
-                match r {
-                    Ok(()) => {
-                        stored += 1;
-                        stats.segments.fetch_add(1, Ordering::SeqCst);
-                        metrics::counter!(telemetry::SEGMENTS_STORED).increment(1);
-                        if let Some(p) = pending.iter_mut().find(|p| p.0 == id) { p.2 = true; }
-                        let mut advanced = None;
-                        while pending.front().is_some_and(|p| p.2) {
-                            advanced = pending.pop_front().map(|p| p.1);
-                        }
-                        if let Some(lsn) = advanced {
-                            durable.send_replace(lsn);
-                        }
-                    }
-                    Err(e) => {
-                        pending.retain(|p| p.0 != id);
-                        failed.cancel();
-                        first_error.get_or_insert(e);
-                        if !input_open || pending.iter().all(|p| p.2) { break; }
+            Some((id, r)) = done_rx.recv() => match r {
+                PutOutcome::Stored => {
+                    stored += 1;
+                    stats.segments.fetch_add(1, Ordering::SeqCst);
+                    metrics::counter!(telemetry::SEGMENTS_STORED).increment(1);
+                    if let Some(lsn) = prefix.stored(id) {
+                        durable.send_replace(lsn);
                     }
                 }
+                PutOutcome::Abandoned => prefix.failed(id),
+                PutOutcome::Failed(e) => {
+                    prefix.failed(id);
+                    failed.cancel();
+                    abandon.cancel();
+                    first_error.get_or_insert(e);
+                }
+            },
+        }
+    }
+    let Some(e) = first_error else {
+        return Ok(stored);
+    };
+    for key in prefix.stored_past_failure() {
+        match store.delete(&key).await {
+            Ok(()) => {
+                warn!(object = %key, durable = %prefix.end(), "deleted a segment stored past the one that failed, so the archive has no hole")
             }
-            else => break,
-        }
-        if first_error.is_some() && pending.iter().all(|p| p.2) {
-            break;
+            Err(de) => {
+                tracing::error!(object = %key, error = %de, "cannot delete a segment stored past the one that failed; the next run deletes it when it resumes")
+            }
         }
     }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(stored),
-    }
+    Err(e)
 }
 
-async fn put_with_retry(store: &dyn Store, seg: &Sealed, flow: &Flow) -> Result<(), ArchiveError> {
+/// How one segment's store ended.
+enum PutOutcome {
+    Stored,
+    /// A failure retrying cannot fix.
+    Failed(ArchiveError),
+    /// Given up (between retries) because another segment failed.
+    Abandoned,
+}
+
+/// Stores one segment, retrying retryable errors with backoff until it is stored, fails for
+/// good, or `abandon` is cancelled.
+async fn put_with_retry(
+    store: &dyn Store,
+    seg: &Sealed,
+    flow: &Flow,
+    abandon: &CancellationToken,
+) -> PutOutcome {
     let mut delay = Duration::from_millis(200);
     let started = Instant::now();
     loop {
@@ -955,17 +983,20 @@ async fn put_with_retry(store: &dyn Store, seg: &Sealed, flow: &Flow) -> Result<
                 flow.observe_store(attempt.elapsed());
                 flow.unstored.fetch_sub(1, Ordering::Relaxed);
                 metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
-                return Ok(());
+                return PutOutcome::Stored;
             }
             Err(e) if e.is_retryable() => {
                 metrics::counter!(telemetry::STORE_RETRIES).increment(1);
                 warn!(segment = %seg.range, error = %e, waited = ?started.elapsed(), "storing the segment failed; retrying");
                 let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
+                tokio::select! {
+                    _ = abandon.cancelled() => return PutOutcome::Abandoned,
+                    _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
+                }
                 delay = (delay * 2).min(Duration::from_secs(30));
             }
             Err(source) => {
-                return Err(ArchiveError::Upload {
+                return PutOutcome::Failed(ArchiveError::Upload {
                     range: seg.range.clone(),
                     source,
                 })
@@ -1049,5 +1080,195 @@ mod tests {
         assert_eq!(flow.store_latency(), Duration::from_millis(100));
         flow.observe_store(Duration::from_millis(200));
         assert_eq!(flow.store_latency(), Duration::from_millis(120));
+    }
+}
+
+#[cfg(test)]
+mod uploader_tests {
+    use super::*;
+    use crate::store::faulty::FaultyStore;
+    use crate::store::LocalStore;
+
+    const START: u64 = 0x1000;
+
+    /// Segment `i` of a run that resumed at `START`: 0x100 bytes of stream each.
+    fn seg(i: u64) -> Sealed {
+        let (start, end) = (Lsn(START + i * 0x100), Lsn(START + (i + 1) * 0x100));
+        Sealed {
+            key: crate::segment::object_name(1, start, end),
+            range: format!("{start}-{end}"),
+            end,
+            bytes: Bytes::from(format!("segment {i}")),
+            admitted: None,
+        }
+    }
+
+    fn key(i: u64) -> String {
+        seg(i).key
+    }
+
+    /// Feeds `count` segments to the uploader; returns its result, the last durable LSN it
+    /// published, and the keys left in the folder.
+    async fn upload(
+        dir: &std::path::Path,
+        faulty: impl FnOnce(FaultyStore) -> FaultyStore,
+        count: u64,
+    ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
+        let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir));
+        let store: Arc<dyn Store> = Arc::new(faulty(FaultyStore::new(local.clone())));
+        let (tx, rx) = mpsc::channel(4);
+        let (durable_tx, durable_rx) = watch::channel(Lsn(START));
+        let flow = Arc::new(Flow::new(4 << 20));
+        let failed = CancellationToken::new();
+        let stats = Arc::new(AttemptStats::default());
+        let task = tokio::spawn(uploader_task(
+            rx,
+            store,
+            durable_tx,
+            4,
+            failed.clone(),
+            stats,
+            flow.clone(),
+        ));
+        for i in 0..count {
+            flow.unstored.fetch_add(1, Ordering::Relaxed);
+            if tx.send(seg(i)).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let r = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the uploader finishes")
+            .expect("the uploader does not panic");
+        if r.is_err() {
+            assert!(failed.is_cancelled(), "a failed upload stops the pipeline");
+        }
+        let keys = local
+            .list("segments/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let durable = *durable_rx.borrow();
+        (r, durable, keys)
+    }
+
+    fn assert_failed_at(r: &Result<u64, ArchiveError>, i: u64) {
+        match r {
+            Err(ArchiveError::Upload { range, .. }) => assert_eq!(*range, seg(i).range),
+            other => panic!("expected the upload of segment {i} to fail, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn all_stored_makes_everything_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        // Completion order differs from seal order.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.delay_put(|k| {
+                    if k == key(0) {
+                        Duration::from_millis(100)
+                    } else {
+                        Duration::ZERO
+                    }
+                })
+            },
+            3,
+        )
+        .await;
+        assert_eq!(r.unwrap(), 3);
+        assert_eq!(durable, seg(2).end);
+        assert_eq!(keys, [key(0), key(1), key(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_later_segment_stored_before_a_failure_is_deleted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 fails after a while; segment 2 is stored meanwhile.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.fail_put(|k| k == key(1)).delay_put(|k| {
+                    if k == key(1) {
+                        Duration::from_millis(300)
+                    } else {
+                        Duration::ZERO
+                    }
+                })
+            },
+            3,
+        )
+        .await;
+        assert_failed_at(&r, 1);
+        assert_eq!(
+            durable,
+            seg(0).end,
+            "durable stops at the failed segment's start"
+        );
+        assert_eq!(keys, [key(0)], "no object past the failed segment");
+    }
+
+    #[tokio::test]
+    async fn a_later_segment_stored_after_a_failure_neither_counts_nor_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 fails at once; segments 0 and 2 are still uploading and then succeed.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.fail_put(|k| k == key(1)).delay_put(|k| {
+                    if k == key(1) {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(300)
+                    }
+                })
+            },
+            3,
+        )
+        .await;
+        assert_failed_at(&r, 1);
+        assert_eq!(
+            durable,
+            seg(0).end,
+            "durable never passes the failed segment"
+        );
+        assert_eq!(
+            keys,
+            [key(0)],
+            "the segment before the failure stays, the one after goes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_later_segment_still_retrying_is_abandoned_at_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 2 would retry forever; segment 1 fails for good after a while.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.fail_put_retryable(|k| k == key(2))
+                    .fail_put(|k| k == key(1))
+                    .delay_put(|k| {
+                        if k == key(1) {
+                            Duration::from_millis(300)
+                        } else {
+                            Duration::ZERO
+                        }
+                    })
+            },
+            4,
+        )
+        .await;
+        assert_failed_at(&r, 1);
+        assert_eq!(durable, seg(0).end);
+        assert_eq!(
+            keys,
+            [key(0)],
+            "segment 3, stored past the failure, is deleted"
+        );
     }
 }
