@@ -381,7 +381,7 @@ async fn run_once(
         Some(slot) => {
             let generation = current_gen.max(1);
             let chain = chains.get(&generation).map(Vec::as_slice).unwrap_or(&[]);
-            let chain_end = repo::check_chain(chain)?;
+            let chain_end = mend_chain(&store, chain, slot.confirmed_flush).await?;
             let has_backup = manifests.iter().any(|m| m.generation == generation);
             let start = chain_end.unwrap_or(slot.confirmed_flush);
             if slot.confirmed_flush > start {
@@ -439,6 +439,42 @@ async fn run_once(
         stats,
     )
     .await
+}
+
+/// Prepares the current generation's chain for extension (see `resume.rs`): reports holes
+/// below the slot's confirmed position, deletes the segments a failed upload left past a hole
+/// above it, and returns the end the run resumes at.
+async fn mend_chain(
+    store: &Arc<dyn Store>,
+    chain: &[repo::SegmentRef],
+    confirmed: Lsn,
+) -> Result<Option<Lsn>, ArchiveError> {
+    let plan = resume::plan_chain(chain, confirmed)?;
+    for hole in &plan.damage {
+        warn!(
+            generation = hole.generation,
+            missing = %hole.range(),
+            before = %chain[hole.next - 1].key,
+            after = %chain[hole.next].key,
+            "the archive has a hole: no segment covers {}, which was archived and acknowledged (was a segment deleted?); restores cannot cross it; archiving continues past it. HINT: run `tidemark backup` so that the instants from now on can be restored",
+            hole.range()
+        );
+    }
+    metrics::gauge!(telemetry::CHAIN_HOLES).set(plan.damage.len() as f64);
+    if let Some(hole) = &plan.orphan_hole {
+        warn!(
+            generation = hole.generation,
+            hole = %hole.range(),
+            segments = plan.orphans.len(),
+            confirmed = %confirmed,
+            "deleting segments stored past a hole by a failed upload; the slot sends their changes again"
+        );
+    }
+    for seg in plan.orphans {
+        store.delete(&seg.key).await?;
+        info!(object = %seg.key, "deleted a segment stored past a hole");
+    }
+    Ok(plan.end)
 }
 
 /// Takes a base backup aligned with the stream through a temporary slot's exported snapshot.
@@ -703,6 +739,9 @@ mod stream;
 /// Which sealed segments may be acknowledged.
 mod durable;
 use durable::DurablePrefix;
+
+/// Holes and orphans in the chain being extended.
+mod resume;
 
 async fn writer_task(
     mut events: mpsc::Receiver<Vec<Event>>,
