@@ -13,7 +13,11 @@
 //! Invariants:
 //! * **received ≥ sealed ≥ durable**, and only *durable* (every segment up to it is stored)
 //!   is sent to PostgreSQL as the flush LSN. A crash at any instant therefore loses nothing:
-//!   the slot replays from at most the archive's end.
+//!   the slot replays from at most the archive's end. A segment that fails to store stops
+//!   durable for good; segments stored past it meanwhile are deleted again (`durable.rs`).
+//! * Resuming, segments past a hole above the slot's confirmed position (a failed upload's
+//!   leftovers) are deleted; a hole below it (an acknowledged segment gone) is reported and the
+//!   chain extended from its last segment (`resume.rs`). An overlap stops the run.
 //! * A segment holds whole transactions, except streamed ones (PostgreSQL ≥ 14, protocol 2,
 //!   `streaming` on), whose chunks are written as they arrive and may span segments. A
 //!   transaction cut by a shutdown or crash is received again on the next run (a streamed one
