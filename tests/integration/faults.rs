@@ -111,6 +111,51 @@ fn keep_writing(
     })
 }
 
+/// Starts the archiver serving metrics on a free port (picked, then bound by the archiver:
+/// another test may take it between, so a few ports are tried).
+async fn start_with_metrics(cluster: &Cluster, repo: &Path) -> (Archiver, String) {
+    for _ in 0..10 {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let archiver = Archiver::start(cluster, "app", repo, &["--metrics-address", &addr]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = archiver.log_text();
+            if log.contains("cannot serve metrics") {
+                break;
+            }
+            if log.contains("INFO archiving") || std::time::Instant::now() > deadline {
+                return (archiver, addr);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!("no free port for the metrics endpoint");
+}
+
+/// `GET /metrics` of the archiver's Prometheus endpoint.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\nHost: tidemark\r\n\r\n");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
+/// The value of an unlabelled metric in a scrape.
+fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged_past_it() {
     let cluster = Cluster::start(ClusterOptions::default());
@@ -224,8 +269,10 @@ async fn archiving_goes_on_past_a_deleted_segment_and_drops_leftovers_past_a_hol
     )
     .unwrap();
 
-    let mut archiver = Archiver::start(&cluster, "app", &repo_path, &[]);
+    let (mut archiver, metrics_addr) = start_with_metrics(&cluster, &repo_path).await;
     archiver.wait_streaming(&src, "tidemark").await;
+    let holes = metric(&scrape(&metrics_addr), "tidemark_segment_chain_holes");
+    assert_eq!(holes, Some(1.0), "the hole is counted");
     src.execute("INSERT INTO t VALUES (100, 'after')", &[])
         .await
         .unwrap();
