@@ -13,7 +13,11 @@
 //! Invariants:
 //! * **received ≥ sealed ≥ durable**, and only *durable* (every segment up to it is stored)
 //!   is sent to PostgreSQL as the flush LSN. A crash at any instant therefore loses nothing:
-//!   the slot replays from at most the archive's end.
+//!   the slot replays from at most the archive's end. A segment that fails to store stops
+//!   durable for good; segments stored past it meanwhile are deleted again (`upload.rs`).
+//! * Resuming, segments past a hole above the slot's confirmed position (a failed upload's
+//!   leftovers) are deleted; a hole below it (an acknowledged segment gone) is reported and the
+//!   chain extended from its last segment (`resume.rs`). An overlap stops the run.
 //! * A segment holds whole transactions, except streamed ones (PostgreSQL ≥ 14, protocol 2,
 //!   `streaming` on), whose chunks are written as they arrive and may span segments. A
 //!   transaction cut by a shutdown or crash is received again on the next run (a streamed one
@@ -28,7 +32,6 @@
 //!   streams any transaction larger than `logical_decoding_work_mem`, which bounds that buffer;
 //!   with protocol 1 (PostgreSQL 10–13) a transaction is buffered whole.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -400,7 +403,7 @@ async fn run_once(
         Some(slot) => {
             let generation = current_gen.max(1);
             let chain = chains.get(&generation).map(Vec::as_slice).unwrap_or(&[]);
-            let chain_end = repo::check_chain(chain)?;
+            let chain_end = mend_chain(&store, chain, slot.confirmed_flush).await?;
             let has_backup = manifests.iter().any(|m| m.generation == generation);
             let start = chain_end.unwrap_or(slot.confirmed_flush);
             if slot.confirmed_flush > start {
@@ -458,6 +461,42 @@ async fn run_once(
         stats,
     )
     .await
+}
+
+/// Prepares the current generation's chain for extension (see `resume.rs`): reports holes
+/// below the slot's confirmed position, deletes the segments a failed upload left past a hole
+/// above it, and returns the end the run resumes at.
+async fn mend_chain(
+    store: &Arc<dyn Store>,
+    chain: &[repo::SegmentRef],
+    confirmed: Lsn,
+) -> Result<Option<Lsn>, ArchiveError> {
+    let plan = resume::plan_chain(chain, confirmed)?;
+    for hole in &plan.damage {
+        warn!(
+            generation = hole.generation,
+            missing = %hole.range(),
+            before = %chain[hole.next - 1].key,
+            after = %chain[hole.next].key,
+            "the archive has a hole: no segment covers {}, which was archived and acknowledged (was a segment deleted?); restores cannot cross it; archiving continues past it. HINT: run `tidemark backup` so that the instants from now on can be restored",
+            hole.range()
+        );
+    }
+    metrics::gauge!(telemetry::CHAIN_HOLES).set(plan.damage.len() as f64);
+    if let Some(hole) = &plan.orphan_hole {
+        warn!(
+            generation = hole.generation,
+            hole = %hole.range(),
+            segments = plan.orphans.len(),
+            confirmed = %confirmed,
+            "deleting segments stored past a hole by a failed upload; the slot sends their changes again"
+        );
+    }
+    for seg in plan.orphans {
+        store.delete(&seg.key).await?;
+        info!(object = %seg.key, "deleted a segment stored past a hole");
+    }
+    Ok(plan.end)
 }
 
 /// Takes a base backup aligned with the stream through a temporary slot's exported snapshot.
@@ -677,10 +716,12 @@ async fn pipeline(
         .map_err(|e| ArchiveError::Internal(e.to_string()))?;
     let durable = *durable_rx.borrow();
     stats.durable.store(durable.0, Ordering::SeqCst);
-    stats
-        .transactions
-        .fetch_add(writer_result?, Ordering::SeqCst);
+    if let Ok(n) = &writer_result {
+        stats.transactions.fetch_add(*n, Ordering::SeqCst);
+    }
+    // A failed upload comes first: the writer then fails only because the uploader stopped.
     upload_result?;
+    writer_result?;
     result?;
     stream.send_status(durable, durable, durable, false).await?;
     if let Err(e) = stream.finish().await {
@@ -716,6 +757,16 @@ const LAG_REPORT_INTERVAL: Duration = Duration::from_secs(15);
 
 /// The writer's state machine (streamed transactions, segment positions), apart from I/O.
 mod stream;
+
+/// Which sealed segments may be acknowledged.
+mod durable;
+
+/// The uploader: sealed segments to the store, the durable LSN back.
+mod upload;
+use upload::uploader_task;
+
+/// Holes and orphans in the chain being extended.
+mod resume;
 
 async fn writer_task(
     mut events: mpsc::Receiver<Vec<Event>>,
@@ -890,106 +941,6 @@ fn decode(rec: &Record) -> Result<Message, ArchiveError> {
         lsn: rec.lsn,
         detail: e.to_string(),
     })
-}
-
-/// Uploads sealed segments with bounded concurrency and publishes the durable LSN: the end
-/// of the longest prefix of segments (in seal order) that are all stored.
-async fn uploader_task(
-    mut sealed: mpsc::Receiver<Sealed>,
-    store: Arc<dyn Store>,
-    durable: watch::Sender<Lsn>,
-    concurrency: usize,
-    failed: CancellationToken,
-    stats: Arc<AttemptStats>,
-    flow: Arc<Flow>,
-) -> Result<u64, ArchiveError> {
-    let permits = Arc::new(Semaphore::new(concurrency));
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, Result<(), ArchiveError>)>();
-    let mut pending: VecDeque<(u64, Lsn, bool)> = VecDeque::new();
-    let mut next_id = 0u64;
-    let mut stored = 0u64;
-    let mut input_open = true;
-    let mut first_error: Option<ArchiveError> = None;
-    while input_open || !pending.is_empty() {
-        tokio::select! {
-            item = sealed.recv(), if input_open && first_error.is_none() => {
-                let Some(seg) = item else { input_open = false; continue };
-                let permit = permits.clone().acquire_owned().await.expect("semaphore open");
-                let id = next_id;
-                next_id += 1;
-                pending.push_back((id, seg.end, false));
-                let store = store.clone();
-                let done = done_tx.clone();
-                let flow = flow.clone();
-                tokio::spawn(async move {
-                    let r = put_with_retry(&*store, &seg, &flow).await;
-                    drop(seg);
-                    drop(permit);
-                    let _ = done.send((id, r));
-                });
-            }
-            Some((id, r)) = done_rx.recv() => {
-                match r {
-                    Ok(()) => {
-                        stored += 1;
-                        stats.segments.fetch_add(1, Ordering::SeqCst);
-                        metrics::counter!(telemetry::SEGMENTS_STORED).increment(1);
-                        if let Some(p) = pending.iter_mut().find(|p| p.0 == id) { p.2 = true; }
-                        let mut advanced = None;
-                        while pending.front().is_some_and(|p| p.2) {
-                            advanced = pending.pop_front().map(|p| p.1);
-                        }
-                        if let Some(lsn) = advanced {
-                            durable.send_replace(lsn);
-                        }
-                    }
-                    Err(e) => {
-                        pending.retain(|p| p.0 != id);
-                        failed.cancel();
-                        first_error.get_or_insert(e);
-                        if !input_open || pending.iter().all(|p| p.2) { break; }
-                    }
-                }
-            }
-            else => break,
-        }
-        if first_error.is_some() && pending.iter().all(|p| p.2) {
-            break;
-        }
-    }
-    match first_error {
-        Some(e) => Err(e),
-        None => Ok(stored),
-    }
-}
-
-async fn put_with_retry(store: &dyn Store, seg: &Sealed, flow: &Flow) -> Result<(), ArchiveError> {
-    let mut delay = Duration::from_millis(200);
-    let started = Instant::now();
-    loop {
-        let attempt = Instant::now();
-        match store.put(&seg.key, seg.bytes.clone()).await {
-            Ok(()) => {
-                flow.observe_store(attempt.elapsed());
-                flow.unstored.fetch_sub(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
-                return Ok(());
-            }
-            Err(e) if e.is_retryable() => {
-                metrics::counter!(telemetry::STORE_RETRIES).increment(1);
-                warn!(segment = %seg.range, error = %e, waited = ?started.elapsed(), "storing the segment failed; retrying");
-                let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                tokio::time::sleep(delay.mul_f64(jitter)).await;
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(source) => {
-                return Err(ArchiveError::Upload {
-                    range: seg.range.clone(),
-                    source,
-                })
-            }
-        }
-    }
 }
 
 /// Keeps a quiet database's restore window current: a transactional logical message commits

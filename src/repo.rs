@@ -204,6 +204,52 @@ pub fn check_chain(chain: &[SegmentRef]) -> Result<Option<Lsn>, RepoError> {
     Ok(chain.last().map(|s| s.end))
 }
 
+/// A hole in one generation's chain: no segment covers `from..to`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hole {
+    pub generation: u32,
+    /// The end of the segment before the hole.
+    pub from: Lsn,
+    /// The start of the segment after it.
+    pub to: Lsn,
+    /// The index, in the chain, of the segment after the hole.
+    pub next: usize,
+}
+
+impl Hole {
+    /// `0/16B3748-0/16C0000`, for messages.
+    pub fn range(&self) -> String {
+        format!("{}-{}", self.from, self.to)
+    }
+}
+
+/// The holes of one generation's chain (sorted by LSN), in LSN order. Unlike [`check_chain`] a
+/// hole is not an error here; an overlap still is (two writers).
+pub fn chain_holes(chain: &[SegmentRef]) -> Result<Vec<Hole>, RepoError> {
+    let mut holes = Vec::new();
+    for (i, w) in chain.windows(2).enumerate() {
+        let (prev, next) = (&w[0], &w[1]);
+        if next.start > prev.end {
+            holes.push(Hole {
+                generation: prev.generation,
+                from: prev.end,
+                to: next.start,
+                next: i + 1,
+            });
+        } else if next.start < prev.end {
+            return Err(RepoError::Broken {
+                generation: prev.generation,
+                prev: prev.range(),
+                prev_end: prev.end,
+                next: next.range(),
+                next_start: next.start,
+                kind: "overlap",
+            });
+        }
+    }
+    Ok(holes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,5 +280,40 @@ mod tests {
             .to_string()
             .contains("overlap"));
         assert_eq!(check_chain(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn chain_holes_lists_gaps_and_refuses_overlaps() {
+        let groups = group_segments([
+            seg(1, 0x100, 0x200),
+            seg(1, 0x200, 0x300),
+            seg(1, 0x380, 0x400),
+            seg(1, 0x500, 0x600),
+        ]);
+        let holes = chain_holes(&groups[&1]).unwrap();
+        assert_eq!(
+            holes,
+            [
+                Hole {
+                    generation: 1,
+                    from: Lsn(0x300),
+                    to: Lsn(0x380),
+                    next: 2
+                },
+                Hole {
+                    generation: 1,
+                    from: Lsn(0x400),
+                    to: Lsn(0x500),
+                    next: 3
+                },
+            ]
+        );
+        assert_eq!(holes[0].range(), "0/300-0/380");
+        let whole = group_segments([seg(1, 0x100, 0x200), seg(1, 0x200, 0x300)]);
+        assert!(chain_holes(&whole[&1]).unwrap().is_empty());
+        assert!(chain_holes(&[]).unwrap().is_empty());
+        let overlap = group_segments([seg(1, 0x100, 0x200), seg(1, 0x150, 0x300)]);
+        let err = chain_holes(&overlap[&1]).unwrap_err().to_string();
+        assert!(err.contains("overlap") && err.contains("0/150"), "{err}");
     }
 }

@@ -11,6 +11,8 @@
 //! Keys are `/`-separated relative paths (`segments/00000001/…seg`); stores map them to their
 //! own namespace.
 
+#[cfg(test)]
+pub mod faulty;
 pub mod local;
 pub mod s3;
 

@@ -17,6 +17,7 @@
 //! | `tidemark_transactions_total` | counter | transactions written to segments |
 //! | `tidemark_restarts_total` | counter | in-process restarts after a transient failure |
 //! | `tidemark_schema_unexplained_changes_total` | counter | column changes no captured DDL explains (archiving stops) |
+//! | `tidemark_segment_chain_holes` | gauge | holes (archived, acknowledged, then missing segments) in the chain being extended, as found at the last resume |
 
 use std::net::SocketAddr;
 
@@ -34,6 +35,7 @@ pub const STORE_RETRIES: &str = "tidemark_store_retries_total";
 pub const TRANSACTIONS: &str = "tidemark_transactions_total";
 pub const RESTARTS: &str = "tidemark_restarts_total";
 pub const SCHEMA_UNEXPLAINED: &str = "tidemark_schema_unexplained_changes_total";
+pub const CHAIN_HOLES: &str = "tidemark_segment_chain_holes";
 
 /// Starts the scrape endpoint (needs a running tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), String> {
@@ -69,6 +71,10 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
     describe_counter!(
         SCHEMA_UNEXPLAINED,
         "column changes no captured DDL explains; archiving stopped"
+    );
+    describe_gauge!(
+        CHAIN_HOLES,
+        "holes (missing acknowledged segments) in the chain being extended, at the last resume"
     );
     Ok(())
 }

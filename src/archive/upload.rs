@@ -1,0 +1,337 @@
+//! The uploader stage: stores sealed segments, several at once, and publishes the durable LSN.
+//!
+//! Owns the upload of each segment (retrying what retrying can fix), and what happens when one
+//! fails for good: no new upload starts, those in flight finish or give up, and the segments
+//! stored past the failed one are deleted again. The acknowledgement rule itself is
+//! [`DurablePrefix`]'s.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::durable::DurablePrefix;
+use super::{ArchiveError, AttemptStats, Flow, Sealed};
+use crate::lsn::Lsn;
+use crate::store::Store;
+use crate::telemetry;
+
+/// Uploads sealed segments with bounded concurrency and publishes the durable LSN: the end
+/// of the longest prefix of segments (in seal order) that are all stored ([`DurablePrefix`]).
+///
+/// When a segment fails for good, no new upload starts, the uploads in flight are awaited
+/// (those still retrying give up), and every segment stored past the failed one is deleted
+/// again, so the repository is left without a hole followed by objects. The first failure is
+/// the run's error.
+pub(super) async fn uploader_task(
+    mut sealed: mpsc::Receiver<Sealed>,
+    store: Arc<dyn Store>,
+    durable: watch::Sender<Lsn>,
+    concurrency: usize,
+    failed: CancellationToken,
+    stats: Arc<AttemptStats>,
+    flow: Arc<Flow>,
+) -> Result<u64, ArchiveError> {
+    let mut prefix = DurablePrefix::new(*durable.borrow());
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, PutOutcome)>();
+    // Cancelled at the first failure: puts waiting to retry stop trying.
+    let abandon = CancellationToken::new();
+    let mut stored = 0u64;
+    let mut input_open = true;
+    let mut first_error: Option<ArchiveError> = None;
+    loop {
+        let accepting = input_open && !prefix.has_failed();
+        if !accepting && prefix.in_flight() == 0 {
+            break;
+        }
+        tokio::select! {
+            item = sealed.recv(), if accepting && prefix.in_flight() < concurrency => {
+                let Some(seg) = item else { input_open = false; continue };
+                let id = prefix.push(seg.end, seg.key.clone());
+                let store = store.clone();
+                let done = done_tx.clone();
+                let flow = flow.clone();
+                let abandon = abandon.clone();
+                tokio::spawn(async move {
+                    let r = put_with_retry(&*store, &seg, &flow, &abandon).await;
+                    // Releases the segment's share of the memory budget.
+                    drop(seg);
+                    let _ = done.send((id, r));
+                });
+            }
+            Some((id, r)) = done_rx.recv() => match r {
+                PutOutcome::Stored => {
+                    stored += 1;
+                    stats.segments.fetch_add(1, Ordering::SeqCst);
+                    metrics::counter!(telemetry::SEGMENTS_STORED).increment(1);
+                    if let Some(lsn) = prefix.stored(id) {
+                        durable.send_replace(lsn);
+                    }
+                }
+                PutOutcome::Abandoned => prefix.failed(id),
+                PutOutcome::Failed(e) => {
+                    prefix.failed(id);
+                    failed.cancel();
+                    abandon.cancel();
+                    first_error.get_or_insert(e);
+                }
+            },
+        }
+    }
+    let Some(e) = first_error else {
+        return Ok(stored);
+    };
+    for key in prefix.stored_past_failure() {
+        match store.delete(&key).await {
+            Ok(()) => {
+                warn!(object = %key, durable = %prefix.end(), "deleted a segment stored past the one that failed, so the archive has no hole")
+            }
+            Err(de) => {
+                tracing::error!(object = %key, error = %de, "cannot delete a segment stored past the one that failed; the next run deletes it when it resumes")
+            }
+        }
+    }
+    Err(e)
+}
+
+/// How one segment's store ended.
+enum PutOutcome {
+    Stored,
+    /// A failure retrying cannot fix.
+    Failed(ArchiveError),
+    /// Given up (between retries) because another segment failed.
+    Abandoned,
+}
+
+/// Stores one segment, retrying retryable errors with backoff until it is stored, fails for
+/// good, or `abandon` is cancelled.
+async fn put_with_retry(
+    store: &dyn Store,
+    seg: &Sealed,
+    flow: &Flow,
+    abandon: &CancellationToken,
+) -> PutOutcome {
+    let mut delay = Duration::from_millis(200);
+    let started = Instant::now();
+    loop {
+        let attempt = Instant::now();
+        match store.put(&seg.key, seg.bytes.clone()).await {
+            Ok(()) => {
+                flow.observe_store(attempt.elapsed());
+                flow.unstored.fetch_sub(1, Ordering::Relaxed);
+                metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
+                return PutOutcome::Stored;
+            }
+            Err(e) if e.is_retryable() => {
+                metrics::counter!(telemetry::STORE_RETRIES).increment(1);
+                warn!(segment = %seg.range, error = %e, waited = ?started.elapsed(), "storing the segment failed; retrying");
+                let jitter = rand::random::<f64>() * 0.5 + 0.75;
+                tokio::select! {
+                    _ = abandon.cancelled() => return PutOutcome::Abandoned,
+                    _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(source) => {
+                return PutOutcome::Failed(ArchiveError::Upload {
+                    range: seg.range.clone(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::faulty::FaultyStore;
+    use crate::store::LocalStore;
+    use bytes::Bytes;
+
+    const START: u64 = 0x1000;
+
+    /// Segment `i` of a run that resumed at `START`: 0x100 bytes of stream each.
+    fn seg(i: u64) -> Sealed {
+        let (start, end) = (Lsn(START + i * 0x100), Lsn(START + (i + 1) * 0x100));
+        Sealed {
+            key: crate::segment::object_name(1, start, end),
+            range: format!("{start}-{end}"),
+            end,
+            bytes: Bytes::from(format!("segment {i}")),
+            admitted: None,
+        }
+    }
+
+    fn key(i: u64) -> String {
+        seg(i).key
+    }
+
+    /// Feeds `count` segments to the uploader; returns its result, the last durable LSN it
+    /// published, and the keys left in the folder.
+    async fn upload(
+        dir: &std::path::Path,
+        faulty: impl FnOnce(FaultyStore) -> FaultyStore,
+        count: u64,
+    ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
+        let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir));
+        let store: Arc<dyn Store> = Arc::new(faulty(FaultyStore::new(local.clone())));
+        let (tx, rx) = mpsc::channel(4);
+        let (durable_tx, durable_rx) = watch::channel(Lsn(START));
+        let flow = Arc::new(Flow::new(4 << 20));
+        let failed = CancellationToken::new();
+        let stats = Arc::new(AttemptStats::default());
+        let task = tokio::spawn(uploader_task(
+            rx,
+            store,
+            durable_tx,
+            4,
+            failed.clone(),
+            stats,
+            flow.clone(),
+        ));
+        for i in 0..count {
+            flow.unstored.fetch_add(1, Ordering::Relaxed);
+            if tx.send(seg(i)).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let r = tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the uploader finishes")
+            .expect("the uploader does not panic");
+        if r.is_err() {
+            assert!(failed.is_cancelled(), "a failed upload stops the pipeline");
+        }
+        let keys = local
+            .list("segments/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        let durable = *durable_rx.borrow();
+        (r, durable, keys)
+    }
+
+    fn assert_failed_at(r: &Result<u64, ArchiveError>, i: u64) {
+        match r {
+            Err(ArchiveError::Upload { range, .. }) => assert_eq!(*range, seg(i).range),
+            other => panic!("expected the upload of segment {i} to fail, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn all_stored_makes_everything_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        // Completion order differs from seal order.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.delay_put(|k| {
+                    if k == key(0) {
+                        Duration::from_millis(100)
+                    } else {
+                        Duration::ZERO
+                    }
+                })
+            },
+            3,
+        )
+        .await;
+        assert_eq!(r.unwrap(), 3);
+        assert_eq!(durable, seg(2).end);
+        assert_eq!(keys, [key(0), key(1), key(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_later_segment_stored_before_a_failure_is_deleted_again() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 fails after a while; segment 2 is stored meanwhile.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.fail_put(|k| k == key(1)).delay_put(|k| {
+                    if k == key(1) {
+                        Duration::from_millis(300)
+                    } else {
+                        Duration::ZERO
+                    }
+                })
+            },
+            3,
+        )
+        .await;
+        assert_failed_at(&r, 1);
+        assert_eq!(
+            durable,
+            seg(0).end,
+            "durable stops at the failed segment's start"
+        );
+        assert_eq!(keys, [key(0)], "no object past the failed segment");
+    }
+
+    #[tokio::test]
+    async fn a_later_segment_stored_after_a_failure_neither_counts_nor_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 fails at once; segments 0 and 2 are still uploading and then succeed.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.fail_put(|k| k == key(1)).delay_put(|k| {
+                    if k == key(1) {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(300)
+                    }
+                })
+            },
+            3,
+        )
+        .await;
+        assert_failed_at(&r, 1);
+        assert_eq!(
+            durable,
+            seg(0).end,
+            "durable never passes the failed segment"
+        );
+        assert_eq!(
+            keys,
+            [key(0)],
+            "the segment before the failure stays, the one after goes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_later_segment_still_retrying_is_abandoned_at_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 2 would retry forever; segment 1 fails for good after a while.
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| {
+                f.fail_put_retryable(|k| k == key(2))
+                    .fail_put(|k| k == key(1))
+                    .delay_put(|k| {
+                        if k == key(1) {
+                            Duration::from_millis(300)
+                        } else {
+                            Duration::ZERO
+                        }
+                    })
+            },
+            4,
+        )
+        .await;
+        assert_failed_at(&r, 1);
+        assert_eq!(durable, seg(0).end);
+        assert_eq!(
+            keys,
+            [key(0)],
+            "segment 3, stored past the failure, is deleted"
+        );
+    }
+}

@@ -1,0 +1,305 @@
+//! Repository faults the archiver must survive without leaving the archive broken: a segment
+//! whose upload fails for good while later ones succeed, a segment deleted by hand, leftovers
+//! stored past a hole.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tidemark::archive::{self, ArchiveError, ArchiveOptions};
+use tidemark::conninfo::ConnInfo;
+use tidemark::lsn::Lsn;
+use tidemark::repo;
+use tidemark::store::{LocalStore, ObjectMeta, Store, StoreError};
+use tokio_util::sync::CancellationToken;
+
+use crate::spine::{wait_archived, Archiver};
+use crate::support::{Cluster, ClusterOptions};
+
+const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);";
+
+/// A local store whose `fail_at`-th segment put (counting from 0) waits `delay` and then fails
+/// permanently; every other put goes through.
+#[derive(Debug)]
+struct FailOneSegment {
+    inner: LocalStore,
+    fail_at: usize,
+    delay: Duration,
+    segment_puts: AtomicUsize,
+    failed_key: Mutex<Option<String>>,
+}
+
+#[async_trait]
+impl Store for FailOneSegment {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        if key.starts_with(repo::SEGMENTS_PREFIX)
+            && self.segment_puts.fetch_add(1, Ordering::SeqCst) == self.fail_at
+        {
+            *self.failed_key.lock().unwrap() = Some(key.to_string());
+            tokio::time::sleep(self.delay).await;
+            return Err(StoreError::Remote {
+                location: self.location(),
+                op: "put",
+                key: key.to_string(),
+                message: "injected permanent failure".into(),
+                retryable: false,
+            });
+        }
+        self.inner.put(key, data).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(prefix).await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.inner.check_writable().await
+    }
+}
+
+/// The segments of generation 1 in the folder repository at `repo`.
+async fn chain(repo: &Path) -> Vec<repo::SegmentRef> {
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(repo));
+    repo::list_segments(&store)
+        .await
+        .unwrap()
+        .remove(&1)
+        .unwrap_or_default()
+}
+
+async fn confirmed_flush(src: &tokio_postgres::Client) -> Lsn {
+    let s: String = src
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'tidemark'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    s.parse().unwrap()
+}
+
+/// Commits a row every 20 ms until `stop` is set.
+fn keep_writing(
+    src: Arc<tokio_postgres::Client>,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut i = 1_000_000i64;
+        while !stop.load(Ordering::SeqCst) {
+            i += 1;
+            src.execute("INSERT INTO t VALUES ($1, 'w')", &[&i])
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+}
+
+/// Starts the archiver serving metrics on a free port (picked, then bound by the archiver:
+/// another test may take it between, so a few ports are tried).
+async fn start_with_metrics(cluster: &Cluster, repo: &Path) -> (Archiver, String) {
+    for _ in 0..10 {
+        let addr = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let archiver = Archiver::start(cluster, "app", repo, &["--metrics-address", &addr]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let log = archiver.log_text();
+            if log.contains("cannot serve metrics") {
+                break;
+            }
+            if log.contains("INFO archiving") || std::time::Instant::now() > deadline {
+                return (archiver, addr);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    panic!("no free port for the metrics endpoint");
+}
+
+/// `GET /metrics` of the archiver's Prometheus endpoint.
+fn scrape(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\nHost: tidemark\r\n\r\n");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out);
+    out
+}
+
+/// The value of an unlabelled metric in a scrape.
+fn metric(scrape: &str, name: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged_past_it() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = Arc::new(cluster.client("app").await);
+    src.batch_execute(SCHEMA).await.unwrap();
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo_path: PathBuf = repo_dir.path().join("repo");
+    let info = ConnInfo::parse(&cluster.conninfo("app")).unwrap();
+    let opts = ArchiveOptions {
+        seal_interval: Duration::from_millis(100),
+        heartbeat: None,
+        status_interval: Duration::from_millis(200),
+        ..ArchiveOptions::default()
+    };
+
+    // The second segment's put fails after 1.5 s: meanwhile later segments are sealed and
+    // stored (up to four upload at once).
+    let faulty = Arc::new(FailOneSegment {
+        inner: LocalStore::new(&repo_path),
+        fail_at: 1,
+        delay: Duration::from_millis(1500),
+        segment_puts: AtomicUsize::new(0),
+        failed_key: Mutex::new(None),
+    });
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = keep_writing(src.clone(), stop.clone());
+    let store: Arc<dyn Store> = faulty.clone();
+    let run = tokio::time::timeout(
+        Duration::from_secs(90),
+        archive::run(&info, store, &opts, CancellationToken::new()),
+    )
+    .await
+    .expect("the archiver stops at the failed upload");
+    stop.store(true, Ordering::SeqCst);
+    writer.await.unwrap();
+    let failed_key = faulty.failed_key.lock().unwrap().clone().unwrap();
+    let (_, failed_start, _) = tidemark::segment::parse_object_name(&failed_key).unwrap();
+    match run {
+        Err(ArchiveError::Upload { range, .. }) => {
+            assert!(
+                range.starts_with(&failed_start.to_string()),
+                "{range} vs {failed_key}"
+            )
+        }
+        other => panic!("expected the injected upload failure, got {other:?}"),
+    }
+    assert!(
+        faulty.segment_puts.load(Ordering::SeqCst) > 2,
+        "later segments were stored while the failing put waited"
+    );
+
+    // Nothing past the failed segment stays, and the slot was not acknowledged past its start.
+    let segments = chain(&repo_path).await;
+    assert!(!segments.is_empty());
+    assert!(
+        segments.iter().all(|s| s.end <= failed_start),
+        "segments past the failed one {failed_key}: {segments:?}"
+    );
+    assert_eq!(repo::check_chain(&segments).unwrap(), Some(failed_start));
+    let confirmed = confirmed_flush(&src).await;
+    assert!(
+        confirmed <= failed_start,
+        "slot confirmed {confirmed}, past the failed segment's start {failed_start}"
+    );
+
+    // The next run resumes at the archive's end and archives on, with a whole chain.
+    src.execute("INSERT INTO t VALUES (1, 'after')", &[])
+        .await
+        .unwrap();
+    let mut archiver = Archiver::start(&cluster, "app", &repo_path, &[]);
+    archiver.wait_streaming(&src, "tidemark").await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    archiver.assert_running();
+    archiver.stop();
+    let segments = chain(&repo_path).await;
+    let end = repo::check_chain(&segments).unwrap().unwrap();
+    assert!(end > failed_start);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_goes_on_past_a_deleted_segment_and_drops_leftovers_past_a_hole() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo_path = repo_dir.path().join("repo");
+    let mut archiver = Archiver::start(&cluster, "app", &repo_path, &[]);
+    archiver.wait_streaming(&src, "tidemark").await;
+    for i in 0..3i64 {
+        src.execute("INSERT INTO t VALUES ($1, 'before')", &[&i])
+            .await
+            .unwrap();
+        wait_archived(&src, "tidemark", &archiver.log).await;
+    }
+    archiver.stop();
+    let segments = chain(&repo_path).await;
+    assert!(segments.len() >= 3, "{segments:?}");
+    let end = repo::check_chain(&segments).unwrap().unwrap();
+
+    // Someone deletes an archived segment; a failed upload left a segment past a hole above
+    // the slot's confirmed position (a copy of a real one under a later name).
+    let deleted = &segments[segments.len() / 2];
+    std::fs::remove_file(repo_path.join(&deleted.key)).unwrap();
+    assert!(confirmed_flush(&src).await <= end);
+    let orphan = tidemark::segment::object_name(1, Lsn(end.0 + 0x1000), Lsn(end.0 + 0x2000));
+    std::fs::copy(
+        repo_path.join(&segments.last().unwrap().key),
+        repo_path.join(&orphan),
+    )
+    .unwrap();
+
+    let (mut archiver, metrics_addr) = start_with_metrics(&cluster, &repo_path).await;
+    archiver.wait_streaming(&src, "tidemark").await;
+    let holes = metric(&scrape(&metrics_addr), "tidemark_segment_chain_holes");
+    assert_eq!(holes, Some(1.0), "the hole is counted");
+    src.execute("INSERT INTO t VALUES (100, 'after')", &[])
+        .await
+        .unwrap();
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    archiver.assert_running();
+    let log = archiver.log_text();
+    archiver.stop();
+    assert!(
+        log.contains("the archive has a hole")
+            && log.contains(&format!("{}-{}", deleted.start, deleted.end)),
+        "the hole is reported, named:\n{log}"
+    );
+    assert!(
+        log.contains("deleting segments stored past a hole"),
+        "the leftover is reported:\n{log}"
+    );
+    assert!(!repo_path.join(&orphan).exists(), "the leftover is deleted");
+    let after = chain(&repo_path).await;
+    let holes = repo::chain_holes(&after).unwrap();
+    assert_eq!(
+        holes.len(),
+        1,
+        "only the deleted segment is missing: {holes:?}"
+    );
+    assert_eq!((holes[0].from, holes[0].to), (deleted.start, deleted.end));
+    assert!(
+        after.last().unwrap().end > end,
+        "archiving went on past the hole"
+    );
+}
