@@ -1033,7 +1033,12 @@ pub async fn read_manifests(
                 e @ (BackupError::Manifest(_)
                 | BackupError::BadObject { .. }
                 | BackupError::Store(StoreError::NotFound { .. })),
-            ) => scan.unreadable.push((manifest_key(&id), e.to_string())),
+            ) => {
+                let key = manifest_key(&id);
+                let detail = e.to_string();
+                let detail = detail.strip_prefix(&format!("{key}: ")).unwrap_or(&detail);
+                scan.unreadable.push((key, detail.to_string()));
+            }
             Err(e) => return Err(e),
         }
     }

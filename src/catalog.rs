@@ -25,7 +25,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
-use tracing::warn;
 
 use crate::backup::{self, BackupError, Manifest};
 use crate::lsn::{Lsn, PgTimestamp};
@@ -202,11 +201,11 @@ impl fmt::Display for Problem {
             ),
             Problem::Unreachable { generation, from, to, segments, no_backup: true } => write!(
                 f,
-                "segments of generation {generation} exist ({segments}, LSN {from} to {to}) but no base backup: nothing is restorable from them"
+                "segments of generation {generation} exist ({segments} segment(s), LSN {from} to {to}) but no base backup: nothing is restorable from them"
             ),
             Problem::Unreachable { generation, from, to, segments, no_backup: false } => write!(
                 f,
-                "generation {generation}: LSN {from} to {to} ({segments} segment(s)) is not restorable: no usable base backup before it reaches it"
+                "generation {generation}: {segments} segment(s) from {from} to {to} are not restorable: a hole or damage lies between them and every usable base backup before them"
             ),
             Problem::UnusableBackup { generation, id, detail } => write!(
                 f,
@@ -239,12 +238,11 @@ pub struct Catalog {
 
 impl Catalog {
     /// Lists the repository once, reads its manifests and the segments the windows need.
-    /// Damaged objects become [`Problem`]s (each logged as a warning); only a failing store is
-    /// an error.
+    /// Damaged objects become [`Problem`]s; only a failing store is an error.
     pub async fn load(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), BackupError> {
         let objects = store.list("").await?;
         let scan = backup::read_manifests(store, &objects).await?;
-        let mut problems: Vec<Problem> = scan
+        let problems: Vec<Problem> = scan
             .incomplete
             .into_iter()
             .map(|id| Problem::IncompleteBackup { id })
@@ -281,16 +279,7 @@ impl Catalog {
                 facts.insert(s.key.clone(), fact?);
             }
         }
-        let catalog = Catalog::build(
-            store.location(),
-            backups,
-            segments,
-            &facts,
-            problems.split_off(0),
-        );
-        for p in &catalog.problems {
-            warn!(location = %catalog.location, "{p}");
-        }
+        let catalog = Catalog::build(store.location(), backups, segments, &facts, problems);
         Ok((catalog, scan.manifests))
     }
 
@@ -326,18 +315,16 @@ impl Catalog {
                 .all(|p| matches!(p, Problem::IncompleteBackup { .. }))
     }
 
-    /// The windows and problems as text: one indented line each (what `list` prints and a
-    /// refused restore names).
+    /// The windows and problems as text: a heading line, then one indented line each (what
+    /// `list` prints and a refused restore names).
     pub fn describe(&self) -> String {
-        let mut out = String::new();
-        if self.windows.is_empty() {
-            out.push_str("  nothing is restorable");
-        }
+        let mut out = String::from(if self.windows.is_empty() {
+            "nothing is restorable"
+        } else {
+            "restorable windows:"
+        });
         for w in &self.windows {
-            if !out.is_empty() {
-                out.push('\n');
-            }
-            out.push_str("  ");
+            out.push_str("\n  ");
             out.push_str(&w.describe());
         }
         for p in &self.problems {

@@ -176,7 +176,7 @@ pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
         println!("restorable: nothing yet");
         return Ok(());
     }
-    println!("restorable windows:\n{}", cat.describe());
+    println!("{}", cat.describe());
     if cat.latest_window().is_ok() {
         println!("  (--latest restores the end of the last window)");
     }

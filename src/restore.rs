@@ -61,12 +61,12 @@ impl std::fmt::Display for Target {
 pub enum RestoreError {
     #[error("repository {0} holds no archive (no base backup found)\nHINT: check --repo; `tidemark list --repo …` shows what a repository holds")]
     Empty(String),
-    #[error("{target} is outside what the archive covers: {covered}; restorable windows:\n{windows}\nHINT: {hint}")]
+    #[error("{target} is outside what the archive covers: {covered}\n{windows}\nHINT: {hint}")]
     OutOfRange {
         target: Target,
         /// The earliest and latest restorable instants, or why there are none.
         covered: String,
-        /// The catalog's windows and damage, one indented line each (as `list` prints them).
+        /// The catalog's windows and damage (as `list` prints them).
         windows: String,
         hint: String,
     },
@@ -130,11 +130,11 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
             (Some(a), None) => format!(
                 "the earliest restorable instant is {a}, the latest is not yet known (no commit archived since the base backup)"
             ),
-            _ => "nothing is restorable".to_string(),
+            _ => "no base backup can be restored".to_string(),
         };
         let covered = match why {
-            Some(why) => format!("{covered}; {why}"),
-            None => covered,
+            Some(why) if !cat.windows.is_empty() => format!("{covered}; {why}"),
+            _ => covered,
         };
         let hint = if cat.windows.is_empty() {
             "restore from another copy of the repository; `tidemark list` shows what this one holds"
@@ -196,12 +196,17 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
     })
 }
 
-/// Reads what planning needs from the repository: its catalog and the usable manifests.
+/// Reads what planning needs from the repository: its catalog and the usable manifests. The
+/// damage found is logged: a restore that avoids it goes on.
 pub async fn gather(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), RestoreError> {
-    Catalog::load(store).await.map_err(|e| match e {
+    let (cat, manifests) = Catalog::load(store).await.map_err(|e| match e {
         backup::BackupError::Store(e) => RestoreError::Store(e),
         e => RestoreError::Backup(e),
-    })
+    })?;
+    for p in &cat.problems {
+        tracing::warn!(location = %cat.location, "{p}");
+    }
+    Ok((cat, manifests))
 }
 
 /// What a restore did.
