@@ -318,10 +318,10 @@ impl Catalog {
     /// The windows and problems as text: a heading line, then one indented line each (what
     /// `list` prints and a refused restore names).
     pub fn describe(&self) -> String {
-        let mut out = String::from(if self.windows.is_empty() {
-            "nothing is restorable"
-        } else {
-            "restorable windows:"
+        let mut out = String::from(match (self.windows.is_empty(), self.problems.is_empty()) {
+            (false, _) => "restorable windows:",
+            (true, false) => "nothing is restorable:",
+            (true, true) => "nothing is restorable",
         });
         for w in &self.windows {
             out.push_str("\n  ");
@@ -389,10 +389,8 @@ pub fn check_segment(s: &SegmentRef, bytes: Bytes) -> SegmentFact {
             i.generation, i.start_lsn, i.end_lsn
         ));
     }
-    for rec in seg.records() {
-        if let Err(e) = rec {
-            return SegmentFact::Corrupt(e.to_string());
-        }
+    if let Err(e) = seg.verify() {
+        return SegmentFact::Corrupt(e.to_string());
     }
     SegmentFact::Good {
         latest_commit: seg.commits.iter().map(|c| c.commit_time).max(),
@@ -845,5 +843,55 @@ mod tests {
         assert_eq!(ws[1].ends, WindowEnd::Tip);
         let ws = windows(&[backup(2, 900, 9000)], &[], &BTreeMap::new());
         assert_eq!(spans(&ws), [(2, 900, 900, None)]);
+    }
+
+    #[test]
+    fn a_segment_is_checked_completely_and_against_its_name() {
+        use crate::segment::{CommitEntry, Record, SegmentBuilder};
+        let mut b = SegmentBuilder::new(1, 1, 1, "app", "tidemark", Lsn(0x100));
+        for i in 0..200u64 {
+            b.push(&Record {
+                lsn: Lsn(0x100 + i),
+                server_time: PgTimestamp(i as i64),
+                payload: Bytes::from(
+                    format!(
+                        "M{:x}",
+                        i.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(17)
+                    )
+                    .repeat(4),
+                ),
+            });
+        }
+        b.commit(CommitEntry {
+            commit_lsn: Lsn(0x150),
+            end_lsn: Lsn(0x160),
+            xid: 7,
+            commit_time: PgTimestamp(4242),
+            first_record: 0,
+        });
+        let bytes = b.finish(Lsn(0x200), PgTimestamp(5000));
+        let s = seg(1, 0x100, 0x200);
+        assert_eq!(
+            check_segment(&s, bytes.clone()),
+            SegmentFact::Good {
+                latest_commit: Some(PgTimestamp(4242))
+            }
+        );
+        let renamed = seg(1, 0x100, 0x300);
+        assert!(
+            matches!(check_segment(&renamed, bytes.clone()), SegmentFact::Corrupt(d) if d.contains("does not match its name"))
+        );
+        // A flipped byte inside a block (which the header and trailer checks do not cover).
+        let mut flipped = bytes.to_vec();
+        let middle = flipped.len() / 2;
+        flipped[middle] ^= 0x20;
+        assert!(
+            crate::segment::read_info(&flipped).is_ok(),
+            "the byte lies in a block"
+        );
+        assert!(matches!(
+            check_segment(&s, Bytes::from(flipped)),
+            SegmentFact::Corrupt(_)
+        ));
     }
 }

@@ -137,12 +137,11 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
             _ => covered,
         };
         let hint = if cat.windows.is_empty() {
-            "restore from another copy of the repository; `tidemark list` shows what this one holds"
-                .to_string()
+            "restore from another copy of the repository; a new base backup (`tidemark backup`) starts a window from now on".to_string()
         } else if cat.latest_window().is_ok() {
             "choose a target inside one of these windows, or --latest".to_string()
         } else {
-            "choose a target inside one of these windows".to_string()
+            "choose a target inside one of these windows; a new base backup (`tidemark backup`) opens a window after the damage".to_string()
         };
         RestoreError::OutOfRange {
             target,

@@ -214,6 +214,22 @@ async fn damaged_or_missing_objects_remove_only_the_instants_that_need_them() {
     let err = refused(&cluster, &flipped, "flipped_latest", &["--latest"]);
     assert!(err.contains("damaged"), "{err}");
 
+    // The same for a byte flipped in the middle of it (a block, where the file has room for
+    // one: only reading the whole segment sees that).
+    let in_block = copy_of(&repo, "flipped_block");
+    let newest = segments(&in_block).pop().unwrap();
+    let mut bytes = std::fs::read(&newest.path).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x20;
+    std::fs::write(&newest.path, &bytes).unwrap();
+    let text = list_text(&in_block);
+    assert!(
+        text.contains("damaged"),
+        "list must show the damage:\n{text}"
+    );
+    let err = refused(&cluster, &in_block, "flipped_block_latest", &["--latest"]);
+    assert!(err.contains("damaged"), "{err}");
+
     // 3. One garbage manifest (the second backup's): the first one still serves.
     let garbage = copy_of(&repo, "garbage_manifest");
     let first_id = backups[0]
