@@ -8,8 +8,11 @@
 //!
 //! Invariants:
 //! * A target the archive cannot prove is refused, never moved: a time before the earliest base
-//!   backup, or not yet passed by an archived commit (the server's clock must be seen past it),
-//!   names the earliest and latest restorable instants.
+//!   backup, not yet passed by an archived commit (the server's clock must be seen past it), or
+//!   outside every window of the [`crate::catalog`] (in a hole, after damage) names the
+//!   earliest and latest restorable instants and the windows. Damage outside the chosen window
+//!   does not matter: a restore reads only that window's segments, and checks them only up to
+//!   the one where replay stops.
 //! * Nothing is written to the target before the target is checked empty and every segment the
 //!   plan needs has been read and verified (checksums, continuity).
 //! * Source transactions are applied whole and in commit order, several consecutive ones per
@@ -107,9 +110,6 @@ pub struct Plan {
     pub earliest: PgTimestamp,
     pub latest: Option<PgTimestamp>,
 }
-
-/// What planning knows of the repository: its catalog (generations, windows, damage).
-pub type GenerationFacts = Catalog;
 
 /// Chooses the base backup and segments for `target` inside one of the catalog's windows.
 /// Pure.
