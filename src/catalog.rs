@@ -69,7 +69,8 @@ pub enum SegmentFact {
 pub enum WindowEnd {
     /// Where the generation's archive ends (so far).
     Tip,
-    /// The chain breaks: no segment starts where the window ends; the next starts at `next`.
+    /// The chain breaks: no segment starts where the window ends; the next starts at `next`
+    /// (after the end: a gap; before it: an overlap).
     Hole { next: Lsn },
     /// The next segment is damaged.
     Damaged { segment: String, detail: String },
@@ -119,8 +120,12 @@ impl Window {
         };
         let ends = match &self.ends {
             WindowEnd::Tip => "the end of the generation's archive".to_string(),
-            WindowEnd::Hole { next } => format!(
+            WindowEnd::Hole { next } if *next > self.end_lsn => format!(
                 "a hole: the changes from {} to {next} are missing",
+                self.end_lsn
+            ),
+            WindowEnd::Hole { next } => format!(
+                "an overlap: the next segment starts at {next}, before {}",
                 self.end_lsn
             ),
             WindowEnd::Damaged { segment, .. } => format!("the damaged segment {segment}"),
@@ -323,7 +328,17 @@ impl Catalog {
             (true, false) => "nothing is restorable:",
             (true, true) => "nothing is restorable",
         });
-        for w in &self.windows {
+        for (i, w) in self.windows.iter().enumerate() {
+            if let Some(prev) = i.checked_sub(1).map(|i| &self.windows[i]) {
+                if prev.generation != w.generation {
+                    out.push_str(&format!(
+                        "\n  hole: instants from {} to before {} are not restorable: generation {} started anew (its slot was recreated)",
+                        prev.latest_commit.unwrap_or(prev.earliest),
+                        w.earliest,
+                        w.generation
+                    ));
+                }
+            }
             out.push_str("\n  ");
             out.push_str(&w.describe());
         }
@@ -770,6 +785,11 @@ mod tests {
         );
         assert!(c.problems.is_empty(), "{:?}", c.problems);
         assert_eq!(c.latest_window().unwrap().generation, 2);
+        assert!(
+            c.describe().contains("hole: instants from 2000-01-01 00:00:00.002000+00 to before 2000-01-01 00:00:00.009000+00 are not restorable: generation 2 started anew"),
+            "{}",
+            c.describe()
+        );
     }
 
     #[test]
@@ -893,5 +913,22 @@ mod tests {
             check_segment(&s, Bytes::from(flipped)),
             SegmentFact::Corrupt(_)
         ));
+    }
+
+    #[test]
+    fn an_overlap_ends_the_window_like_a_gap() {
+        let segs = vec![seg(1, 100, 200), seg(1, 150, 300)];
+        let c = catalog(vec![backup(1, 100, 1000)], segs.clone(), &good(&segs));
+        assert_eq!(spans(&c.windows), [(1, 100, 200, Some(2000))]);
+        assert!(
+            c.describe()
+                .contains("an overlap: the next segment starts at 0/96, before 0/C8"),
+            "{}",
+            c.describe()
+        );
+        assert!(c
+            .problems
+            .iter()
+            .any(|p| matches!(p, Problem::Overlap { .. })));
     }
 }

@@ -341,6 +341,7 @@ async fn a_dropped_slot_leaves_a_hole_that_list_and_restore_agree_on() {
         .map(|w| w["text"].as_str().unwrap())
         .collect();
     assert!(lines.iter().all(|l| text.contains(l)), "{text}");
+    assert!(text.contains("generation 2 started anew"), "{text}");
 
     // restore agrees: the hole is refused naming both windows; either window restores.
     let err = refused(&cluster, &repo, "in_hole", &["--to-time", &t_hole]);
