@@ -343,7 +343,10 @@ impl Catalog {
             out.push_str(&w.describe());
         }
         for p in &self.problems {
-            out.push_str("\n  damage: ");
+            out.push_str(match p {
+                Problem::IncompleteBackup { .. } => "\n  note: ",
+                _ => "\n  damage: ",
+            });
             out.push_str(&p.to_string());
         }
         out
