@@ -976,7 +976,8 @@ impl Iterator for Pieces<'_> {
 // ---------------------------------------------------------------------------------------------
 
 /// The complete base backups in the store, sorted by id (generation, then position). A folder
-/// without a manifest is an incomplete backup: skipped with a warning.
+/// without a manifest is an incomplete backup, and a manifest that cannot be read or parsed a
+/// damaged one: each is skipped with a warning (see [`read_manifests`]).
 pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, BackupError> {
     let objects = store.list(manifest::ROOT).await?;
     let scan = read_manifests(store, &objects).await?;
