@@ -985,12 +985,41 @@ impl Iterator for Pieces<'_> {
 // ---------------------------------------------------------------------------------------------
 
 /// The complete base backups in the store, sorted by id (generation, then position). A folder
-/// without a manifest is an incomplete backup: skipped with a warning.
+/// without a manifest is an incomplete backup, and a manifest that cannot be read or parsed a
+/// damaged one: each is skipped with a warning (see [`read_manifests`]).
 pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, BackupError> {
     let objects = store.list(manifest::ROOT).await?;
+    let scan = read_manifests(store, &objects).await?;
+    for id in &scan.incomplete {
+        tracing::warn!(backup = %id, location = %store.location(), "{}{id}/ has no manifest.json: an incomplete base backup, skipped", manifest::ROOT);
+    }
+    for (key, detail) in &scan.unreadable {
+        tracing::warn!(location = %store.location(), "{key} cannot be used ({detail}): that base backup is skipped");
+    }
+    Ok(scan.manifests)
+}
+
+/// The base backups of a listing, read.
+#[derive(Debug, Default)]
+pub struct ManifestScan {
+    /// The readable manifests, by id.
+    pub manifests: Vec<Manifest>,
+    /// Backup folders without `manifest.json` (being written, or the manifest was deleted).
+    pub incomplete: Vec<String>,
+    /// Manifests that cannot be read or parsed: (key, why). Their backups are not used.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Reads the manifest of every backup in `objects` (a listing that holds `basebackups/…`).
+/// A manifest that is gone, unparsable or names another backup is recorded, not fatal; only a
+/// failing store is an error.
+pub async fn read_manifests(
+    store: &Arc<dyn Store>,
+    objects: &[crate::store::ObjectMeta],
+) -> Result<ManifestScan, BackupError> {
     let mut folders: BTreeSet<String> = BTreeSet::new();
     let mut complete: HashSet<String> = HashSet::new();
-    for o in &objects {
+    for o in objects {
         let Some(rest) = o.key.strip_prefix(manifest::ROOT) else {
             continue;
         };
@@ -1002,16 +1031,28 @@ pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, Bac
             complete.insert(id.to_string());
         }
     }
-    let mut manifests = Vec::new();
+    let mut scan = ManifestScan::default();
     for id in folders {
         if !complete.contains(&id) {
-            tracing::warn!(backup = %id, location = %store.location(), "{}{id}/ has no manifest.json: an incomplete base backup, skipped", manifest::ROOT);
+            scan.incomplete.push(id);
             continue;
         }
-        let m = read_manifest(store, &id).await?;
-        manifests.push(m);
+        match read_manifest(store, &id).await {
+            Ok(m) => scan.manifests.push(m),
+            Err(
+                e @ (BackupError::Manifest(_)
+                | BackupError::BadObject { .. }
+                | BackupError::Store(StoreError::NotFound { .. })),
+            ) => {
+                let key = manifest_key(&id);
+                let detail = e.to_string();
+                let detail = detail.strip_prefix(&format!("{key}: ")).unwrap_or(&detail);
+                scan.unreadable.push((key, detail.to_string()));
+            }
+            Err(e) => return Err(e),
+        }
     }
-    Ok(manifests)
+    Ok(scan)
 }
 
 /// Reads and checks the manifest of backup `id`.
@@ -1720,5 +1761,24 @@ mod tests {
             .unwrap();
         let list = list_manifests(&store).await.unwrap();
         assert_eq!(list, vec![m]);
+    }
+
+    #[tokio::test]
+    async fn a_garbage_manifest_is_recorded_and_the_others_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let m = manifest::tests::sample();
+        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
+        let garbage = manifest_key("00000001-0000000000000100");
+        store
+            .put(&garbage, Bytes::from_static(b"{not json"))
+            .await
+            .unwrap();
+        let objects = store.list(manifest::ROOT).await.unwrap();
+        let scan = read_manifests(&store, &objects).await.unwrap();
+        assert_eq!(scan.manifests, vec![m.clone()]);
+        assert_eq!(scan.unreadable.len(), 1);
+        assert_eq!(scan.unreadable[0].0, garbage);
+        assert_eq!(list_manifests(&store).await.unwrap(), vec![m]);
     }
 }

@@ -535,10 +535,9 @@ mod tests {
                 "restore out of range",
                 RestoreError::OutOfRange {
                     target: Target::Latest,
-                    earliest: s(),
-                    latest: s(),
-                    lsn_hint: s(),
-                    latest_hint: "",
+                    covered: s(),
+                    windows: s(),
+                    hint: s(),
                 }
                 .into(),
                 OutOfRange,

@@ -14,7 +14,9 @@
 //!   [`statement`] rendering row changes as SQL, [`segment`] the archive's file format;
 //! * the outside world: [`conninfo`] connection strings, [`replication`] the replication-protocol
 //!   client, [`source`] preflight checks on the source, [`pgbin`] PostgreSQL's client programs,
-//!   [`store`] where objects live, [`repo`] the repository's identity and segment chains;
+//!   [`store`] where objects live, [`repo`] the repository's identity and segment chains,
+//!   [`catalog`] one listing turned into generations and their restorable windows (used by
+//!   `list` and restore's planner; damage removes only the instants that need it);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (take and load),
 //!   [`restore`] point-in-time restore (plan, then apply), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
@@ -26,6 +28,7 @@
 pub mod archive;
 pub mod backup;
 pub mod backup_cmd;
+pub mod catalog;
 pub mod conninfo;
 pub mod ddl;
 pub mod demo;

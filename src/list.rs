@@ -1,13 +1,16 @@
-//! `tidemark list`: what a repository holds — base backups, segment chains, and the range of
-//! instants and LSNs a restore can reach.
+//! `tidemark list`: what a repository holds — base backups, segment chains, the windows of
+//! instants and LSNs a restore can reach, and the damage that removed instants from them. The
+//! windows come from the [`catalog`], the same rules restore's planner uses, and are printed
+//! with the same text a refused restore shows.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::catalog::{Catalog, Problem, Window, WindowEnd};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::repo;
-use crate::restore;
 use crate::store::Store;
 
 #[derive(Serialize)]
@@ -18,6 +21,10 @@ struct Listing {
     generations: Vec<GenerationListing>,
     earliest_restorable: Option<PgTimestamp>,
     latest_restorable_before: Option<PgTimestamp>,
+    /// Every window, by (generation, start).
+    windows: Vec<WindowListing>,
+    /// Every problem found (also under its generation when it has one).
+    problems: Vec<ProblemListing>,
 }
 
 #[derive(Serialize)]
@@ -29,6 +36,8 @@ struct GenerationListing {
     start_lsn: Option<Lsn>,
     end_lsn: Option<Lsn>,
     latest_commit: Option<PgTimestamp>,
+    windows: Vec<WindowListing>,
+    problems: Vec<ProblemListing>,
 }
 
 #[derive(Serialize)]
@@ -41,42 +50,98 @@ struct BackupListing {
     stored_bytes: u64,
 }
 
+#[derive(Serialize)]
+struct WindowListing {
+    generation: u32,
+    backups: Vec<String>,
+    segments: usize,
+    start_lsn: Lsn,
+    end_lsn: Lsn,
+    earliest: PgTimestamp,
+    latest_commit: Option<PgTimestamp>,
+    ends: WindowEnd,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct ProblemListing {
+    #[serde(flatten)]
+    problem: Problem,
+    text: String,
+}
+
+fn window_listing(w: &Window) -> WindowListing {
+    WindowListing {
+        generation: w.generation,
+        backups: w.backups.iter().map(|b| b.id.clone()).collect(),
+        segments: w.segments.len(),
+        start_lsn: w.start_lsn,
+        end_lsn: w.end_lsn,
+        earliest: w.earliest,
+        latest_commit: w.latest_commit,
+        ends: w.ends.clone(),
+        text: w.describe(),
+    }
+}
+
+fn problem_listing(p: &Problem) -> ProblemListing {
+    ProblemListing {
+        problem: p.clone(),
+        text: p.to_string(),
+    }
+}
+
 pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
     let identity = repo::read_identity(store).await?;
-    let (gens, manifests) = restore::gather(store).await?;
-    let generations: Vec<GenerationListing> = gens
+    let (cat, manifests) = Catalog::load(store).await?;
+    let numbers: BTreeSet<u32> = cat
+        .backups
         .iter()
-        .map(|g| GenerationListing {
-            generation: g.generation,
-            backups: manifests
-                .iter()
-                .filter(|m| m.generation == g.generation)
-                .map(|m| BackupListing {
-                    id: m.id.clone(),
-                    consistent_point: m.consistent_point,
-                    snapshot_time: m.snapshot_time,
-                    tables: m.tables.len(),
-                    rows: m.tables.iter().map(|t| t.rows).sum(),
-                    stored_bytes: m.tables.iter().map(|t| t.stored_bytes).sum(),
-                })
-                .collect(),
-            segments: g.segments.len(),
-            segment_bytes: g.segments.iter().map(|s| s.size).sum(),
-            start_lsn: g.segments.first().map(|s| s.start),
-            end_lsn: g.end,
-            latest_commit: g.latest_commit,
+        .map(|b| b.generation)
+        .chain(cat.segments.keys().copied())
+        .collect();
+    let generations: Vec<GenerationListing> = numbers
+        .into_iter()
+        .map(|g| {
+            let chain = cat.segments.get(&g).map(Vec::as_slice).unwrap_or(&[]);
+            let windows: Vec<&Window> = cat.windows.iter().filter(|w| w.generation == g).collect();
+            GenerationListing {
+                generation: g,
+                backups: manifests
+                    .iter()
+                    .filter(|m| m.generation == g)
+                    .map(|m| BackupListing {
+                        id: m.id.clone(),
+                        consistent_point: m.consistent_point,
+                        snapshot_time: m.snapshot_time,
+                        tables: m.tables.len(),
+                        rows: m.tables.iter().map(|t| t.rows).sum(),
+                        stored_bytes: m.tables.iter().map(|t| t.stored_bytes).sum(),
+                    })
+                    .collect(),
+                segments: chain.len(),
+                segment_bytes: chain.iter().map(|s| s.size).sum(),
+                start_lsn: chain.first().map(|s| s.start),
+                end_lsn: chain.last().map(|s| s.end),
+                latest_commit: windows.iter().filter_map(|w| w.latest_commit).max(),
+                windows: windows.iter().map(|w| window_listing(w)).collect(),
+                problems: cat
+                    .problems
+                    .iter()
+                    .filter(|p| p.generation() == Some(g))
+                    .map(problem_listing)
+                    .collect(),
+            }
         })
         .collect();
     let listing = Listing {
         repository: store.location(),
         system_id: identity.as_ref().map(|i| i.system_id.clone()),
         database: identity.as_ref().map(|i| i.database.clone()),
-        earliest_restorable: manifests.iter().map(|m| m.snapshot_time).min(),
-        latest_restorable_before: generations
-            .iter()
-            .rev()
-            .find(|g| !g.backups.is_empty())
-            .and_then(|g| g.latest_commit),
+        earliest_restorable: cat.earliest(),
+        latest_restorable_before: cat.latest_commit(),
+        windows: cat.windows.iter().map(window_listing).collect(),
+        problems: cat.problems.iter().map(problem_listing).collect(),
         generations,
     };
     if json {
@@ -104,20 +169,16 @@ pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
             _ => println!("  segments: none yet"),
         }
         if let Some(t) = g.latest_commit {
-            println!("  last archived commit: {t}");
+            println!("  last restorable commit: {t}");
         }
     }
-    match (
-        listing.earliest_restorable,
-        listing.latest_restorable_before,
-    ) {
-        (Some(a), Some(b)) => {
-            println!("restorable: --to-time from {a} to just before {b}, or --latest")
-        }
-        (Some(a), None) => {
-            println!("restorable: --latest (base backup at {a}); no commit archived after it yet")
-        }
-        _ => println!("restorable: nothing yet"),
+    if cat.is_empty() {
+        println!("restorable: nothing yet");
+        return Ok(());
+    }
+    println!("{}", cat.describe());
+    if cat.latest_window().is_ok() {
+        println!("  (--latest restores the end of the last window)");
     }
     Ok(())
 }

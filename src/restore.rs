@@ -8,8 +8,11 @@
 //!
 //! Invariants:
 //! * A target the archive cannot prove is refused, never moved: a time before the earliest base
-//!   backup, or not yet passed by an archived commit (the server's clock must be seen past it),
-//!   names the earliest and latest restorable instants.
+//!   backup, not yet passed by an archived commit (the server's clock must be seen past it), or
+//!   outside every window of the [`crate::catalog`] (in a hole, after damage) names the
+//!   earliest and latest restorable instants and the windows. Damage outside the chosen window
+//!   does not matter: a restore reads only that window's segments, and checks them only up to
+//!   the one where replay stops.
 //! * Nothing is written to the target before the target is checked empty and writable by its
 //!   role, every segment the plan needs has been read and verified (checksums, continuity) and
 //!   the base backup's objects are all there ([`backup::Loader::check`]). The first write marks
@@ -19,7 +22,7 @@
 //!   target transaction (see `Replayer`: group boundaries are source commit boundaries); one
 //!   that the backup already holds (commit LSN below the backup's consistent point) is skipped.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,11 +32,12 @@ use serde::Serialize;
 use tracing::{debug, info};
 
 use crate::backup::{self, LoadPhase, Manifest};
+use crate::catalog::Catalog;
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgoutput::{self, Message};
 use crate::repo::{self, SegmentRef};
-use crate::segment::{self, Segment};
+use crate::segment::Segment;
 use crate::statement::{self, RelationInfo};
 use crate::store::Store;
 
@@ -66,13 +70,14 @@ impl std::fmt::Display for Target {
 pub enum RestoreError {
     #[error("repository {0} holds no archive (no base backup found)\nHINT: check --repo; `tidemark list --repo …` shows what a repository holds")]
     Empty(String),
-    #[error("{target} is outside what the archive covers: the earliest restorable instant is {earliest}, the latest is {latest}{lsn_hint}\nHINT: choose a target in that range{latest_hint}")]
+    #[error("{target} is outside what the archive covers: {covered}\n{windows}\nHINT: {hint}")]
     OutOfRange {
         target: Target,
-        earliest: String,
-        latest: String,
-        lsn_hint: String,
-        latest_hint: &'static str,
+        /// The earliest and latest restorable instants, or why there are none.
+        covered: String,
+        /// The catalog's windows and damage (as `list` prints them).
+        windows: String,
+        hint: String,
     },
     #[error("the target database {0} is not empty ({1})\nHINT: restore into a new, empty database: CREATE DATABASE …; tidemark never overwrites existing data")]
     TargetNotEmpty(String, String),
@@ -158,137 +163,101 @@ pub struct Plan {
     pub latest: Option<PgTimestamp>,
 }
 
-/// Facts about one generation, for planning.
-#[derive(Clone, Debug)]
-pub struct GenerationFacts {
-    pub generation: u32,
-    pub backups: Vec<(String, Lsn, PgTimestamp)>,
-    pub segments: Vec<SegmentRef>,
-    /// Latest commit time archived in this generation (None: no commit yet).
-    pub latest_commit: Option<PgTimestamp>,
-    pub end: Option<Lsn>,
-}
-
-/// Chooses the base backup and segments for `target`. Pure.
-pub fn plan(gens: &[GenerationFacts], target: Target) -> Result<Plan, RestoreError> {
-    let earliest = gens
-        .iter()
-        .flat_map(|g| g.backups.iter().map(|b| b.2))
-        .min()
-        .ok_or_else(|| RestoreError::Empty(String::new()))?;
-    let newest = gens
-        .iter()
-        .filter(|g| !g.backups.is_empty())
-        .max_by_key(|g| g.generation);
-    let latest = newest.and_then(|g| g.latest_commit);
-    let out_of_range = |lsn_hint: String| RestoreError::OutOfRange {
-        target,
-        earliest: earliest.to_string(),
-        latest: match latest {
-            Some(t) => format!("just before {t} (the last archived commit)"),
-            None => "not yet known (no commit archived since the base backup)".into(),
-        },
-        lsn_hint,
-        latest_hint: ", or --latest",
+/// Chooses the base backup and segments for `target` inside one of the catalog's windows.
+/// Pure.
+///
+/// A time is restorable in a window from its first backup's snapshot time to just before its
+/// last archived commit; an LSN from its first backup's position to its end. The newest window
+/// holding the target is used, and in it the newest backup at or before the target. A target
+/// in no window (in a hole, after damage, beyond the archive) is refused, naming the windows.
+pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
+    if cat.is_empty() {
+        return Err(RestoreError::Empty(cat.location.clone()));
+    }
+    let refuse = |why: Option<String>| {
+        let covered = match (cat.earliest(), cat.latest_commit()) {
+            (Some(a), Some(b)) => format!(
+                "the earliest restorable instant is {a}, the latest is just before {b} (the last archived commit)"
+            ),
+            (Some(a), None) => format!(
+                "the earliest restorable instant is {a}, the latest is not yet known (no commit archived since the base backup)"
+            ),
+            _ => "no base backup can be restored".to_string(),
+        };
+        let covered = match why {
+            Some(why) if !cat.windows.is_empty() => format!("{covered}; {why}"),
+            _ => covered,
+        };
+        let hint = if cat.windows.is_empty() {
+            "restore from another copy of the repository; a new base backup (`tidemark backup`) starts a window from now on".to_string()
+        } else if cat.latest_window().is_ok() {
+            "choose a target inside one of these windows, or --latest".to_string()
+        } else {
+            "choose a target inside one of these windows; a new base backup (`tidemark backup`) opens a window after the damage".to_string()
+        };
+        RestoreError::OutOfRange {
+            target,
+            covered,
+            windows: cat.describe(),
+            hint,
+        }
     };
-    // Candidates: (generation, backup) newest first.
-    let mut candidates: Vec<(&GenerationFacts, &(String, Lsn, PgTimestamp))> = gens
-        .iter()
-        .flat_map(|g| g.backups.iter().map(move |b| (g, b)))
-        .collect();
-    candidates.sort_by_key(|(g, b)| std::cmp::Reverse((g.generation, b.1)));
-    let chosen = match target {
-        Target::Latest => candidates.first().copied(),
-        Target::Time(t) => candidates.iter().copied().find(|(_, b)| b.2 <= t),
-        Target::Lsn(l) => candidates.iter().copied().find(|(_, b)| b.1 <= l),
-    };
-    let lsn_range = || {
-        let lo = gens
-            .iter()
-            .flat_map(|g| g.backups.iter().map(|b| b.1))
-            .min()
-            .unwrap_or_default();
-        let hi = newest.and_then(|g| g.end).unwrap_or(lo);
-        format!(" (LSN {lo} to {hi})")
-    };
-    let Some((g, b)) = chosen else {
-        return Err(out_of_range(lsn_range()));
-    };
-    // The target must be provably inside this generation's archived stream.
-    match target {
+    let (window, backup) = match target {
+        Target::Latest => {
+            let w = cat
+                .latest_window()
+                .map_err(|why| refuse(Some(format!("--latest cannot be restored: {why}"))))?;
+            (w, w.backups.last().expect("a window has a backup"))
+        }
         Target::Time(t) => {
-            if g.latest_commit.is_none_or(|lc| t >= lc) {
-                return Err(out_of_range(String::new()));
-            }
+            let w = cat
+                .windows
+                .iter()
+                .rev()
+                .find(|w| w.holds_time(t))
+                .ok_or_else(|| refuse(None))?;
+            let b = w.backups.iter().rev().find(|b| b.snapshot_time <= t);
+            (w, b.expect("the window holds the time"))
         }
         Target::Lsn(l) => {
-            if g.end.is_none_or(|e| l > e) && b.1 != l {
-                return Err(out_of_range(lsn_range()));
-            }
+            let w = cat
+                .windows
+                .iter()
+                .rev()
+                .find(|w| w.holds_lsn(l))
+                .ok_or_else(|| refuse(None))?;
+            let b = w.backups.iter().rev().find(|b| b.consistent_point <= l);
+            (w, b.expect("the window holds the LSN"))
         }
-        Target::Latest => {}
-    }
-    let segments: Vec<String> = g
+    };
+    let segments: Vec<String> = window
         .segments
         .iter()
-        .filter(|s| s.end > b.1)
+        .filter(|s| s.end > backup.consistent_point)
         .map(|s| s.key.clone())
         .collect();
     Ok(Plan {
-        backup_id: b.0.clone(),
-        generation: g.generation,
-        start: b.1,
+        backup_id: backup.id.clone(),
+        generation: window.generation,
+        start: backup.consistent_point,
         target: target.to_string(),
         segments,
-        earliest,
-        latest,
+        earliest: window.earliest,
+        latest: window.latest_commit,
     })
 }
 
-/// Reads what planning needs from the repository.
-pub async fn gather(
-    store: &Arc<dyn Store>,
-) -> Result<(Vec<GenerationFacts>, Vec<Manifest>), RestoreError> {
-    let manifests = backup::list_manifests(store).await?;
-    let chains = repo::list_segments(store).await?;
-    let mut gens: BTreeMap<u32, GenerationFacts> = BTreeMap::new();
-    for m in &manifests {
-        gens.entry(m.generation)
-            .or_insert_with(|| empty_facts(m.generation))
-            .backups
-            .push((m.id.clone(), m.consistent_point, m.snapshot_time));
+/// Reads what planning needs from the repository: its catalog and the usable manifests. The
+/// damage found is logged: a restore that avoids it goes on.
+pub async fn gather(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), RestoreError> {
+    let (cat, manifests) = Catalog::load(store).await.map_err(|e| match e {
+        backup::BackupError::Store(e) => RestoreError::Store(e),
+        e => RestoreError::Backup(e),
+    })?;
+    for p in &cat.problems {
+        tracing::warn!(location = %cat.location, "{p}");
     }
-    for (generation, chain) in chains {
-        let facts = gens
-            .entry(generation)
-            .or_insert_with(|| empty_facts(generation));
-        facts.end = repo::check_chain(&chain)?;
-        // The latest commit: walk back from the end to the last segment with a commit.
-        for s in chain.iter().rev() {
-            let bytes = store.get(&s.key).await?;
-            let (_, commits) = segment::read_info(&bytes).map_err(|e| RestoreError::Corrupt {
-                range: s.range(),
-                start: s.start,
-                detail: e.to_string(),
-            })?;
-            if let Some(t) = commits.iter().map(|c| c.commit_time).max() {
-                facts.latest_commit = Some(t);
-                break;
-            }
-        }
-        facts.segments = chain;
-    }
-    Ok((gens.into_values().collect(), manifests))
-}
-
-fn empty_facts(generation: u32) -> GenerationFacts {
-    GenerationFacts {
-        generation,
-        backups: vec![],
-        segments: vec![],
-        latest_commit: None,
-        end: None,
-    }
+    Ok((cat, manifests))
 }
 
 /// What a restore did.
@@ -313,9 +282,6 @@ pub async fn run(
 ) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
     let (gens, manifests) = gather(store).await?;
-    if manifests.is_empty() {
-        return Err(RestoreError::Empty(store.location()));
-    }
     let plan = plan(&gens, to)?;
     let manifest = manifests
         .iter()
@@ -442,14 +408,15 @@ async fn apply(
 /// they continue each other from the backup's position; returns the spooled files in order.
 async fn fetch_and_verify(
     store: &Arc<dyn Store>,
-    gens: &[GenerationFacts],
+    gens: &Catalog,
     plan: &Plan,
     target: Target,
     spool: &std::path::Path,
 ) -> Result<Vec<std::path::PathBuf>, RestoreError> {
     let refs: HashMap<&str, &SegmentRef> = gens
-        .iter()
-        .flat_map(|g| g.segments.iter())
+        .segments
+        .values()
+        .flatten()
         .map(|s| (s.key.as_str(), s))
         .collect();
     let mut expected_start: Option<Lsn> = None;
@@ -1625,7 +1592,8 @@ struct Stmt {
 mod tests {
     use super::*;
 
-    fn facts() -> Vec<GenerationFacts> {
+    fn facts() -> Catalog {
+        use crate::catalog::{BackupRef, SegmentFact};
         let seg = |s: u64, e: u64| SegmentRef {
             generation: 1,
             start: Lsn(s),
@@ -1633,16 +1601,28 @@ mod tests {
             key: format!("k{s}"),
             size: 1,
         };
-        vec![GenerationFacts {
+        let backup = |id: &str, cp: u64, t: i64| BackupRef {
+            id: id.into(),
             generation: 1,
-            backups: vec![
-                ("b1".into(), Lsn(100), PgTimestamp(1000)),
-                ("b2".into(), Lsn(300), PgTimestamp(3000)),
-            ],
-            segments: vec![seg(100, 200), seg(200, 300), seg(300, 400)],
-            latest_commit: Some(PgTimestamp(4000)),
-            end: Some(Lsn(400)),
-        }]
+            consistent_point: Lsn(cp),
+            snapshot_time: PgTimestamp(t),
+        };
+        let segments = vec![seg(100, 200), seg(200, 300), seg(300, 400)];
+        let facts = [(
+            "k300".to_string(),
+            SegmentFact::Good {
+                latest_commit: Some(PgTimestamp(4000)),
+            },
+        )]
+        .into_iter()
+        .collect();
+        Catalog::build(
+            "repo".into(),
+            vec![backup("b1", 100, 1000), backup("b2", 300, 3000)],
+            [(1, segments)].into_iter().collect(),
+            &facts,
+            vec![],
+        )
     }
 
     fn ins(xid: u32) -> Message {
@@ -1810,9 +1790,88 @@ mod tests {
         );
         assert!(plan(&facts(), Target::Lsn(Lsn(401))).is_err());
         assert!(plan(&facts(), Target::Lsn(Lsn(99))).is_err());
+        let empty = Catalog::build(
+            "repo".into(),
+            vec![],
+            Default::default(),
+            &Default::default(),
+            vec![],
+        );
         assert!(matches!(
-            plan(&[], Target::Latest),
+            plan(&empty, Target::Latest),
             Err(RestoreError::Empty(_))
         ));
+    }
+
+    /// Two generations (a slot dropped between them) and a hole in the second one.
+    fn damaged() -> Catalog {
+        use crate::catalog::{BackupRef, SegmentFact};
+        let seg = |g: u32, s: u64, e: u64| SegmentRef {
+            generation: g,
+            start: Lsn(s),
+            end: Lsn(e),
+            key: format!("g{g}-{s}"),
+            size: 1,
+        };
+        let backup = |g: u32, cp: u64, t: i64| BackupRef {
+            id: format!("b{g}-{cp}"),
+            generation: g,
+            consistent_point: Lsn(cp),
+            snapshot_time: PgTimestamp(t),
+        };
+        let chains: std::collections::BTreeMap<u32, Vec<SegmentRef>> = [
+            (1, vec![seg(1, 100, 200), seg(1, 200, 300)]),
+            (2, vec![seg(2, 500, 600), seg(2, 700, 800)]),
+        ]
+        .into_iter()
+        .collect();
+        let facts = chains
+            .values()
+            .flatten()
+            .map(|s| {
+                let t = PgTimestamp(s.end.0 as i64 * 10);
+                (
+                    s.key.clone(),
+                    SegmentFact::Good {
+                        latest_commit: Some(t),
+                    },
+                )
+            })
+            .collect();
+        Catalog::build(
+            "repo".into(),
+            vec![backup(1, 100, 1000), backup(2, 500, 5000)],
+            chains,
+            &facts,
+            vec![],
+        )
+    }
+
+    #[test]
+    fn targets_in_a_window_restore_and_targets_in_a_hole_are_refused() {
+        let cat = damaged();
+        let p = plan(&cat, Target::Time(PgTimestamp(2500))).unwrap();
+        assert_eq!((p.backup_id.as_str(), p.segments.len()), ("b1-100", 2));
+        let p = plan(&cat, Target::Time(PgTimestamp(5500))).unwrap();
+        assert_eq!(
+            (p.backup_id.as_str(), p.segments.as_slice()),
+            ("b2-500", &["g2-500".to_string()][..])
+        );
+        // Between the generations, and after the hole of generation 2.
+        for t in [3500, 7500] {
+            let err = plan(&cat, Target::Time(PgTimestamp(t))).unwrap_err();
+            assert!(matches!(err, RestoreError::OutOfRange { .. }));
+            let msg = err.to_string();
+            assert!(msg.contains(&cat.describe()), "{msg}");
+            assert!(
+                msg.contains("generation 1: --to-time from") && msg.contains("gap"),
+                "{msg}"
+            );
+        }
+        assert!(plan(&cat, Target::Lsn(Lsn(650))).is_err());
+        assert_eq!(plan(&cat, Target::Lsn(Lsn(250))).unwrap().generation, 1);
+        // --latest would skip the hole: refused.
+        let err = plan(&cat, Target::Latest).unwrap_err().to_string();
+        assert!(err.contains("--latest cannot be restored"), "{err}");
     }
 }

@@ -10,6 +10,7 @@ mod backup;
 mod bad_input;
 mod commands;
 mod crash;
+mod damage;
 mod ddl;
 mod faults;
 mod harness_smoke;
