@@ -130,6 +130,8 @@ pub enum ArchiveError {
     StreamEnded,
     #[error(transparent)]
     SchemaChange(#[from] crate::ddl::UnexplainedSchemaChange),
+    #[error("publication {publication:?} was dropped while slot {slot:?} needed it: the slot can never decode past that point, even with the publication created again\nHINT: the slot was named with --slot, so tidemark does not drop it: drop it (SELECT pg_drop_replication_slot('{slot}')), create it again (tidemark setup --slot {slot}) and run archive: it starts a new generation with a new base backup (the changes in between are not archived)")]
+    PublicationLost { publication: String, slot: String },
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -148,11 +150,19 @@ impl crate::error::Classify for ArchiveError {
             ArchiveError::Gap { .. } => Damaged,
             ArchiveError::StreamEnded => Database,
             ArchiveError::Decode { .. } | ArchiveError::Internal(_) => Unexpected,
+            ArchiveError::PublicationLost { .. } => Database,
         }
     }
 }
 
 impl ArchiveError {
+    /// The walsender could not decode because `publication` does not exist at the slot's
+    /// position (it was dropped, or dropped and created again, after that point).
+    pub fn lost_publication(&self, publication: &str) -> bool {
+        matches!(self, ArchiveError::Replication(crate::replication::ReplicationError::Server { code, message, .. })
+            if code == "42704" && *message == format!("publication \"{publication}\" does not exist"))
+    }
+
     /// Whether starting the run over (after a pause) may succeed: the server or the store went
     /// away for a while. Configuration, privilege, identity and continuity errors are not.
     pub fn is_transient(&self) -> bool {
@@ -172,6 +182,7 @@ impl ArchiveError {
             | ArchiveError::Gap { .. }
             | ArchiveError::Decode { .. }
             | ArchiveError::SchemaChange(_)
+            | ArchiveError::PublicationLost { .. }
             | ArchiveError::Internal(_) => false,
         }
     }
@@ -258,6 +269,25 @@ pub async fn run(
         total.durable = total.durable.max(Lsn(stats.durable.load(Ordering::SeqCst)));
         match r {
             Ok(()) => return Ok(total),
+            Err(e) if e.lost_publication(&opts.publication) && !shutdown.is_cancelled() => {
+                if opts.slot_explicit {
+                    return Err(ArchiveError::PublicationLost {
+                        publication: opts.publication.clone(),
+                        slot: opts.slot.clone(),
+                    });
+                }
+                metrics::counter!(telemetry::NEW_GENERATIONS, "reason" => "publication_dropped")
+                    .increment(1);
+                tracing::error!(
+                    publication = %opts.publication,
+                    slot = %opts.slot,
+                    durable = %total.durable,
+                    "publication {:?} was dropped while slot {:?} needed it: the slot can never decode past that point. Dropping the slot and starting a new generation with a new base backup: the changes from {} until the new base backup are NOT in the archive",
+                    opts.publication, opts.slot, total.durable
+                );
+                drop_slot_when_released(source_info, &opts.slot, opts.slot_wait).await?;
+                streamed_once = true;
+            }
             Err(e) if streamed_once && e.is_transient() && !shutdown.is_cancelled() => {
                 metrics::counter!(telemetry::RESTARTS).increment(1);
                 if streamed && started.elapsed() >= RETRY_RESET_AFTER {
@@ -279,6 +309,19 @@ pub async fn run(
         }
     }
     unreachable!("the attempt counter does not run out")
+}
+
+/// Drops `slot` once no connection holds it (the failed stream's may take a moment to go).
+async fn drop_slot_when_released(
+    source_info: &ConnInfo,
+    slot: &str,
+    wait: Duration,
+) -> Result<(), ArchiveError> {
+    let mut repl = ReplicationClient::connect(source_info).await?;
+    match tokio::time::timeout(wait.max(Duration::from_secs(1)), repl.drop_slot(slot, true)).await {
+        Ok(r) => r.map_err(ArchiveError::from),
+        Err(_) => Err(SourceError::SlotActive(slot.to_string(), "unknown".into()).into()),
+    }
 }
 
 const RETRY_FIRST: Duration = Duration::from_secs(1);
@@ -351,6 +394,7 @@ async fn run_once(
         source.create_publication(&opts.publication).await?;
     }
     crate::ddl::ensure_capture_logged(&source.client).await;
+    crate::ddl::ensure_protected(&source.client, &opts.publication).await;
     match source.not_covered(&opts.publication).await {
         Ok(items) => items
             .iter()
@@ -381,6 +425,7 @@ async fn run_once(
         None => {
             let generation = current_gen + 1;
             if current_gen > 0 {
+                metrics::counter!(telemetry::NEW_GENERATIONS, "reason" => "slot_lost").increment(1);
                 warn!(slot = %opts.slot, generation, "the slot is gone: starting a new generation; changes after the end of generation {current_gen} were not archived");
             }
             let created = repl.create_logical_slot(&opts.slot, false, true).await?;

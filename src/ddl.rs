@@ -66,6 +66,9 @@ use tracing::{info, warn};
 use crate::pgoutput::{self, Message};
 use crate::statement::{quote_ident, RelationInfo};
 
+mod protect;
+pub use protect::{ensure_protected, GUARD_DROP_TRIGGER, GUARD_END_TRIGGER};
+
 /// Prefix of the DDL messages.
 pub const DDL_PREFIX: &str = "tidemark.ddl";
 /// Prefix of the sequence-value messages.

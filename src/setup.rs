@@ -3,8 +3,9 @@
 //! Creates the publication (FOR ALL TABLES) and the logical slot if they are missing, and
 //! reports every table whose updates and deletes cannot be replicated, with the statement that
 //! fixes it, and what the database uses that the archive will not carry. Installs DDL capture
-//! (see [`crate::ddl`]) when the role may; without it, archiving still runs but a change to a
-//! table's columns stops the archiver.
+//! (see [`crate::ddl`]) and the publication's protection against DROP and ALTER when the role
+//! may; without it, archiving still runs but a change to a table's columns stops the archiver.
+//! Everything is checked (a free slot among them) before anything is created.
 
 use crate::conninfo::ConnInfo;
 use crate::replication::ReplicationClient;
@@ -17,6 +18,12 @@ pub async fn run(info: &ConnInfo, slot: &str, publication: &str) -> anyhow::Resu
         "source {info}: wal_level=logical, role {:?} may replicate",
         source.user
     );
+    // Every check before the first change: a missing free slot is found before the
+    // publication and the event triggers are created.
+    let existing_slot = source.slot(slot).await?;
+    if existing_slot.is_none() {
+        source.check_free_slot().await?;
+    }
     if source.publication_exists(publication).await? {
         println!("publication {publication:?} exists");
     } else {
@@ -27,13 +34,13 @@ pub async fn run(info: &ConnInfo, slot: &str, publication: &str) -> anyhow::Resu
         Ok(c) => println!("{}", c.describe()),
         Err(e) => println!("DDL capture is NOT installed: {}", crate::error::chain(&e)),
     }
-    match source.slot(slot).await? {
+    crate::ddl::ensure_protected(&source.client, publication).await;
+    match existing_slot {
         Some(s) => println!(
             "slot {slot:?} exists (confirmed flush {})",
             s.confirmed_flush
         ),
         None => {
-            source.check_free_slot().await?;
             let mut repl = ReplicationClient::connect(info).await?;
             let created = repl.create_logical_slot(slot, false, false).await?;
             println!("created slot {slot:?} at {}", created.consistent_point);

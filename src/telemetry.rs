@@ -16,6 +16,7 @@
 //! | `tidemark_store_retries_total` | counter | segment writes retried after a retryable store error |
 //! | `tidemark_transactions_total` | counter | transactions written to segments |
 //! | `tidemark_restarts_total` | counter | in-process restarts after a transient failure |
+//! | `tidemark_new_generations_total` | counter | generations started after an existing one (`reason`: `slot_lost`, `publication_dropped`): each leaves a hole in the archive |
 //! | `tidemark_schema_unexplained_changes_total` | counter | column changes no captured DDL explains (archiving stops) |
 //! | `tidemark_segment_chain_holes` | gauge | holes (archived, acknowledged, then missing segments) in the chain being extended, as found at the last resume |
 
@@ -36,6 +37,7 @@ pub const TRANSACTIONS: &str = "tidemark_transactions_total";
 pub const RESTARTS: &str = "tidemark_restarts_total";
 pub const SCHEMA_UNEXPLAINED: &str = "tidemark_schema_unexplained_changes_total";
 pub const CHAIN_HOLES: &str = "tidemark_segment_chain_holes";
+pub const NEW_GENERATIONS: &str = "tidemark_new_generations_total";
 
 /// Starts the scrape endpoint (needs a running tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), String> {
@@ -68,6 +70,10 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
     describe_counter!(STORE_RETRIES, "segment writes retried");
     describe_counter!(TRANSACTIONS, "transactions written to segments");
     describe_counter!(RESTARTS, "in-process restarts after a transient failure");
+    describe_counter!(
+        NEW_GENERATIONS,
+        "generations started after an existing one, by reason (slot_lost, publication_dropped): each leaves a hole in the archive"
+    );
     describe_counter!(
         SCHEMA_UNEXPLAINED,
         "column changes no captured DDL explains; archiving stopped"

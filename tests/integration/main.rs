@@ -15,6 +15,7 @@ mod ddl;
 mod faults;
 mod harness_smoke;
 mod oracle;
+mod publication;
 mod replay;
 mod replication;
 mod resilience;
