@@ -991,7 +991,7 @@ pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, Bac
     let objects = store.list(manifest::ROOT).await?;
     let scan = read_manifests(store, &objects).await?;
     for id in &scan.incomplete {
-        tracing::warn!(backup = %id, location = %store.location(), "{}{id}/ has no manifest.json: an incomplete base backup, skipped", manifest::ROOT);
+        tracing::warn!(backup = %id, location = %store.location(), "{}{id}/ has no manifest.json: an incomplete base backup, skipped (`tidemark prune --incomplete-backups` removes it once it is a day old)", manifest::ROOT);
     }
     for (key, detail) in &scan.unreadable {
         tracing::warn!(location = %store.location(), "{key} cannot be used ({detail}): that base backup is skipped");

@@ -221,7 +221,7 @@ impl fmt::Display for Problem {
             }
             Problem::IncompleteBackup { id } => write!(
                 f,
-                "{}{id}/ has no manifest.json (a backup still being written, or its manifest was deleted): skipped",
+                "{}{id}/ has no manifest.json (a backup still being written, or its manifest was deleted): skipped; `tidemark prune --incomplete-backups` removes it once it is a day old",
                 backup::manifest::ROOT
             ),
         }

@@ -20,7 +20,7 @@
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (take and load),
 //!   [`restore`] point-in-time restore (plan, then apply), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
-//! * commands: [`setup`], [`backup_cmd`], [`list`], [`demo`] (with [`scratch`], a throwaway
+//! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
 //!   checked variant by variant) and [`sql`] the one quoting of identifiers and literals.
@@ -38,6 +38,7 @@ pub mod list;
 pub mod lsn;
 pub mod pgbin;
 pub mod pgoutput;
+pub mod prune;
 pub mod replication;
 pub mod repo;
 pub mod restore;

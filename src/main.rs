@@ -39,6 +39,8 @@ enum Command {
     List(ListArgs),
     /// Restore into an existing empty database, up to a point in time.
     Restore(RestoreArgs),
+    /// Remove what no restore can use: base backups left without their manifest.
+    Prune(PruneArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
 }
@@ -157,6 +159,25 @@ struct BackupArgs {
 struct ListArgs {
     #[command(flatten)]
     repo: RepoArgs,
+    /// Print JSON instead of text.
+    #[arg(long, env = "TIDEMARK_JSON")]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct PruneArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Remove base backups that never got their manifest.json (a backup killed midway) and
+    /// whose newest object is older than --older-than.
+    #[arg(long, required = true)]
+    incomplete_backups: bool,
+    /// Keep an incomplete backup written to more recently than this: it may still be running.
+    #[arg(long, default_value = "24h", value_parser = tidemark::exit::parse_positive_duration)]
+    older_than: Duration,
+    /// Print what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
     /// Print JSON instead of text.
     #[arg(long, env = "TIDEMARK_JSON")]
     json: bool,
@@ -330,6 +351,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::List(a) => {
             let repo = open_repo(&a.repo).await?;
             list::run(&repo, a.json).await?;
+        }
+        Command::Prune(a) => {
+            let repo = open_repo(&a.repo).await?;
+            let opts = tidemark::prune::PruneOptions {
+                older_than: a.older_than,
+                dry_run: a.dry_run,
+            };
+            tidemark::prune::run(&repo, &opts, a.json).await?;
         }
         Command::Restore(a) => {
             let target_db = ConnInfo::parse(&a.target)?;

@@ -29,6 +29,9 @@ pub use s3::{S3Options, S3Store, Sse};
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was written, if the store says (a folder: the file's mtime; S3:
+    /// `LastModified`).
+    pub modified: Option<std::time::SystemTime>,
 }
 
 /// Errors of a store operation. Each names the store location and the key.

@@ -218,11 +218,12 @@ impl LocalStore {
                 if ft.is_dir() {
                     stack.push((entry.path(), key));
                 } else if key.starts_with(prefix) {
-                    let size = entry
-                        .metadata()
-                        .map_err(|e| self.io("list", prefix, e))?
-                        .len();
-                    out.push(ObjectMeta { key, size });
+                    let meta = entry.metadata().map_err(|e| self.io("list", prefix, e))?;
+                    out.push(ObjectMeta {
+                        key,
+                        size: meta.len(),
+                        modified: meta.modified().ok(),
+                    });
                 }
             }
         }

@@ -835,3 +835,77 @@ async fn restore_as_a_role_without_create_exits_3_with_the_grant_and_writes_noth
     v.target_empty(cluster, db).await;
     v.finish();
 }
+
+#[tokio::test]
+async fn prune_removes_an_old_incomplete_base_backup_and_keeps_a_recent_one() {
+    let archived = shared_archive();
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    copy_tree(&archived.repo, &repo);
+    let repo_arg = repo.to_str().unwrap();
+    // Two copies of the backup's folder without their manifest, as a killed backup leaves
+    // them: one last written two days ago, one just now.
+    let backups = repo.join("basebackups");
+    let complete = std::fs::read_dir(&backups)
+        .unwrap()
+        .flatten()
+        .next()
+        .expect("the archive has a base backup")
+        .path();
+    let old = backups.join("00000001-00000000FFFFFF00");
+    let recent = backups.join("00000001-00000000FFFFFF80");
+    for folder in [&old, &recent] {
+        copy_tree(&complete, folder);
+        std::fs::remove_file(folder.join("manifest.json")).unwrap();
+    }
+    let two_days_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 86_400);
+    for f in files_below(&old) {
+        std::fs::File::options()
+            .write(true)
+            .open(&f)
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+    }
+    let (code, out, err) = spine::tidemark(&[
+        "prune",
+        "--repo",
+        repo_arg,
+        "--incomplete-backups",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("would remove incomplete base backup 00000001-00000000FFFFFF00"),
+        "{out}"
+    );
+    assert!(
+        out.contains("kept incomplete base backup 00000001-00000000FFFFFF80"),
+        "{out}"
+    );
+    assert!(old.exists(), "a dry run removes nothing");
+
+    let (code, out, err) = spine::tidemark(&["prune", "--repo", repo_arg, "--incomplete-backups"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("removed incomplete base backup 00000001-00000000FFFFFF00"),
+        "{out}"
+    );
+    assert!(
+        files_below(&old).is_empty(),
+        "the old incomplete backup must be gone"
+    );
+    assert!(
+        !files_below(&recent).is_empty(),
+        "a recent one may still be running"
+    );
+    assert!(
+        !files_below(&complete).is_empty(),
+        "a complete backup is never pruned"
+    );
+
+    // The repository still restores.
+    let (code, out, err) =
+        spine::restore_into(&archived.cluster, repo_arg, "after_prune", &["--latest"]);
+    assert_eq!(code, 0, "{out}{err}");
+}
