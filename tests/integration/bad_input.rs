@@ -909,3 +909,53 @@ async fn prune_removes_an_old_incomplete_base_backup_and_keeps_a_recent_one() {
         spine::restore_into(&archived.cluster, repo_arg, "after_prune", &["--latest"]);
     assert_eq!(code, 0, "{out}{err}");
 }
+
+#[tokio::test]
+async fn setup_without_a_free_slot_exits_3_before_creating_anything() {
+    let cluster = Cluster::start(ClusterOptions {
+        extra_conf: vec!["max_replication_slots = 1".into()],
+        ..ClusterOptions::default()
+    });
+    cluster.create_database("app");
+    cluster.psql(
+        "app",
+        "SELECT pg_create_logical_replication_slot('someone_else', 'pgoutput')",
+    );
+    let result = tidemark_refusing(&["setup", "--source", &cluster.conninfo("app")]);
+    let mut v = Verdict::of("setup without a free slot", &result, 3);
+    v.expect(
+        result.2.contains("max_replication_slots"),
+        "the message must name max_replication_slots",
+    );
+    let created = cluster.psql(
+        "app",
+        "SELECT (SELECT count(*) FROM pg_publication) || ' ' || (SELECT count(*) FROM pg_event_trigger)",
+    );
+    v.expect(
+        created.trim() == "0 0",
+        format!("no publication and no event trigger may be created (publications, event triggers: {created})"),
+    );
+    v.finish();
+}
+
+#[tokio::test]
+async fn restore_into_a_missing_database_exits_3_with_the_servers_reason() {
+    let archived = shared_archive();
+    let target = archived.cluster.conninfo("no_such_database");
+    let result = tidemark_refusing(&[
+        "restore",
+        "--repo",
+        archived.repo_arg(),
+        "--target",
+        &target,
+        "--latest",
+    ]);
+    assert_eq!(result.0, 3, "{}", result.2);
+    assert!(
+        result
+            .2
+            .contains("database \"no_such_database\" does not exist"),
+        "the server's own reason must be shown, not just \"db error\": {}",
+        result.2
+    );
+}
