@@ -1,0 +1,168 @@
+//! The fault matrix: each fault, at a moment it can really happen, ends with an archive that
+//! restores exactly at every instant noted while it ran (and `--latest` equals the source).
+//! Faults elsewhere in the suite: kill -9 of the archiver while streaming (crash.rs), a dropped
+//! connection and a source crash (resilience.rs), failed and lost uploads (faults.rs, s3.rs),
+//! damaged objects (damage.rs), a restore killed or failing midway (bad_input.rs).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::spine::{
+    self, restore_each_instant, restore_latest_equals, server_now, wait_archived, workload_step,
+    Archiver, SCHEMA,
+};
+use crate::support::{self, snapshot_content, Cluster, ClusterOptions, ContentSnapshot};
+
+/// Enough data that a base backup takes a while: it can be killed midway.
+const BULK: &str = "CREATE TABLE bulk (id int PRIMARY KEY, pad text);
+    INSERT INTO bulk SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 150000) g;";
+
+/// Backup folders in the repository, each with whether it has its manifest.
+fn backup_folders(repo: &Path) -> Vec<(String, bool, usize)> {
+    let Ok(entries) = std::fs::read_dir(repo.join("basebackups")) else {
+        return vec![];
+    };
+    let mut out: Vec<(String, bool, usize)> = entries
+        .flatten()
+        .map(|e| {
+            let files = walk(&e.path());
+            let name = e.file_name().to_string_lossy().into_owned();
+            let complete = e.path().join("manifest.json").exists();
+            (name, complete, files)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    if e.path().is_dir() {
+                        walk(&e.path())
+                    } else {
+                        // A killed put's temporary file is not an object (no listing shows it).
+                        usize::from(!e.file_name().to_string_lossy().starts_with(".tmp-"))
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until a backup folder beyond the first `known` holds table parts, without a manifest.
+async fn wait_backup_midway(repo: &Path, known: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let folders = backup_folders(repo);
+        if folders.len() > known {
+            let (name, complete, files) = &folders[folders.len() - 1];
+            assert!(
+                !complete,
+                "{what}: backup {name} completed before it could be killed"
+            );
+            if *files >= 2 {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no backup started: {folders:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn note_instant(
+    src: &tokio_postgres::Client,
+    step: i32,
+    instants: &mut Vec<(String, ContentSnapshot)>,
+) {
+    workload_step(src, step).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    instants.push((server_now(src).await, snapshot_content(src).await));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn kill_9_during_base_backups_loses_nothing() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    src.batch_execute(BULK).await.unwrap();
+    workload_step(&src, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo_arg = repo.to_str().unwrap();
+
+    // The archiver killed during the repository's first base backup.
+    let archiver = Archiver::start(&cluster, "app", &repo, &[]);
+    wait_backup_midway(&repo, 0, "first base backup").await;
+    archiver.kill();
+
+    let mut instants = Vec::new();
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
+    archiver.wait_streaming(&src, "tidemark").await;
+    for step in 2..3 {
+        note_instant(&src, step, &mut instants).await;
+    }
+
+    // `tidemark backup` killed midway while the archiver runs.
+    let known = backup_folders(&repo).len();
+    let mut backup = Command::new(support::tidemark_bin())
+        .args([
+            "backup",
+            "--source",
+            &cluster.conninfo("app"),
+            "--repo",
+            repo_arg,
+        ])
+        .env("TIDEMARK_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_backup_midway(&repo, known, "tidemark backup").await;
+    backup.kill().unwrap();
+    let _ = backup.wait();
+    for step in 4..6 {
+        note_instant(&src, step, &mut instants).await;
+    }
+    let latest = snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    archiver.assert_running();
+    archiver.stop();
+
+    let folders = backup_folders(&repo);
+    assert_eq!(
+        folders.iter().filter(|f| !f.1).count(),
+        2,
+        "both killed backups leave an incomplete folder: {folders:?}"
+    );
+    let (code, out, err) = spine::tidemark(&["list", "--repo", repo_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    restore_each_instant(&cluster, repo_arg, &[], &instants, "after_backup_kills").await;
+    restore_latest_equals(&cluster, repo_arg, "after_backup_kills_latest", &latest).await;
+
+    // prune removes both leftovers; the archive still restores.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (code, out, err) = spine::tidemark(&[
+        "prune",
+        "--repo",
+        repo_arg,
+        "--incomplete-backups",
+        "--older-than",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let folders = backup_folders(&repo);
+    assert!(
+        folders.iter().all(|f| f.1 || f.2 == 0),
+        "prune must remove the killed backups' objects: {folders:?}\n{out}"
+    );
+    restore_latest_equals(&cluster, repo_arg, "after_prune_latest", &latest).await;
+}
