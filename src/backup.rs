@@ -177,10 +177,14 @@ pub use crate::sql::{qualified, quote_ident, quote_literal};
 /// Session settings for every connection that reads or writes COPY text, so the text means the
 /// same on both sides whatever the servers' and roles' defaults.
 /// `row_security = off` makes a COPY fail rather than silently skip rows hidden by a policy.
-const SESSION_SETTINGS: &str = "SET statement_timeout = 0; SET lock_timeout = 0; \
-     SET idle_in_transaction_session_timeout = 0; SET row_security = off; \
-     SET datestyle = 'ISO, YMD'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
-     SET timezone = 'UTC'; SET search_path = pg_catalog; SET lc_monetary = 'C'";
+fn session_settings() -> String {
+    crate::session::set_statements(&[
+        ("statement_timeout", "0"),
+        ("lock_timeout", "0"),
+        ("idle_in_transaction_session_timeout", "0"),
+        ("row_security", "off"),
+    ])
+}
 
 // ---------------------------------------------------------------------------------------------
 // Taking a backup
@@ -255,8 +259,9 @@ async fn open_in_snapshot(source: &ConnInfo, snapshot: &str) -> Result<Client, B
     let client = source.connect().await?;
     client
         .batch_execute(&format!(
-            "{SESSION_SETTINGS}; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
+            "{}; BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; \
              SET TRANSACTION SNAPSHOT {}",
+            session_settings(),
             quote_literal(snapshot)
         ))
         .await
@@ -1348,7 +1353,7 @@ fn verify(key: &str, data: &[u8], expected: u32) -> Result<(), BackupError> {
 async fn open_for_load(target: &ConnInfo) -> Result<Client, BackupError> {
     let client = target.connect().await?;
     client
-        .batch_execute(SESSION_SETTINGS)
+        .batch_execute(&session_settings())
         .await
         .map_err(pg("setting up a load connection"))?;
     Ok(client)

@@ -23,7 +23,8 @@
 //! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
-//!   checked variant by variant) and [`sql`] the one quoting of identifiers and literals.
+//!   checked variant by variant), [`sql`] the one quoting of identifiers and literals, and
+//!   [`session`] the one list of settings that decide how values read as text.
 
 pub mod archive;
 pub mod backup;
@@ -44,6 +45,7 @@ pub mod repo;
 pub mod restore;
 pub mod scratch;
 pub mod segment;
+pub mod session;
 pub mod setup;
 pub mod source;
 pub mod sql;

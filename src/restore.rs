@@ -741,11 +741,10 @@ impl<'a> Replayer<'a> {
         target: Target,
     ) -> Result<Replayer<'a>, RestoreError> {
         client
-            .batch_execute(
-                "SET synchronous_commit = off; SET extra_float_digits = 3; SET DateStyle = ISO;
-                 SET IntervalStyle = postgres; SET TimeZone = 'UTC'; SET bytea_output = hex;
-                 SET search_path = pg_catalog; SET lc_monetary = 'C';",
-            )
+            .batch_execute(&crate::session::set_statements(&[(
+                "synchronous_commit",
+                "off",
+            )]))
             .await
             .map_err(|source| RestoreError::TargetQuery {
                 what: "setting the replay session".into(),

@@ -14,20 +14,6 @@ use super::error::ReplicationError;
 use super::wire::{unexpected, Conn, Cursor, Socket};
 use crate::conninfo::ConnInfo;
 
-/// Session settings sent in the StartupMessage, so that pgoutput's text values are unambiguous
-/// and identical to what a restore session prints.
-pub(crate) const SESSION_SETTINGS: &[(&str, &str)] = &[
-    ("client_encoding", "UTF8"),
-    ("DateStyle", "ISO"),
-    ("IntervalStyle", "postgres"),
-    ("TimeZone", "UTC"),
-    ("extra_float_digits", "3"),
-    ("bytea_output", "hex"),
-    // Names in regclass, regtype, regproc… values are printed qualified, whatever the
-    // database's or role's search path; money in one fixed format.
-    ("search_path", "pg_catalog"),
-    ("lc_monetary", "C"),
-];
 
 /// Tries each host in order, each within the connect timeout; returns the first connection
 /// that reaches ReadyForQuery, or the last error.
@@ -100,7 +86,9 @@ async fn startup(conn: &mut Conn, info: &ConnInfo) -> Result<(), ReplicationErro
         ("replication", "database"),
         ("application_name", &app),
     ];
-    params.extend_from_slice(SESSION_SETTINGS);
+    // pgoutput's text values are printed with the settings a restore parses them with.
+    params.push(("client_encoding", "UTF8"));
+    params.extend_from_slice(crate::session::TEXT_SETTINGS);
     frontend::startup_message(params, &mut conn.wbuf).map_err(|e| conn.io_err(e))?;
     conn.flush().await?;
     authenticate(conn, info).await?;
