@@ -311,6 +311,23 @@ async fn md5_startup_queries_and_start_error_against_a_scripted_server() {
         )
         .await;
 
+        // The stream's receive timeout is derived from the server's.
+        let (tag, body) = read_frontend(&mut sock).await;
+        assert_eq!((tag, body), (b'Q', cstrs(&["SHOW wal_sender_timeout"])));
+        let mut row = 1i16.to_be_bytes().to_vec();
+        row.extend(2i32.to_be_bytes());
+        row.extend(b"4s");
+        write_all(
+            &mut sock,
+            &[
+                msg(b'T', &[0, 0]),
+                msg(b'D', &row),
+                msg(b'C', b"SHOW\0"),
+                msg(b'Z', b"I"),
+            ],
+        )
+        .await;
+
         let (tag, body) = read_frontend(&mut sock).await;
         assert_eq!(tag, b'Q');
         assert_eq!(

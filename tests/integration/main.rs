@@ -11,6 +11,7 @@ mod bad_input;
 mod commands;
 mod crash;
 mod ddl;
+mod deadconn;
 mod faults;
 mod harness_smoke;
 mod oracle;

@@ -26,6 +26,16 @@ impl Archiver {
         extra: &[&str],
         env: &[(&str, String)],
     ) -> Archiver {
+        Archiver::start_source(&cluster.conninfo(db), repo, extra, env)
+    }
+
+    /// Starts the archiver on any source connection string (e.g. through a proxy).
+    pub fn start_source(
+        source: &str,
+        repo: &str,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Archiver {
         let logs = std::env::temp_dir().join("tidemark-test-logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = logs.join(format!(
@@ -34,7 +44,7 @@ impl Archiver {
             rand_suffix()
         ));
         let child = Command::new(support::tidemark_bin())
-            .args(["archive", "--source", &cluster.conninfo(db), "--repo", repo])
+            .args(["archive", "--source", source, "--repo", repo])
             .args(["--heartbeat", "1s", "--status-interval", "1s"])
             .args(extra)
             .env("TIDEMARK_LOG", "info")
