@@ -402,3 +402,35 @@ async fn missing_password_and_unsupported_methods_fail_cleanly() {
         server.await.unwrap();
     }
 }
+
+/// `last_received` moves with every byte that arrives, a partial message included; a stream
+/// presumed dead fails with a retryable I/O error naming the bound.
+#[tokio::test]
+async fn last_received_follows_arriving_bytes_and_a_dead_stream_is_retryable() {
+    let (mut s, mut server) = stream();
+    let opened = s.last_received();
+    let wire = xlogdata(0x10, 0x20, b"payload");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    server.write_all(&wire[..7]).await.unwrap();
+    // Only part of a message: nothing to hand out, yet the server was heard.
+    assert!(tokio::time::timeout(Duration::from_millis(50), s.next())
+        .await
+        .is_err());
+    let partial = s.last_received();
+    assert!(partial > opened);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    server.write_all(&wire[7..]).await.unwrap();
+    assert!(matches!(
+        s.next().await.unwrap(),
+        Some(ReplicationMessage::XLogData { .. })
+    ));
+    assert!(s.last_received() > partial);
+
+    let err = s.presumed_dead(&ReceiveTimeout::derived(Some(Duration::from_secs(60))));
+    assert!(err.is_retryable());
+    assert_eq!(
+        err.to_string(),
+        "I/O error on replication connection to test: no message from the server for 40 s \
+         (wal_sender_timeout 60 s): the connection is presumed dead; reconnecting"
+    );
+}

@@ -134,3 +134,50 @@ async fn a_silently_dead_replication_connection_is_noticed_within_the_bound_and_
     restore_each_instant(&cluster, repo_s, &[], &instants, "restored").await;
     restore_latest_equals(&cluster, repo_s, "restored_latest", &last).await;
 }
+
+/// A quiet but live connection is never presumed dead. With no heartbeats, status updates
+/// every 30 s and a receive timeout of 1 s, the server has nothing to send within the bound on
+/// its own (it sends a keepalive after half its wal_sender_timeout, 2 s): only its answers to the
+/// archiver's reply requests (after 0.5 s of silence) keep the connection alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_live_connection_is_asked_for_replies_and_never_presumed_dead() {
+    let cluster = Cluster::start(ClusterOptions {
+        extra_conf: vec!["wal_sender_timeout = '4s'".into()],
+        ..ClusterOptions::default()
+    });
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    let repo_dir = tempfile::tempdir().unwrap();
+    let repo = repo_dir.path().join("repo");
+    let mut archiver = Archiver::start_source(
+        &cluster.conninfo("app"),
+        repo.to_str().unwrap(),
+        &[
+            "--heartbeat",
+            "0s",
+            "--status-interval",
+            "30s",
+            "--receive-timeout",
+            "1s",
+        ],
+        &[("TIDEMARK_LOG", "info,tidemark::archive=debug".into())],
+    );
+    archiver.wait_streaming(&src, "tidemark").await;
+    let pid = walsender_pid(&src).await.expect("archiver is streaming");
+    // Many bounds of quiet.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    archiver.assert_running();
+    let log = archiver.log_text();
+    assert!(!log.contains("presumed dead"), "{log}");
+    assert!(
+        log.matches("requesting a reply").count() >= 3,
+        "the archiver asks the quiet server for replies:\n{log}"
+    );
+    assert_eq!(
+        walsender_pid(&src).await,
+        Some(pid),
+        "the same connection throughout"
+    );
+    archiver.stop();
+}

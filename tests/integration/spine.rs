@@ -29,7 +29,8 @@ impl Archiver {
         Archiver::start_source(&cluster.conninfo(db), repo, extra, env)
     }
 
-    /// Starts the archiver on any source connection string (e.g. through a proxy).
+    /// Starts the archiver on any source connection string (e.g. through a proxy). Heartbeats
+    /// and status updates every second, unless `extra` has `--heartbeat` or `--status-interval`.
     pub fn start_source(
         source: &str,
         repo: &str,
@@ -45,7 +46,12 @@ impl Archiver {
         ));
         let child = Command::new(support::tidemark_bin())
             .args(["archive", "--source", source, "--repo", repo])
-            .args(["--heartbeat", "1s", "--status-interval", "1s"])
+            .args(
+                [["--heartbeat", "1s"], ["--status-interval", "1s"]]
+                    .into_iter()
+                    .filter(|[flag, _]| !extra.contains(flag))
+                    .flatten(),
+            )
             .args(extra)
             .env("TIDEMARK_LOG", "info")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
