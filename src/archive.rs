@@ -45,7 +45,9 @@ use crate::backup::{self, BackupRequest};
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgoutput::{self, Message};
-use crate::replication::{ReplicationClient, ReplicationMessage};
+use crate::replication::{
+    ReceiveTimeout, ReplicationClient, ReplicationMessage, SilenceWatch, Verdict,
+};
 use crate::repo::{self, Identity};
 use crate::segment::Record;
 use crate::source::{Source, SourceError};
@@ -69,6 +71,9 @@ pub struct ArchiveOptions {
     pub idle_interval: Duration,
     /// Send a standby status update at least this often.
     pub status_interval: Duration,
+    /// A server silent this long is presumed gone (the attempt fails and is retried); after
+    /// half of it a reply is requested. None: two thirds of the server's `wal_sender_timeout`.
+    pub receive_timeout: Option<Duration>,
     /// Commit a heartbeat (a transactional logical message) this often; None: never.
     pub heartbeat: Option<Duration>,
     /// Segments uploading at once.
@@ -90,6 +95,7 @@ impl Default for ArchiveOptions {
             segment_bytes: 8 << 20,
             idle_interval: Duration::from_secs(60),
             status_interval: Duration::from_secs(10),
+            receive_timeout: None,
             heartbeat: Some(Duration::from_secs(10)),
             upload_concurrency: 4,
             backup_parallel: 2,
@@ -638,6 +644,16 @@ async fn pipeline(
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lag_tick = tokio::time::interval(LAG_REPORT_INTERVAL);
     lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A server silent too long is presumed gone (a partition without a reset): see
+    // `replication::liveness`. The timer is moved on lazily, when it fires.
+    let receive_timeout = match opts.receive_timeout {
+        Some(bound) => ReceiveTimeout::explicit(bound),
+        None => ReceiveTimeout::derived(stream.wal_sender_timeout()),
+    };
+    debug!(bound = ?receive_timeout.bound, from = %receive_timeout, "receive timeout");
+    let mut silence = SilenceWatch::new(receive_timeout, Instant::now());
+    let silence_timer = tokio::time::sleep_until(silence.next_check().into());
+    tokio::pin!(silence_timer);
     let mut acked = start;
     let mut received = start;
     let mut acked_at = Instant::now();
@@ -691,9 +707,31 @@ async fn pipeline(
                     );
                 }
             }
+            () = &mut silence_timer, if pending.is_none() => {
+                silence.heard(stream.last_received());
+                match silence.check(Instant::now()) {
+                    Verdict::Dead => {
+                        result = Err(stream.presumed_dead(&receive_timeout).into());
+                        break;
+                    }
+                    Verdict::RequestReply(_) => {
+                        debug!(silent_for = ?receive_timeout.reply_after(), "no message from the server for a while: requesting a reply");
+                        if let Err(e) = stream.send_status(received.max(acked), acked, acked, true).await {
+                            result = Err(e.into());
+                            break;
+                        }
+                    }
+                    Verdict::WaitUntil(_) => {}
+                }
+                silence_timer.as_mut().reset(silence.next_check().into());
+            }
             permit = event_tx.reserve(), if pending.is_some() => {
                 match permit {
-                    Ok(p) => p.send(pending.take().expect("pending event")),
+                    Ok(p) => {
+                        p.send(pending.take().expect("pending event"));
+                        // Reading resumes: what the server sent meanwhile may be unread.
+                        silence.heard(Instant::now());
+                    }
                     Err(_) => break,
                 }
             }

@@ -5,7 +5,9 @@
 //! what it omits from the `PG*` environment variables and `~/.pgpass`, as libpq does. Hands out a
 //! [`tokio_postgres::Config`] for ordinary connections, the same parameters for the replication
 //! client, and a libpq string plus environment for child processes (`pg_dump`, `pg_restore`), so
-//! that a password never appears on a command line.
+//! that a password never appears on a command line. Sets short TCP keepalives and a TCP user
+//! timeout on every connection unless the string names its own ([`KEEPALIVES_IDLE`]), reading
+//! `keepalives_count` and `tcp_user_timeout` as libpq does.
 //!
 //! Does not own: TLS (connections are plaintext; `sslmode=require` and stricter are refused with a
 //! clear error until TLS lands) or opening replication connections (see `replication`).
@@ -61,6 +63,8 @@ impl ConnInfo {
         s: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ConnInfo, ConnInfoError> {
+        let (stripped, tcp) = take_tcp_params(s)?;
+        let s = stripped.as_str();
         // sslmode is read here, not by the client library: it knows neither `allow` nor the
         // `verify-*` modes, and would answer only "invalid connection string".
         let sslmode = find_param(s, "sslmode");
@@ -135,6 +139,7 @@ impl ConnInfo {
                 };
             }
         }
+        tcp.apply(&mut config, s);
         // Connections are plaintext; "prefer" then means "disable", as with a libpq built without SSL.
         config.ssl_mode(SslMode::Disable);
         let mut info = ConnInfo { config };
@@ -222,6 +227,43 @@ impl ConnInfo {
         }
     }
 
+    /// TCP keepalive settings for a socket to the server, `None` with `keepalives=0` (see
+    /// [`KEEPALIVES_IDLE`] for the defaults).
+    pub fn tcp_keepalive(&self) -> Option<socket2::TcpKeepalive> {
+        if !self.config.get_keepalives() {
+            return None;
+        }
+        let keepalive = socket2::TcpKeepalive::new().with_time(self.config.get_keepalives_idle());
+        #[cfg(not(any(
+            target_os = "aix",
+            target_os = "redox",
+            target_os = "solaris",
+            target_os = "openbsd"
+        )))]
+        let keepalive = match self.config.get_keepalives_interval() {
+            Some(interval) => keepalive.with_interval(interval),
+            None => keepalive,
+        };
+        #[cfg(not(any(
+            target_os = "aix",
+            target_os = "redox",
+            target_os = "solaris",
+            target_os = "windows",
+            target_os = "openbsd"
+        )))]
+        let keepalive = match self.config.get_keepalives_retries() {
+            Some(retries) => keepalive.with_retries(retries),
+            None => keepalive,
+        };
+        Some(keepalive)
+    }
+
+    /// How long sent data may stay unacknowledged before the connection is dropped (Linux's
+    /// `TCP_USER_TIMEOUT`; see [`TCP_USER_TIMEOUT`]); `None`: the system's default.
+    pub fn tcp_user_timeout(&self) -> Option<Duration> {
+        self.config.get_tcp_user_timeout().copied()
+    }
+
     /// Returns a copy pointing at another database on the same server.
     pub fn with_dbname(&self, db: &str) -> ConnInfo {
         let mut c = self.clone();
@@ -273,6 +315,116 @@ impl ConnInfo {
     }
 }
 
+/// Idle time before the first TCP keepalive probe, unless the connection string says
+/// `keepalives_idle`. With [`KEEPALIVES_INTERVAL`] and [`KEEPALIVES_COUNT`], an idle connection
+/// to a server that vanished without a reset (a partition, a host gone) fails within about 25 s,
+/// not the system's default of over two hours. libpq's `keepalives=0` turns probes off.
+pub const KEEPALIVES_IDLE: Duration = Duration::from_secs(10);
+/// Time between unanswered keepalive probes, unless the string says `keepalives_interval`.
+pub const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(5);
+/// Unanswered probes before the connection is dropped, unless the string says
+/// `keepalives_count` (libpq's name; tokio-postgres's `keepalives_retries` is accepted too).
+pub const KEEPALIVES_COUNT: u32 = 3;
+/// How long sent data may stay unacknowledged before the connection is dropped (Linux), unless
+/// the string says `tcp_user_timeout` (in milliseconds, as libpq reads it; 0: the system's
+/// default, about 15 minutes). Keepalives cover an idle connection; this one, a connection
+/// with data in flight.
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The TCP parameters of a connection string that tokio-postgres does not read as libpq does,
+/// taken out of the string: `keepalives_count` (unknown to it) and `tcp_user_timeout` (read in
+/// seconds, where libpq's unit is the millisecond). Outer `None`: not in the string; inner
+/// `None`: 0, the system's default.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TcpParams {
+    keepalives_count: Option<Option<u32>>,
+    tcp_user_timeout: Option<Option<Duration>>,
+}
+
+impl TcpParams {
+    /// Sets the named values, and tidemark's defaults for what `s` (the string tokio-postgres
+    /// parsed into `config`) does not name.
+    fn apply(&self, config: &mut tokio_postgres::Config, s: &str) {
+        if find_param(s, "keepalives_idle").is_none() {
+            config.keepalives_idle(KEEPALIVES_IDLE);
+        }
+        if find_param(s, "keepalives_interval").is_none() {
+            config.keepalives_interval(KEEPALIVES_INTERVAL);
+        }
+        match self.keepalives_count {
+            Some(Some(n)) => {
+                config.keepalives_retries(n);
+            }
+            Some(None) => {}
+            None if find_param(s, "keepalives_retries").is_none() => {
+                config.keepalives_retries(KEEPALIVES_COUNT);
+            }
+            None => {}
+        }
+        match self.tcp_user_timeout {
+            Some(Some(t)) => {
+                config.tcp_user_timeout(t);
+            }
+            Some(None) => {}
+            None => {
+                config.tcp_user_timeout(TCP_USER_TIMEOUT);
+            }
+        }
+    }
+}
+
+/// Takes `keepalives_count` and `tcp_user_timeout` (every occurrence; the last one's value
+/// counts, as with libpq) out of `s`; see [`TcpParams`].
+fn take_tcp_params(s: &str) -> Result<(String, TcpParams), ConnInfoError> {
+    let (s, count) = take_param(s, "keepalives_count");
+    let (s, user_timeout) = take_param(&s, "tcp_user_timeout");
+    let number = |key: &str, v: &str, unit: &str| {
+        v.trim().parse::<u32>().map_err(|_| {
+            ConnInfoError::Parse(format!(
+                "invalid value for parameter `{key}`: {v:?} is not a whole number{unit}"
+            ))
+        })
+    };
+    let params = TcpParams {
+        keepalives_count: count
+            .map(|v| number("keepalives_count", &v, "").map(|n| (n > 0).then_some(n)))
+            .transpose()?,
+        tcp_user_timeout: user_timeout
+            .map(|v| {
+                number("tcp_user_timeout", &v, " of milliseconds")
+                    .map(|ms| (ms > 0).then(|| Duration::from_millis(ms.into())))
+            })
+            .transpose()?,
+    };
+    Ok((s, params))
+}
+
+/// Removes every `key=value` of `key` from a connection string; returns the string and the
+/// last value.
+fn take_param(s: &str, key: &str) -> (String, Option<String>) {
+    let uri = {
+        let t = s.trim_start();
+        t.starts_with("postgres://") || t.starts_with("postgresql://")
+    };
+    let mut s = s.to_string();
+    let mut last = None;
+    while let Some(p) = find_param(&s, key) {
+        // find_param finds the last occurrence: the first one taken is the one that counts.
+        last.get_or_insert(p.value);
+        let (mut from, mut to) = p.pair;
+        if uri {
+            // Keep the query well formed: take one `&` with the pair.
+            if s[to..].starts_with('&') {
+                to += 1;
+            } else if s[..from].ends_with('&') {
+                from -= 1;
+            }
+        }
+        s.replace_range(from..to, "");
+    }
+    (s, last)
+}
+
 fn add_host(config: &mut tokio_postgres::Config, h: &str) {
     if h.starts_with('/') {
         config.host_path(h);
@@ -292,11 +444,13 @@ fn passfile_private(_: &std::fs::Metadata) -> bool {
     true
 }
 
-/// A parameter of a connection string: its value, and where the value's text is in the string.
+/// A parameter of a connection string: its value, where the value's text is in the string, and
+/// where the whole `key=value` is.
 #[derive(Debug, PartialEq, Eq)]
 struct Param {
     value: String,
     span: (usize, usize),
+    pair: (usize, usize),
 }
 
 /// The last `key` in a connection string, URI (`postgresql://…?sslmode=require`) or key=value
@@ -314,6 +468,7 @@ fn find_param(s: &str, key: &str) -> Option<Param> {
                     found = Some(Param {
                         value: percent_decode(v),
                         span: (start, start + v.len()),
+                        pair: (at, at + pair.len()),
                     });
                 }
             }
@@ -372,6 +527,7 @@ fn find_param(s: &str, key: &str) -> Option<Param> {
             found = Some(Param {
                 value,
                 span: (v0, i),
+                pair: (k0, i),
             });
         }
     }
@@ -553,9 +709,63 @@ mod tests {
             find_param("host=x  sslmode='a\\'b'", "sslmode"),
             Some(Param {
                 value: "a'b".into(),
-                span: (16, 22)
+                span: (16, 22),
+                pair: (8, 22)
             })
         );
+    }
+
+    #[test]
+    fn tcp_keepalives_and_user_timeout_default_short_and_honour_libpq_parameters() {
+        let e = env(&[]);
+        let c = ConnInfo::parse_with_env("host=x", &e).unwrap();
+        let cfg = c.config();
+        assert!(cfg.get_keepalives());
+        assert_eq!(cfg.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(cfg.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(cfg.get_keepalives_retries(), Some(KEEPALIVES_COUNT));
+        assert_eq!(c.tcp_user_timeout(), Some(TCP_USER_TIMEOUT));
+        assert!(c.tcp_keepalive().is_some());
+
+        // libpq's names and units: keepalives_count, tcp_user_timeout in milliseconds.
+        for s in [
+            "host=x keepalives_idle=60 keepalives_interval=7 keepalives_count=9 tcp_user_timeout=2500",
+            "host=x keepalives_count=1 keepalives_idle=60 keepalives_count=9 keepalives_interval=7 tcp_user_timeout = '2500'",
+            "postgresql://u@x/db?keepalives_count=9&keepalives_idle=60&keepalives_interval=7&tcp_user_timeout=2500",
+            "postgresql://u@x/db?keepalives_idle=60&keepalives_interval=7&tcp_user_timeout=2500&keepalives_count=9",
+            "postgresql://u@x/db?keepalives_idle=60&keepalives_interval=7&keepalives_retries=9&tcp_user_timeout=2500",
+        ] {
+            let c = ConnInfo::parse_with_env(s, &e).unwrap_or_else(|err| panic!("{s}: {err}"));
+            let cfg = c.config();
+            assert_eq!(cfg.get_keepalives_idle(), Duration::from_secs(60), "{s}");
+            assert_eq!(cfg.get_keepalives_interval(), Some(Duration::from_secs(7)), "{s}");
+            assert_eq!(cfg.get_keepalives_retries(), Some(9), "{s}");
+            assert_eq!(c.tcp_user_timeout(), Some(Duration::from_millis(2500)), "{s}");
+            assert_eq!(c.host_string(), "x", "{s}");
+        }
+        // 0: the system's default; keepalives=0: no probes.
+        let c = ConnInfo::parse_with_env(
+            "host=x keepalives=0 keepalives_count=0 tcp_user_timeout=0",
+            &e,
+        )
+        .unwrap();
+        assert!(c.tcp_keepalive().is_none());
+        assert_eq!(c.config().get_keepalives_retries(), None);
+        assert_eq!(c.tcp_user_timeout(), None);
+        // The rest of a URI's query survives the parameters taken out of it.
+        let c = ConnInfo::parse_with_env(
+            "postgresql://u@x/db?tcp_user_timeout=100&application_name=a&keepalives_count=2",
+            &e,
+        )
+        .unwrap();
+        assert_eq!(c.config().get_application_name(), Some("a"));
+        for (s, key) in [
+            ("host=x keepalives_count=many", "`keepalives_count`"),
+            ("host=x tcp_user_timeout=1.5", "`tcp_user_timeout`"),
+        ] {
+            let err = ConnInfo::parse_with_env(s, &e).expect_err(s).to_string();
+            assert!(err.contains(key), "{s}: {err}");
+        }
     }
 
     #[test]

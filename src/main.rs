@@ -133,6 +133,11 @@ struct ArchiveArgs {
     /// Send a standby status update at least this often.
     #[arg(long, env = "TIDEMARK_STATUS_INTERVAL", default_value = "10s", value_parser = tidemark::exit::parse_positive_duration)]
     status_interval: Duration,
+    /// Presume the replication connection dead when the server sent nothing for this long
+    /// (a reply is requested after half of it), and reconnect. Default: two thirds of the
+    /// server's wal_sender_timeout (40s of its default 60s; 40s when it is 0).
+    #[arg(long, env = "TIDEMARK_RECEIVE_TIMEOUT", value_parser = tidemark::exit::parse_positive_duration)]
+    receive_timeout: Option<Duration>,
     /// Connections used by base backups.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
@@ -307,6 +312,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 segment_bytes: a.segment_bytes,
                 heartbeat: (!a.heartbeat.is_zero()).then_some(a.heartbeat),
                 status_interval: a.status_interval,
+                receive_timeout: a.receive_timeout,
                 backup_parallel: a.parallel.max(1),
                 ..archive_options(&a.slot)
             };

@@ -3,7 +3,9 @@
 //!
 //! Owns: connecting and authenticating (trust, cleartext, md5, SCRAM-SHA-256; plaintext only),
 //! the simple-query state of a replication connection, framing of backend messages, and the
-//! replication sub-protocol (XLogData, primary keepalive, standby status update). Hands out the
+//! replication sub-protocol (XLogData, primary keepalive, standby status update), TCP keepalives
+//! on its socket, and the rule that presumes a silent server gone (`liveness`: the caller sends
+//! the reply request it calls for, per the invariant below). Hands out the
 //! raw payload of every XLogData, zero-copy, for `pgoutput` to decode and `segment` to store.
 //!
 //! Does not own: decoding pgoutput, deciding what is durable, or when to acknowledge.
@@ -25,15 +27,18 @@
 //! because its backend parser does not know CopyBothResponse ('W').
 
 mod error;
+mod liveness;
 mod startup;
 mod wire;
 
 use std::fmt;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use postgres_protocol::message::frontend;
 
 pub use self::error::ReplicationError;
+pub use self::liveness::{ReceiveTimeout, SilenceWatch, Verdict};
 use self::wire::{parse_copy_data, unexpected, write_status_update, Conn, Cursor};
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
@@ -305,16 +310,41 @@ impl ReplicationClient {
         .map(drop)
     }
 
+    /// The server's `wal_sender_timeout` (`SHOW wal_sender_timeout`); `None` when it is 0
+    /// (disabled).
+    pub async fn wal_sender_timeout(&mut self) -> Result<Option<Duration>, ReplicationError> {
+        let row = self.one_row("SHOW wal_sender_timeout", 1).await?;
+        let text = row[0].as_deref().unwrap_or("");
+        let timeout =
+            liveness::parse_setting_duration(text, Duration::from_millis(1)).ok_or_else(|| {
+                ReplicationError::protocol(format!(
+                    "SHOW wal_sender_timeout: cannot read {text:?} as a duration"
+                ))
+            })?;
+        Ok(Some(timeout).filter(|t| !t.is_zero()))
+    }
+
     /// START_REPLICATION of a logical slot from `start` (`Lsn::ZERO`: from the slot's
     /// `confirmed_flush_lsn`), with output plugin options such as `("proto_version", "2")`,
     /// `("publication_names", "\"pub\"")`, `("messages", "true")`. Names and values are quoted
     /// here. Returns once the server has entered CopyBoth mode.
+    ///
+    /// First reads the server's `wal_sender_timeout` ([`ReplicationStream::wal_sender_timeout`]),
+    /// from which a caller bounds the server's silence ([`ReceiveTimeout::derived`]).
     pub async fn start_replication(
         mut self,
         slot: &str,
         start: Lsn,
         options: &[(&str, &str)],
     ) -> Result<ReplicationStream, ReplicationError> {
+        let wal_sender_timeout = match self.wal_sender_timeout().await {
+            Ok(t) => t,
+            Err(e @ ReplicationError::Io { .. }) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the server's wal_sender_timeout; the receive timeout takes its default");
+                None
+            }
+        };
         let mut sql = format!(
             "START_REPLICATION SLOT {} LOGICAL {start}",
             quote_ident(slot)
@@ -341,6 +371,7 @@ impl ReplicationClient {
         Ok(ReplicationStream {
             conn: self.conn,
             state: StreamState::Copying,
+            wal_sender_timeout,
         })
     }
 
@@ -366,6 +397,7 @@ enum StreamState {
 pub struct ReplicationStream {
     conn: Conn,
     state: StreamState,
+    wal_sender_timeout: Option<Duration>,
 }
 
 impl fmt::Debug for ReplicationStream {
@@ -378,6 +410,26 @@ impl fmt::Debug for ReplicationStream {
 }
 
 impl ReplicationStream {
+    /// The server's `wal_sender_timeout` as read when the stream started; `None`: disabled, or
+    /// it could not be read.
+    pub fn wal_sender_timeout(&self) -> Option<Duration> {
+        self.wal_sender_timeout
+    }
+
+    /// When bytes last arrived from the server (a whole message or part of one).
+    pub fn last_received(&self) -> Instant {
+        self.conn.last_read
+    }
+
+    /// The error that ends a stream whose server stayed silent for `timeout`'s bound: an I/O
+    /// error (retryable: reconnecting may succeed) naming the bound.
+    pub fn presumed_dead(&self, timeout: &ReceiveTimeout) -> ReplicationError {
+        ReplicationError::io(
+            &self.conn.target,
+            std::io::Error::new(std::io::ErrorKind::TimedOut, timeout.dead_message()),
+        )
+    }
+
     /// Next message; `Ok(None)` once the server ended the copy (CopyDone / CommandComplete).
     ///
     /// Cancel-safe: partial reads stay buffered, so it can be used in `tokio::select!`.
@@ -495,6 +547,7 @@ impl ReplicationStream {
         ReplicationStream {
             conn: Conn::new(sock, "test".into()),
             state: StreamState::Copying,
+            wal_sender_timeout: None,
         }
     }
 }

@@ -25,7 +25,7 @@ pub(crate) async fn connect(info: &ConnInfo) -> Result<Conn, ReplicationError> {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let target = target_name(info, host, port);
         let attempt = async {
-            let sock = open_socket(host, port)
+            let sock = open_socket(host, port, info)
                 .await
                 .map_err(|e| ReplicationError::io(&target, e))?;
             let mut conn = Conn::new(sock, target.clone());
@@ -59,19 +59,37 @@ fn target_name(info: &ConnInfo, host: &Host, port: u16) -> String {
     format!("{}@{}:{}/{}", info.user(), host, port, info.dbname())
 }
 
-async fn open_socket(host: &Host, port: u16) -> io::Result<Box<dyn Socket>> {
+async fn open_socket(host: &Host, port: u16, info: &ConnInfo) -> io::Result<Box<dyn Socket>> {
     match host {
-        Host::Tcp(h) => {
-            let s = TcpStream::connect((h.as_str(), port)).await?;
-            s.set_nodelay(true)?;
-            Ok(Box::new(s))
-        }
+        Host::Tcp(h) => Ok(Box::new(connect_tcp(h, port, info).await?)),
         #[cfg(unix)]
         Host::Unix(dir) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
             Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
         }
     }
+}
+
+async fn connect_tcp(host: &str, port: u16, info: &ConnInfo) -> io::Result<TcpStream> {
+    let s = TcpStream::connect((host, port)).await?;
+    s.set_nodelay(true)?;
+    tune_tcp(&s, info)?;
+    Ok(s)
+}
+
+/// TCP keepalives and the user timeout of the connection string (or tidemark's defaults, see
+/// `conninfo`), so that a server that vanished without a reset fails the socket in seconds,
+/// not after TCP's quarter of an hour of retransmissions.
+fn tune_tcp(s: &TcpStream, info: &ConnInfo) -> io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    if let Some(keepalive) = info.tcp_keepalive() {
+        sock.set_tcp_keepalive(&keepalive)?;
+    }
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    if let Some(timeout) = info.tcp_user_timeout() {
+        sock.set_tcp_user_timeout(Some(timeout))?;
+    }
+    Ok(())
 }
 
 async fn startup(conn: &mut Conn, info: &ConnInfo) -> Result<(), ReplicationError> {
@@ -206,4 +224,45 @@ async fn scram(conn: &mut Conn, info: &ConnInfo, body: &[u8]) -> Result<(), Repl
         )));
     }
     scram.finish(&data).map_err(auth_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The socket options land on the socket: defaults, and the connection string's values.
+    #[tokio::test]
+    async fn replication_sockets_get_keepalives_and_the_user_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let none = |_: &str| None;
+        for (s, idle, interval, count, user_timeout) in [
+            ("host=127.0.0.1", 10, 5, 3, Some(30_000)),
+            (
+                "host=127.0.0.1 keepalives_idle=20 keepalives_interval=2 keepalives_count=4 tcp_user_timeout=1500",
+                20,
+                2,
+                4,
+                Some(1500),
+            ),
+        ] {
+            let info = ConnInfo::parse_with_env(s, &none).unwrap();
+            let s = connect_tcp("127.0.0.1", port, &info).await.unwrap();
+            let r = socket2::SockRef::from(&s);
+            assert!(r.keepalive().unwrap());
+            assert_eq!(r.tcp_keepalive_time().unwrap(), Duration::from_secs(idle));
+            assert_eq!(
+                r.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(interval)
+            );
+            assert_eq!(r.tcp_keepalive_retries().unwrap(), count);
+            assert_eq!(
+                r.tcp_user_timeout().unwrap(),
+                user_timeout.map(Duration::from_millis)
+            );
+        }
+        let info = ConnInfo::parse_with_env("host=127.0.0.1 keepalives=0", &none).unwrap();
+        let s = connect_tcp("127.0.0.1", port, &info).await.unwrap();
+        assert!(!socket2::SockRef::from(&s).keepalive().unwrap());
+    }
 }

@@ -311,6 +311,23 @@ async fn md5_startup_queries_and_start_error_against_a_scripted_server() {
         )
         .await;
 
+        // The stream's receive timeout is derived from the server's.
+        let (tag, body) = read_frontend(&mut sock).await;
+        assert_eq!((tag, body), (b'Q', cstrs(&["SHOW wal_sender_timeout"])));
+        let mut row = 1i16.to_be_bytes().to_vec();
+        row.extend(2i32.to_be_bytes());
+        row.extend(b"4s");
+        write_all(
+            &mut sock,
+            &[
+                msg(b'T', &[0, 0]),
+                msg(b'D', &row),
+                msg(b'C', b"SHOW\0"),
+                msg(b'Z', b"I"),
+            ],
+        )
+        .await;
+
         let (tag, body) = read_frontend(&mut sock).await;
         assert_eq!(tag, b'Q');
         assert_eq!(
@@ -384,4 +401,36 @@ async fn missing_password_and_unsupported_methods_fail_cleanly() {
         assert!(!err.is_retryable());
         server.await.unwrap();
     }
+}
+
+/// `last_received` moves with every byte that arrives, a partial message included; a stream
+/// presumed dead fails with a retryable I/O error naming the bound.
+#[tokio::test]
+async fn last_received_follows_arriving_bytes_and_a_dead_stream_is_retryable() {
+    let (mut s, mut server) = stream();
+    let opened = s.last_received();
+    let wire = xlogdata(0x10, 0x20, b"payload");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    server.write_all(&wire[..7]).await.unwrap();
+    // Only part of a message: nothing to hand out, yet the server was heard.
+    assert!(tokio::time::timeout(Duration::from_millis(50), s.next())
+        .await
+        .is_err());
+    let partial = s.last_received();
+    assert!(partial > opened);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    server.write_all(&wire[7..]).await.unwrap();
+    assert!(matches!(
+        s.next().await.unwrap(),
+        Some(ReplicationMessage::XLogData { .. })
+    ));
+    assert!(s.last_received() > partial);
+
+    let err = s.presumed_dead(&ReceiveTimeout::derived(Some(Duration::from_secs(60))));
+    assert!(err.is_retryable());
+    assert_eq!(
+        err.to_string(),
+        "I/O error on replication connection to test: no message from the server for 40 s \
+         (wal_sender_timeout 60 s): the connection is presumed dead; reconnecting"
+    );
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use postgres_protocol::message::frontend;
@@ -194,6 +195,8 @@ pub(crate) struct Conn {
     pub target: String,
     /// ParameterStatus values reported by the server.
     pub params: HashMap<String, String>,
+    /// When bytes last arrived from the server (or the connection opened).
+    pub last_read: Instant,
 }
 
 impl Conn {
@@ -204,6 +207,7 @@ impl Conn {
             wbuf: BytesMut::with_capacity(1024),
             target,
             params: HashMap::new(),
+            last_read: Instant::now(),
         }
     }
 
@@ -232,6 +236,7 @@ impl Conn {
                     "server closed the connection",
                 )));
             }
+            self.last_read = Instant::now();
         }
     }
 

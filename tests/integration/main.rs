@@ -12,6 +12,7 @@ mod commands;
 mod crash;
 mod damage;
 mod ddl;
+mod deadconn;
 mod fault_matrix;
 mod faults;
 mod harness_smoke;

@@ -26,6 +26,17 @@ impl Archiver {
         extra: &[&str],
         env: &[(&str, String)],
     ) -> Archiver {
+        Archiver::start_source(&cluster.conninfo(db), repo, extra, env)
+    }
+
+    /// Starts the archiver on any source connection string (e.g. through a proxy). Heartbeats
+    /// and status updates every second, unless `extra` has `--heartbeat` or `--status-interval`.
+    pub fn start_source(
+        source: &str,
+        repo: &str,
+        extra: &[&str],
+        env: &[(&str, String)],
+    ) -> Archiver {
         let logs = std::env::temp_dir().join("tidemark-test-logs");
         std::fs::create_dir_all(&logs).unwrap();
         let log = logs.join(format!(
@@ -34,8 +45,13 @@ impl Archiver {
             rand_suffix()
         ));
         let child = Command::new(support::tidemark_bin())
-            .args(["archive", "--source", &cluster.conninfo(db), "--repo", repo])
-            .args(["--heartbeat", "1s", "--status-interval", "1s"])
+            .args(["archive", "--source", source, "--repo", repo])
+            .args(
+                [["--heartbeat", "1s"], ["--status-interval", "1s"]]
+                    .into_iter()
+                    .filter(|[flag, _]| !extra.contains(flag))
+                    .flatten(),
+            )
             .args(extra)
             .env("TIDEMARK_LOG", "info")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))

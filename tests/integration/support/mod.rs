@@ -18,6 +18,7 @@ mod os;
 pub mod proxy;
 pub mod s3;
 mod schema;
+pub mod tcp_proxy;
 
 use std::path::PathBuf;
 use std::process::Command;
