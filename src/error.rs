@@ -86,6 +86,53 @@ pub fn render(e: &anyhow::Error) -> String {
     out
 }
 
+/// An error as data, for `--json`: the message and its causes without their hints, the hints
+/// apart (each `HINT: …` line of any of them), and the exit code.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Report {
+    pub error: String,
+    pub causes: Vec<String>,
+    pub hints: Vec<String>,
+    pub exit_code: i32,
+}
+
+impl Report {
+    pub fn of(e: &anyhow::Error) -> Report {
+        let mut hints = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        for cause in e.chain() {
+            let (text, mut h) = split_hints(&cause.to_string());
+            for hint in h.drain(..) {
+                if !hints.contains(&hint) {
+                    hints.push(hint);
+                }
+            }
+            if !texts.iter().any(|t| t.contains(&text)) {
+                texts.push(text);
+            }
+        }
+        Report {
+            error: texts.remove(0),
+            causes: texts,
+            hints,
+            exit_code: exit_code(e),
+        }
+    }
+}
+
+/// A message without its `HINT: …` lines, and those hints (without the prefix).
+pub fn split_hints(message: &str) -> (String, Vec<String>) {
+    let mut text = Vec::new();
+    let mut hints = Vec::new();
+    for line in message.lines() {
+        match line.trim_start().strip_prefix("HINT:") {
+            Some(h) => hints.push(h.trim().to_string()),
+            None => text.push(line),
+        }
+    }
+    (text.join("\n"), hints)
+}
+
 /// An error and its causes on one line, `a: b: c`, each cause once.
 pub fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -125,6 +172,27 @@ mod tests {
         assert_eq!(
             describe_pg(&e),
             "invalid connection string: invalid value for option `port`"
+        );
+    }
+
+    #[test]
+    fn a_report_keeps_hints_apart_from_the_message() {
+        let e = anyhow::Error::new(crate::source::SourceError::WalLevel("replica".into()))
+            .context("checking the source");
+        let r = Report::of(&e);
+        assert_eq!(r.error, "checking the source");
+        assert_eq!(
+            r.causes,
+            ["the source server has wal_level=replica, but logical decoding needs wal_level=logical"]
+        );
+        assert_eq!(
+            r.hints,
+            ["run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL"]
+        );
+        assert_eq!(r.exit_code, 3);
+        assert_eq!(
+            split_hints("a\nHINT: b\nc"),
+            ("a\nc".into(), vec!["b".into()])
         );
     }
 

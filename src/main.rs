@@ -249,11 +249,24 @@ fn main() -> ExitCode {
             .build(),
     }
     .expect("tokio runtime");
+    // With --json, a failure is one JSON object on stderr (message, causes, hints, exit code).
+    let json = matches!(
+        &cli.command,
+        Command::List(ListArgs { json: true, .. }) | Command::Prune(PruneArgs { json: true, .. })
+    );
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code(&e);
-            eprintln!("error: {}", tidemark::exit::render(&e));
+            if json {
+                let report = tidemark::error::Report::of(&e);
+                eprintln!(
+                    "{}",
+                    serde_json::to_string(&report).expect("a report serializes")
+                );
+            } else {
+                eprintln!("error: {}", tidemark::exit::render(&e));
+            }
             ExitCode::from(code as u8)
         }
     }

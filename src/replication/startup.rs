@@ -14,7 +14,6 @@ use super::error::ReplicationError;
 use super::wire::{unexpected, Conn, Cursor, Socket};
 use crate::conninfo::ConnInfo;
 
-
 /// Tries each host in order, each within the connect timeout; returns the first connection
 /// that reaches ReadyForQuery, or the last error.
 pub(crate) async fn connect(info: &ConnInfo) -> Result<Conn, ReplicationError> {

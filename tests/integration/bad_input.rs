@@ -959,3 +959,24 @@ async fn restore_into_a_missing_database_exits_3_with_the_servers_reason() {
         result.2
     );
 }
+
+#[test]
+fn with_json_a_failure_is_one_json_object_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("archive.json"), "{ not json").unwrap();
+    let (code, out, err) =
+        tidemark_refusing(&["list", "--repo", dir.path().to_str().unwrap(), "--json"]);
+    assert_eq!(code, 4, "{out}{err}");
+    let last = err.lines().last().unwrap_or_default();
+    let report: serde_json::Value = serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("stderr's last line is not JSON ({e}): {err}"));
+    assert_eq!(report["exit_code"], 4, "{report}");
+    assert!(
+        report["error"].as_str().unwrap().contains("archive.json"),
+        "{report}"
+    );
+    assert!(
+        report["hints"].is_array() && report["causes"].is_array(),
+        "{report}"
+    );
+}

@@ -71,7 +71,7 @@ async fn identify_system_reports_the_cluster() {
     for (setting, want) in [
         ("bytea_output", "hex"),
         ("TimeZone", "UTC"),
-        ("DateStyle", "ISO, MDY"),
+        ("DateStyle", "ISO, YMD"),
         ("IntervalStyle", "postgres"),
         ("extra_float_digits", "3"),
         ("client_encoding", "UTF8"),
