@@ -138,6 +138,9 @@ struct ArchiveArgs {
     /// archiver stopped by an unexplained schema change stays up (metrics show it) until signalled.
     #[arg(long, env = "TIDEMARK_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// How long the repository's writer lease lasts without renewal (for tests).
+    #[arg(long, env = "TIDEMARK_LEASE_TTL", default_value = "60s", value_parser = tidemark::exit::parse_positive_duration, hide = true)]
+    lease_ttl: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -287,6 +290,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 heartbeat: (!a.heartbeat.is_zero()).then_some(a.heartbeat),
                 status_interval: a.status_interval,
                 backup_parallel: a.parallel.max(1),
+                lease_ttl: a.lease_ttl,
                 ..archive_options(&a.slot)
             };
             if let Some(addr) = a.metrics_address {

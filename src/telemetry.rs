@@ -18,6 +18,7 @@
 //! | `tidemark_restarts_total` | counter | in-process restarts after a transient failure |
 //! | `tidemark_schema_unexplained_changes_total` | counter | column changes no captured DDL explains (archiving stops) |
 //! | `tidemark_segment_chain_holes` | gauge | holes (archived, acknowledged, then missing segments) in the chain being extended, as found at the last resume |
+//! | `tidemark_writer_lease_held` | gauge | 1 while this archiver holds the repository's writer lease, 0 otherwise |
 
 use std::net::SocketAddr;
 
@@ -36,6 +37,7 @@ pub const TRANSACTIONS: &str = "tidemark_transactions_total";
 pub const RESTARTS: &str = "tidemark_restarts_total";
 pub const SCHEMA_UNEXPLAINED: &str = "tidemark_schema_unexplained_changes_total";
 pub const CHAIN_HOLES: &str = "tidemark_segment_chain_holes";
+pub const WRITER_LEASE: &str = "tidemark_writer_lease_held";
 
 /// Starts the scrape endpoint (needs a running tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), String> {
@@ -75,6 +77,10 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
     describe_gauge!(
         CHAIN_HOLES,
         "holes (missing acknowledged segments) in the chain being extended, at the last resume"
+    );
+    describe_gauge!(
+        WRITER_LEASE,
+        "1 while this archiver holds the repository's writer lease, 0 otherwise"
     );
     Ok(())
 }

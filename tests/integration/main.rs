@@ -13,6 +13,7 @@ mod crash;
 mod ddl;
 mod faults;
 mod harness_smoke;
+mod lease;
 mod oracle;
 mod replay;
 mod replication;
