@@ -19,8 +19,12 @@
 //! * otherwise another archiver writes this repository: refused (exit 4), naming its host,
 //!   pid, slot and when its lease expires.
 //!
-//! The holder renews every quarter of the time to live, re-reading the records first: a newer
-//! term is a takeover and stops it for good. Each renewal also lists the current generation's
+//! The holder renews every sixth of the time to live, re-reading the records first: a newer
+//! term is a takeover and stops it for good. A renewal is written only until a third of the
+//! time to live before the expiry (the margin): a lease that could not be renewed by then is
+//! left to expire and then taken anew with the next term, like anyone's, so that a late
+//! renewal can never land beside another archiver's takeover (two archivers taking the next
+//! term race for one create-only name, and one alone wins). Each renewal also lists the current generation's
 //! tail (the segments whose start shares the chain end's 16 MiB region) and stops the run if a
 //! segment this run did not write appears there.
 //!
@@ -29,8 +33,8 @@
 //! resume, extended by each segment this run put, in seal order). A lease that could not be
 //! renewed before it expired stops the attempt (the run starts over and takes the lease again
 //! if nobody else did); one taken by another writer stops the run (exit 4). The expiry is read
-//! on each machine's own clock, so the writers' clocks must agree to well within the time to
-//! live. On a clean stop the holder writes a release record, so the next start need not wait.
+//! on each machine's own clock, so the writers' clocks must agree to well within the margin
+//! (20 s of the default 60 s). On a clean stop the holder writes a release record, so the next start need not wait.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -122,12 +126,15 @@ pub enum Decision {
     Take { term: u64, why: Takeover },
     /// Another archiver holds it.
     Refuse,
+    /// Ours, but too close to its expiry to be renewed safely: taken anew once expired.
+    Wait,
     /// This run held it and another archiver has taken it since.
     Lost,
 }
 
 /// The lease decision, pure. `owner` and `slot` are this archiver's, `held` the term this run
-/// held (if any), `slot_free` whether the slot is unused (absent or not streaming).
+/// held (if any), `slot_free` whether the slot is unused (absent or not streaming), `margin`
+/// how long before its expiry a lease is no longer renewed ([`renewable`]).
 pub fn decide(
     newest: Option<&LeaseRecord>,
     owner: &str,
@@ -135,6 +142,7 @@ pub fn decide(
     held: Option<u64>,
     slot_free: bool,
     now: PgTimestamp,
+    margin: Duration,
 ) -> Decision {
     let Some(r) = newest else {
         return Decision::Take {
@@ -143,10 +151,15 @@ pub fn decide(
         };
     };
     if r.owner == owner && !r.released {
-        return Decision::Renew {
-            term: r.term,
-            seq: r.seq + 1,
-        };
+        if renewable(r.expires_at, now, margin) {
+            return Decision::Renew {
+                term: r.term,
+                seq: r.seq + 1,
+            };
+        }
+        if r.expires_at.0 > now.0 {
+            return Decision::Wait;
+        }
     }
     if held.is_some() && r.owner != owner {
         return Decision::Lost;
@@ -164,6 +177,14 @@ pub fn decide(
         term: r.term + 1,
         why,
     }
+}
+
+/// Whether a lease expiring at `expires` may still be renewed at `now`: only until `margin`
+/// before its expiry, so that a renewal never lands after another archiver saw the lease
+/// expire (an expired lease, ours included, is only taken anew, through the create-only put of
+/// the next term's first record, which one archiver alone can win).
+pub fn renewable(expires: PgTimestamp, now: PgTimestamp, margin: Duration) -> bool {
+    now.0.saturating_add(margin.as_micros() as i64) < expires.0
 }
 
 /// The newest record's key among `keys` (lease records only).
@@ -213,11 +234,18 @@ pub enum LeaseError {
         /// Who took it, or what showed another writer.
         by: String,
     },
-    #[error("the writer lease of repository {location} (term {term}) expired at {expired} without being renewed (the repository did not accept the renewal); no segment is stored until it is taken again")]
+    #[error("the writer lease of repository {location} (term {term}) expired at {expired} without being renewed (the repository did not accept the renewal in time); no segment is stored until it is taken again")]
     Expired {
         location: String,
         term: u64,
         expired: PgTimestamp,
+    },
+    #[error("the writer lease of repository {location} (term {term}) could not be renewed before {until} and expires at {expires}; it is taken anew once it has expired")]
+    TooLate {
+        location: String,
+        term: u64,
+        until: PgTimestamp,
+        expires: PgTimestamp,
     },
     #[error("repository {location}: segment {key} appeared in the chain this archiver is extending, and this archiver did not write it: another writer is storing segments into generation {generation}; stopping\nHINT: stop the other writer (every archiver of this repository must be a tidemark that takes the writer lease), then run `tidemark list` to see the damage")]
     Foreign {
@@ -249,6 +277,7 @@ impl crate::error::Classify for LeaseError {
             LeaseError::Held { .. }
             | LeaseError::Lost { .. }
             | LeaseError::Expired { .. }
+            | LeaseError::TooLate { .. }
             | LeaseError::Foreign { .. }
             | LeaseError::NotContiguous { .. }
             | LeaseError::BadRecord { .. } => Repository,
@@ -262,7 +291,7 @@ impl LeaseError {
     pub fn is_transient(&self) -> bool {
         match self {
             LeaseError::Store(e) => e.is_retryable(),
-            LeaseError::Expired { .. } => true,
+            LeaseError::Expired { .. } | LeaseError::TooLate { .. } => true,
             LeaseError::Held { .. }
             | LeaseError::Lost { .. }
             | LeaseError::Foreign { .. }
@@ -340,9 +369,25 @@ impl Lease {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The renewal period: a quarter of the time to live.
+    /// The renewal period: a sixth of the time to live, so that a few renewals may fail
+    /// before the [`margin`](Self::margin).
     pub fn period(&self) -> Duration {
-        (self.ttl / 4).max(Duration::from_millis(100))
+        (self.ttl / 6).max(Duration::from_millis(100))
+    }
+
+    /// No renewal is written later than this before the lease's expiry: the time a renewal's
+    /// write may take, and the clocks' disagreement, must stay below it.
+    pub fn margin(&self) -> Duration {
+        self.ttl / 3
+    }
+
+    fn too_late(&self, term: u64, expires: PgTimestamp) -> LeaseError {
+        LeaseError::TooLate {
+            location: self.location(),
+            term,
+            until: PgTimestamp(expires.0.saturating_sub(self.margin().as_micros() as i64)),
+            expires,
+        }
     }
 
     /// Reads the newest lease record and every record's key.
@@ -408,6 +453,22 @@ impl Lease {
             .await
     }
 
+    /// Writes renewal `r` of a lease expiring at `expires`, giving up when it has not landed
+    /// by the margin before that expiry.
+    async fn put_renewal(
+        &self,
+        r: &LeaseRecord,
+        expires: Option<PgTimestamp>,
+    ) -> Result<(), LeaseError> {
+        let expires = expires.unwrap_or(r.expires_at);
+        let left = expires.0 - self.margin().as_micros() as i64 - PgTimestamp::now().0;
+        let left = Duration::from_micros(left.max(0) as u64);
+        match tokio::time::timeout(left, self.put_record(r)).await {
+            Ok(put) => Ok(put?),
+            Err(_) => Err(self.too_late(r.term, expires)),
+        }
+    }
+
     /// Takes the lease, or renews it when this run holds it already. `slot_free`: the slot
     /// this archiver streams from is absent or not streaming (see the module doc).
     pub async fn acquire(&self, slot_free: bool) -> Result<(), LeaseError> {
@@ -425,6 +486,7 @@ impl Lease {
             last_term,
             slot_free,
             PgTimestamp::now(),
+            self.margin(),
         );
         let (term, seq, acquired_at) = match decision {
             Decision::Renew { term, seq } => {
@@ -460,11 +522,21 @@ impl Lease {
                 let (_, holder) = newest.expect("a lost lease names the new holder");
                 return Err(self.lose(holder));
             }
+            Decision::Wait => {
+                let (_, r) = newest.expect("waiting on our own record");
+                return Err(self.too_late(r.term, r.expires_at));
+            }
         };
         let r = self.record(term, seq, acquired_at, false);
-        match self.put_record(&r).await {
+        let put = if seq == 0 {
+            self.put_record(&r).await.map_err(LeaseError::from)
+        } else {
+            self.put_renewal(&r, newest.as_ref().map(|(_, r)| r.expires_at))
+                .await
+        };
+        match put {
             Ok(()) => {}
-            Err(StoreError::Conflict { .. }) => {
+            Err(LeaseError::Store(StoreError::Conflict { .. })) => {
                 // Another archiver put the same record name first: it won the race.
                 let (newest, _) = self.newest().await?;
                 let (key, holder) = newest.unwrap_or_else(|| (lease_key(term, seq), r.clone()));
@@ -475,7 +547,7 @@ impl Lease {
                     ttl: self.ttl,
                 });
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
         {
             let mut st = self.state();
@@ -537,9 +609,12 @@ impl Lease {
             // The records were deleted by hand: write ours again.
             None => {}
         }
+        if !renewable(held.expires_at, PgTimestamp::now(), self.margin()) {
+            return Err(self.too_late(held.term, held.expires_at));
+        }
         let seq = held.seq + 1;
         let r = self.record(held.term, seq, held.acquired_at, false);
-        self.put_record(&r).await?;
+        self.put_renewal(&r, Some(held.expires_at)).await?;
         if let Some(h) = self.state().held.as_mut() {
             h.seq = seq;
             h.expires_at = r.expires_at;
@@ -715,6 +790,7 @@ mod tests {
     use crate::store::LocalStore;
 
     const NOW: i64 = 1_000_000_000;
+    const MARGIN: i64 = 20_000_000;
 
     fn rec(term: u64, seq: u64, owner: &str, slot: &str, expires: i64) -> LeaseRecord {
         LeaseRecord {
@@ -732,7 +808,15 @@ mod tests {
     }
 
     fn d(newest: Option<&LeaseRecord>, held: Option<u64>, slot_free: bool) -> Decision {
-        decide(newest, "me", "tidemark", held, slot_free, PgTimestamp(NOW))
+        decide(
+            newest,
+            "me",
+            "tidemark",
+            held,
+            slot_free,
+            PgTimestamp(NOW),
+            Duration::from_micros(MARGIN as u64),
+        )
     }
 
     #[test]
@@ -785,12 +869,27 @@ mod tests {
     }
 
     #[test]
-    fn our_own_lease_is_renewed_even_expired_and_a_newer_holder_means_lost() {
-        let ours = rec(4, 7, "me", "tidemark", NOW - 1);
+    fn our_own_lease_is_renewed_until_the_margin_then_only_taken_anew_once_expired() {
+        let ours = rec(4, 7, "me", "tidemark", NOW + MARGIN + 1);
         assert_eq!(
             d(Some(&ours), Some(4), false),
             Decision::Renew { term: 4, seq: 8 }
         );
+        let late = rec(4, 7, "me", "tidemark", NOW + MARGIN);
+        assert_eq!(d(Some(&late), Some(4), false), Decision::Wait);
+        let expired = rec(4, 7, "me", "tidemark", NOW);
+        assert_eq!(
+            d(Some(&expired), Some(4), false),
+            Decision::Take {
+                term: 5,
+                why: Takeover::Expired
+            },
+            "an expired lease is taken through the next term's create-only put, never renewed"
+        );
+    }
+
+    #[test]
+    fn a_newer_holder_means_lost() {
         // Taken while this run held it: lost, even if the taker's lease has expired since.
         let taker = rec(5, 0, "other", "tm2", NOW - 1);
         assert_eq!(d(Some(&taker), Some(4), true), Decision::Lost);
@@ -918,6 +1017,38 @@ mod tests {
         assert!(matches!(err, LeaseError::Foreign { .. }), "{err}");
         assert!(err.to_string().contains(&seg(0x150, 0x250)), "{err}");
         assert!(a.check().is_err(), "a foreign segment stops the puts");
+    }
+
+    #[tokio::test]
+    async fn a_lease_not_renewed_in_time_stops_the_puts_and_is_taken_anew() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let a = Lease::new(store.clone(), Duration::from_millis(600), "tidemark");
+        a.acquire(false).await.unwrap();
+        a.check().unwrap();
+        // Past the margin (200 ms before the expiry): no renewal is written.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let err = a.renew().await.unwrap_err();
+        assert!(
+            matches!(err, LeaseError::TooLate { .. }) && err.is_transient(),
+            "{err}"
+        );
+        assert_eq!(
+            store.list(LEASE_PREFIX).await.unwrap().len(),
+            1,
+            "nothing written"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let err = a.check().unwrap_err();
+        assert!(
+            matches!(err, LeaseError::Expired { .. }) && err.is_transient(),
+            "{err}"
+        );
+        // The next attempt takes the next term (nobody else did).
+        a.acquire(false).await.unwrap();
+        a.check().unwrap();
+        let newest = store.list(LEASE_PREFIX).await.unwrap().pop().unwrap().key;
+        assert_eq!(newest, lease_key(2, 0));
     }
 
     #[tokio::test]
