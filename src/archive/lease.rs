@@ -220,12 +220,11 @@ pub fn tail_prefix(generation: u32, lsn: Lsn) -> String {
 /// Errors of the writer lease and the chain fence.
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("repository {location} is being written by another archiver: {holder}\nHINT: a repository has one writer: stop the other archiver, or give this one its own --repo; if that archiver is dead, wait until its lease expires (at most {ttl:?} after it last renewed it) or delete {key} from the repository by hand", holder = holder.describe())]
+    #[error("repository {location} is being written by another archiver: {holder}\nHINT: a repository has one writer: stop the other archiver, or give this one its own --repo; if that archiver is dead, start this one again after its lease expires ({expires}, unless it is renewed) or delete {key} from the repository by hand", holder = holder.describe(), expires = holder.expires_at)]
     Held {
         location: String,
         key: String,
         holder: Box<LeaseRecord>,
-        ttl: Duration,
     },
     #[error("lost the writer lease of repository {location} (term {term}): {by}; stopping without storing anything more\nHINT: a repository has one writer: stop the other archiver (or give one of them its own --repo)")]
     Lost {
@@ -322,13 +321,22 @@ struct Chain {
     put: BTreeMap<Lsn, Lsn>,
 }
 
+/// How this run lost the lease for good.
+#[derive(Clone, Debug)]
+enum Lost {
+    /// Another archiver took it (its record).
+    Taken(Box<LeaseRecord>),
+    /// Another writer's segment appeared in the chain.
+    Foreign { key: String, generation: u32 },
+}
+
 #[derive(Debug, Default)]
 struct State {
     held: Option<Held>,
     /// The term this run held last, kept once the lease is lost or released.
     last_term: Option<u64>,
     /// Why the lease is lost for good (another writer, a foreign segment).
-    lost: Option<Arc<String>>,
+    lost: Option<Lost>,
     chain: Option<Chain>,
 }
 
@@ -474,8 +482,8 @@ impl Lease {
     pub async fn acquire(&self, slot_free: bool) -> Result<(), LeaseError> {
         let _io = self.io.lock().await;
         let lost = self.state().lost.clone();
-        if let Some(why) = lost {
-            return Err(self.lost_error(&why));
+        if let Some(lost) = lost {
+            return Err(self.lost_error(&lost));
         }
         let (newest, keys) = self.newest().await?;
         let last_term = self.state().last_term;
@@ -515,7 +523,6 @@ impl Lease {
                     location: self.location(),
                     key,
                     holder: Box::new(holder),
-                    ttl: self.ttl,
                 });
             }
             Decision::Lost => {
@@ -544,7 +551,6 @@ impl Lease {
                     location: self.location(),
                     key,
                     holder: Box::new(holder),
-                    ttl: self.ttl,
                 });
             }
             Err(e) => return Err(e),
@@ -577,21 +583,31 @@ impl Lease {
 
     /// Marks the lease lost to `holder` and returns the error that says so.
     fn lose(&self, holder: LeaseRecord) -> LeaseError {
-        let by = format!("taken by {}", holder.describe());
+        self.mark_lost(Lost::Taken(Box::new(holder)))
+    }
+
+    fn mark_lost(&self, lost: Lost) -> LeaseError {
         {
             let mut st = self.state();
             st.held = None;
-            st.lost = Some(Arc::new(by.clone()));
+            st.lost = Some(lost.clone());
         }
         metrics::gauge!(telemetry::WRITER_LEASE).set(0.0);
-        self.lost_error(&by)
+        self.lost_error(&lost)
     }
 
-    fn lost_error(&self, by: &str) -> LeaseError {
-        LeaseError::Lost {
-            location: self.location(),
-            term: self.state().last_term.unwrap_or_default(),
-            by: by.to_string(),
+    fn lost_error(&self, lost: &Lost) -> LeaseError {
+        match lost {
+            Lost::Taken(holder) => LeaseError::Lost {
+                location: self.location(),
+                term: self.state().last_term.unwrap_or_default(),
+                by: format!("taken by {}", holder.describe()),
+            },
+            Lost::Foreign { key, generation } => LeaseError::Foreign {
+                location: self.location(),
+                key: key.clone(),
+                generation: *generation,
+            },
         }
     }
 
@@ -626,9 +642,9 @@ impl Lease {
     /// Whether a segment may be put now: the lease is held and unexpired.
     pub fn check(&self) -> Result<(), LeaseError> {
         let st = self.state();
-        if let Some(why) = st.lost.clone() {
+        if let Some(lost) = st.lost.clone() {
             drop(st);
-            return Err(self.lost_error(&why));
+            return Err(self.lost_error(&lost));
         }
         match &st.held {
             Some(h) if PgTimestamp::now().0 < h.expires_at.0 => Ok(()),
@@ -704,17 +720,11 @@ impl Lease {
                 continue;
             }
             if chain.put.get(&s) != Some(&e) {
-                let key = o.key.clone();
-                st.lost = Some(Arc::new(format!(
-                    "segment {key} was stored by another writer"
-                )));
-                st.held = None;
-                metrics::gauge!(telemetry::WRITER_LEASE).set(0.0);
-                return Err(LeaseError::Foreign {
-                    location: self.location(),
-                    key,
+                drop(st);
+                return Err(self.mark_lost(Lost::Foreign {
+                    key: o.key.clone(),
                     generation,
-                });
+                }));
             }
         }
         // Segments wholly before the listed region are not listed again.
@@ -743,7 +753,10 @@ impl Lease {
                     if e.is_transient() {
                         warn!(error = %e, "the writer lease expired before it could be renewed; stopping this attempt");
                     } else {
-                        tracing::error!(error = %e, "stopping: this archiver no longer holds the repository");
+                        // The error itself ends the run, and is reported there.
+                        warn!(
+                            "this archiver no longer holds the repository's writer lease; stopping"
+                        );
                     }
                     run.cancel();
                     return;
