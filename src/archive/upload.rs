@@ -167,6 +167,7 @@ async fn put_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::lease::LeaseError;
     use crate::store::faulty::FaultyStore;
     use crate::store::LocalStore;
     use bytes::Bytes;
@@ -196,6 +197,15 @@ mod tests {
         faulty: impl FnOnce(FaultyStore) -> FaultyStore,
         count: u64,
     ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
+        upload_segments(dir, faulty, (0..count).map(seg).collect()).await
+    }
+
+    /// Feeds `segments` to the uploader, in order, under a held lease.
+    async fn upload_segments(
+        dir: &std::path::Path,
+        faulty: impl FnOnce(FaultyStore) -> FaultyStore,
+        segments: Vec<Sealed>,
+    ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
         let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir));
         let store: Arc<dyn Store> = Arc::new(faulty(FaultyStore::new(local.clone())));
         let (tx, rx) = mpsc::channel(4);
@@ -220,9 +230,9 @@ mod tests {
             flow.clone(),
             lease,
         ));
-        for i in 0..count {
+        for s in segments {
             flow.unstored.fetch_add(1, Ordering::Relaxed);
-            if tx.send(seg(i)).await.is_err() {
+            if tx.send(s).await.is_err() {
                 break;
             }
         }
@@ -360,5 +370,22 @@ mod tests {
             [key(0)],
             "segment 3, stored past the failure, is deleted"
         );
+    }
+
+    #[tokio::test]
+    async fn a_segment_that_does_not_start_at_the_chain_end_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 is missing: segment 2 would leave a hole after segment 0.
+        let (r, durable, keys) =
+            upload_segments(dir.path(), |f| f, vec![seg(0), seg(2), seg(3)]).await;
+        match &r {
+            Err(ArchiveError::Lease(LeaseError::NotContiguous { key, expected, .. })) => {
+                assert_eq!(*key, seg(2).key);
+                assert_eq!(*expected, seg(0).end);
+            }
+            other => panic!("expected the fence to refuse segment 2, got {other:?}"),
+        }
+        assert_eq!(durable, seg(0).end);
+        assert_eq!(keys, [key(0)], "nothing is stored past the refused segment");
     }
 }
