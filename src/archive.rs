@@ -81,7 +81,7 @@ pub struct ArchiveOptions {
     pub backup_parallel: usize,
     /// How long to wait for a slot still held by another connection before giving up.
     pub slot_wait: Duration,
-    /// How long the writer lease lasts without renewal (renewed every quarter of it).
+    /// How long the writer lease lasts without renewal (renewed every sixth of it).
     pub lease_ttl: Duration,
 }
 
