@@ -26,6 +26,10 @@
 //!   above (see `stream.rs` for why a position inside an in-progress streamed transaction is one).
 //! * The stream resumes at the archive's end; a transaction whose commit LSN is below it is a
 //!   duplicate and is dropped; a slot already beyond the archive's end is a gap and stops the run.
+//! * One writer per repository: a run takes the repository's writer lease before its first
+//!   write and renews it while it runs; a live lease of another archiver refuses the run
+//!   (exit 4, naming it), and every segment is put only while the lease is held and only if it
+//!   starts where the chain ends (`lease.rs`).
 //! * Memory is bounded: the channels between the stages are bounded, so a slow store makes the
 //!   receiver stop reading (the slot holds the WAL meanwhile).
 //!   A transaction sent whole is buffered until its commit: with streaming on, the server
@@ -82,6 +86,8 @@ pub struct ArchiveOptions {
     pub backup_parallel: usize,
     /// How long to wait for a slot still held by another connection before giving up.
     pub slot_wait: Duration,
+    /// How long the writer lease lasts without renewal (renewed every sixth of it).
+    pub lease_ttl: Duration,
 }
 
 impl Default for ArchiveOptions {
@@ -100,6 +106,7 @@ impl Default for ArchiveOptions {
             upload_concurrency: 4,
             backup_parallel: 2,
             slot_wait: Duration::from_secs(30),
+            lease_ttl: lease::DEFAULT_TTL,
         }
     }
 }
@@ -138,6 +145,8 @@ pub enum ArchiveError {
     SchemaChange(#[from] crate::ddl::UnexplainedSchemaChange),
     #[error("publication {publication:?} was dropped while slot {slot:?} needed it: the slot can never decode past that point, even with the publication created again\nHINT: the slot was named with --slot, so tidemark does not drop it: drop it (SELECT pg_drop_replication_slot('{slot}')), create it again (tidemark setup --slot {slot}) and run archive: it starts a new generation with a new base backup (the changes in between are not archived)")]
     PublicationLost { publication: String, slot: String },
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -153,6 +162,7 @@ impl crate::error::Classify for ArchiveError {
             ArchiveError::Store(e) => e.exit_status(),
             ArchiveError::Backup(e) => e.exit_status(),
             ArchiveError::SchemaChange(e) => e.exit_status(),
+            ArchiveError::Lease(e) => e.exit_status(),
             ArchiveError::Gap { .. } => Damaged,
             ArchiveError::StreamEnded => Database,
             ArchiveError::Decode { .. } | ArchiveError::Internal(_) => Unexpected,
@@ -178,6 +188,7 @@ impl ArchiveError {
             ArchiveError::Source(e) => source_transient(e),
             ArchiveError::Store(e) => e.is_retryable(),
             ArchiveError::Upload { source, .. } => source.is_retryable(),
+            ArchiveError::Lease(e) => e.is_transient(),
             ArchiveError::Backup(e) => match e {
                 backup::BackupError::Store(s) => s.is_retryable(),
                 backup::BackupError::Connect(_) => true,
@@ -244,11 +255,27 @@ struct Resume {
 /// process: the pipeline drains what is whole, then the run starts over from the archive's end
 /// after a backoff (1 s doubling to 30 s), as many times as it takes. Each attempt resumes exactly
 /// where the durable archive ends, so a retry neither loses nor duplicates.
+///
+/// The repository's writer lease (`lease.rs`) is taken by the first attempt, kept across
+/// attempts, and released when the run ends, however it ends.
 pub async fn run(
     source_info: &ConnInfo,
     store: Arc<dyn Store>,
     opts: &ArchiveOptions,
     shutdown: CancellationToken,
+) -> Result<ArchiveSummary, ArchiveError> {
+    let lease = Arc::new(Lease::new(store.clone(), opts.lease_ttl, &opts.slot));
+    let r = run_attempts(source_info, store, opts, shutdown, &lease).await;
+    lease.release().await;
+    r
+}
+
+async fn run_attempts(
+    source_info: &ConnInfo,
+    store: Arc<dyn Store>,
+    opts: &ArchiveOptions,
+    shutdown: CancellationToken,
+    lease: &Arc<Lease>,
 ) -> Result<ArchiveSummary, ArchiveError> {
     let mut total = ArchiveSummary::default();
     let mut streamed_once = false;
@@ -262,6 +289,7 @@ pub async fn run(
             opts,
             shutdown.clone(),
             stats.clone(),
+            lease,
         )
         .await;
         let streamed = stats.streamed.load(Ordering::SeqCst);
@@ -354,6 +382,7 @@ async fn run_once(
     opts: &ArchiveOptions,
     shutdown: CancellationToken,
     stats: Arc<AttemptStats>,
+    lease: &Arc<Lease>,
 ) -> Result<(), ArchiveError> {
     let source = Source::connect(source_info).await?;
     source.check_server().await?;
@@ -394,6 +423,19 @@ async fn run_once(
     let sys = repl.identify_system().await?;
     let identity = repo::read_identity(&store).await?;
     repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    // The first write to the repository: from here on this archiver is its one writer. The
+    // slot is free here (absent, or waited for above), so a lease left by a dead archiver of
+    // the same slot is taken over; one of another archiver, alive or not, is not.
+    let slot_free = slot.as_ref().is_none_or(|s| s.active_pid.is_none());
+    lease.acquire(slot_free).await?;
+    // Renewed until this attempt ends (through the base backup too); a lost lease stops the
+    // attempt, and the uploader's fence refuses every segment from then on.
+    let run_token = shutdown.child_token();
+    let _renewal = {
+        let stop = CancellationToken::new();
+        tokio::spawn(lease.clone().keep_renewed(run_token.clone(), stop.clone()));
+        stop.drop_guard()
+    };
 
     if !publication_exists {
         info!(publication = %opts.publication, "creating publication FOR ALL TABLES");
@@ -501,6 +543,8 @@ async fn run_once(
     stats.start.store(resume.start.0, Ordering::SeqCst);
     stats.durable.store(resume.start.0, Ordering::SeqCst);
     stats.streamed.store(true, Ordering::SeqCst);
+    lease.check()?;
+    lease.begin_chain(resume.generation, resume.start);
     pipeline(
         stream,
         store,
@@ -508,10 +552,19 @@ async fn run_once(
         ctx,
         resume.start,
         source_info.clone(),
-        shutdown,
+        run_token.clone(),
         stats,
+        lease.clone(),
     )
-    .await
+    .await?;
+    if run_token.is_cancelled() && !shutdown.is_cancelled() {
+        // Stopped by the lease's renewal, with nothing left to store.
+        lease.check()?;
+        return Err(ArchiveError::Internal(
+            "the attempt stopped without a shutdown or an error".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Prepares the current generation's chain for extension (see `resume.rs`): reports holes
@@ -611,6 +664,7 @@ async fn pipeline(
     source_info: ConnInfo,
     shutdown: CancellationToken,
     stats: Arc<AttemptStats>,
+    lease: Arc<Lease>,
 ) -> Result<(), ArchiveError> {
     let (event_tx, event_rx) = mpsc::channel::<Vec<Event>>(EVENT_QUEUE);
     let (sealed_tx, sealed_rx) = mpsc::channel::<Sealed>(opts.upload_concurrency.max(1));
@@ -634,6 +688,7 @@ async fn pipeline(
         failed.clone(),
         stats.clone(),
         flow.clone(),
+        lease,
     ));
     let heartbeat = opts.heartbeat.map(|every| {
         let token = shutdown.child_token();
@@ -850,6 +905,10 @@ use upload::uploader_task;
 
 /// Holes and orphans in the chain being extended.
 mod resume;
+
+/// One writer per repository: the writer lease and the fence before each put.
+pub mod lease;
+use lease::Lease;
 
 async fn writer_task(
     mut events: mpsc::Receiver<Vec<Event>>,

@@ -63,6 +63,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::store::StoreError,
         crate::repo::RepoError,
         crate::archive::ArchiveError,
+        crate::archive::lease::LeaseError,
         crate::backup::BackupError,
         crate::backup::ManifestError,
         crate::restore::RestoreError,
@@ -201,6 +202,7 @@ mod tests {
     /// hides the inner error from the cause chain, so the wrapper must ask it).
     #[test]
     fn every_error_variant_has_its_exit_code() {
+        use crate::archive::lease::LeaseError;
         use crate::archive::ArchiveError;
         use crate::backup::{BackupError, ManifestError};
         use crate::conninfo::ConnInfoError;
@@ -597,6 +599,72 @@ mod tests {
                 "archive internal",
                 ArchiveError::Internal(s()).into(),
                 Unexpected,
+            ),
+            (
+                "archive lease held",
+                ArchiveError::Lease(LeaseError::Lost {
+                    location: s(),
+                    term: 1,
+                    by: s(),
+                })
+                .into(),
+                Repository,
+            ),
+            (
+                "lease expired",
+                LeaseError::Expired {
+                    location: s(),
+                    term: 1,
+                    expired: PgTimestamp::default(),
+                }
+                .into(),
+                Repository,
+            ),
+            (
+                "lease too late",
+                LeaseError::TooLate {
+                    location: s(),
+                    term: 1,
+                    until: PgTimestamp::default(),
+                    expires: PgTimestamp::default(),
+                }
+                .into(),
+                Repository,
+            ),
+            (
+                "lease foreign segment",
+                LeaseError::Foreign {
+                    location: s(),
+                    key: s(),
+                    generation: 1,
+                }
+                .into(),
+                Repository,
+            ),
+            (
+                "lease not contiguous",
+                LeaseError::NotContiguous {
+                    location: s(),
+                    key: s(),
+                    expected: Lsn(1),
+                }
+                .into(),
+                Repository,
+            ),
+            (
+                "lease bad record",
+                LeaseError::BadRecord {
+                    location: s(),
+                    key: s(),
+                    detail: s(),
+                }
+                .into(),
+                Repository,
+            ),
+            (
+                "lease store",
+                LeaseError::Store(store_io()).into(),
+                Repository,
             ),
             ("restore empty", RestoreError::Empty(s()).into(), Repository),
             (

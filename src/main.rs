@@ -145,6 +145,9 @@ struct ArchiveArgs {
     /// archiver stopped by an unexplained schema change stays up (metrics show it) until signalled.
     #[arg(long, env = "TIDEMARK_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// How long the repository's writer lease lasts without renewal (for tests).
+    #[arg(long, env = "TIDEMARK_LEASE_TTL", default_value = "60s", value_parser = tidemark::exit::parse_positive_duration, hide = true)]
+    lease_ttl: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -327,6 +330,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 status_interval: a.status_interval,
                 receive_timeout: a.receive_timeout,
                 backup_parallel: a.parallel.max(1),
+                lease_ttl: a.lease_ttl,
                 ..archive_options(&a.slot)
             };
             if let Some(addr) = a.metrics_address {

@@ -19,6 +19,7 @@
 //! | `tidemark_new_generations_total` | counter | generations started after an existing one (`reason`: `slot_lost`, `publication_dropped`): each leaves a hole in the archive |
 //! | `tidemark_schema_unexplained_changes_total` | counter | column changes no captured DDL explains (archiving stops) |
 //! | `tidemark_segment_chain_holes` | gauge | holes (archived, acknowledged, then missing segments) in the chain being extended, as found at the last resume |
+//! | `tidemark_writer_lease_held` | gauge | 1 while this archiver holds the repository's writer lease, 0 otherwise |
 
 use std::net::SocketAddr;
 
@@ -38,6 +39,7 @@ pub const RESTARTS: &str = "tidemark_restarts_total";
 pub const SCHEMA_UNEXPLAINED: &str = "tidemark_schema_unexplained_changes_total";
 pub const CHAIN_HOLES: &str = "tidemark_segment_chain_holes";
 pub const NEW_GENERATIONS: &str = "tidemark_new_generations_total";
+pub const WRITER_LEASE: &str = "tidemark_writer_lease_held";
 
 /// Starts the scrape endpoint (needs a running tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), String> {
@@ -81,6 +83,10 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
     describe_gauge!(
         CHAIN_HOLES,
         "holes (missing acknowledged segments) in the chain being extended, at the last resume"
+    );
+    describe_gauge!(
+        WRITER_LEASE,
+        "1 while this archiver holds the repository's writer lease, 0 otherwise"
     );
     Ok(())
 }

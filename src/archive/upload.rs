@@ -4,6 +4,10 @@
 //! fails for good: no new upload starts, those in flight finish or give up, and the segments
 //! stored past the failed one are deleted again. The acknowledgement rule itself is
 //! [`DurablePrefix`]'s.
+//!
+//! Every segment passes the writer's fence ([`Lease::admit`]) before its first put, in seal
+//! order: the lease is held and the segment starts where the chain ends; every retry checks
+//! the lease again. A refusal is a failure like any other (nothing past it is acknowledged).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::durable::DurablePrefix;
+use super::lease::Lease;
 use super::{ArchiveError, AttemptStats, Flow, Sealed};
 use crate::lsn::Lsn;
 use crate::store::Store;
@@ -26,6 +31,7 @@ use crate::telemetry;
 /// (those still retrying give up), and every segment stored past the failed one is deleted
 /// again, so the repository is left without a hole followed by objects. The first failure is
 /// the run's error.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn uploader_task(
     mut sealed: mpsc::Receiver<Sealed>,
     store: Arc<dyn Store>,
@@ -34,6 +40,7 @@ pub(super) async fn uploader_task(
     failed: CancellationToken,
     stats: Arc<AttemptStats>,
     flow: Arc<Flow>,
+    lease: Arc<Lease>,
 ) -> Result<u64, ArchiveError> {
     let mut prefix = DurablePrefix::new(*durable.borrow());
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, PutOutcome)>();
@@ -51,12 +58,20 @@ pub(super) async fn uploader_task(
             item = sealed.recv(), if accepting && prefix.in_flight() < concurrency => {
                 let Some(seg) = item else { input_open = false; continue };
                 let id = prefix.push(seg.end, seg.key.clone());
+                if let Err(e) = lease.admit(&seg.key) {
+                    prefix.failed(id);
+                    failed.cancel();
+                    abandon.cancel();
+                    first_error.get_or_insert(e.into());
+                    continue;
+                }
                 let store = store.clone();
+                let lease = lease.clone();
                 let done = done_tx.clone();
                 let flow = flow.clone();
                 let abandon = abandon.clone();
                 tokio::spawn(async move {
-                    let r = put_with_retry(&*store, &seg, &flow, &abandon).await;
+                    let r = put_with_retry(&*store, &seg, &flow, &abandon, &lease).await;
                     // Releases the segment's share of the memory budget.
                     drop(seg);
                     let _ = done.send((id, r));
@@ -113,10 +128,14 @@ async fn put_with_retry(
     seg: &Sealed,
     flow: &Flow,
     abandon: &CancellationToken,
+    lease: &Lease,
 ) -> PutOutcome {
     let mut delay = Duration::from_millis(200);
     let started = Instant::now();
     loop {
+        if let Err(e) = lease.check() {
+            return PutOutcome::Failed(e.into());
+        }
         let attempt = Instant::now();
         match store.put(&seg.key, seg.bytes.clone()).await {
             Ok(()) => {
@@ -148,6 +167,7 @@ async fn put_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::lease::LeaseError;
     use crate::store::faulty::FaultyStore;
     use crate::store::LocalStore;
     use bytes::Bytes;
@@ -177,6 +197,15 @@ mod tests {
         faulty: impl FnOnce(FaultyStore) -> FaultyStore,
         count: u64,
     ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
+        upload_segments(dir, faulty, (0..count).map(seg).collect()).await
+    }
+
+    /// Feeds `segments` to the uploader, in order, under a held lease.
+    async fn upload_segments(
+        dir: &std::path::Path,
+        faulty: impl FnOnce(FaultyStore) -> FaultyStore,
+        segments: Vec<Sealed>,
+    ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
         let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir));
         let store: Arc<dyn Store> = Arc::new(faulty(FaultyStore::new(local.clone())));
         let (tx, rx) = mpsc::channel(4);
@@ -184,6 +213,13 @@ mod tests {
         let flow = Arc::new(Flow::new(4 << 20));
         let failed = CancellationToken::new();
         let stats = Arc::new(AttemptStats::default());
+        let lease = Arc::new(Lease::new(
+            local.clone(),
+            Duration::from_secs(60),
+            "tidemark",
+        ));
+        lease.acquire(true).await.unwrap();
+        lease.begin_chain(1, Lsn(START));
         let task = tokio::spawn(uploader_task(
             rx,
             store,
@@ -192,10 +228,11 @@ mod tests {
             failed.clone(),
             stats,
             flow.clone(),
+            lease,
         ));
-        for i in 0..count {
+        for s in segments {
             flow.unstored.fetch_add(1, Ordering::Relaxed);
-            if tx.send(seg(i)).await.is_err() {
+            if tx.send(s).await.is_err() {
                 break;
             }
         }
@@ -333,5 +370,22 @@ mod tests {
             [key(0)],
             "segment 3, stored past the failure, is deleted"
         );
+    }
+
+    #[tokio::test]
+    async fn a_segment_that_does_not_start_at_the_chain_end_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 is missing: segment 2 would leave a hole after segment 0.
+        let (r, durable, keys) =
+            upload_segments(dir.path(), |f| f, vec![seg(0), seg(2), seg(3)]).await;
+        match &r {
+            Err(ArchiveError::Lease(LeaseError::NotContiguous { key, expected, .. })) => {
+                assert_eq!(*key, seg(2).key);
+                assert_eq!(*expected, seg(0).end);
+            }
+            other => panic!("expected the fence to refuse segment 2, got {other:?}"),
+        }
+        assert_eq!(durable, seg(0).end);
+        assert_eq!(keys, [key(0)], "nothing is stored past the refused segment");
     }
 }

@@ -16,6 +16,7 @@ mod deadconn;
 mod fault_matrix;
 mod faults;
 mod harness_smoke;
+mod lease;
 mod oracle;
 mod publication;
 mod replay;
