@@ -33,7 +33,9 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn encode(&self, key: &str, plain: Bytes) -> Bytes;
 
     /// The original bytes of an object stored under `key`. An envelope that does not open
-    /// (a wrong key, a damaged object) is an error naming the key.
+    /// (a wrong key, a damaged object) is an error naming the key. (A [`StoreError`] for now, so
+    /// that every reader's `?` keeps working; the envelope brings its own error kind, with its
+    /// exit code, when it comes.)
     fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError>;
 }
 

@@ -15,6 +15,8 @@
 //! and the text that describes windows and problems. Does not own the archiver's chain checks
 //! ([`repo::check_chain`]) or a restore's full verification of the segments it replays.
 //!
+//! Every object key and its parser (with the revision of a rewritten object) live in [`keys`].
+//!
 //! Invariant: every instant inside a window is provable from objects the catalog listed and
 //! found intact where it looked; an instant outside every window is refused by the planner.
 
