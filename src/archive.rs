@@ -40,7 +40,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -646,10 +645,11 @@ enum Event {
 }
 
 struct Sealed {
-    key: String,
     range: String,
     end: Lsn,
-    bytes: Bytes,
+    /// The segment as stored, encoded once at seal time so that every retry puts the same bytes
+    /// (`crate::object`).
+    object: crate::object::Encoded,
     /// Its share of the in-memory budget, released when it is stored (dropped).
     admitted: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -1069,8 +1069,8 @@ async fn send_sealed(
     flow: &Flow,
     mut s: Sealed,
 ) -> Result<(), ArchiveError> {
-    debug!(range = %s.range, bytes = s.bytes.len(), "sealed segment");
-    s.admitted = Some(flow.admit(s.bytes.len()).await);
+    debug!(range = %s.range, bytes = s.object.len(), "sealed segment");
+    s.admitted = Some(flow.admit(s.object.len()).await);
     flow.unstored.fetch_add(1, Ordering::Relaxed);
     sealed
         .send(s)

@@ -27,7 +27,7 @@ pub mod cut;
 pub mod manifest;
 pub mod toc;
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,8 +38,10 @@ use bytes::Bytes;
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use tokio_postgres::Client;
 
+use crate::catalog::keys;
 use crate::conninfo::{ConnInfo, ConnInfoError};
 use crate::lsn::{Lsn, PgTimestamp};
+use crate::object;
 use crate::pgbin::{self, PgBinError};
 use crate::store::{Store, StoreError};
 
@@ -427,7 +429,7 @@ async fn take_inner(
         key_objects,
         totals,
     };
-    store.put(&m.key(), Bytes::from(m.to_json())).await?;
+    object::put_object(&**store, &m.key(), Bytes::from(m.to_json())).await?;
     tracing::info!(backup = %id, rows = m.totals.rows, bytes = m.totals.raw_bytes, "base backup complete");
     Ok(m)
 }
@@ -658,7 +660,7 @@ async fn dump_schema(
         bytes: dump.len() as u64,
         crc32: crc32fast::hash(&dump),
     };
-    store.put(&key, Bytes::from(dump)).await?;
+    object::put_object(&**store, &key, Bytes::from(dump)).await?;
     Ok(entry)
 }
 
@@ -925,8 +927,10 @@ async fn store_part(
         source: std::io::Error::other(e),
     })?
     .map_err(io_err(format!("compressing {key}")))?;
-    let stored_bytes = stored.len() as u64;
-    store.put(&key, Bytes::from(stored)).await?;
+    // The recorded size is the object's, as stored; the checksum is of its decoded bytes.
+    let object = object::encode(key.clone(), Bytes::from(stored));
+    let stored_bytes = object.len() as u64;
+    object.put(&*store).await?;
     Ok(PartEntry {
         key,
         rows,
@@ -1023,33 +1027,35 @@ pub async fn read_manifests(
     objects: &[crate::store::ObjectMeta],
 ) -> Result<ManifestScan, BackupError> {
     let mut folders: BTreeSet<String> = BTreeSet::new();
-    let mut complete: HashSet<String> = HashSet::new();
+    // The highest revision of each backup's manifest (proto/layout.md, "Revisions").
+    let mut complete: HashMap<String, (keys::Revision, String)> = HashMap::new();
     for o in objects {
-        let Some(rest) = o.key.strip_prefix(manifest::ROOT) else {
-            continue;
-        };
-        let Some((id, file)) = rest.split_once('/') else {
+        let Some((id, file)) = keys::split_backup_key(&o.key) else {
             continue;
         };
         folders.insert(id.to_string());
-        if file == "manifest.json" {
-            complete.insert(id.to_string());
+        if let Some(revision) = keys::manifest_revision(file) {
+            let newest = complete
+                .entry(id.to_string())
+                .or_insert((revision, o.key.clone()));
+            if revision > newest.0 {
+                *newest = (revision, o.key.clone());
+            }
         }
     }
     let mut scan = ManifestScan::default();
     for id in folders {
-        if !complete.contains(&id) {
+        let Some((_, key)) = complete.remove(&id) else {
             scan.incomplete.push(id);
             continue;
-        }
-        match read_manifest(store, &id).await {
+        };
+        match read_manifest(store, &id, &key).await {
             Ok(m) => scan.manifests.push(m),
             Err(
                 e @ (BackupError::Manifest(_)
                 | BackupError::BadObject { .. }
                 | BackupError::Store(StoreError::NotFound { .. })),
             ) => {
-                let key = manifest_key(&id);
                 let detail = e.to_string();
                 let detail = detail.strip_prefix(&format!("{key}: ")).unwrap_or(&detail);
                 scan.unreadable.push((key, detail.to_string()));
@@ -1060,10 +1066,15 @@ pub async fn read_manifests(
     Ok(scan)
 }
 
-/// Reads and checks the manifest of backup `id`.
-pub async fn read_manifest(store: &Arc<dyn Store>, id: &str) -> Result<Manifest, BackupError> {
-    let key = manifest_key(id);
-    let data = store.get(&key).await?;
+/// Reads and checks the manifest of backup `id` stored under `key` (a revision of
+/// [`manifest_key`]).
+pub async fn read_manifest(
+    store: &Arc<dyn Store>,
+    id: &str,
+    key: &str,
+) -> Result<Manifest, BackupError> {
+    let key = key.to_string();
+    let data = object::get_object(&**store, &key).await?;
     let m = Manifest::from_json(&key, &data)?;
     if m.id != id {
         return Err(BackupError::BadObject {
@@ -1128,7 +1139,7 @@ impl<'a> Loader<'a> {
     pub async fn check(&self) -> Result<(), BackupError> {
         self.listing().await?;
         let prefix = format!("{}{}/", manifest::ROOT, self.m.id);
-        let stored: std::collections::HashMap<String, u64> = self
+        let stored: HashMap<String, u64> = self
             .store
             .list(&prefix)
             .await?
@@ -1269,7 +1280,7 @@ struct SchemaFile {
 
 impl SchemaFile {
     async fn fetch(store: &Arc<dyn Store>, m: &Manifest) -> Result<SchemaFile, BackupError> {
-        let data = store.get(&m.schema.key).await?;
+        let data = object::get_object(&**store, &m.schema.key).await?;
         verify(&m.schema.key, &data, m.schema.crc32)?;
         // pg_restore must read the archive format of the pg_dump that wrote it, at least as
         // new as the source server.
@@ -1375,7 +1386,7 @@ fn start_fetch(store: &Arc<dyn Store>, p: &PartEntry) -> AbortOnDrop<Fetched> {
     let store = store.clone();
     let p = p.clone();
     AbortOnDrop(tokio::spawn(async move {
-        let data = store.get(&p.key).await?;
+        let data = object::get_object(&*store, &p.key).await?;
         verify(&p.key, &data, p.crc32)?;
         Ok(data)
     }))
@@ -1785,5 +1796,37 @@ mod tests {
         assert_eq!(scan.unreadable.len(), 1);
         assert_eq!(scan.unreadable[0].0, garbage);
         assert_eq!(list_manifests(&store).await.unwrap(), vec![m]);
+    }
+
+    #[tokio::test]
+    async fn the_highest_revision_of_a_manifest_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let m = manifest::tests::sample();
+        let mut rewritten = m.clone();
+        rewritten.tool_version = "rewritten".into();
+        let revision = |r| {
+            keys::Key::Manifest {
+                backup: m.id.clone(),
+                revision: r,
+            }
+            .to_string()
+        };
+        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
+        store
+            .put(&revision(3), Bytes::from(rewritten.to_json()))
+            .await
+            .unwrap();
+        store
+            .put(&revision(2), Bytes::from_static(b"{superseded"))
+            .await
+            .unwrap();
+        assert_eq!(list_manifests(&store).await.unwrap(), vec![rewritten]);
+        // A folder holding only a rewritten manifest is complete.
+        store.delete(&m.key()).await.unwrap();
+        let objects = store.list(manifest::ROOT).await.unwrap();
+        let scan = read_manifests(&store, &objects).await.unwrap();
+        assert!(scan.incomplete.is_empty() && scan.unreadable.is_empty());
+        assert_eq!(scan.manifests.len(), 1);
     }
 }

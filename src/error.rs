@@ -408,6 +408,15 @@ mod tests {
                 Repository,
             ),
             (
+                "repo newer format",
+                RepoError::NewerFormat {
+                    location: s(),
+                    found: 2,
+                }
+                .into(),
+                Repository,
+            ),
+            (
                 "repo wrong source",
                 RepoError::WrongSource {
                     location: s(),

@@ -16,7 +16,9 @@
 //!   client, [`source`] preflight checks on the source, [`pgbin`] PostgreSQL's client programs,
 //!   [`store`] where objects live, [`repo`] the repository's identity and segment chains,
 //!   [`catalog`] one listing turned into generations and their restorable windows (used by
-//!   `list` and restore's planner; damage removes only the instants that need it);
+//!   `list` and restore's planner; damage removes only the instants that need it),
+//!   [`catalog::keys`] every object key and its parser (with the revision of a rewritten object),
+//!   [`object`] the one way objects are written and read (encoded once, above every retry);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (take and load),
 //!   [`restore`] point-in-time restore (plan, then apply), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
@@ -37,6 +39,7 @@ pub mod error;
 pub mod exit;
 pub mod list;
 pub mod lsn;
+pub mod object;
 pub mod pgbin;
 pub mod pgoutput;
 pub mod prune;

@@ -15,14 +15,18 @@ use std::sync::Arc;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::keys;
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::segment;
+use crate::object;
 use crate::store::{Store, StoreError};
 
 /// Key of the identity object.
-pub const IDENTITY_KEY: &str = "archive.json";
+pub const IDENTITY_KEY: &str = keys::IDENTITY;
 /// Prefix of all segment objects.
-pub const SEGMENTS_PREFIX: &str = "segments/";
+pub const SEGMENTS_PREFIX: &str = keys::SEGMENTS;
+
+/// The newest `archive.json` format (and repository layout) this build reads and writes.
+pub const IDENTITY_FORMAT_VERSION: u32 = 1;
 
 /// Which cluster and database a repository archives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +45,8 @@ pub enum RepoError {
     Store(#[from] StoreError),
     #[error("repository {location}: {IDENTITY_KEY} is not valid: {detail}")]
     BadIdentity { location: String, detail: String },
+    #[error("repository {location}: {IDENTITY_KEY} has format_version {found}, but this build of tidemark reads format_version {IDENTITY_FORMAT_VERSION} at most: the repository was written by a newer tidemark; use a newer tidemark")]
+    NewerFormat { location: String, found: u64 },
     #[error("repository {location} archives database {repo_db:?} of cluster {repo_system}, but the source is database {src_db:?} of cluster {src_system}; use another --repo for this source")]
     WrongSource {
         location: String,
@@ -65,7 +71,9 @@ impl crate::error::Classify for RepoError {
         use crate::error::ExitStatus::*;
         match self {
             RepoError::Store(e) => e.exit_status(),
-            RepoError::BadIdentity { .. } | RepoError::WrongSource { .. } => Repository,
+            RepoError::BadIdentity { .. }
+            | RepoError::NewerFormat { .. }
+            | RepoError::WrongSource { .. } => Repository,
             RepoError::Broken { .. } => Damaged,
         }
     }
@@ -92,7 +100,7 @@ impl Identity {
     /// The identity of a new repository for (system_id, database).
     pub fn new(system_id: u64, database: &str) -> Identity {
         Identity {
-            format_version: 1,
+            format_version: IDENTITY_FORMAT_VERSION,
             system_id: system_id.to_string(),
             database: database.to_string(),
             created_at: PgTimestamp::now(),
@@ -100,17 +108,35 @@ impl Identity {
     }
 }
 
+/// Reads the repository's identity; `None` for a new repository. An identity of a newer format
+/// than this build knows is refused ([`RepoError::NewerFormat`]): this build would misread the
+/// repository.
 pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, RepoError> {
-    match store.get(IDENTITY_KEY).await {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| RepoError::BadIdentity {
-                location: store.location(),
-                detail: e.to_string(),
-            }),
+    match object::get_object(&**store, IDENTITY_KEY).await {
+        Ok(bytes) => parse_identity(&store.location(), &bytes).map(Some),
         Err(StoreError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Parses `archive.json` of the repository at `location`, checking its format version first.
+pub fn parse_identity(location: &str, bytes: &[u8]) -> Result<Identity, RepoError> {
+    let bad = |detail: String| RepoError::BadIdentity {
+        location: location.to_string(),
+        detail,
+    };
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
+    let found = value
+        .get("format_version")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("no numeric format_version".into()))?;
+    if found > u64::from(IDENTITY_FORMAT_VERSION) {
+        return Err(RepoError::NewerFormat {
+            location: location.to_string(),
+            found,
+        });
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }
 
 /// Checks that the repository belongs to (system_id, database), or is new.
@@ -141,7 +167,7 @@ pub fn check_identity(
 /// winner's identity when that names the same cluster and database.
 pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
     let body = serde_json::to_vec_pretty(id).expect("identity serializes");
-    match store.put(IDENTITY_KEY, Bytes::from(body)).await {
+    match object::put_object(&**store, IDENTITY_KEY, Bytes::from(body)).await {
         Ok(()) => Ok(()),
         Err(StoreError::Conflict { .. }) => {
             let found = read_identity(store).await?;
@@ -160,24 +186,32 @@ pub async fn list_segments(
     Ok(group_segments(objects.into_iter().map(|o| (o.key, o.size))))
 }
 
-/// Groups segment object names by generation; names that are not segments are ignored.
+/// Groups segment object names by generation; names that are not segments are ignored. Of
+/// several revisions of one segment (same generation and range), the highest is used and the
+/// others are ignored (`proto/layout.md`, "Revisions").
 pub fn group_segments(
     objects: impl IntoIterator<Item = (String, u64)>,
 ) -> BTreeMap<u32, Vec<SegmentRef>> {
-    let mut out: BTreeMap<u32, Vec<SegmentRef>> = BTreeMap::new();
+    let mut newest: BTreeMap<(u32, Lsn, Lsn), (keys::Revision, String, u64)> = BTreeMap::new();
     for (key, size) in objects {
-        if let Some((generation, start, end)) = segment::parse_object_name(&key) {
-            out.entry(generation).or_default().push(SegmentRef {
-                generation,
-                start,
-                end,
-                key,
-                size,
-            });
+        let Some(k) = keys::parse_segment(&key) else {
+            continue;
+        };
+        let slot = (k.generation, k.start, k.end);
+        if newest.get(&slot).is_none_or(|(r, _, _)| k.revision > *r) {
+            newest.insert(slot, (k.revision, key, size));
         }
     }
-    for chain in out.values_mut() {
-        chain.sort();
+    let mut out: BTreeMap<u32, Vec<SegmentRef>> = BTreeMap::new();
+    // Sorted by (generation, start, end): each chain comes out sorted.
+    for ((generation, start, end), (_, key, size)) in newest {
+        out.entry(generation).or_default().push(SegmentRef {
+            generation,
+            start,
+            end,
+            key,
+            size,
+        });
     }
     out
 }
@@ -255,7 +289,74 @@ mod tests {
     use super::*;
 
     fn seg(g: u32, s: u64, e: u64) -> (String, u64) {
-        (segment::object_name(g, Lsn(s), Lsn(e)), 10)
+        (keys::segment(g, Lsn(s), Lsn(e)), 10)
+    }
+
+    #[test]
+    fn an_identity_of_a_newer_format_is_refused() {
+        use crate::error::Classify;
+        let id = Identity::new(7439262451939043512, "app");
+        let body = serde_json::to_vec(&id).unwrap();
+        assert_eq!(parse_identity("/repo", &body).unwrap(), id);
+        let mut newer = serde_json::to_value(&id).unwrap();
+        newer["format_version"] = (IDENTITY_FORMAT_VERSION + 1).into();
+        newer["new_field"] = "x".into();
+        let err = parse_identity("/repo", &serde_json::to_vec(&newer).unwrap()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/repo")
+                && msg.contains("format_version 2")
+                && msg.contains("format_version 1 at most")
+                && msg.contains("use a newer tidemark"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Repository);
+        let err = parse_identity("/repo", br#"{"system_id": "1"}"#).unwrap_err();
+        assert!(matches!(err, RepoError::BadIdentity { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn read_identity_checks_the_format_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        assert_eq!(read_identity(&store).await.unwrap(), None);
+        let mut newer = serde_json::to_value(Identity::new(1, "app")).unwrap();
+        newer["format_version"] = 9.into();
+        store
+            .put(
+                IDENTITY_KEY,
+                Bytes::from(serde_json::to_vec(&newer).unwrap()),
+            )
+            .await
+            .unwrap();
+        let err = read_identity(&store).await.unwrap_err();
+        assert!(
+            matches!(err, RepoError::NewerFormat { found: 9, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_highest_revision_of_a_segment_wins() {
+        let rev = |g, s, e, r, size| (keys::segment_revision(g, Lsn(s), Lsn(e), r), size);
+        // Listed in any order: a rewrite (r2, r3) replaces the original, whatever sorts first.
+        let groups = group_segments([
+            rev(1, 0x200, 0x300, 3, 33),
+            seg(1, 0x100, 0x200),
+            rev(1, 0x200, 0x300, 1, 11),
+            rev(1, 0x100, 0x200, 2, 22),
+            rev(1, 0x200, 0x300, 2, 22),
+            rev(2, 0x200, 0x300, 1, 44),
+        ]);
+        let chain: Vec<(String, u64)> =
+            groups[&1].iter().map(|s| (s.key.clone(), s.size)).collect();
+        assert_eq!(
+            chain,
+            [rev(1, 0x100, 0x200, 2, 22), rev(1, 0x200, 0x300, 3, 33)]
+        );
+        assert_eq!(check_chain(&groups[&1]).unwrap(), Some(Lsn(0x300)));
+        assert_eq!(groups[&2].len(), 1, "generations do not mix revisions");
+        assert_eq!(groups[&2][0].size, 44);
     }
 
     #[test]

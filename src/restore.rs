@@ -248,8 +248,17 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
 }
 
 /// Reads what planning needs from the repository: its catalog and the usable manifests. The
-/// damage found is logged: a restore that avoids it goes on.
+/// damage found is logged: a restore that avoids it goes on. A repository of a newer format
+/// than this build reads is refused first.
 pub async fn gather(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), RestoreError> {
+    match repo::read_identity(store).await {
+        Ok(_) => {}
+        Err(e @ (repo::RepoError::NewerFormat { .. } | repo::RepoError::Store(_))) => {
+            return Err(e.into())
+        }
+        // A damaged identity does not stop a restore: nothing it needs is in it.
+        Err(e) => tracing::warn!("{e}"),
+    }
     let (cat, manifests) = Catalog::load(store).await.map_err(|e| match e {
         backup::BackupError::Store(e) => RestoreError::Store(e),
         e => RestoreError::Backup(e),
@@ -424,7 +433,11 @@ async fn fetch_and_verify(
     let mut fetches = futures_util::stream::iter(plan.segments.iter().cloned())
         .map(|key| {
             let store = store.clone();
-            async move { store.get(&key).await.map(|b| (key, b)) }
+            async move {
+                crate::object::get_object(&*store, &key)
+                    .await
+                    .map(|b| (key, b))
+            }
         })
         .buffered(4);
     while let Some(item) = fetches.next().await {
@@ -1590,6 +1603,28 @@ struct Stmt {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_repository_of_a_newer_format_is_not_restored() {
+        use crate::error::Classify;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let mut id = serde_json::to_value(repo::Identity::new(1, "app")).unwrap();
+        id["format_version"] = (repo::IDENTITY_FORMAT_VERSION + 1).into();
+        store
+            .put(
+                repo::IDENTITY_KEY,
+                bytes::Bytes::from(serde_json::to_vec(&id).unwrap()),
+            )
+            .await
+            .unwrap();
+        let err = gather(&store).await.unwrap_err();
+        assert!(
+            matches!(err, RestoreError::Repo(repo::RepoError::NewerFormat { .. })),
+            "{err}"
+        );
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Repository);
+    }
 
     fn facts() -> Catalog {
         use crate::catalog::{BackupRef, SegmentFact};

@@ -487,31 +487,15 @@ fn get_uvarint(buf: &[u8], pos: &mut usize, bits: u32) -> Result<u64, VarintErro
     }
 }
 
-/// Object name of a segment: `segments/<generation:8 hex>/<start:16 hex>-<end:16 hex>.seg`,
-/// upper-case hex, so that a lexical listing sorts by generation, then LSN.
+/// Object name of a segment (its first revision): [`crate::catalog::keys::segment`].
 pub fn object_name(generation: u32, start: Lsn, end: Lsn) -> String {
-    format!(
-        "segments/{generation:08X}/{}-{}.seg",
-        start.to_hex16(),
-        end.to_hex16()
-    )
+    crate::catalog::keys::segment(generation, start, end)
 }
 
-/// Parses a name written by [`object_name`]. Only the canonical form is accepted (exact
-/// widths, upper-case hex), so that names and `(generation, start, end)` map one to one.
+/// Parses a segment's object name, of any revision: [`crate::catalog::keys::parse_segment`].
+/// Only the canonical form is accepted, so that names and keys map one to one.
 pub fn parse_object_name(name: &str) -> Option<(u32, Lsn, Lsn)> {
-    let rest = name.strip_prefix("segments/")?;
-    let (generation, file) = rest.split_once('/')?;
-    let (start, end) = file.strip_suffix(".seg")?.split_once('-')?;
-    let canonical = |s: &str| {
-        s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
-    };
-    if generation.len() != 8 || !canonical(generation) || !canonical(start) || !canonical(end) {
-        return None;
-    }
-    let generation = u32::from_str_radix(generation, 16).ok()?;
-    Some((generation, Lsn::from_hex16(start)?, Lsn::from_hex16(end)?))
+    crate::catalog::keys::parse_segment(name).map(|k| (k.generation, k.start, k.end))
 }
 
 /// Index entry of one block; its last 20 bytes are the block header exactly as stored.

@@ -159,10 +159,12 @@ impl Writer {
         self.seg_start = end;
         self.commits_in_segment = 0;
         Sealed {
-            key: segment::object_name(self.ctx.generation, start, end),
             range: format!("{start}-{end}"),
             end,
-            bytes,
+            object: crate::object::encode(
+                segment::object_name(self.ctx.generation, start, end),
+                bytes,
+            ),
             admitted: None,
         }
     }
@@ -440,7 +442,7 @@ mod tests {
         assert!(w.can_seal());
         let s = w.seal();
         assert_eq!(s.end, Lsn(1100));
-        let seg = Segment::parse(s.bytes).unwrap();
+        let seg = Segment::parse(s.object.bytes().clone()).unwrap();
         assert_eq!(seg.info.flags, segment::FLAG_STREAMED);
         assert_eq!(seg.info.record_count, 3);
         assert!(seg.commits.is_empty());
@@ -472,7 +474,7 @@ mod tests {
         assert!(w.record(rec(1340, &sc)).unwrap().committed_data);
         let s = w.seal();
         assert_eq!(s.range, format!("{}-{}", Lsn(1100), Lsn(1340)));
-        let seg = Segment::parse(s.bytes).unwrap();
+        let seg = Segment::parse(s.object.bytes().clone()).unwrap();
         let c: Vec<(u32, u32)> = seg
             .commits
             .iter()

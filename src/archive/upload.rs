@@ -57,8 +57,8 @@ pub(super) async fn uploader_task(
         tokio::select! {
             item = sealed.recv(), if accepting && prefix.in_flight() < concurrency => {
                 let Some(seg) = item else { input_open = false; continue };
-                let id = prefix.push(seg.end, seg.key.clone());
-                if let Err(e) = lease.admit(&seg.key) {
+                let id = prefix.push(seg.end, seg.object.key().to_string());
+                if let Err(e) = lease.admit(seg.object.key()) {
                     prefix.failed(id);
                     failed.cancel();
                     abandon.cancel();
@@ -122,7 +122,8 @@ enum PutOutcome {
 }
 
 /// Stores one segment, retrying retryable errors with backoff until it is stored, fails for
-/// good, or `abandon` is cancelled.
+/// good, or `abandon` is cancelled. Every attempt puts the bytes encoded at seal time: a retry
+/// after a lost answer is then an identical put, never a conflict (`crate::object`).
 async fn put_with_retry(
     store: &dyn Store,
     seg: &Sealed,
@@ -137,11 +138,11 @@ async fn put_with_retry(
             return PutOutcome::Failed(e.into());
         }
         let attempt = Instant::now();
-        match store.put(&seg.key, seg.bytes.clone()).await {
+        match seg.object.put(store).await {
             Ok(()) => {
                 flow.observe_store(attempt.elapsed());
                 flow.unstored.fetch_sub(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
+                metrics::counter!(telemetry::STORED_BYTES).increment(seg.object.len() as u64);
                 return PutOutcome::Stored;
             }
             Err(e) if e.is_retryable() => {
@@ -178,16 +179,18 @@ mod tests {
     fn seg(i: u64) -> Sealed {
         let (start, end) = (Lsn(START + i * 0x100), Lsn(START + (i + 1) * 0x100));
         Sealed {
-            key: crate::segment::object_name(1, start, end),
             range: format!("{start}-{end}"),
             end,
-            bytes: Bytes::from(format!("segment {i}")),
+            object: crate::object::encode(
+                crate::segment::object_name(1, start, end),
+                Bytes::from(format!("segment {i}")),
+            ),
             admitted: None,
         }
     }
 
     fn key(i: u64) -> String {
-        seg(i).key
+        seg(i).object.key().to_string()
     }
 
     /// Feeds `count` segments to the uploader; returns its result, the last durable LSN it
@@ -260,6 +263,40 @@ mod tests {
             Err(ArchiveError::Upload { range, .. }) => assert_eq!(*range, seg(i).range),
             other => panic!("expected the upload of segment {i} to fail, got {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_a_lost_answer_puts_the_bytes_sealed_once() {
+        use crate::object::tests::{LosesFirstAnswer, Nonced};
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let store = LosesFirstAnswer::new(local.clone());
+        // Sealed with a codec whose every encoding differs (a random nonce).
+        let codec = Nonced::default();
+        let plain = Bytes::from_static(b"segment 0");
+        let mut s = seg(0);
+        s.object = crate::object::encode_with(&codec, key(0), plain.clone());
+        let flow = Flow::new(4 << 20);
+        flow.unstored.fetch_add(1, Ordering::Relaxed);
+        let lease = Lease::new(local.clone(), Duration::from_secs(60), "tidemark");
+        lease.acquire(true).await.unwrap();
+        lease.begin_chain(1, Lsn(START));
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            put_with_retry(&store, &s, &flow, &CancellationToken::new(), &lease),
+        )
+        .await
+        .expect("the retry comes within the first backoff");
+        assert!(
+            matches!(outcome, PutOutcome::Stored),
+            "the first answer was lost; the retry must not conflict"
+        );
+        assert_eq!(
+            crate::object::get_object_with(&*local, &codec, &key(0))
+                .await
+                .unwrap(),
+            plain
+        );
     }
 
     #[tokio::test]
@@ -380,7 +417,7 @@ mod tests {
             upload_segments(dir.path(), |f| f, vec![seg(0), seg(2), seg(3)]).await;
         match &r {
             Err(ArchiveError::Lease(LeaseError::NotContiguous { key, expected, .. })) => {
-                assert_eq!(*key, seg(2).key);
+                assert_eq!(key, seg(2).object.key());
                 assert_eq!(*expected, seg(0).end);
             }
             other => panic!("expected the fence to refuse segment 2, got {other:?}"),

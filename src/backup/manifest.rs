@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::keys;
 use crate::lsn::{Lsn, PgTimestamp};
 
 /// The newest manifest format this build writes and reads: 2 when a table is stored in COPY's
@@ -15,27 +16,23 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const MIN_FORMAT_VERSION: u32 = 1;
 
 /// Folder under which every base backup lives.
-pub const ROOT: &str = "basebackups/";
+pub const ROOT: &str = keys::BASEBACKUPS;
 
-/// The id of a backup: `<generation, 8 hex digits>-<consistent point, 16 hex digits>`, so that
-/// ids sort by generation, then stream position.
-pub fn backup_id(generation: u32, consistent_point: Lsn) -> String {
-    format!("{generation:08X}-{}", consistent_point.to_hex16())
-}
+pub use keys::backup_id;
 
 /// Key of the manifest of backup `id`.
 pub fn manifest_key(id: &str) -> String {
-    format!("{ROOT}{id}/manifest.json")
+    keys::manifest(id)
 }
 
 /// Key of the schema dump of backup `id`.
 pub fn schema_key(id: &str) -> String {
-    format!("{ROOT}{id}/schema.dump")
+    keys::schema(id)
 }
 
 /// Key of part `part` of table number `table` of backup `id`.
 pub fn part_key(id: &str, table: usize, part: usize) -> String {
-    format!("{ROOT}{id}/tables/{table:05}.{part:04}.copy.lz4")
+    keys::part(id, table, part)
 }
 
 /// Everything a restore needs to know about one base backup.

@@ -15,8 +15,12 @@
 //! and the text that describes windows and problems. Does not own the archiver's chain checks
 //! ([`repo::check_chain`]) or a restore's full verification of the segments it replays.
 //!
+//! Every object key and its parser (with the revision of a rewritten object) live in [`keys`].
+//!
 //! Invariant: every instant inside a window is provable from objects the catalog listed and
 //! found intact where it looked; an instant outside every window is refused by the planner.
+
+pub mod keys;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -385,7 +389,7 @@ impl Catalog {
 
 /// Reads one segment completely and checks it against its name.
 async fn read_fact(store: &Arc<dyn Store>, s: &SegmentRef) -> Result<SegmentFact, StoreError> {
-    match store.get(&s.key).await {
+    match crate::object::get_object(&**store, &s.key).await {
         Ok(bytes) => Ok(check_segment(s, bytes)),
         Err(StoreError::NotFound { .. }) => {
             Ok(SegmentFact::Corrupt("listed, but gone when read".into()))

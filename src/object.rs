@@ -1,0 +1,264 @@
+//! The object layer: every object of the archive is written and read through here, between
+//! the formats (segments, manifests, parts, the identity) and the [`Store`].
+//!
+//! Owns the [`Codec`] applied to an object's bytes on their way to the store and back: today
+//! [`Plain`], the identity; next the encryption envelope. Does not own keys
+//! ([`crate::catalog::keys`]), the formats, or retrying ([`Store::put`] retries what its kind of
+//! storage can retry; the archiver's uploader retries on its own schedule above that).
+//!
+//! Invariant protected here: **an object is encoded once, and every attempt to store it puts
+//! the same encoded bytes.** Writes are create-only and a retry succeeds only when its bytes are
+//! identical to what an earlier attempt stored (see [`crate::store`]). An envelope draws a
+//! fresh random nonce each time it encrypts: were it applied inside a retry loop, a first
+//! attempt that was stored but whose answer was lost (a dropped connection, a timeout) would
+//! make the retry offer different bytes under the same key, which the store refuses as a
+//! conflict — and a conflict stops the archiver as if two of them were writing. So encoding
+//! happens above every retry: [`encode`] makes an [`Encoded`] object, and whoever retries
+//! ([`Encoded::put`] called again, or the store's own retries inside one put) re-sends those
+//! bytes. (A deterministic, SIV-style envelope would also be safe; encoding once keeps any
+//! codec safe.)
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::store::{Store, StoreError};
+
+/// A transformation of an object's bytes on their way to the store and back.
+///
+/// `encode` may differ from call to call (a random nonce); `decode(encode(x)) == x` always.
+/// Both are given the object's key (an envelope binds it as associated data).
+pub trait Codec: Send + Sync + fmt::Debug {
+    /// The stored form of `plain`.
+    fn encode(&self, key: &str, plain: Bytes) -> Bytes;
+
+    /// The original bytes of an object stored under `key`. An envelope that does not open
+    /// (a wrong key, a damaged object) is an error naming the key. (A [`StoreError`] for now, so
+    /// that every reader's `?` keeps working; the envelope brings its own error kind, with its
+    /// exit code, when it comes.)
+    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError>;
+}
+
+/// The identity codec: objects are stored as they are (all repositories so far).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plain;
+
+impl Codec for Plain {
+    fn encode(&self, _key: &str, plain: Bytes) -> Bytes {
+        plain
+    }
+
+    fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+        Ok(stored)
+    }
+}
+
+/// The codec of this build's repositories.
+pub const DEFAULT: Plain = Plain;
+
+/// An object encoded once, ready to be stored — and stored again, byte for byte, by a retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    key: String,
+    bytes: Bytes,
+}
+
+impl Encoded {
+    /// The object's key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The bytes as stored.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// The stored size.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether the stored form is empty.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Stores the encoded bytes under the key (create-only; see [`Store::put`]). Calling it
+    /// again after an error is a safe retry: the bytes are the same.
+    pub async fn put(&self, store: &dyn Store) -> Result<(), StoreError> {
+        store.put(&self.key, self.bytes.clone()).await
+    }
+}
+
+/// Encodes `plain`, the object to store under `key`, with the default codec.
+pub fn encode(key: impl Into<String>, plain: Bytes) -> Encoded {
+    encode_with(&DEFAULT, key, plain)
+}
+
+/// Encodes `plain`, the object to store under `key`, with `codec`.
+pub fn encode_with(codec: &dyn Codec, key: impl Into<String>, plain: Bytes) -> Encoded {
+    let key = key.into();
+    let bytes = codec.encode(&key, plain);
+    Encoded { key, bytes }
+}
+
+/// Encodes `plain` once and stores it under `key` (the store's own retries re-send the same
+/// bytes).
+pub async fn put_object(store: &dyn Store, key: &str, plain: Bytes) -> Result<(), StoreError> {
+    encode(key, plain).put(store).await
+}
+
+/// Reads the object under `key` and decodes it with the default codec.
+pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, StoreError> {
+    get_object_with(store, &DEFAULT, key).await
+}
+
+/// Reads the object under `key` and decodes it with `codec`.
+pub async fn get_object_with(
+    store: &dyn Store,
+    codec: &dyn Codec,
+    key: &str,
+) -> Result<Bytes, StoreError> {
+    let stored = store.get(key).await?;
+    codec.decode(key, stored)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::store::{LocalStore, ObjectMeta};
+
+    /// A codec whose output differs on every call, like an envelope with a random nonce:
+    /// an 8-byte counter, then the bytes xor-ed with its low byte.
+    #[derive(Debug, Default)]
+    pub(crate) struct Nonced(AtomicU64);
+
+    impl Codec for Nonced {
+        fn encode(&self, _key: &str, plain: Bytes) -> Bytes {
+            let nonce = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut out = nonce.to_be_bytes().to_vec();
+            out.extend(plain.iter().map(|b| b ^ nonce as u8));
+            Bytes::from(out)
+        }
+
+        fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+            let (nonce, body) = stored
+                .split_at_checked(8)
+                .ok_or_else(|| StoreError::Remote {
+                    location: "test".into(),
+                    op: "decode",
+                    key: key.into(),
+                    message: "shorter than its nonce".into(),
+                    retryable: false,
+                })?;
+            let n = u64::from_be_bytes(nonce.try_into().unwrap()) as u8;
+            Ok(body.iter().map(|b| b ^ n).collect::<Vec<u8>>().into())
+        }
+    }
+
+    /// A store whose first put is stored but answered with a retryable error, as when the
+    /// connection drops after the store took the object.
+    #[derive(Debug)]
+    pub(crate) struct LosesFirstAnswer {
+        pub(crate) inner: Arc<dyn Store>,
+        pub(crate) lost: AtomicBool,
+    }
+
+    impl LosesFirstAnswer {
+        pub(crate) fn new(inner: Arc<dyn Store>) -> LosesFirstAnswer {
+            LosesFirstAnswer {
+                inner,
+                lost: AtomicBool::new(false),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Store for LosesFirstAnswer {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+            self.inner.put(key, data).await?;
+            if self.lost.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
+            Err(StoreError::Remote {
+                location: self.location(),
+                op: "put",
+                key: key.into(),
+                message: "connection reset after the object was stored".into(),
+                retryable: true,
+            })
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+            self.inner.list(prefix).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key).await
+        }
+        async fn check_writable(&self) -> Result<(), StoreError> {
+            self.inner.check_writable().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_after_a_lost_answer_stores_the_same_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let store = LosesFirstAnswer::new(local.clone());
+        let codec = Nonced::default();
+        let plain = Bytes::from_static(b"a segment's bytes");
+
+        let object = encode_with(&codec, "segments/x", plain.clone());
+        let first = object.put(&store).await.unwrap_err();
+        assert!(first.is_retryable(), "{first}");
+        // The retry re-sends the bytes encoded once: the store sees an identical put.
+        object.put(&store).await.unwrap();
+        assert_eq!(
+            get_object_with(&*local, &codec, "segments/x")
+                .await
+                .unwrap(),
+            plain
+        );
+
+        // Encoding again for the retry (a fresh nonce) is what the layer prevents: a conflict.
+        let store = LosesFirstAnswer::new(local.clone());
+        encode_with(&codec, "segments/y", plain.clone())
+            .put(&store)
+            .await
+            .unwrap_err();
+        let again = encode_with(&codec, "segments/y", plain.clone())
+            .put(&store)
+            .await
+            .unwrap_err();
+        assert!(matches!(again, StoreError::Conflict { .. }), "{again}");
+    }
+
+    #[tokio::test]
+    async fn the_default_codec_stores_objects_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        let plain = Bytes::from_static(b"{\"format_version\": 1}");
+        put_object(&store, "archive.json", plain.clone())
+            .await
+            .unwrap();
+        assert_eq!(store.get("archive.json").await.unwrap(), plain);
+        assert_eq!(get_object(&store, "archive.json").await.unwrap(), plain);
+        let encoded = encode("k", plain.clone());
+        assert_eq!((encoded.key(), encoded.bytes()), ("k", &plain));
+        assert!(matches!(
+            get_object(&store, "missing").await,
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+}
