@@ -23,7 +23,8 @@
 //! * commands: [`setup`], [`backup_cmd`], [`list`], [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
-//!   checked variant by variant) and [`sql`] the one quoting of identifiers and literals.
+//!   checked variant by variant), [`retry`] the one backoff and retry loop (with jitter and
+//!   cancellation) and [`sql`] the one quoting of identifiers and literals.
 
 pub mod archive;
 pub mod backup;
@@ -41,6 +42,7 @@ pub mod pgoutput;
 pub mod replication;
 pub mod repo;
 pub mod restore;
+pub mod retry;
 pub mod scratch;
 pub mod segment;
 pub mod setup;
