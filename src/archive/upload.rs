@@ -16,7 +16,8 @@ use tracing::warn;
 use super::durable::DurablePrefix;
 use super::{ArchiveError, AttemptStats, Flow, Sealed};
 use crate::lsn::Lsn;
-use crate::store::Store;
+use crate::retry::{retry, Backoff, Jitter, Policy, RetryError, Retrying};
+use crate::store::{Store, StoreError};
 use crate::telemetry;
 
 /// Uploads sealed segments with bounded concurrency and publishes the durable LSN: the end
@@ -106,6 +107,15 @@ enum PutOutcome {
     Abandoned,
 }
 
+/// The uploader's schedule: 200 ms doubling to 30 s, ±25 % jitter (so the puts of several
+/// segments failing together spread out), as long as it takes.
+fn put_policy() -> Policy {
+    Policy::unlimited(
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
+            .jitter(Jitter::Proportional(0.25)),
+    )
+}
+
 /// Stores one segment, retrying retryable errors with backoff until it is stored, fails for
 /// good, or `abandon` is cancelled.
 async fn put_with_retry(
@@ -114,34 +124,35 @@ async fn put_with_retry(
     flow: &Flow,
     abandon: &CancellationToken,
 ) -> PutOutcome {
-    let mut delay = Duration::from_millis(200);
-    let started = Instant::now();
-    loop {
+    let put = || async {
         let attempt = Instant::now();
-        match store.put(&seg.key, seg.bytes.clone()).await {
-            Ok(()) => {
-                flow.observe_store(attempt.elapsed());
-                flow.unstored.fetch_sub(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
-                return PutOutcome::Stored;
-            }
-            Err(e) if e.is_retryable() => {
-                metrics::counter!(telemetry::STORE_RETRIES).increment(1);
-                warn!(segment = %seg.range, error = %e, waited = ?started.elapsed(), "storing the segment failed; retrying");
-                let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                tokio::select! {
-                    _ = abandon.cancelled() => return PutOutcome::Abandoned,
-                    _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(source) => {
-                return PutOutcome::Failed(ArchiveError::Upload {
-                    range: seg.range.clone(),
-                    source,
-                })
-            }
+        store.put(&seg.key, seg.bytes.clone()).await?;
+        Ok(attempt.elapsed())
+    };
+    let on_retry = |e: &StoreError, r: Retrying| {
+        metrics::counter!(telemetry::STORE_RETRIES).increment(1);
+        warn!(segment = %seg.range, error = %e, waited = ?r.elapsed, "storing the segment failed; retrying");
+    };
+    match retry(
+        &put_policy(),
+        abandon,
+        StoreError::is_retryable,
+        on_retry,
+        put,
+    )
+    .await
+    {
+        Ok(took) => {
+            flow.observe_store(took);
+            flow.unstored.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::STORED_BYTES).increment(seg.bytes.len() as u64);
+            PutOutcome::Stored
         }
+        Err(RetryError::Cancelled(_)) => PutOutcome::Abandoned,
+        Err(e) => PutOutcome::Failed(ArchiveError::Upload {
+            range: seg.range.clone(),
+            source: e.into_inner(),
+        }),
     }
 }
 
