@@ -159,7 +159,7 @@ async fn put_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::faulty::FaultyStore;
+    use crate::store::faulty::{Fault, FaultyStore, Op, Times};
     use crate::store::LocalStore;
     use bytes::Bytes;
 
@@ -344,5 +344,59 @@ mod tests {
             [key(0)],
             "segment 3, stored past the failure, is deleted"
         );
+    }
+
+    #[tokio::test]
+    async fn retryable_failures_are_retried_until_the_segment_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| f.fail(Op::Put, Fault::Retryable, Times::N(2)),
+            2,
+        )
+        .await;
+        assert_eq!(r.unwrap(), 2);
+        assert_eq!(durable, seg(1).end);
+        assert_eq!(keys, [key(0), key(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_upload_without_retrying() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| f.fail(Op::Put, Fault::DiskFull, Times::Always),
+            1,
+        )
+        .await;
+        assert_failed_at(&r, 0);
+        match r {
+            Err(ArchiveError::Upload { source, .. }) => assert!(
+                matches!(&source, crate::store::StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
+                "{source}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_millis(150), "no backoff");
+        assert_eq!(durable, Lsn(START));
+        assert!(keys.is_empty());
+    }
+
+    #[test]
+    fn the_put_schedule_is_200_ms_doubling_to_30_s_with_a_quarter_of_jitter_unbounded() {
+        let p = put_policy();
+        assert!(p.max_attempts.is_none() && p.max_elapsed.is_none());
+        let mut b = p.backoff;
+        let ms = Duration::from_millis;
+        let first = b.next_delay();
+        assert!((ms(150)..=ms(250)).contains(&first), "{first:?}");
+        let second = b.next_delay();
+        assert!((ms(300)..=ms(500)).contains(&second), "{second:?}");
+        for _ in 0..20 {
+            b.next_delay();
+        }
+        let capped = b.next_delay();
+        assert!((ms(22_500)..=ms(37_500)).contains(&capped), "{capped:?}");
     }
 }
