@@ -16,6 +16,8 @@
 //!   key can then be stored again, with other bytes;
 //! * an empty object and a large one (several MiB: past S3's multipart threshold if the store
 //!   is configured so) round-trip with their sizes;
+//! * a put of a key that is not a relative path (empty, absolute, with an empty, `.` or `..`
+//!   part) is refused and stores nothing;
 //! * `check_writable` succeeds and leaves no object behind.
 
 use bytes::Bytes;
@@ -34,6 +36,7 @@ pub async fn run(store: &dyn Store, base: &str) {
     deletion(store, &format!("{base}deletion/")).await;
     empty_object(store, &format!("{base}empty/")).await;
     large_object(store, &format!("{base}large/")).await;
+    invalid_keys(store, &format!("{base}invalid/")).await;
     writable(store).await;
 }
 
@@ -321,6 +324,32 @@ pub async fn large_object(store: &dyn Store, base: &str) {
         ),
     }
     expect_bytes(store, CHECK, &key, &data).await;
+}
+
+/// A put of a key that is not a relative `/`-separated path is refused and stores nothing.
+pub async fn invalid_keys(store: &dyn Store, base: &str) {
+    const CHECK: &str = "invalid key";
+    let before = list(store, CHECK, "").await;
+    for key in [
+        String::new(),
+        format!("/{base}abs"),
+        format!("{base}a//b"),
+        format!("{base}./a"),
+        format!("{base}../escape"),
+        format!("{base}a/"),
+    ] {
+        if store.put(&key, Bytes::from_static(b"x")).await.is_ok() {
+            fail(store, CHECK, format!("a put of {key:?} succeeded"))
+        }
+    }
+    let after = list(store, CHECK, "").await;
+    if before != after {
+        fail(
+            store,
+            CHECK,
+            format!("refused puts left objects: {before:?} before, {after:?} after"),
+        )
+    }
 }
 
 /// `check_writable` succeeds and leaves the listing as it was.
