@@ -278,7 +278,7 @@ async fn run_attempts(
 ) -> Result<ArchiveSummary, ArchiveError> {
     let mut total = ArchiveSummary::default();
     let mut streamed_once = false;
-    let mut delay = RETRY_FIRST;
+    let mut backoff = crate::retry::Backoff::new(RETRY_FIRST, RETRY_MAX);
     for attempt in 0u64.. {
         let stats = Arc::new(AttemptStats::default());
         let started = Instant::now();
@@ -324,14 +324,14 @@ async fn run_attempts(
             Err(e) if streamed_once && e.is_transient() && !shutdown.is_cancelled() => {
                 metrics::counter!(telemetry::RESTARTS).increment(1);
                 if streamed && started.elapsed() >= RETRY_RESET_AFTER {
-                    delay = RETRY_FIRST;
+                    backoff.reset();
                 }
+                let delay = backoff.next_delay();
                 warn!(error = %e, retry_in = ?delay, durable = %total.durable, "archiving interrupted; starting over from the archive's end");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(total),
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).min(RETRY_MAX);
             }
             Err(e) => {
                 if matches!(e, ArchiveError::SchemaChange(_)) {
@@ -359,7 +359,8 @@ async fn drop_slot_when_released(
 
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// An attempt that streamed at least this long resets the backoff.
+/// An attempt that streamed at least this long resets the backoff (no jitter: one archiver per
+/// repository, so there is no herd to spread).
 const RETRY_RESET_AFTER: Duration = Duration::from_secs(60);
 
 /// What one attempt did, readable after it failed.

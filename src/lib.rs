@@ -25,8 +25,9 @@
 //! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
-//!   checked variant by variant), [`sql`] the one quoting of identifiers and literals, and
-//!   [`session`] the one list of settings that decide how values read as text.
+//!   checked variant by variant), [`retry`] the one backoff and retry loop (with jitter and
+//!   cancellation), [`sql`] the one quoting of identifiers and literals, and [`session`] the
+//!   one list of settings that decide how values read as text.
 
 pub mod archive;
 pub mod backup;
@@ -46,6 +47,7 @@ pub mod prune;
 pub mod replication;
 pub mod repo;
 pub mod restore;
+pub mod retry;
 pub mod scratch;
 pub mod segment;
 pub mod session;

@@ -11,7 +11,9 @@
 //! Keys are `/`-separated relative paths (`segments/00000001/…seg`); stores map them to their
 //! own namespace.
 
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
+pub mod conformance;
+#[cfg(any(test, feature = "testing"))]
 pub mod faulty;
 pub mod local;
 pub mod s3;

@@ -21,7 +21,8 @@ use super::durable::DurablePrefix;
 use super::lease::Lease;
 use super::{ArchiveError, AttemptStats, Flow, Sealed};
 use crate::lsn::Lsn;
-use crate::store::Store;
+use crate::retry::{retry, Backoff, Jitter, Policy, RetryError, Retrying};
+use crate::store::{Store, StoreError};
 use crate::telemetry;
 
 /// Uploads sealed segments with bounded concurrency and publishes the durable LSN: the end
@@ -121,6 +122,15 @@ enum PutOutcome {
     Abandoned,
 }
 
+/// The uploader's schedule: 200 ms doubling to 30 s, ±25 % jitter (so the puts of several
+/// segments failing together spread out), as long as it takes.
+fn put_policy() -> Policy {
+    Policy::unlimited(
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(30))
+            .jitter(Jitter::Proportional(0.25)),
+    )
+}
+
 /// Stores one segment, retrying retryable errors with backoff until it is stored, fails for
 /// good, or `abandon` is cancelled. Every attempt puts the bytes encoded at seal time: a retry
 /// after a lost answer is then an identical put, never a conflict (`crate::object`).
@@ -131,37 +141,39 @@ async fn put_with_retry(
     abandon: &CancellationToken,
     lease: &Lease,
 ) -> PutOutcome {
-    let mut delay = Duration::from_millis(200);
-    let started = Instant::now();
-    loop {
-        if let Err(e) = lease.check() {
-            return PutOutcome::Failed(e.into());
-        }
+    /// Why an attempt failed: the store, or the fence (the lease is no longer held).
+    enum Attempt {
+        Store(StoreError),
+        Fence(crate::archive::lease::LeaseError),
+    }
+    let put = || async {
+        lease.check().map_err(Attempt::Fence)?;
         let attempt = Instant::now();
-        match seg.object.put(store).await {
-            Ok(()) => {
-                flow.observe_store(attempt.elapsed());
-                flow.unstored.fetch_sub(1, Ordering::Relaxed);
-                metrics::counter!(telemetry::STORED_BYTES).increment(seg.object.len() as u64);
-                return PutOutcome::Stored;
-            }
-            Err(e) if e.is_retryable() => {
-                metrics::counter!(telemetry::STORE_RETRIES).increment(1);
-                warn!(segment = %seg.range, error = %e, waited = ?started.elapsed(), "storing the segment failed; retrying");
-                let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                tokio::select! {
-                    _ = abandon.cancelled() => return PutOutcome::Abandoned,
-                    _ = tokio::time::sleep(delay.mul_f64(jitter)) => {}
-                }
-                delay = (delay * 2).min(Duration::from_secs(30));
-            }
-            Err(source) => {
-                return PutOutcome::Failed(ArchiveError::Upload {
-                    range: seg.range.clone(),
-                    source,
-                })
-            }
+        seg.object.put(store).await.map_err(Attempt::Store)?;
+        Ok(attempt.elapsed())
+    };
+    let retryable = |e: &Attempt| matches!(e, Attempt::Store(s) if s.is_retryable());
+    let on_retry = |e: &Attempt, r: Retrying| {
+        if let Attempt::Store(e) = e {
+            metrics::counter!(telemetry::STORE_RETRIES).increment(1);
+            warn!(segment = %seg.range, error = %e, waited = ?r.elapsed, "storing the segment failed; retrying");
         }
+    };
+    match retry(&put_policy(), abandon, retryable, on_retry, put).await {
+        Ok(took) => {
+            flow.observe_store(took);
+            flow.unstored.fetch_sub(1, Ordering::Relaxed);
+            metrics::counter!(telemetry::STORED_BYTES).increment(seg.object.len() as u64);
+            PutOutcome::Stored
+        }
+        Err(RetryError::Cancelled(_)) => PutOutcome::Abandoned,
+        Err(e) => PutOutcome::Failed(match e.into_inner() {
+            Attempt::Store(source) => ArchiveError::Upload {
+                range: seg.range.clone(),
+                source,
+            },
+            Attempt::Fence(e) => e.into(),
+        }),
     }
 }
 
@@ -169,7 +181,7 @@ async fn put_with_retry(
 mod tests {
     use super::*;
     use crate::archive::lease::LeaseError;
-    use crate::store::faulty::FaultyStore;
+    use crate::store::faulty::{Fault, FaultyStore, Op, Times};
     use crate::store::LocalStore;
     use bytes::Bytes;
 
@@ -424,5 +436,59 @@ mod tests {
         }
         assert_eq!(durable, seg(0).end);
         assert_eq!(keys, [key(0)], "nothing is stored past the refused segment");
+    }
+
+    #[tokio::test]
+    async fn retryable_failures_are_retried_until_the_segment_is_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| f.fail(Op::Put, Fault::Retryable, Times::N(2)),
+            2,
+        )
+        .await;
+        assert_eq!(r.unwrap(), 2);
+        assert_eq!(durable, seg(1).end);
+        assert_eq!(keys, [key(0), key(1)]);
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_upload_without_retrying() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let (r, durable, keys) = upload(
+            dir.path(),
+            |f| f.fail(Op::Put, Fault::DiskFull, Times::Always),
+            1,
+        )
+        .await;
+        assert_failed_at(&r, 0);
+        match r {
+            Err(ArchiveError::Upload { source, .. }) => assert!(
+                matches!(&source, crate::store::StoreError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull),
+                "{source}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_millis(150), "no backoff");
+        assert_eq!(durable, Lsn(START));
+        assert!(keys.is_empty());
+    }
+
+    #[test]
+    fn the_put_schedule_is_200_ms_doubling_to_30_s_with_a_quarter_of_jitter_unbounded() {
+        let p = put_policy();
+        assert!(p.max_attempts.is_none() && p.max_elapsed.is_none());
+        let mut b = p.backoff;
+        let ms = Duration::from_millis;
+        let first = b.next_delay();
+        assert!((ms(150)..=ms(250)).contains(&first), "{first:?}");
+        let second = b.next_delay();
+        assert!((ms(300)..=ms(500)).contains(&second), "{second:?}");
+        for _ in 0..20 {
+            b.next_delay();
+        }
+        let capped = b.next_delay();
+        assert!((ms(22_500)..=ms(37_500)).contains(&capped), "{capped:?}");
     }
 }

@@ -26,13 +26,13 @@
 //! stores that reject it.
 //!
 //! Retries: the SDK's own retries are off (one attempt per call) and this module retries each
-//! operation itself, with exponential backoff and full jitter, on what retrying can fix: throttling
-//! (`503 SlowDown`), other 5xx, `429`, timeouts, refused or dropped connections, truncated bodies
-//! (a `GetObject` whose body breaks mid-way is retried whole: the SDK does not retry a body).
-//! The number of attempts and the total time are bounded ([`RetryPolicy`]), and connect/read
-//! timeouts are set (and the SDK's stalled-stream protection is on), so a retryable error comes
-//! back within tens of seconds, never hangs; the
-//! archiver then retries on its own schedule. What retrying cannot fix — no such bucket, access
+//! operation itself ([`crate::retry`]: exponential backoff with full jitter) on what retrying
+//! can fix: throttling (`503 SlowDown`), other 5xx, `429`, timeouts, refused or dropped
+//! connections, truncated bodies (a `GetObject` whose body breaks mid-way is retried whole: the
+//! SDK does not retry a body). The number of attempts and the total time are bounded
+//! ([`RetryPolicy`]), and connect/read timeouts are set (and the SDK's stalled-stream protection
+//! is on), so a retryable error comes back within tens of seconds, never hangs; the archiver
+//! then retries on its own schedule. What retrying cannot fix — no such bucket, access
 //! denied, unknown access key, bad signature — fails at once with a message naming the bucket,
 //! the operation and a HINT.
 //!
@@ -45,7 +45,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
@@ -57,8 +57,10 @@ use aws_sdk_s3::Client;
 use aws_smithy_types::retry::ErrorKind;
 use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
+use tokio_util::sync::CancellationToken;
 
 use super::{ObjectMeta, Store, StoreError};
+use crate::retry;
 
 /// Server-side encryption requested on every write.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -120,6 +122,18 @@ pub struct RetryPolicy {
     pub max_delay: Duration,
     /// No new attempt starts after this much time since the first.
     pub max_elapsed: Duration,
+}
+
+impl RetryPolicy {
+    /// As the shared retry loop takes it: full jitter over `base_delay` doubling to `max_delay`.
+    pub fn policy(&self) -> retry::Policy {
+        retry::Policy {
+            backoff: retry::Backoff::new(self.base_delay, self.max_delay)
+                .jitter(retry::Jitter::Full),
+            max_attempts: Some(self.max_attempts),
+            max_elapsed: Some(self.max_elapsed),
+        }
+    }
 }
 
 impl Default for RetryPolicy {
@@ -346,36 +360,32 @@ impl S3Store {
         &self,
         op: &'static str,
         key: &str,
-        mut attempt: F,
+        attempt: F,
     ) -> Result<T, StoreError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
-        let start = Instant::now();
-        let mut n = 0u32;
-        loop {
-            n += 1;
-            match attempt().await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() => {
-                    let exp = self
-                        .retry
-                        .base_delay
-                        .saturating_mul(1u32 << (n - 1).min(16))
-                        .min(self.retry.max_delay);
-                    let delay = exp.mul_f64(rand::random::<f64>());
-                    if n >= self.retry.max_attempts
-                        || start.elapsed() + delay >= self.retry.max_elapsed
-                    {
-                        tracing::debug!(op, key, attempts = n, "giving up: {e}");
-                        return Err(e);
-                    }
-                    tracing::debug!(op, key, attempt = n, ?delay, "retrying: {e}");
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
+        // Store calls take no cancellation token: the budget bounds each call instead.
+        let never = CancellationToken::new();
+        let on_retry = |e: &StoreError, r: retry::Retrying| {
+            tracing::debug!(op, key, attempt = r.attempt, delay = ?r.delay, "retrying: {e}");
+        };
+        match retry::retry(
+            &self.retry.policy(),
+            &never,
+            StoreError::is_retryable,
+            on_retry,
+            attempt,
+        )
+        .await
+        {
+            Ok(v) => Ok(v),
+            Err(retry::RetryError::Exhausted { last, attempts }) => {
+                tracing::debug!(op, key, attempts, "giving up: {last}");
+                Err(last)
             }
+            Err(e) => Err(e.into_inner()),
         }
     }
 
@@ -960,6 +970,64 @@ impl Store for S3Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn offline_store(retry: RetryPolicy) -> S3Store {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version_latest()
+            .region(aws_sdk_s3::config::Region::new("us-east-1"))
+            .build();
+        let mut s = S3Store::from_client(Client::from_conf(conf), "b".into(), "".into(), Sse::None);
+        s.retry = retry;
+        s
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_call_is_retried_within_its_attempts_and_a_final_error_is_not() {
+        let s = offline_store(RetryPolicy {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            max_elapsed: Duration::from_secs(3600),
+        });
+        for retryable in [true, false] {
+            let calls = std::sync::atomic::AtomicU32::new(0);
+            let r: Result<(), _> = s
+                .retrying("PutObject", "k", || async {
+                    let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
+                    Err(s.remote("PutObject", "k", format!("attempt {n}"), retryable))
+                })
+                .await;
+            let expected = if retryable { 3 } else { 1 };
+            assert_eq!(calls.load(Ordering::Relaxed), expected);
+            let e = r.unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("attempt {expected}")),
+                "the last error is returned: {e}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_waits_past_the_elapsed_budget() {
+        let s = offline_store(RetryPolicy {
+            max_attempts: 1000,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(5),
+            max_elapsed: Duration::from_secs(2),
+        });
+        let start = tokio::time::Instant::now();
+        let r: Result<(), _> = s
+            .retrying("GetObject", "k", || async {
+                Err(s.remote("GetObject", "k", "busy".into(), true))
+            })
+            .await;
+        assert!(r.unwrap_err().is_retryable());
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
 
     #[test]
     fn urls_name_a_bucket_and_an_optional_prefix() {

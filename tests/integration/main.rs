@@ -9,6 +9,7 @@ mod support;
 mod backup;
 mod bad_input;
 mod commands;
+mod conformance;
 mod crash;
 mod damage;
 mod ddl;
