@@ -18,7 +18,9 @@
 //!   [`catalog`] one listing turned into generations and their restorable windows (used by
 //!   `list` and restore's planner; damage removes only the instants that need it);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (take and load),
-//!   [`restore`] point-in-time restore (plan, then apply), [`ddl`] schema changes and sequence
+//!   [`changelog`] segments read into committed transactions in commit order (reassembly,
+//!   aborts, dedup, the one stop rule), [`restore`] point-in-time restore (plan, then apply, its
+//!   replay a sink of the changelog reader), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
 //! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
@@ -30,6 +32,7 @@ pub mod archive;
 pub mod backup;
 pub mod backup_cmd;
 pub mod catalog;
+pub mod changelog;
 pub mod conninfo;
 pub mod ddl;
 pub mod demo;

@@ -1,10 +1,9 @@
 //! Point-in-time restore: a pure *plan* (which base backup, which segments, where to stop),
 //! then the *apply* (schema, data, replay, sequences, indexes) into an empty database.
 //!
-//! Stop semantics are PostgreSQL's own `recovery_target_time` / `recovery_target_lsn` with
-//! `recovery_target_inclusive = on`: transactions are replayed in commit-LSN order, and replay
-//! stops before the first transaction that committed after the target time (or whose commit
-//! record lies beyond the target LSN). The result equals a physical PITR of the same cluster.
+//! Which transactions are replayed, in which order and where replay stops (PostgreSQL's own
+//! `recovery_target_time` / `recovery_target_lsn` with `recovery_target_inclusive = on`) is
+//! the [`crate::changelog`] reader's; the replay here is its sink.
 //!
 //! Invariants:
 //! * A target the archive cannot prove is refused, never moved: a time before the earliest base
@@ -18,9 +17,9 @@
 //!   the base backup's objects are all there ([`backup::Loader::check`]). The first write marks
 //!   the target as in progress and the last one removes the mark (see `target`): a target that
 //!   is not complete always says so.
-//! * Source transactions are applied whole and in commit order, several consecutive ones per
-//!   target transaction (see `Replayer`: group boundaries are source commit boundaries); one
-//!   that the backup already holds (commit LSN below the backup's consistent point) is skipped.
+//! * Source transactions are applied whole and in the order the changelog reader hands them
+//!   out, several consecutive ones per target transaction (see `Replayer`: group boundaries
+//!   are source commit boundaries).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -33,6 +32,7 @@ use tracing::{debug, info};
 
 use crate::backup::{self, LoadPhase, Manifest};
 use crate::catalog::Catalog;
+use crate::changelog;
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgoutput::{self, Message};
@@ -373,14 +373,11 @@ async fn apply(
     }
 
     let replay_started = Instant::now();
-    let mut replayer = Replayer::new(client, manifest, plan.start, to).await?;
-    replayer.spool = verified.to_vec();
-    for (seg_no, path) in verified.iter().enumerate() {
-        let seg = read_spooled(path).await?;
-        if !replayer.apply_segment(&seg, seg_no).await? {
-            break;
-        }
-    }
+    let mut replayer = Replayer::new(client, manifest).await?;
+    let mut reader = changelog::TxnReader::new(plan.start, to);
+    reader
+        .read_all(verified.len(), &mut Spooled(verified), &mut replayer)
+        .await?;
     replayer.flush().await?;
     let replay_seconds = replay_started.elapsed().as_secs_f64();
 
@@ -467,15 +464,7 @@ async fn fetch_and_verify(
             })?;
         out.push(path);
         // Replay stops in this segment: later ones are not needed.
-        let stops_here = match target {
-            Target::Time(t) => seg
-                .commits
-                .iter()
-                .any(|c| c.commit_lsn >= plan.start && c.commit_time > t),
-            Target::Lsn(l) => r.end > l,
-            Target::Latest => false,
-        };
-        if stops_here {
+        if changelog::stops_in(target, plan.start, &seg) {
             break;
         }
     }
@@ -520,8 +509,6 @@ async fn read_spooled(path: &std::path::Path) -> Result<Segment, RestoreError> {
 struct Replayer<'a> {
     client: &'a tokio_postgres::Client,
     relations: HashMap<u32, RelationInfo>,
-    start: Lsn,
-    target: Target,
     /// Rendered operations not yet sent, in order.
     queue: Vec<(Op, Stmt)>,
     queue_bytes: usize,
@@ -544,20 +531,13 @@ struct Replayer<'a> {
     group_txns: usize,
     /// The open group ends with the current source transaction.
     group_break: bool,
+    /// The source transaction being replayed (commit LSN and time), between `begin` and
+    /// `commit`.
     txn: Option<(Lsn, PgTimestamp)>,
     applied: u64,
     last_commit: Option<(Lsn, PgTimestamp)>,
-    stopped: bool,
     /// Checks that every change of a table's columns is explained by a replayed DDL message.
     guard: crate::ddl::SchemaGuard,
-    /// The spooled segments, in order, for re-reading the chunks of streamed transactions.
-    spool: Vec<std::path::PathBuf>,
-    /// Where the chunks of streamed transactions not yet committed lie.
-    chunks: Chunks,
-    /// The spooled segment last read for a streamed transaction (by number).
-    cached: Option<(usize, Segment)>,
-    /// The current transaction is a duplicate of one already applied: render nothing.
-    skip_txn: bool,
 }
 
 /// An operation for the target.
@@ -588,139 +568,6 @@ struct InsertRun {
     stmt: Stmt,
 }
 
-/// The chunks of the streamed transactions not yet committed or aborted, by position in the
-/// spool, never their rows: each record of a chunk is noted as part of a run of consecutive
-/// records of one (sub)transaction, and read again at the transaction's Stream Commit.
-///
-/// A chunk with the first-segment flag starts the transaction afresh: the server streams an
-/// in-progress transaction again from its start after the archiver reconnected, so chunks an
-/// earlier connection wrote are superseded, never applied twice. A chunk cut by a disconnection
-/// (no Stream Stop) ends at the next Begin, Commit or Stream Start.
-#[derive(Debug, Default)]
-struct Chunks {
-    streams: HashMap<u32, StreamedTxn>,
-    /// Top-level xid of the chunk being read.
-    in_chunk: Option<u32>,
-}
-
-/// What [`Chunks::note`] made of a message.
-#[derive(Debug)]
-enum Noted {
-    /// Not part of a streamed transaction.
-    Other,
-    /// Noted.
-    Done,
-    /// A Stream Commit: the transaction's chunks.
-    Commit {
-        xid: u32,
-        txn: StreamedTxn,
-        commit_lsn: Lsn,
-        commit_time: PgTimestamp,
-    },
-}
-
-impl Chunks {
-    /// Notes message `msg`, record `index` of spooled segment `seg_no`.
-    fn note(&mut self, msg: &Message, seg_no: usize, index: u64) -> Noted {
-        match msg {
-            Message::StreamStart { xid, first_segment } => {
-                if *first_segment {
-                    self.streams.insert(
-                        *xid,
-                        StreamedTxn {
-                            whole: true,
-                            ..StreamedTxn::default()
-                        },
-                    );
-                } else {
-                    self.streams.entry(*xid).or_default();
-                }
-                self.in_chunk = Some(*xid);
-            }
-            Message::StreamStop => self.in_chunk = None,
-            Message::StreamAbort { xid, subxid, .. } => {
-                self.in_chunk = None;
-                if xid == subxid {
-                    self.streams.remove(xid);
-                } else if let Some(t) = self.streams.get_mut(xid) {
-                    t.aborted.insert(*subxid);
-                }
-            }
-            Message::StreamCommit {
-                xid,
-                commit_lsn,
-                commit_time,
-                ..
-            } => {
-                self.in_chunk = None;
-                return Noted::Commit {
-                    xid: *xid,
-                    txn: self.streams.remove(xid).unwrap_or_default(),
-                    commit_lsn: *commit_lsn,
-                    commit_time: *commit_time,
-                };
-            }
-            Message::Begin { .. } | Message::Commit { .. } => {
-                self.in_chunk = None;
-                return Noted::Other;
-            }
-            other => {
-                let Some(top) = self.in_chunk else {
-                    return Noted::Other;
-                };
-                let xid = match other {
-                    Message::Relation { xid, .. }
-                    | Message::Type { xid, .. }
-                    | Message::Insert { xid, .. }
-                    | Message::Update { xid, .. }
-                    | Message::Delete { xid, .. }
-                    | Message::Truncate { xid, .. }
-                    | Message::Message { xid, .. } => xid.unwrap_or(top),
-                    _ => top,
-                };
-                self.streams.entry(top).or_default().add(seg_no, index, xid);
-            }
-        }
-        Noted::Done
-    }
-}
-
-/// Where the chunks of one streamed transaction lie in the spooled segments.
-#[derive(Debug, Default)]
-struct StreamedTxn {
-    /// A chunk with the first-segment flag was seen: the runs hold the whole transaction.
-    whole: bool,
-    runs: Vec<ChunkRun>,
-    /// Subtransactions rolled back (Stream Abort with a subxid): their changes are skipped.
-    aborted: std::collections::HashSet<u32>,
-}
-
-/// Consecutive records `first..=last` of spooled segment `seg`, all of (sub)transaction `xid`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct ChunkRun {
-    seg: usize,
-    first: u64,
-    last: u64,
-    xid: u32,
-}
-
-impl StreamedTxn {
-    fn add(&mut self, seg: usize, index: u64, xid: u32) {
-        if let Some(r) = self.runs.last_mut() {
-            if r.seg == seg && r.last + 1 == index && r.xid == xid {
-                r.last = index;
-                return;
-            }
-        }
-        self.runs.push(ChunkRun {
-            seg,
-            first: index,
-            last: index,
-            xid,
-        });
-    }
-}
-
 /// Rendered operations are sent once they hold this many bytes of parameters.
 const BATCH_BYTES: usize = 1 << 20;
 /// Most batches sent and not yet answered.
@@ -737,8 +584,6 @@ impl<'a> Replayer<'a> {
     async fn new(
         client: &'a tokio_postgres::Client,
         manifest: &Manifest,
-        start: Lsn,
-        target: Target,
     ) -> Result<Replayer<'a>, RestoreError> {
         client
             .batch_execute(&crate::session::set_statements(&[(
@@ -766,8 +611,6 @@ impl<'a> Replayer<'a> {
         Ok(Replayer {
             client,
             relations,
-            start,
-            target,
             queue: Vec::new(),
             queue_bytes: 0,
             run: None,
@@ -783,119 +626,27 @@ impl<'a> Replayer<'a> {
             txn: None,
             applied: 0,
             last_commit: None,
-            stopped: false,
             guard,
-            spool: Vec::new(),
-            chunks: Chunks::default(),
-            cached: None,
-            skip_txn: false,
         })
     }
 
-    /// Applies one segment (number `seg_no` of the spool); returns false once the target is
-    /// reached.
-    async fn apply_segment(&mut self, seg: &Segment, seg_no: usize) -> Result<bool, RestoreError> {
-        for (index, rec) in seg.records().enumerate() {
-            let rec = rec.map_err(|e| RestoreError::Local {
-                what: format!("reading spooled segment {seg_no}"),
-                detail: e.to_string(),
-            })?;
-            let msg =
-                pgoutput::decode(&rec.payload, self.chunks.in_chunk.is_some()).map_err(|e| {
-                    RestoreError::Replay {
-                        commit_lsn: self.txn.map(|t| t.0).unwrap_or(rec.lsn),
-                        commit_time: self.txn.map(|t| t.1).unwrap_or_default(),
-                        detail: format!("undecodable record at {}: {e}", rec.lsn),
-                    }
-                })?;
-            if self.stream_message(&msg, seg_no, index as u64).await? {
-                if self.stopped {
-                    return Ok(false);
-                }
-                continue;
-            }
-            self.apply(msg).await?;
-            if self.stopped {
-                return Ok(false);
-            }
-            if self.queue_bytes >= BATCH_BYTES {
-                self.pump().await?;
-            }
-        }
-        Ok(true)
-    }
-
-    async fn apply(&mut self, msg: Message) -> Result<(), RestoreError> {
-        match msg {
-            Message::Begin {
-                final_lsn,
-                commit_time,
-                xid,
-            } => {
-                // Chunks an earlier run streamed of this transaction are superseded: the server
-                // sent it whole this time.
-                self.chunks.streams.remove(&xid);
-                let past = match self.target {
-                    Target::Time(t) => commit_time > t,
-                    Target::Lsn(l) => final_lsn > l,
-                    Target::Latest => false,
-                };
-                if past {
-                    self.stopped = true;
-                    return Ok(());
-                }
-                self.txn = Some((final_lsn, commit_time));
-                self.skip_txn = self.already_applied(final_lsn);
-                if final_lsn >= self.start && !self.skip_txn {
-                    self.begin();
-                }
-            }
-            Message::Commit {
-                commit_lsn,
-                commit_time,
-                ..
-            } => {
-                let Some((final_lsn, _)) = self.txn.take() else {
-                    return Err(self.replay_err("Commit without Begin"));
-                };
-                if final_lsn >= self.start && !std::mem::take(&mut self.skip_txn) {
-                    self.commit(commit_lsn, commit_time).await?;
-                }
-            }
-            Message::Relation { .. } => self.relation(&msg)?,
-            Message::Message { .. } => self.logical_message(msg).await?,
-            other => {
-                let Some((final_lsn, _)) = self.txn else {
-                    return Ok(());
-                };
-                if final_lsn < self.start || self.skip_txn {
-                    return Ok(());
-                }
-                self.render(other)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A logical message: tidemark's DDL runs at this point of the transaction, recorded
-    /// sequence values are set here (then raised past the columns' values after replay); others
-    /// (heartbeats, applications' own) change nothing.
-    async fn logical_message(&mut self, msg: Message) -> Result<(), RestoreError> {
+    /// A logical message of the replayed transaction: tidemark's DDL runs at this point of
+    /// the transaction, recorded sequence values are set here (then raised past the columns'
+    /// values after replay); others (heartbeats, applications' own) change nothing.
+    async fn logical(&mut self, msg: Message) -> Result<(), RestoreError> {
         let Message::Message {
             prefix, content, ..
         } = msg
         else {
             return Ok(());
         };
-        let active = self.txn.is_some_and(|t| t.0 >= self.start);
+        let Some((commit, _)) = self.txn else {
+            return Ok(());
+        };
         let decoded = match crate::ddl::decode_message(&prefix, &content) {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
-            Err(e) if active => return Err(self.replay_err(&e.to_string())),
-            Err(_) => return Ok(()),
-        };
-        let Some((commit, _)) = self.txn.filter(|_| active) else {
-            return Ok(());
+            Err(e) => return Err(self.replay_err(&e.to_string())),
         };
         if let crate::ddl::TidemarkMessage::Ddl(_) = decoded {
             self.guard.ddl();
@@ -942,115 +693,9 @@ impl<'a> Replayer<'a> {
         Ok(())
     }
 
-    /// A transaction committed at or before the last one applied is a duplicate.
-    fn already_applied(&self, commit_lsn: Lsn) -> bool {
-        self.last_commit.is_some_and(|(l, _)| commit_lsn <= l)
-    }
-
-    /// Handles the messages of streamed transactions (see [`Chunks`]); returns false for any
-    /// other message.
-    async fn stream_message(
-        &mut self,
-        msg: &Message,
-        seg_no: usize,
-        index: u64,
-    ) -> Result<bool, RestoreError> {
-        let (xid, t, commit_lsn, commit_time) = match self.chunks.note(msg, seg_no, index) {
-            Noted::Other => return Ok(false),
-            Noted::Done => return Ok(true),
-            Noted::Commit {
-                xid,
-                txn,
-                commit_lsn,
-                commit_time,
-            } => (xid, txn, commit_lsn, commit_time),
-        };
-        let past = match self.target {
-            Target::Time(target) => commit_time > target,
-            Target::Lsn(l) => commit_lsn > l,
-            Target::Latest => false,
-        };
-        if past {
-            self.stopped = true;
-        } else if commit_lsn >= self.start && !self.already_applied(commit_lsn) {
-            if !t.whole {
-                return Err(RestoreError::Replay {
-                    commit_lsn,
-                    commit_time,
-                    detail: format!(
-                        "the streamed transaction {xid} began before the base backup's position {}; its first changes are in segments before it\nHINT: restore from an earlier base backup (a target before this backup's time, or from a repository that still holds it)",
-                        self.start
-                    ),
-                });
-            }
-            self.apply_streamed(t, commit_lsn, commit_time).await?;
-        }
-        Ok(true)
-    }
-
-    /// Applies a committed streamed transaction, reading its chunks again from the spool.
-    /// Relation messages are taken from every chunk (also of rolled-back subtransactions: the
-    /// server does not send them again); changes of rolled-back subtransactions are skipped.
-    async fn apply_streamed(
-        &mut self,
-        t: StreamedTxn,
-        commit_lsn: Lsn,
-        commit_time: PgTimestamp,
-    ) -> Result<(), RestoreError> {
-        self.txn = Some((commit_lsn, commit_time));
-        self.begin();
-        let mut i = 0;
-        while i < t.runs.len() {
-            let seg_no = t.runs[i].seg;
-            let seg = match self.cached.take() {
-                Some((n, seg)) if n == seg_no => seg,
-                _ => read_spooled(&self.spool[seg_no]).await?,
-            };
-            let (records, at) = seg.records_from(t.runs[i].first);
-            let mut records = records.zip(at..);
-            while i < t.runs.len() && t.runs[i].seg == seg_no {
-                let run = t.runs[i];
-                let skip_changes = t.aborted.contains(&run.xid);
-                for (rec, idx) in records.by_ref() {
-                    if idx < run.first {
-                        continue;
-                    }
-                    let rec = rec.map_err(|e| RestoreError::Local {
-                        what: "reading a spooled segment".into(),
-                        detail: e.to_string(),
-                    })?;
-                    let msg = pgoutput::decode(&rec.payload, true).map_err(|e| {
-                        self.replay_err(&format!("undecodable record at {}: {e}", rec.lsn))
-                    })?;
-                    match msg {
-                        // Kept even from an aborted subtransaction: the server does not send
-                        // a relation again.
-                        Message::Relation { .. } => self.relation(&msg)?,
-                        Message::Message { .. } if !skip_changes => {
-                            self.logical_message(msg).await?
-                        }
-                        other if !skip_changes => self.render(other)?,
-                        _ => {}
-                    }
-                    if self.queue_bytes >= BATCH_BYTES {
-                        self.pump().await?;
-                    }
-                    if idx >= run.last {
-                        break;
-                    }
-                }
-                i += 1;
-            }
-            drop(records);
-            self.cached = Some((seg_no, seg));
-        }
-        self.txn = None;
-        self.commit(commit_lsn, commit_time).await
-    }
-
     /// Opens a target transaction for the current source transaction, unless the group's is
     /// open.
-    fn begin(&mut self) {
+    fn open_group(&mut self) {
         if self.group_open {
             return;
         }
@@ -1061,7 +706,7 @@ impl<'a> Replayer<'a> {
 
     /// Ends the replayed source transaction (outside `self.txn`): ends the group when it is
     /// full or must end here, and sends what is rendered.
-    async fn commit(
+    async fn end_txn(
         &mut self,
         commit_lsn: Lsn,
         commit_time: PgTimestamp,
@@ -1102,23 +747,6 @@ impl<'a> Replayer<'a> {
             commit: self.txn.map(|t| t.0).unwrap_or_default(),
             commit_time: self.txn.map(|t| t.1).unwrap_or_default(),
         }
-    }
-
-    /// A Relation message: checked against the captured DDL (the schema guard), then the
-    /// relation map follows it.
-    fn relation(&mut self, msg: &Message) -> Result<(), RestoreError> {
-        if let Some(rel) = RelationInfo::from_message(msg) {
-            // Before the backup's point the backup's own columns are authoritative.
-            let check = self.txn.is_some_and(|t| t.0 >= self.start);
-            let at = self.txn.map(|t| t.0.to_string()).unwrap_or_default();
-            if let Err(e) = self.guard.relation(&rel, check, &at) {
-                return Err(self.replay_err(&e.restore_detail()));
-            }
-            let rel = keep_relation_facts(self.relations.get(&rel.oid), rel);
-            self.insert_prefixes.remove(&rel.oid);
-            self.relations.insert(rel.oid, rel);
-        }
-        Ok(())
     }
 
     fn rel(&self, relid: u32) -> Result<&RelationInfo, RestoreError> {
@@ -1493,6 +1121,97 @@ impl<'a> Replayer<'a> {
     }
 }
 
+/// The replay sink: the changelog reader hands each transaction to replay here, whole and in
+/// commit order; nothing here decides which transactions those are.
+impl changelog::ReplaySink for Replayer<'_> {
+    type Error = RestoreError;
+
+    fn begin(&mut self, commit_lsn: Lsn, commit_time: PgTimestamp) {
+        self.txn = Some((commit_lsn, commit_time));
+        self.open_group();
+    }
+
+    /// A Relation message: checked against the captured DDL (the schema guard), then the
+    /// relation map follows it.
+    fn relation(
+        &mut self,
+        msg: &Message,
+        txn: Option<(Lsn, PgTimestamp)>,
+        checked: bool,
+    ) -> Result<(), RestoreError> {
+        if let Some(rel) = RelationInfo::from_message(msg) {
+            // Before the backup's point the backup's own columns are authoritative.
+            let at = txn.map(|t| t.0.to_string()).unwrap_or_default();
+            if let Err(e) = self.guard.relation(&rel, checked, &at) {
+                let (commit_lsn, commit_time) = txn.unwrap_or_default();
+                return Err(RestoreError::Replay {
+                    commit_lsn,
+                    commit_time,
+                    detail: e.restore_detail(),
+                });
+            }
+            let rel = keep_relation_facts(self.relations.get(&rel.oid), rel);
+            self.insert_prefixes.remove(&rel.oid);
+            self.relations.insert(rel.oid, rel);
+        }
+        Ok(())
+    }
+
+    async fn change(&mut self, msg: Message) -> Result<(), RestoreError> {
+        self.render(msg)?;
+        if self.queue_bytes >= BATCH_BYTES {
+            self.pump().await?;
+        }
+        Ok(())
+    }
+
+    async fn logical_message(&mut self, msg: Message) -> Result<(), RestoreError> {
+        self.logical(msg).await?;
+        if self.queue_bytes >= BATCH_BYTES {
+            self.pump().await?;
+        }
+        Ok(())
+    }
+
+    async fn commit(
+        &mut self,
+        commit_lsn: Lsn,
+        commit_time: PgTimestamp,
+    ) -> Result<(), RestoreError> {
+        self.txn = None;
+        self.end_txn(commit_lsn, commit_time).await
+    }
+}
+
+impl From<changelog::ChangelogError> for RestoreError {
+    fn from(e: changelog::ChangelogError) -> RestoreError {
+        match e {
+            changelog::ChangelogError::Record { seg, detail } => RestoreError::Local {
+                what: format!("reading spooled segment {seg}"),
+                detail,
+            },
+            changelog::ChangelogError::Txn {
+                commit_lsn,
+                commit_time,
+                detail,
+            } => RestoreError::Replay {
+                commit_lsn,
+                commit_time,
+                detail,
+            },
+        }
+    }
+}
+
+/// The restore's verified segments, spooled to local files in order.
+struct Spooled<'p>(&'p [std::path::PathBuf]);
+
+impl changelog::Spool<RestoreError> for Spooled<'_> {
+    async fn read(&mut self, seg_no: usize) -> Result<Segment, RestoreError> {
+        read_spooled(&self.0[seg_no]).await
+    }
+}
+
 /// Bytes an operation sends (for memory limits).
 fn op_bytes(op: &Op) -> usize {
     match op {
@@ -1622,126 +1341,6 @@ mod tests {
             &facts,
             vec![],
         )
-    }
-
-    fn ins(xid: u32) -> Message {
-        Message::Insert {
-            xid: Some(xid),
-            relid: 1,
-            new: pgoutput::TupleData(vec![]),
-        }
-    }
-
-    fn start(xid: u32, first_segment: bool) -> Message {
-        Message::StreamStart { xid, first_segment }
-    }
-
-    fn commit(xid: u32) -> Message {
-        Message::StreamCommit {
-            xid,
-            flags: 0,
-            commit_lsn: Lsn(10),
-            end_lsn: Lsn(20),
-            commit_time: PgTimestamp(1),
-        }
-    }
-
-    /// Feeds (segment, messages) and returns the runs of each Stream Commit.
-    fn feed(input: &[(usize, Vec<Message>)]) -> Vec<(u32, StreamedTxn)> {
-        let mut c = Chunks::default();
-        let mut out = Vec::new();
-        for (seg, msgs) in input {
-            for (i, m) in msgs.iter().enumerate() {
-                if let Noted::Commit { xid, txn, .. } = c.note(m, *seg, i as u64) {
-                    out.push((xid, txn));
-                }
-            }
-        }
-        out
-    }
-
-    fn run(seg: usize, first: u64, last: u64, xid: u32) -> ChunkRun {
-        ChunkRun {
-            seg,
-            first,
-            last,
-            xid,
-        }
-    }
-
-    #[test]
-    fn restreamed_chunks_supersede_the_earlier_connection() {
-        let out = feed(&[
-            // Connection 1: a chunk of 7, cut by the disconnection (no Stream Stop).
-            (0, vec![start(7, true), ins(7), ins(7)]),
-            // Connection 2: 7 again from its first chunk, a small transaction between chunks,
-            // a subtransaction (8) rolled back, and the commit.
-            (
-                1,
-                vec![
-                    start(7, true),
-                    ins(7),
-                    ins(7),
-                    Message::StreamStop,
-                    Message::Begin {
-                        final_lsn: Lsn(5),
-                        commit_time: PgTimestamp(1),
-                        xid: 9,
-                    },
-                    start(7, false),
-                    ins(8),
-                    ins(8),
-                    Message::StreamStop,
-                ],
-            ),
-            (
-                2,
-                vec![
-                    Message::StreamAbort {
-                        xid: 7,
-                        subxid: 8,
-                        abort: None,
-                    },
-                    start(7, false),
-                    ins(7),
-                    Message::StreamStop,
-                    commit(7),
-                ],
-            ),
-        ]);
-        assert_eq!(out.len(), 1);
-        let (xid, t) = &out[0];
-        assert_eq!(*xid, 7);
-        assert!(t.whole);
-        assert_eq!(t.runs, [run(1, 1, 2, 7), run(1, 6, 7, 8), run(2, 2, 2, 7)]);
-        assert!(t.aborted.contains(&8));
-    }
-
-    #[test]
-    fn aborted_and_partial_streams_are_dropped_or_flagged() {
-        let out = feed(&[
-            (0, vec![start(7, true), ins(7), Message::StreamStop]),
-            (
-                1,
-                vec![
-                    Message::StreamAbort {
-                        xid: 7,
-                        subxid: 7,
-                        abort: None,
-                    },
-                    // A transaction whose first chunk this restore did not read.
-                    start(11, false),
-                    ins(11),
-                    Message::StreamStop,
-                    commit(11),
-                    // A stream commit of an aborted transaction never comes; 7 is gone.
-                    commit(7),
-                ],
-            ),
-        ]);
-        assert_eq!(out.len(), 2);
-        assert!(!out[0].1.whole, "11 began before what was read");
-        assert!(out[1].1.runs.is_empty() && !out[1].1.whole);
     }
 
     #[test]
