@@ -626,3 +626,55 @@ fn aborted_and_partial_streams_are_dropped_or_flagged() {
     assert!(!out[0].1.whole, "11 began before what was read");
     assert!(out[1].1.runs.is_empty() && !out[1].1.whole);
 }
+
+/// A spool that counts what it is asked for.
+struct Counting {
+    segs: Vec<Segment>,
+    reads: Vec<usize>,
+}
+
+impl Spool<ChangelogError> for Counting {
+    async fn read(&mut self, seg_no: usize) -> Result<Segment, ChangelogError> {
+        self.reads.push(seg_no);
+        Ok(self.segs[seg_no].clone())
+    }
+}
+
+#[test]
+fn streamed_chunks_are_read_again_from_the_spool_not_kept() {
+    let a = seg(
+        0x1000,
+        &[start(7, true), ins(Some(7), 1), Message::StreamStop],
+    );
+    let b = seg(
+        0x2000,
+        &[
+            start(7, false),
+            ins(Some(7), 2),
+            Message::StreamStop,
+            start(7, false),
+            ins(Some(7), 3),
+            Message::StreamStop,
+            stream_commit(7, 0x2010),
+        ],
+    );
+    let mut spool = Counting {
+        segs: vec![a.clone(), b.clone()],
+        reads: vec![],
+    };
+    let mut reader = TxnReader::new(Lsn(0x1000), Target::Latest);
+    let mut sink = Fake::default();
+    for (n, s) in [a, b].iter().enumerate() {
+        reader
+            .read_segment(s, n, &mut spool, &mut sink)
+            .now_or_never()
+            .unwrap()
+            .unwrap();
+    }
+    // Each segment holding chunks is read again once (two runs of the second one included).
+    assert_eq!(spool.reads, [0, 1]);
+    assert_eq!(
+        sink.events,
+        events(&["begin 2010", "ins 1", "ins 2", "ins 3", "commit 2010"])
+    );
+}
