@@ -20,7 +20,9 @@
 //!   [`catalog::keys`] every object key and its parser (with the revision of a rewritten object),
 //!   [`object`] the one way objects are written and read (encoded once, above every retry);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (take and load),
-//!   [`restore`] point-in-time restore (plan, then apply), [`ddl`] schema changes and sequence
+//!   [`changelog`] segments read into committed transactions in commit order (reassembly,
+//!   aborts, dedup, the one stop rule), [`restore`] point-in-time restore (plan, then apply, its
+//!   replay a sink of the changelog reader), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
 //! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
@@ -33,6 +35,7 @@ pub mod archive;
 pub mod backup;
 pub mod backup_cmd;
 pub mod catalog;
+pub mod changelog;
 pub mod conninfo;
 pub mod ddl;
 pub mod demo;
