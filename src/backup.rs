@@ -1219,7 +1219,7 @@ async fn load(loader: &Loader<'_>, phase: LoadPhase) -> Result<LoadStats, Backup
             } else {
                 &split.rest
             };
-            let list = &crate::ddl::post_data_for_target(target, list).await?;
+            let list = &post_data_for_target(target, list).await?;
             stats.tables = list
                 .lines()
                 .filter(|l| toc::parse_line(l).is_some())
@@ -1359,6 +1359,42 @@ fn verify(key: &str, data: &[u8], expected: u32) -> Result<(), BackupError> {
         });
     }
     Ok(())
+}
+
+/// A post-data TOC list (`pg_restore -l`) the target's role can restore: event triggers (such as
+/// tidemark's own DDL capture, which a base backup of a captured source holds) need a superuser,
+/// so for any other role they are left out, with a warning.
+async fn post_data_for_target(target: &ConnInfo, list: &str) -> Result<String, BackupError> {
+    let is_event_trigger =
+        |l: &str| toc::parse_line(l).is_some_and(|e| e.description.starts_with("EVENT TRIGGER "));
+    if !list.lines().any(is_event_trigger) {
+        return Ok(list.to_string());
+    }
+    let client = target.connect().await?;
+    let superuser: bool = client
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(|source| BackupError::Postgres {
+            context: "checking whether the target role is a superuser".into(),
+            source,
+        })?
+        .get(0);
+    if superuser {
+        return Ok(list.to_string());
+    }
+    let mut out = String::with_capacity(list.len());
+    for l in list.lines() {
+        if is_event_trigger(l) {
+            tracing::warn!(entry = %l, "not restoring an event trigger: the target role is not a superuser (schema changes made on the restored database are not captured)");
+            out.push(';');
+        }
+        out.push_str(l);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 async fn open_for_load(target: &ConnInfo) -> Result<Client, BackupError> {

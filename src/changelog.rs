@@ -39,8 +39,28 @@ use std::future::Future;
 
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgoutput::{self, Message};
-use crate::restore::Target;
 use crate::segment::Segment;
+
+/// Where a restore stops.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Every transaction that committed at or before this instant.
+    Time(PgTimestamp),
+    /// Every transaction whose commit record starts at or before this LSN.
+    Lsn(Lsn),
+    /// Everything archived.
+    Latest,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Time(t) => write!(f, "time {t}"),
+            Target::Lsn(l) => write!(f, "LSN {l}"),
+            Target::Latest => write!(f, "the latest archived commit"),
+        }
+    }
+}
 
 /// The stop rule: whether the transaction committed at `commit_lsn`, `commit_time` lies past
 /// `target` (reading stops before it).

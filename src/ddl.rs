@@ -44,7 +44,7 @@
 //! * A restore whose segments hold DDL loads every post-data object of the base backup before
 //!   replay ([`segments_have_ddl`]), so replayed DDL finds what it names; event triggers
 //!   (tidemark's own among them) are left out for a target role that is not a superuser
-//!   ([`post_data_for_target`]).
+//!   (`backup`'s `post_data_for_target`).
 //! * The archiver's guard knows a table from its first Relation message in the run (a change
 //!   made while it was stopped is not seen); the restore's guard knows every table from the base
 //!   backup.
@@ -1108,47 +1108,6 @@ pub async fn segments_have_ddl(paths: &[PathBuf]) -> Result<bool, String> {
         }
     }
     Ok(false)
-}
-
-/// A post-data TOC list (`pg_restore -l`) the target's role can restore: event triggers (such as
-/// tidemark's own DDL capture, which a base backup of a captured source holds) need a superuser,
-/// so for any other role they are left out, with a warning.
-pub async fn post_data_for_target(
-    target: &crate::conninfo::ConnInfo,
-    list: &str,
-) -> Result<String, crate::backup::BackupError> {
-    let is_event_trigger = |l: &str| {
-        crate::backup::toc::parse_line(l)
-            .is_some_and(|e| e.description.starts_with("EVENT TRIGGER "))
-    };
-    if !list.lines().any(is_event_trigger) {
-        return Ok(list.to_string());
-    }
-    let client = target.connect().await?;
-    let superuser: bool = client
-        .query_one(
-            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await
-        .map_err(|source| crate::backup::BackupError::Postgres {
-            context: "checking whether the target role is a superuser".into(),
-            source,
-        })?
-        .get(0);
-    if superuser {
-        return Ok(list.to_string());
-    }
-    let mut out = String::with_capacity(list.len());
-    for l in list.lines() {
-        if is_event_trigger(l) {
-            warn!(entry = %l, "not restoring an event trigger: the target role is not a superuser (schema changes made on the restored database are not captured)");
-            out.push(';');
-        }
-        out.push_str(l);
-        out.push('\n');
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

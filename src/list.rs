@@ -1,6 +1,6 @@
 //! `tidemark list`: what a repository holds — base backups, segment chains, the windows of
 //! instants and LSNs a restore can reach, and the damage that removed instants from them. The
-//! windows come from the [`catalog`], the same rules restore's planner uses, and are printed
+//! windows come from the [`crate::catalog`], the same rules restore's planner uses, and are printed
 //! with the same text a refused restore shows.
 
 use std::collections::BTreeSet;

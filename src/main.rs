@@ -262,7 +262,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = exit_code(&e);
             if json {
-                let report = tidemark::error::Report::of(&e);
+                let report = tidemark::exit::Report::of(&e);
                 eprintln!(
                     "{}",
                     serde_json::to_string(&report).expect("a report serializes")

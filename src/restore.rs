@@ -44,26 +44,7 @@ mod target;
 use replay::Replayer;
 pub use target::MARKER_TABLE;
 
-/// Where a restore stops.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// Every transaction that committed at or before this instant.
-    Time(PgTimestamp),
-    /// Every transaction whose commit record starts at or before this LSN.
-    Lsn(Lsn),
-    /// Everything archived.
-    Latest,
-}
-
-impl std::fmt::Display for Target {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Target::Time(t) => write!(f, "time {t}"),
-            Target::Lsn(l) => write!(f, "LSN {l}"),
-            Target::Latest => write!(f, "the latest archived commit"),
-        }
-    }
-}
+pub use crate::changelog::Target;
 
 /// Errors of planning or applying a restore.
 #[derive(Debug, thiserror::Error)]

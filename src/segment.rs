@@ -7,13 +7,13 @@
 //! a stop point without decompressing anything.
 //!
 //! This module owns the byte layout (normatively specified in `proto/segment.md`), the writer
-//! ([`SegmentBuilder`]), the reader ([`Segment`], [`read_info`]) and the object names
-//! ([`object_name`], [`parse_object_name`]). It does not do I/O, does not decode pgoutput
+//! ([`SegmentBuilder`]), the reader ([`Segment`], [`read_info`]); a segment's object name is
+//! the catalog's ([`crate::catalog::keys::segment`]). It does not do I/O, does not decode pgoutput
 //! payloads (they are opaque bytes here), and does not check continuity between segments or
 //! the meaning of commit entries: that is the restore planner's job.
 //!
 //! Format version 3 (written by default) stores each block's records *in columns*
-//! ([`columns`]: the fields of Begin and Commit messages as deltas of each other, one group of
+//! (`columns`: the fields of Begin and Commit messages as deltas of each other, one group of
 //! streams per table column, integers written as text stored as varints) and compresses them as
 //! one zstd frame; its commit index is a zstd frame of columns too. Version 2 (zstd frames of
 //! records framed with varint deltas, a varint commit index) and version 1 (LZ4 blocks,
@@ -49,7 +49,7 @@ pub const MAGIC: [u8; 8] = *b"\x89TDMSEG\n";
 
 /// The format version this build writes by default and the newest one it reads.
 ///
-/// Version 3 stores each block's records in columns ([`columns`]) compressed as a zstd frame,
+/// Version 3 stores each block's records in columns (`columns`) compressed as a zstd frame,
 /// and a compressed commit index; version 2 (zstd frames of varint-framed records) and version
 /// 1 (LZ4 blocks, fixed 20-byte record framing, fixed 32-byte commit entries) are still read,
 /// and written on request ([`SegmentBuilder::with_format_version`]).
@@ -485,17 +485,6 @@ fn get_uvarint(buf: &[u8], pos: &mut usize, bits: u32) -> Result<u64, VarintErro
         }
         shift += 7;
     }
-}
-
-/// Object name of a segment (its first revision): [`crate::catalog::keys::segment`].
-pub fn object_name(generation: u32, start: Lsn, end: Lsn) -> String {
-    crate::catalog::keys::segment(generation, start, end)
-}
-
-/// Parses a segment's object name, of any revision: [`crate::catalog::keys::parse_segment`].
-/// Only the canonical form is accepted, so that names and keys map one to one.
-pub fn parse_object_name(name: &str) -> Option<(u32, Lsn, Lsn)> {
-    crate::catalog::keys::parse_segment(name).map(|k| (k.generation, k.start, k.end))
 }
 
 /// Index entry of one block; its last 20 bytes are the block header exactly as stored.
@@ -2049,6 +2038,14 @@ impl std::iter::FusedIterator for Records<'_> {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn object_name(generation: u32, start: Lsn, end: Lsn) -> String {
+        crate::catalog::keys::segment(generation, start, end)
+    }
+
+    fn parse_object_name(name: &str) -> Option<(u32, Lsn, Lsn)> {
+        crate::catalog::keys::parse_segment(name).map(|k| (k.generation, k.start, k.end))
+    }
     use proptest::prelude::*;
 
     // ---- realistic pgoutput messages (protocol version 1, big-endian) ----

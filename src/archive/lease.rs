@@ -196,7 +196,7 @@ pub fn newest_key<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<&'a str
 }
 
 /// Lease records that may go once term `term` is held: every term older than the last
-/// [`KEEP_TERMS`], and in `term` itself every renewal before `seq` but the first.
+/// `KEEP_TERMS`, and in `term` itself every renewal before `seq` but the first.
 pub fn stale_keys<'a>(
     keys: impl IntoIterator<Item = &'a str>,
     term: u64,
@@ -212,7 +212,7 @@ pub fn stale_keys<'a>(
 
 /// The listing prefix of the segments whose start shares `lsn`'s 16 MiB region.
 pub fn tail_prefix(generation: u32, lsn: Lsn) -> String {
-    let name = crate::segment::object_name(generation, lsn, lsn);
+    let name = crate::catalog::keys::segment(generation, lsn, lsn);
     let file_at = name.rfind('/').map_or(0, |i| i + 1);
     name[..file_at + 10].to_string()
 }
@@ -681,7 +681,7 @@ impl Lease {
             key: key.to_string(),
             expected: Lsn::ZERO,
         })?;
-        match crate::segment::parse_object_name(key) {
+        match crate::catalog::keys::parse_segment(key).map(|k| (k.generation, k.start, k.end)) {
             Some((g, start, end)) if g == chain.generation && start == chain.next => {
                 chain.next = end;
                 chain.put.insert(start, end);
@@ -712,7 +712,9 @@ impl Lease {
             return Ok(());
         };
         for o in &listed {
-            let Some((_, s, e)) = crate::segment::parse_object_name(&o.key) else {
+            let Some((_, s, e)) =
+                crate::catalog::keys::parse_segment(&o.key).map(|k| (k.generation, k.start, k.end))
+            else {
                 continue;
             };
             if e <= start {
@@ -949,7 +951,7 @@ mod tests {
     }
 
     fn seg(start: u64, end: u64) -> String {
-        crate::segment::object_name(1, Lsn(start), Lsn(end))
+        crate::catalog::keys::segment(1, Lsn(start), Lsn(end))
     }
 
     async fn lease_on(dir: &std::path::Path, slot: &str) -> (Arc<dyn Store>, Lease) {

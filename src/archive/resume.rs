@@ -49,7 +49,7 @@ mod tests {
     fn chain(ranges: &[(u64, u64)]) -> Vec<SegmentRef> {
         let names = ranges
             .iter()
-            .map(|&(s, e)| (crate::segment::object_name(1, Lsn(s), Lsn(e)), 10));
+            .map(|&(s, e)| (crate::catalog::keys::segment(1, Lsn(s), Lsn(e)), 10));
         repo::group_segments(names).remove(&1).unwrap_or_default()
     }
 

@@ -36,7 +36,7 @@ use tracing::debug;
 use super::{decode, ArchiveError, Sealed, WriterContext};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgoutput::{self, Message};
-use crate::segment::{self, CommitEntry, Record, SegmentBuilder};
+use crate::segment::{CommitEntry, Record, SegmentBuilder};
 
 /// Output plugin options for START_REPLICATION: protocol 2 with streaming of in-progress
 /// transactions on PostgreSQL ≥ 14 (or when the version is unknown: 0 means not reported),
@@ -162,7 +162,7 @@ impl Writer {
             range: format!("{start}-{end}"),
             end,
             object: crate::object::encode(
-                segment::object_name(self.ctx.generation, start, end),
+                crate::catalog::keys::segment(self.ctx.generation, start, end),
                 bytes,
             ),
             admitted: None,
@@ -443,7 +443,7 @@ mod tests {
         let s = w.seal();
         assert_eq!(s.end, Lsn(1100));
         let seg = Segment::parse(s.object.bytes().clone()).unwrap();
-        assert_eq!(seg.info.flags, segment::FLAG_STREAMED);
+        assert_eq!(seg.info.flags, crate::segment::FLAG_STREAMED);
         assert_eq!(seg.info.record_count, 3);
         assert!(seg.commits.is_empty());
         w.record(rec(1100, &Message::StreamStop)).unwrap();

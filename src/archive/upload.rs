@@ -194,7 +194,7 @@ mod tests {
             range: format!("{start}-{end}"),
             end,
             object: crate::object::encode(
-                crate::segment::object_name(1, start, end),
+                crate::catalog::keys::segment(1, start, end),
                 Bytes::from(format!("segment {i}")),
             ),
             admitted: None,

@@ -38,7 +38,7 @@ pub struct ReceiveTimeout {
 
 impl ReceiveTimeout {
     /// The bound derived from the server's `wal_sender_timeout` (`None` or zero: disabled or
-    /// unknown, so [`DEFAULT_RECEIVE_TIMEOUT`]).
+    /// unknown, so `DEFAULT_RECEIVE_TIMEOUT`).
     pub fn derived(wal_sender_timeout: Option<Duration>) -> ReceiveTimeout {
         match wal_sender_timeout.filter(|w| !w.is_zero()) {
             Some(w) => ReceiveTimeout {

@@ -193,7 +193,9 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
     let failed_key = faulty.failed_key.lock().unwrap().clone().unwrap();
-    let (_, failed_start, _) = tidemark::segment::parse_object_name(&failed_key).unwrap();
+    let (_, failed_start, _) = tidemark::catalog::keys::parse_segment(&failed_key)
+        .map(|k| (k.generation, k.start, k.end))
+        .unwrap();
     match run {
         Err(ArchiveError::Upload { range, .. }) => {
             assert!(
@@ -262,7 +264,7 @@ async fn archiving_goes_on_past_a_deleted_segment_and_drops_leftovers_past_a_hol
     let deleted = &segments[segments.len() / 2];
     std::fs::remove_file(repo_path.join(&deleted.key)).unwrap();
     assert!(confirmed_flush(&src).await <= end);
-    let orphan = tidemark::segment::object_name(1, Lsn(end.0 + 0x1000), Lsn(end.0 + 0x2000));
+    let orphan = tidemark::catalog::keys::segment(1, Lsn(end.0 + 0x1000), Lsn(end.0 + 0x2000));
     std::fs::copy(
         repo_path.join(&segments.last().unwrap().key),
         repo_path.join(&orphan),
