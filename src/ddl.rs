@@ -198,14 +198,7 @@ pub async fn ensure_capture(
     }
     let mut sql = format!("BEGIN; {CAPTURE_FUNCTIONS_SQL}");
     for (name, create) in CAPTURE_TRIGGERS_SQL {
-        let exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = $1",
-                &[&name],
-            )
-            .await?
-            .is_some();
-        if !exists {
+        if !event_trigger_exists(client, name).await? {
             sql.push_str(create);
             sql.push('\n');
         }
@@ -216,6 +209,20 @@ pub async fn ensure_capture(
         return Err(e);
     }
     Ok(Capture::Installed)
+}
+
+/// Whether an event trigger of that name exists in the database.
+pub(crate) async fn event_trigger_exists(
+    client: &tokio_postgres::Client,
+    name: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = $1",
+            &[&name],
+        )
+        .await?
+        .is_some())
 }
 
 /// [`ensure_capture`] for a run that must go on without it: logs the outcome.

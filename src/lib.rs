@@ -36,7 +36,7 @@
 //!
 //! | layer | modules | may use |
 //! |---|---|---|
-//! | 1. pure core (no I/O) | `error`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
+//! | 1. pure core (no I/O but the host's name) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `replication`, `source`, `pgbin`, `store`, `object`, `repo`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
 //! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `demo`, `scratch`, `exit`, `telemetry` | everything |
@@ -63,6 +63,7 @@ pub mod ddl;
 pub mod demo;
 pub mod error;
 pub mod exit;
+pub mod host;
 pub mod list;
 pub mod lsn;
 pub mod object;

@@ -361,7 +361,7 @@ impl Lease {
             store,
             ttl,
             owner: format!("{:032x}", rand::random::<u128>()),
-            host: hostname(),
+            host: crate::host::hostname(),
             pid: std::process::id(),
             slot: slot.to_string(),
             state: Mutex::new(State::default()),
@@ -788,15 +788,6 @@ impl Lease {
 fn listed_region_start(prefix: &str) -> Lsn {
     let hex = &prefix[prefix.rfind('/').map_or(0, |i| i + 1)..];
     Lsn::from_hex16(&format!("{hex:0<16}")).unwrap_or(Lsn::ZERO)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown host".into())
 }
 
 #[cfg(test)]

@@ -120,14 +120,7 @@ async fn protect(
         (GUARD_DROP_TRIGGER, "sql_drop"),
         (GUARD_END_TRIGGER, "ddl_command_end"),
     ] {
-        let exists = client
-            .query_opt(
-                "SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = $1",
-                &[&name],
-            )
-            .await?
-            .is_some();
-        if !exists {
+        if !super::event_trigger_exists(client, name).await? {
             sql.push_str(&format!(
                 "CREATE EVENT TRIGGER {name} ON {event} WHEN TAG IN ('DROP PUBLICATION', 'ALTER PUBLICATION', 'DROP OWNED') EXECUTE FUNCTION tidemark.publication_guard_v1();\n"
             ));

@@ -135,7 +135,7 @@ pub async fn mark_in_progress(
     m: &Manifest,
     repository: &str,
 ) -> Result<(), RestoreError> {
-    let host = hostname();
+    let host = crate::host::hostname();
     let sql = format!(
         "CREATE TABLE public.{MARKER_TABLE} (started_at timestamptz NOT NULL, backup_id text NOT NULL,
                                               repository text NOT NULL, host text NOT NULL, pid int NOT NULL);
@@ -169,13 +169,4 @@ pub async fn mark_complete(client: &Client) -> Result<(), RestoreError> {
             what: "removing the in-progress marker".into(),
             source,
         })
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown host".into())
 }

@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use crate::spine::{
     server_now, tidemark, wait_archived, wait_heartbeat_received, wait_heartbeats, Archiver,
 };
+use crate::support::metrics::{metric, scrape};
 use crate::support::{self, Cluster, ClusterOptions, ContentSnapshot};
 
 /// What the source looked like at an instant.
@@ -452,27 +453,6 @@ async fn restored_sequences_are_not_behind_the_source() {
 }
 
 /// `tidemark archive` with a source connection string of our choosing (another role).
-/// `GET /metrics` of the archiver's Prometheus endpoint.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\nHost: tidemark\r\n\r\n");
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out);
-    out
-}
-
-/// The value of an unlabelled metric in a scrape.
-fn metric(scrape: &str, name: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-}
-
 struct OtherRoleArchiver {
     child: Child,
     log: std::path::PathBuf,

@@ -10,18 +10,7 @@ use crate::spine::{
     Archiver, SCHEMA,
 };
 use crate::support::tcp_proxy::TcpProxy;
-use crate::support::{self, Cluster, ClusterOptions, SUPERUSER};
-
-async fn walsender_pid(client: &tokio_postgres::Client) -> Option<i32> {
-    client
-        .query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
-            &[],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get(0))
-}
+use crate::support::{self, walsender_pid, Cluster, ClusterOptions, SUPERUSER};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_dead_replication_connection_is_noticed_within_the_bound_and_archiving_goes_on()

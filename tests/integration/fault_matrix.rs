@@ -1,11 +1,13 @@
 //! The fault matrix: each fault, at a moment it can really happen, ends with an archive that
 //! restores exactly at every instant noted while it ran (and `--latest` equals the source).
+//! Rows here: kill -9 during base backups; a store answering retryable errors to puts, then full.
 //! Faults elsewhere in the suite: kill -9 of the archiver while streaming (crash.rs), a dropped
 //! connection and a source crash (resilience.rs), failed and lost uploads (faults.rs, s3.rs),
 //! damaged objects (damage.rs), a restore killed or failing midway (bad_input.rs).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::spine::{
@@ -165,4 +167,134 @@ async fn kill_9_during_base_backups_loses_nothing() {
         "prune must remove the killed backups' objects: {folders:?}\n{out}"
     );
     restore_latest_equals(&cluster, repo_arg, "after_prune_latest", &latest).await;
+}
+
+/// Waits until the slot is streaming and the first base backup is stored.
+async fn wait_in_process_streaming(src: &tokio_postgres::Client, repo: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let active = src
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_some();
+        if active && backup_folders(repo).iter().any(|f| f.1) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the archiver did not start streaming"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_puts_and_a_full_store_lose_nothing() {
+    use tidemark::store::faulty::{Fault, FaultyStore, Op, Times};
+    use tidemark::store::{LocalStore, Store};
+
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    let src = cluster.client("app").await;
+    src.batch_execute(SCHEMA).await.unwrap();
+    workload_step(&src, 1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let repo_arg = repo.to_str().unwrap();
+    let local: Arc<dyn Store> = Arc::new(LocalStore::new(&repo));
+    let faulty = Arc::new(FaultyStore::new(local));
+    let store: Arc<dyn Store> = faulty.clone();
+    let info = tidemark::conninfo::ConnInfo::parse(&cluster.conninfo("app")).unwrap();
+    let opts = tidemark::archive::ArchiveOptions {
+        heartbeat: Some(Duration::from_secs(1)),
+        status_interval: Duration::from_secs(1),
+        ..tidemark::archive::ArchiveOptions::default()
+    };
+    let run = tokio::spawn(async move {
+        tidemark::archive::run(
+            &info,
+            store,
+            &opts,
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+    });
+    wait_in_process_streaming(&src, &repo).await;
+    let mut instants = Vec::new();
+    note_instant(&src, 2, &mut instants).await;
+
+    // Puts answer retryable errors six times: the uploader retries them, nothing is lost.
+    faulty.add_fault(Op::Put, Fault::Retryable, Times::N(6));
+    note_instant(&src, 3, &mut instants).await;
+    note_instant(&src, 4, &mut instants).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while faulty.injected(Op::Put) < 6 {
+        assert!(Instant::now() < deadline, "the faults were not met");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored_before_full = snapshot_content(&src).await;
+    // Waits until everything so far is stored (a commit past it is acknowledged).
+    let marker: String = src
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'test.sync', 'x')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let marker: tidemark::lsn::Lsn = marker.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed: String = src
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'tidemark'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if confirmed.parse::<tidemark::lsn::Lsn>().unwrap() >= marker {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing acknowledged after the retryable faults"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    instants.push((server_now(&src).await, stored_before_full));
+
+    // The store fills up: the run stops with a storage error (exit code 4), and nothing past
+    // what is stored is acknowledged.
+    faulty.add_fault(Op::Put, Fault::DiskFull, Times::Always);
+    note_instant(&src, 5, &mut instants).await;
+    let e = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("a full store stops the run")
+        .unwrap()
+        .expect_err("a full store stops the run");
+    let e = anyhow::Error::new(e);
+    assert_eq!(
+        tidemark::exit::exit_code(&e),
+        4,
+        "{}",
+        tidemark::exit::render(&e)
+    );
+    note_instant(&src, 6, &mut instants).await;
+
+    // Space is freed; the next run resumes at the archive's end.
+    faulty.clear_faults();
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
+    archiver.wait_streaming(&src, "tidemark").await;
+    note_instant(&src, 7, &mut instants).await;
+    let latest = snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    archiver.assert_running();
+    archiver.stop();
+    restore_each_instant(&cluster, repo_arg, &[], &instants, "after_store_faults").await;
+    restore_latest_equals(&cluster, repo_arg, "after_store_faults_latest", &latest).await;
 }

@@ -17,6 +17,7 @@ use tidemark::store::{LocalStore, ObjectMeta, Store, StoreError};
 use tokio_util::sync::CancellationToken;
 
 use crate::spine::{wait_archived, Archiver};
+use crate::support::metrics::{metric, scrape};
 use crate::support::{Cluster, ClusterOptions};
 
 const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);";
@@ -133,27 +134,6 @@ async fn start_with_metrics(cluster: &Cluster, repo: &Path) -> (Archiver, String
         }
     }
     panic!("no free port for the metrics endpoint");
-}
-
-/// `GET /metrics` of the archiver's Prometheus endpoint.
-fn scrape(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut c) = std::net::TcpStream::connect(addr) else {
-        return String::new();
-    };
-    let _ = c.write_all(b"GET /metrics HTTP/1.0\r\nHost: tidemark\r\n\r\n");
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out);
-    out
-}
-
-/// The value of an unlabelled metric in a scrape.
-fn metric(scrape: &str, name: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,18 +7,7 @@ use std::time::Duration;
 use crate::spine::{
     restore_each_instant, server_now, tidemark, wait_archived, workload_step, Archiver, SCHEMA,
 };
-use crate::support::{self, Cluster, ClusterOptions};
-
-async fn walsender_pid(client: &tokio_postgres::Client) -> Option<i32> {
-    client
-        .query_opt(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
-            &[],
-        )
-        .await
-        .unwrap()
-        .and_then(|r| r.get(0))
-}
+use crate::support::{self, walsender_pid, Cluster, ClusterOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archiving_survives_a_dropped_connection_and_a_server_crash() {

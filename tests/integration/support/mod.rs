@@ -14,6 +14,7 @@
 
 mod cluster;
 mod content;
+pub mod metrics;
 mod os;
 pub mod proxy;
 pub mod s3;
@@ -111,4 +112,16 @@ impl ClosedPort {
             port,
         }
     }
+}
+
+/// The pid of the walsender serving slot `tidemark`, while it is active.
+pub async fn walsender_pid(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_opt(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'tidemark' AND active",
+            &[],
+        )
+        .await
+        .unwrap()
+        .and_then(|r| r.get(0))
 }
