@@ -146,7 +146,7 @@ struct ArchiveArgs {
     #[arg(long, env = "TIDEMARK_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
     /// How long the repository's writer lease lasts without renewal (for tests).
-    #[arg(long, env = "TIDEMARK_LEASE_TTL", default_value = "60s", value_parser = tidemark::exit::parse_positive_duration, hide = true)]
+    #[arg(long, env = "TIDEMARK_LEASE_TTL", default_value = "5m", value_parser = tidemark::exit::parse_positive_duration, hide = true)]
     lease_ttl: Duration,
 }
 
@@ -178,13 +178,13 @@ struct PruneArgs {
     repo: RepoArgs,
     /// Remove base backups that never got their manifest.json (a backup killed midway) and
     /// whose newest object is older than --older-than.
-    #[arg(long, required = true)]
+    #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS", required = true)]
     incomplete_backups: bool,
     /// Keep an incomplete backup written to more recently than this: it may still be running.
-    #[arg(long, default_value = "24h", value_parser = tidemark::exit::parse_positive_duration)]
+    #[arg(long, env = "TIDEMARK_OLDER_THAN", default_value = "24h", value_parser = tidemark::exit::parse_positive_duration)]
     older_than: Duration,
     /// Print what would be removed; remove nothing.
-    #[arg(long)]
+    #[arg(long, env = "TIDEMARK_DRY_RUN")]
     dry_run: bool,
     /// Print JSON instead of text.
     #[arg(long, env = "TIDEMARK_JSON")]

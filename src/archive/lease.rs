@@ -34,7 +34,7 @@
 //! renewed before it expired stops the attempt (the run starts over and takes the lease again
 //! if nobody else did); one taken by another writer stops the run (exit 4). The expiry is read
 //! on each machine's own clock, so the writers' clocks must agree to well within the margin
-//! (20 s of the default 60 s). On a clean stop the holder writes a release record, so the next start need not wait.
+//! (100 s of the default 5 minutes). On a clean stop the holder writes a release record, so the next start need not wait.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -51,8 +51,10 @@ use crate::telemetry;
 
 /// Prefix of the lease records.
 pub const LEASE_PREFIX: &str = "locks/writer/";
-/// How long a lease lasts without renewal, unless `--lease-ttl` says otherwise.
-pub const DEFAULT_TTL: Duration = Duration::from_secs(60);
+/// How long a lease lasts without renewal, unless `--lease-ttl` says otherwise. Renewed every
+/// sixth of it (each renewal is a PUT, a LIST and a GET, plus a LIST of the chain's tail: about
+/// 5 requests a minute on an idle repository), and not renewed in its last third.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Terms before the current one whose records are kept (the recent history of writers).
 const KEEP_TERMS: u64 = 3;
 

@@ -11,9 +11,9 @@ use tidemark::lsn::PgTimestamp;
 
 use crate::spine::{
     restore_into, server_now, tidemark, wait_archived, wait_heartbeat_received, workload_step,
-    Archiver, SCHEMA,
+    Archiver, Archiving,
 };
-use crate::support::{self, snapshot_content, Cluster, ClusterOptions, ContentSnapshot};
+use crate::support::{self, snapshot_content, Cluster, ContentSnapshot};
 
 /// Copies a folder tree.
 fn copy_tree(from: &Path, to: &Path) {
@@ -142,15 +142,13 @@ fn refused(cluster: &Cluster, repo: &Path, db: &str, to: &[&str]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_or_missing_objects_remove_only_the_instants_that_need_them() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _dir,
+    } = Archiving::start(&[]).await;
     // Instants 2..=5, each followed by a stored commit (so each is restorable), and a second
     // base backup after instant 2.
     let mut instants: Vec<(String, ContentSnapshot)> = Vec::new();
@@ -271,15 +269,13 @@ async fn damaged_or_missing_objects_remove_only_the_instants_that_need_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_slot_leaves_a_hole_that_list_and_restore_agree_on() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _dir,
+    } = Archiving::start(&[]).await;
     workload_step(&src, 2).await;
     let t_a = server_now(&src).await;
     let at_a = snapshot_content(&src).await;

@@ -4,21 +4,19 @@
 
 use std::time::{Duration, Instant};
 
-use crate::spine::{self, server_now, wait_archived, workload_step, Archiver, SCHEMA};
-use crate::support::{assert_same_content, snapshot_content, Cluster, ClusterOptions};
+use crate::spine::{self, server_now, wait_archived, workload_step, Archiving};
+use crate::support::{assert_same_content, snapshot_content};
 
 #[tokio::test]
 async fn the_publication_is_protected_and_a_forced_drop_starts_a_new_generation() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
+    let Archiving {
+        cluster,
+        src,
+        mut archiver,
+        repo,
+        dir: _dir,
+    } = Archiving::start(&[]).await;
     let repo_arg = repo.to_str().unwrap();
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
     workload_step(&src, 2).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let instant = server_now(&src).await;

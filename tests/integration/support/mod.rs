@@ -12,6 +12,7 @@
 // Not every helper is used by every test module.
 #![allow(dead_code)]
 
+pub mod archiving;
 mod cluster;
 mod content;
 pub mod metrics;
