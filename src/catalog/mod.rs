@@ -21,6 +21,7 @@
 //! found intact where it looked; an instant outside every window is refused by the planner.
 
 pub mod keys;
+pub mod retention;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
