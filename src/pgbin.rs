@@ -211,8 +211,22 @@ impl Search<'_> {
     }
 }
 
+/// The major version `program --version` reports (None: it does not run or says no version).
+///
+/// An exec can fail with "text file busy" while another thread of this process forks with a
+/// file being written still open (an installer, or a test writing a script): that is retried
+/// a few times rather than taken for "not a PostgreSQL program".
 pub fn program_major(program: &Path) -> Option<u32> {
-    let out = Command::new(program).arg("--version").output().ok()?;
+    let mut tries = 0;
+    let out = loop {
+        match Command::new(program).arg("--version").output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            r => break r.ok()?,
+        }
+    };
     if !out.status.success() {
         return None;
     }
