@@ -24,10 +24,9 @@
 //! checking the target database is empty (see `restore`).
 
 pub mod cut;
-pub mod manifest;
 pub mod toc;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -38,14 +37,14 @@ use bytes::Bytes;
 use futures_util::{pin_mut, SinkExt, StreamExt};
 use tokio_postgres::Client;
 
-use crate::catalog::keys;
 use crate::conninfo::{ConnInfo, ConnInfoError};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::object;
 use crate::pgbin::{self, PgBinError};
 use crate::store::{Store, StoreError};
 
-pub use manifest::{
+use crate::catalog::manifest;
+pub use crate::catalog::manifest::{
     backup_id, manifest_key, part_key, schema_key, CopyFormat, KeyKind, KeyObject, Manifest,
     ManifestError, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
     MIN_FORMAT_VERSION,
@@ -136,8 +135,6 @@ pub enum BackupError {
     },
     #[error("{key}: {message}")]
     BadObject { key: String, message: String },
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
     #[error("{location}: base backup {id} already exists")]
     Exists { location: String, id: String },
     #[error("publication {publication:?} does not exist in database {database:?}\nHINT: create it with `tidemark setup`, or pass the --publication that exists")]
@@ -154,7 +151,6 @@ impl crate::error::Classify for BackupError {
             BackupError::Store(e) => e.exit_status(),
             BackupError::Connect(e) => e.exit_status(),
             BackupError::PgBin(e) => e.exit_status(),
-            BackupError::Manifest(e) => e.exit_status(),
             BackupError::Postgres { .. } | BackupError::Tool { .. } => Database,
             BackupError::NoPublication { .. } => Database,
             BackupError::Io { .. } => Unexpected,
@@ -989,100 +985,10 @@ impl Iterator for Pieces<'_> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Listing
-// ---------------------------------------------------------------------------------------------
-
-/// The complete base backups in the store, sorted by id (generation, then position). A folder
-/// without a manifest is an incomplete backup, and a manifest that cannot be read or parsed a
-/// damaged one: each is skipped with a warning (see [`read_manifests`]).
+/// The complete base backups in the store ([`manifest::list_manifests`]), with a failing store
+/// reported as a base-backup error: what the archiver and `backup` read before taking one.
 pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, BackupError> {
-    let objects = store.list(manifest::ROOT).await?;
-    let scan = read_manifests(store, &objects).await?;
-    for id in &scan.incomplete {
-        tracing::warn!(backup = %id, location = %store.location(), "{}{id}/ has no manifest.json: an incomplete base backup, skipped (`tidemark prune --incomplete-backups` removes it once it is a day old)", manifest::ROOT);
-    }
-    for (key, detail) in &scan.unreadable {
-        tracing::warn!(location = %store.location(), "{key} cannot be used ({detail}): that base backup is skipped");
-    }
-    Ok(scan.manifests)
-}
-
-/// The base backups of a listing, read.
-#[derive(Debug, Default)]
-pub struct ManifestScan {
-    /// The readable manifests, by id.
-    pub manifests: Vec<Manifest>,
-    /// Backup folders without `manifest.json` (being written, or the manifest was deleted).
-    pub incomplete: Vec<String>,
-    /// Manifests that cannot be read or parsed: (key, why). Their backups are not used.
-    pub unreadable: Vec<(String, String)>,
-}
-
-/// Reads the manifest of every backup in `objects` (a listing that holds `basebackups/…`).
-/// A manifest that is gone, unparsable or names another backup is recorded, not fatal; only a
-/// failing store is an error.
-pub async fn read_manifests(
-    store: &Arc<dyn Store>,
-    objects: &[crate::store::ObjectMeta],
-) -> Result<ManifestScan, BackupError> {
-    let mut folders: BTreeSet<String> = BTreeSet::new();
-    // The highest revision of each backup's manifest (proto/layout.md, "Revisions").
-    let mut complete: HashMap<String, (keys::Revision, String)> = HashMap::new();
-    for o in objects {
-        let Some((id, file)) = keys::split_backup_key(&o.key) else {
-            continue;
-        };
-        folders.insert(id.to_string());
-        if let Some(revision) = keys::manifest_revision(file) {
-            let newest = complete
-                .entry(id.to_string())
-                .or_insert((revision, o.key.clone()));
-            if revision > newest.0 {
-                *newest = (revision, o.key.clone());
-            }
-        }
-    }
-    let mut scan = ManifestScan::default();
-    for id in folders {
-        let Some((_, key)) = complete.remove(&id) else {
-            scan.incomplete.push(id);
-            continue;
-        };
-        match read_manifest(store, &id, &key).await {
-            Ok(m) => scan.manifests.push(m),
-            Err(
-                e @ (BackupError::Manifest(_)
-                | BackupError::BadObject { .. }
-                | BackupError::Store(StoreError::NotFound { .. })),
-            ) => {
-                let detail = e.to_string();
-                let detail = detail.strip_prefix(&format!("{key}: ")).unwrap_or(&detail);
-                scan.unreadable.push((key, detail.to_string()));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(scan)
-}
-
-/// Reads and checks the manifest of backup `id` stored under `key` (a revision of
-/// [`manifest_key`]).
-pub async fn read_manifest(
-    store: &Arc<dyn Store>,
-    id: &str,
-    key: &str,
-) -> Result<Manifest, BackupError> {
-    let key = key.to_string();
-    let data = object::get_object(&**store, &key).await?;
-    let m = Manifest::from_json(&key, &data)?;
-    if m.id != id {
-        return Err(BackupError::BadObject {
-            key,
-            message: format!("the manifest names backup {:?}", m.id),
-        });
-    }
-    Ok(m)
+    Ok(manifest::list_manifests(store).await?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1796,73 +1702,5 @@ mod tests {
         assert!(msg.contains("basebackups/x/tables/00000.0000.copy.lz4"));
         assert!(msg.contains("00000007"));
         assert!(msg.contains(&format!("{:08x}", crc32fast::hash(b"abc"))));
-    }
-
-    #[tokio::test]
-    async fn list_manifests_skips_incomplete_backups() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        let m = manifest::tests::sample();
-        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
-        store
-            .put(
-                "basebackups/00000003-0000001700000000/schema.dump",
-                Bytes::from_static(b"x"),
-            )
-            .await
-            .unwrap();
-        let list = list_manifests(&store).await.unwrap();
-        assert_eq!(list, vec![m]);
-    }
-
-    #[tokio::test]
-    async fn a_garbage_manifest_is_recorded_and_the_others_still_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        let m = manifest::tests::sample();
-        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
-        let garbage = manifest_key("00000001-0000000000000100");
-        store
-            .put(&garbage, Bytes::from_static(b"{not json"))
-            .await
-            .unwrap();
-        let objects = store.list(manifest::ROOT).await.unwrap();
-        let scan = read_manifests(&store, &objects).await.unwrap();
-        assert_eq!(scan.manifests, vec![m.clone()]);
-        assert_eq!(scan.unreadable.len(), 1);
-        assert_eq!(scan.unreadable[0].0, garbage);
-        assert_eq!(list_manifests(&store).await.unwrap(), vec![m]);
-    }
-
-    #[tokio::test]
-    async fn the_highest_revision_of_a_manifest_is_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        let m = manifest::tests::sample();
-        let mut rewritten = m.clone();
-        rewritten.tool_version = "rewritten".into();
-        let revision = |r| {
-            keys::Key::Manifest {
-                backup: m.id.clone(),
-                revision: r,
-            }
-            .to_string()
-        };
-        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
-        store
-            .put(&revision(3), Bytes::from(rewritten.to_json()))
-            .await
-            .unwrap();
-        store
-            .put(&revision(2), Bytes::from_static(b"{superseded"))
-            .await
-            .unwrap();
-        assert_eq!(list_manifests(&store).await.unwrap(), vec![rewritten]);
-        // A folder holding only a rewritten manifest is complete.
-        store.delete(&m.key()).await.unwrap();
-        let objects = store.list(manifest::ROOT).await.unwrap();
-        let scan = read_manifests(&store, &objects).await.unwrap();
-        assert!(scan.incomplete.is_empty() && scan.unreadable.is_empty());
-        assert_eq!(scan.manifests.len(), 1);
     }
 }

@@ -31,11 +31,10 @@ use serde::Serialize;
 use tracing::{debug, info};
 
 use crate::backup::{self, LoadPhase, Manifest};
-use crate::catalog::Catalog;
+use crate::catalog::{identity, Catalog, RepoError, SegmentRef};
 use crate::changelog;
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::repo::{self, SegmentRef};
 use crate::segment::Segment;
 use crate::store::Store;
 
@@ -69,7 +68,7 @@ pub enum RestoreError {
         detail: String,
     },
     #[error(transparent)]
-    Repo(#[from] repo::RepoError),
+    Repo(#[from] RepoError),
     #[error("repository: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -232,18 +231,13 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
 /// damage found is logged: a restore that avoids it goes on. A repository of a newer format
 /// than this build reads is refused first.
 pub async fn gather(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), RestoreError> {
-    match repo::read_identity(store).await {
+    match identity::read_identity(store).await {
         Ok(_) => {}
-        Err(e @ (repo::RepoError::NewerFormat { .. } | repo::RepoError::Store(_))) => {
-            return Err(e.into())
-        }
+        Err(e @ (RepoError::NewerFormat { .. } | RepoError::Store(_))) => return Err(e.into()),
         // A damaged identity does not stop a restore: nothing it needs is in it.
         Err(e) => tracing::warn!("{e}"),
     }
-    let (cat, manifests) = Catalog::load(store).await.map_err(|e| match e {
-        backup::BackupError::Store(e) => RestoreError::Store(e),
-        e => RestoreError::Backup(e),
-    })?;
+    let (cat, manifests) = Catalog::load(store).await?;
     for p in &cat.problems {
         tracing::warn!(location = %cat.location, "{p}");
     }
@@ -516,18 +510,18 @@ mod tests {
         use crate::error::Classify;
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        let mut id = serde_json::to_value(repo::Identity::new(1, "app")).unwrap();
-        id["format_version"] = (repo::IDENTITY_FORMAT_VERSION + 1).into();
+        let mut id = serde_json::to_value(identity::Identity::new(1, "app")).unwrap();
+        id["format_version"] = (identity::IDENTITY_FORMAT_VERSION + 1).into();
         store
             .put(
-                repo::IDENTITY_KEY,
+                identity::IDENTITY_KEY,
                 bytes::Bytes::from(serde_json::to_vec(&id).unwrap()),
             )
             .await
             .unwrap();
         let err = gather(&store).await.unwrap_err();
         assert!(
-            matches!(err, RestoreError::Repo(repo::RepoError::NewerFormat { .. })),
+            matches!(err, RestoreError::Repo(RepoError::NewerFormat { .. })),
             "{err}"
         );
         assert_eq!(err.exit_status(), crate::error::ExitStatus::Repository);
