@@ -24,7 +24,7 @@ use crate::store::Store;
 pub const SEGMENTS_PREFIX: &str = keys::SEGMENTS;
 
 /// A segment as its object name describes it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct SegmentRef {
     pub generation: u32,
     pub start: Lsn,

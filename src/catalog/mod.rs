@@ -69,6 +69,13 @@ impl BackupRef {
     }
 }
 
+/// An incremental backup: the changes since an earlier backup, loaded on top of it. None are
+/// taken yet, so this type has no values: a restore's path has an incrementals step that is
+/// always empty, and the code that would use one is checked by the compiler to handle none. The
+/// feature that takes them gives this type its fields and the catalog its list of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum IncrementalRef {}
+
 /// What reading a segment found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SegmentFact {
