@@ -8,7 +8,7 @@
 //! a folder without a manifest is an incomplete backup and is ignored. The manifest's types and
 //! its reading are the catalog's ([`crate::catalog::manifest`], re-exported here).
 //!
-//! Two jobs, one file each: `take.rs` takes a backup ([`take`], [`take_with`]: the snapshot's
+//! Two jobs, one file each: `take.rs` takes a backup ([`take()`], [`take_with`]: the snapshot's
 //! reads, the COPY of table parts, the cutter), `load.rs` loads one ([`Loader`], phase by
 //! phase, and [`raise_sequences`]). This file holds what both share: the error, the session
 //! settings and COPY column lists, the running of PostgreSQL's client programs, and the lz4
