@@ -45,13 +45,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backup::{self, BackupRequest};
+use crate::catalog::{self, chain, identity, Identity};
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::pgoutput::{self, Message};
 use crate::replication::{
     ReceiveTimeout, ReplicationClient, ReplicationMessage, SilenceWatch, Verdict,
 };
-use crate::repo::{self, Identity};
 use crate::segment::Record;
 use crate::source::{Source, SourceError};
 use crate::store::Store;
@@ -118,7 +118,7 @@ pub enum ArchiveError {
     #[error("replication: {0}")]
     Replication(#[from] crate::replication::ReplicationError),
     #[error(transparent)]
-    Repo(#[from] repo::RepoError),
+    Repo(#[from] catalog::RepoError),
     #[error("storing segment {range}: {source}")]
     Upload {
         range: String,
@@ -421,8 +421,8 @@ async fn run_once(
     store.check_writable().await?;
     let mut repl = ReplicationClient::connect(source_info).await?;
     let sys = repl.identify_system().await?;
-    let identity = repo::read_identity(&store).await?;
-    repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    let identity = identity::read_identity(&store).await?;
+    identity::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
     // The first write to the repository: from here on this archiver is its one writer. The
     // slot is free here (absent, or waited for above), so a lease left by a dead archiver of
     // the same slot is taken over; one of another archiver, alive or not, is not.
@@ -450,7 +450,7 @@ async fn run_once(
         Err(e) => tracing::warn!(error = %e, "cannot list what the archive will not carry"),
     }
     let manifests = backup::list_manifests(&store).await?;
-    let chains = repo::list_segments(&store).await?;
+    let chains = chain::list_segments(&store).await?;
     let current_gen = manifests
         .iter()
         .map(|m| m.generation)
@@ -519,7 +519,7 @@ async fn run_once(
         }
     };
     if identity.is_none() {
-        repo::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
+        identity::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
     }
     drop(source);
 
@@ -572,7 +572,7 @@ async fn run_once(
 /// above it, and returns the end the run resumes at.
 async fn mend_chain(
     store: &Arc<dyn Store>,
-    chain: &[repo::SegmentRef],
+    chain: &[catalog::SegmentRef],
     confirmed: Lsn,
 ) -> Result<Option<Lsn>, ArchiveError> {
     let plan = resume::plan_chain(chain, confirmed)?;

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use crate::archive::{self, ArchiveError, ArchiveOptions};
 use crate::backup::{self, BackupRequest, Manifest};
+use crate::catalog::{chain, identity, Identity};
 use crate::conninfo::ConnInfo;
 use crate::replication::ReplicationClient;
-use crate::repo::{self, Identity};
 use crate::source::{Source, SourceError};
 use crate::store::Store;
 
@@ -32,10 +32,10 @@ pub async fn run(
         .await?
         .identify_system()
         .await?;
-    let identity = repo::read_identity(&store).await?;
-    repo::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    let identity = identity::read_identity(&store).await?;
+    identity::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
     let manifests = backup::list_manifests(&store).await?;
-    let chains = repo::list_segments(&store).await?;
+    let chains = chain::list_segments(&store).await?;
     let generation = manifests
         .iter()
         .map(|m| m.generation)
@@ -54,7 +54,7 @@ pub async fn run(
     };
     let m = archive::take_backup_with_temporary_slot(&store, base).await?;
     if identity.is_none() {
-        repo::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
+        identity::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
     }
     Ok(m)
 }

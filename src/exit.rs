@@ -44,11 +44,11 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::source::SourceError,
         crate::replication::ReplicationError,
         crate::store::StoreError,
-        crate::repo::RepoError,
+        crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
         crate::backup::BackupError,
-        crate::backup::ManifestError,
+        crate::catalog::ManifestError,
         crate::restore::RestoreError,
         crate::pgbin::PgBinError,
         crate::segment::SegmentError,
@@ -196,11 +196,12 @@ mod tests {
     fn every_error_variant_has_its_exit_code() {
         use crate::archive::lease::LeaseError;
         use crate::archive::ArchiveError;
-        use crate::backup::{BackupError, ManifestError};
+        use crate::backup::BackupError;
+        use crate::catalog::ManifestError;
+        use crate::catalog::RepoError;
         use crate::conninfo::ConnInfoError;
         use crate::lsn::{Lsn, PgTimestamp};
         use crate::replication::ReplicationError;
-        use crate::repo::RepoError;
         use crate::restore::{RestoreError, Target};
         use crate::segment::{Region, SegmentError};
         use crate::source::SourceError;
@@ -226,12 +227,6 @@ mod tests {
             BackupError::Store(StoreError::NotFound {
                 location: s(),
                 key: s(),
-            })
-        };
-        let bad_manifest = || {
-            BackupError::Manifest(ManifestError::Invalid {
-                key: s(),
-                message: s(),
             })
         };
         let cases: Vec<(&str, anyhow::Error, ExitStatus)> = vec![
@@ -448,6 +443,20 @@ mod tests {
                 Repository,
             ),
             (
+                "manifest of another backup",
+                ManifestError::OtherBackup {
+                    key: s(),
+                    named: s(),
+                }
+                .into(),
+                Damaged,
+            ),
+            (
+                "manifest store full",
+                ManifestError::Store(store_io()).into(),
+                Repository,
+            ),
+            (
                 "backup store full",
                 BackupError::Store(store_io()).into(),
                 Repository,
@@ -507,7 +516,6 @@ mod tests {
                 .into(),
                 Damaged,
             ),
-            ("backup bad manifest", bad_manifest().into(), Damaged),
             (
                 "backup exists",
                 BackupError::Exists {
@@ -721,11 +729,6 @@ mod tests {
                 "restore missing part",
                 RestoreError::Backup(missing_part()).into(),
                 Repository,
-            ),
-            (
-                "restore bad manifest",
-                RestoreError::Backup(bad_manifest()).into(),
-                Damaged,
             ),
             (
                 "restore target connect",

@@ -8,9 +8,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::catalog::{Catalog, Problem, Window, WindowEnd};
+use crate::catalog::{identity, Catalog, Problem, Window, WindowEnd};
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::repo;
 use crate::store::Store;
 
 #[derive(Serialize)]
@@ -92,7 +91,7 @@ fn problem_listing(p: &Problem) -> ProblemListing {
 }
 
 pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
-    let identity = repo::read_identity(store).await?;
+    let identity = identity::read_identity(store).await?;
     let (cat, manifests) = Catalog::load(store).await?;
     let numbers: BTreeSet<u32> = cat
         .backups

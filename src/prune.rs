@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::backup::manifest;
+use crate::catalog::manifest;
 use crate::store::{ObjectMeta, Store};
 
 /// What to prune.

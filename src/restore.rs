@@ -1,5 +1,9 @@
-//! Point-in-time restore: a pure *plan* (which base backup, which segments, where to stop),
-//! then the *apply* (schema, data, replay, sequences, indexes) into an empty database.
+//! Point-in-time restore: a pure *plan*, then the *apply* (schema, data, replay, sequences,
+//! indexes) into an empty database.
+//!
+//! The plan is a path chosen over the [`crate::catalog`]'s windows: base backup → incremental
+//! backups (none exist yet: an empty step) → the tail of segments → the stop point, each step
+//! naming the catalog's objects ([`BackupRef`], [`IncrementalRef`], [`SegmentRef`]).
 //!
 //! Which transactions are replayed, in which order and where replay stops (PostgreSQL's own
 //! `recovery_target_time` / `recovery_target_lsn` with `recovery_target_inclusive = on`) is
@@ -21,7 +25,6 @@
 //!   out, several consecutive ones per target transaction (see `Replayer`: group boundaries
 //!   are source commit boundaries).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,11 +34,10 @@ use serde::Serialize;
 use tracing::{debug, info};
 
 use crate::backup::{self, LoadPhase, Manifest};
-use crate::catalog::Catalog;
+use crate::catalog::{identity, BackupRef, Catalog, IncrementalRef, RepoError, SegmentRef, Window};
 use crate::changelog;
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::repo::{self, SegmentRef};
 use crate::segment::Segment;
 use crate::store::Store;
 
@@ -69,7 +71,7 @@ pub enum RestoreError {
         detail: String,
     },
     #[error(transparent)]
-    Repo(#[from] repo::RepoError),
+    Repo(#[from] RepoError),
     #[error("repository: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
@@ -130,22 +132,43 @@ impl crate::error::Classify for RestoreError {
     }
 }
 
-/// What a restore will do, computed without touching the target.
-#[derive(Clone, Debug, Serialize)]
+/// What a restore will do, computed without touching the target: a path through the catalog,
+/// from a base backup through the incremental backups on top of it and the tail of segments
+/// after them, to the stop point. Every step names the catalog's own objects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Plan {
-    pub backup_id: String,
     pub generation: u32,
-    /// Replay starts here: the backup's consistent point.
-    pub start: Lsn,
-    pub target: String,
-    /// Segments to read, in order.
-    pub segments: Vec<String>,
+    /// Where the path starts: the base backup loaded first.
+    pub base: BackupRef,
+    /// The incremental backups loaded on top of the base, in order (none exist yet: the type
+    /// has no values, so this step is always empty until incremental backups come).
+    pub incrementals: Vec<IncrementalRef>,
+    /// The segments replayed after the base and incrementals, in LSN order: the window's
+    /// segments that end after [`Plan::start`].
+    pub tail: Vec<SegmentRef>,
+    /// Where replay stops.
+    #[serde(serialize_with = "as_text")]
+    pub stop: Target,
+    /// The chosen window's earliest instant and last archived commit.
     pub earliest: PgTimestamp,
     pub latest: Option<PgTimestamp>,
 }
 
-/// Chooses the base backup and segments for `target` inside one of the catalog's windows.
-/// Pure.
+impl Plan {
+    /// Where replay starts: the position of the last backup on the path.
+    pub fn start(&self) -> Lsn {
+        match self.incrementals.last() {
+            Some(i) => match *i {},
+            None => self.base.consistent_point,
+        }
+    }
+}
+
+fn as_text<S: serde::Serializer>(t: &Target, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(t)
+}
+
+/// Chooses the path to `target` inside one of the catalog's windows. Pure.
 ///
 /// A time is restorable in a window from its first backup's snapshot time to just before its
 /// last archived commit; an LSN from its first backup's position to its end. The newest window
@@ -155,40 +178,30 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
     if cat.is_empty() {
         return Err(RestoreError::Empty(cat.location.clone()));
     }
-    let refuse = |why: Option<String>| {
-        let covered = match (cat.earliest(), cat.latest_commit()) {
-            (Some(a), Some(b)) => format!(
-                "the earliest restorable instant is {a}, the latest is just before {b} (the last archived commit)"
-            ),
-            (Some(a), None) => format!(
-                "the earliest restorable instant is {a}, the latest is not yet known (no commit archived since the base backup)"
-            ),
-            _ => "no base backup can be restored".to_string(),
-        };
-        let covered = match why {
-            Some(why) if !cat.windows.is_empty() => format!("{covered}; {why}"),
-            _ => covered,
-        };
-        let hint = if cat.windows.is_empty() {
-            "restore from another copy of the repository; a new base backup (`tidemark backup`) starts a window from now on".to_string()
-        } else if cat.latest_window().is_ok() {
-            "choose a target inside one of these windows, or --latest".to_string()
-        } else {
-            "choose a target inside one of these windows; a new base backup (`tidemark backup`) opens a window after the damage".to_string()
-        };
-        RestoreError::OutOfRange {
-            target,
-            covered,
-            windows: cat.describe(),
-            hint,
-        }
+    let (window, base) = choose_base(cat, target).map_err(|why| refuse(cat, target, why))?;
+    let mut path = Plan {
+        generation: window.generation,
+        base: base.clone(),
+        // The catalog lists no incremental backups yet (`IncrementalRef` has no values).
+        incrementals: Vec::new(),
+        tail: Vec::new(),
+        stop: target,
+        earliest: window.earliest,
+        latest: window.latest_commit,
     };
-    let (window, backup) = match target {
+    path.tail = segment_tail(window, path.start());
+    Ok(path)
+}
+
+/// The window holding `target` and the base backup to start from in it, or why there is none
+/// (`None`: the target is simply outside every window).
+fn choose_base(cat: &Catalog, target: Target) -> Result<(&Window, &BackupRef), Option<String>> {
+    match target {
         Target::Latest => {
             let w = cat
                 .latest_window()
-                .map_err(|why| refuse(Some(format!("--latest cannot be restored: {why}"))))?;
-            (w, w.backups.last().expect("a window has a backup"))
+                .map_err(|why| Some(format!("--latest cannot be restored: {why}")))?;
+            Ok((w, w.backups.last().expect("a window has a backup")))
         }
         Target::Time(t) => {
             let w = cat
@@ -196,9 +209,9 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
                 .iter()
                 .rev()
                 .find(|w| w.holds_time(t))
-                .ok_or_else(|| refuse(None))?;
+                .ok_or(None)?;
             let b = w.backups.iter().rev().find(|b| b.snapshot_time <= t);
-            (w, b.expect("the window holds the time"))
+            Ok((w, b.expect("the window holds the time")))
         }
         Target::Lsn(l) => {
             let w = cat
@@ -206,44 +219,65 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
                 .iter()
                 .rev()
                 .find(|w| w.holds_lsn(l))
-                .ok_or_else(|| refuse(None))?;
+                .ok_or(None)?;
             let b = w.backups.iter().rev().find(|b| b.consistent_point <= l);
-            (w, b.expect("the window holds the LSN"))
+            Ok((w, b.expect("the window holds the LSN")))
         }
-    };
-    let segments: Vec<String> = window
+    }
+}
+
+/// The window's segments replay needs from `start` on, in LSN order.
+fn segment_tail(window: &Window, start: Lsn) -> Vec<SegmentRef> {
+    window
         .segments
         .iter()
-        .filter(|s| s.end > backup.consistent_point)
-        .map(|s| s.key.clone())
-        .collect();
-    Ok(Plan {
-        backup_id: backup.id.clone(),
-        generation: window.generation,
-        start: backup.consistent_point,
-        target: target.to_string(),
-        segments,
-        earliest: window.earliest,
-        latest: window.latest_commit,
-    })
+        .filter(|s| s.end > start)
+        .cloned()
+        .collect()
+}
+
+/// The refusal of a target outside every window: the earliest and latest restorable instants,
+/// the windows and damage, and what to try.
+fn refuse(cat: &Catalog, target: Target, why: Option<String>) -> RestoreError {
+    let covered = match (cat.earliest(), cat.latest_commit()) {
+        (Some(a), Some(b)) => format!(
+            "the earliest restorable instant is {a}, the latest is just before {b} (the last archived commit)"
+        ),
+        (Some(a), None) => format!(
+            "the earliest restorable instant is {a}, the latest is not yet known (no commit archived since the base backup)"
+        ),
+        _ => "no base backup can be restored".to_string(),
+    };
+    let covered = match why {
+        Some(why) if !cat.windows.is_empty() => format!("{covered}; {why}"),
+        _ => covered,
+    };
+    let hint = if cat.windows.is_empty() {
+        "restore from another copy of the repository; a new base backup (`tidemark backup`) starts a window from now on".to_string()
+    } else if cat.latest_window().is_ok() {
+        "choose a target inside one of these windows, or --latest".to_string()
+    } else {
+        "choose a target inside one of these windows; a new base backup (`tidemark backup`) opens a window after the damage".to_string()
+    };
+    RestoreError::OutOfRange {
+        target,
+        covered,
+        windows: cat.describe(),
+        hint,
+    }
 }
 
 /// Reads what planning needs from the repository: its catalog and the usable manifests. The
 /// damage found is logged: a restore that avoids it goes on. A repository of a newer format
 /// than this build reads is refused first.
 pub async fn gather(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), RestoreError> {
-    match repo::read_identity(store).await {
+    match identity::read_identity(store).await {
         Ok(_) => {}
-        Err(e @ (repo::RepoError::NewerFormat { .. } | repo::RepoError::Store(_))) => {
-            return Err(e.into())
-        }
+        Err(e @ (RepoError::NewerFormat { .. } | RepoError::Store(_))) => return Err(e.into()),
         // A damaged identity does not stop a restore: nothing it needs is in it.
         Err(e) => tracing::warn!("{e}"),
     }
-    let (cat, manifests) = Catalog::load(store).await.map_err(|e| match e {
-        backup::BackupError::Store(e) => RestoreError::Store(e),
-        e => RestoreError::Backup(e),
-    })?;
+    let (cat, manifests) = Catalog::load(store).await?;
     for p in &cat.problems {
         tracing::warn!(location = %cat.location, "{p}");
     }
@@ -271,13 +305,13 @@ pub async fn run(
     parallel: usize,
 ) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
-    let (gens, manifests) = gather(store).await?;
-    let plan = plan(&gens, to)?;
+    let (cat, manifests) = gather(store).await?;
+    let plan = plan(&cat, to)?;
     let manifest = manifests
         .iter()
-        .find(|m| m.id == plan.backup_id)
+        .find(|m| m.id == plan.base.id)
         .expect("the plan chose a listed backup");
-    info!(backup = %plan.backup_id, start = %plan.start, segments = plan.segments.len(), target = %plan.target, "restore plan");
+    info!(backup = %plan.base.id, start = %plan.start(), segments = plan.tail.len(), target = %plan.stop, "restore plan");
 
     let client = target_info
         .connect()
@@ -291,29 +325,21 @@ pub async fn run(
         what: "creating a temporary folder for the segments".into(),
         detail: e.to_string(),
     })?;
-    let verified = fetch_and_verify(store, &gens, &plan, to, spool.path()).await?;
+    let verified = fetch_and_verify(store, &plan, spool.path()).await?;
     let loader = backup::Loader::new(store, manifest, target_info, parallel);
     loader.check().await?;
 
     target::mark_in_progress(&client, manifest, &store.location()).await?;
-    let applied = apply(
-        &client,
-        &loader,
-        manifest,
-        &plan,
-        to,
-        target_info,
-        &verified,
-    )
-    .await
-    .map_err(|e| RestoreError::Incomplete {
-        target: target_info.to_string(),
-        source: Box::new(e),
-    })?;
+    let applied = apply(&client, &loader, manifest, &plan, target_info, &verified)
+        .await
+        .map_err(|e| RestoreError::Incomplete {
+            target: target_info.to_string(),
+            source: Box::new(e),
+        })?;
     let replayer = applied.replayer;
     let replay_seconds = applied.replay_seconds;
     let summary = RestoreSummary {
-        backup_id: plan.backup_id,
+        backup_id: plan.base.id,
         transactions_replayed: replayer.applied,
         last_commit_lsn: replayer.last_commit.map(|c| c.0),
         last_commit_time: replayer.last_commit.map(|c| c.1),
@@ -343,7 +369,6 @@ async fn apply(
     loader: &backup::Loader<'_>,
     manifest: &Manifest,
     plan: &Plan,
-    to: Target,
     target_info: &ConnInfo,
     verified: &[std::path::PathBuf],
 ) -> Result<Applied, RestoreError> {
@@ -364,7 +389,7 @@ async fn apply(
 
     let replay_started = Instant::now();
     let mut replayer = Replayer::new(client, manifest).await?;
-    let mut reader = changelog::TxnReader::new(plan.start, to);
+    let mut reader = changelog::TxnReader::new(plan.start(), plan.stop);
     reader
         .read_all(verified.len(), &mut Spooled(verified), &mut replayer)
         .await?;
@@ -392,45 +417,37 @@ async fn apply(
 }
 
 /// Downloads the planned segments (several at once), verifies each completely and checks that
-/// they continue each other from the backup's position; returns the spooled files in order.
+/// they continue each other from the plan's start; returns the spooled files in order.
 async fn fetch_and_verify(
     store: &Arc<dyn Store>,
-    gens: &Catalog,
     plan: &Plan,
-    target: Target,
     spool: &std::path::Path,
 ) -> Result<Vec<std::path::PathBuf>, RestoreError> {
-    let refs: HashMap<&str, &SegmentRef> = gens
-        .segments
-        .values()
-        .flatten()
-        .map(|s| (s.key.as_str(), s))
-        .collect();
+    let start = plan.start();
     let mut expected_start: Option<Lsn> = None;
     let mut out = Vec::new();
-    let mut fetches = futures_util::stream::iter(plan.segments.iter().cloned())
-        .map(|key| {
+    let mut fetches = futures_util::stream::iter(plan.tail.iter())
+        .map(|r| {
             let store = store.clone();
             async move {
-                crate::object::get_object(&*store, &key)
+                crate::object::get_object(&*store, &r.key)
                     .await
-                    .map(|b| (key, b))
+                    .map(|b| (r, b))
             }
         })
         .buffered(4);
     while let Some(item) = fetches.next().await {
-        let (key, bytes) = item?;
-        let r = refs[key.as_str()];
+        let (r, bytes) = item?;
         let corrupt = |detail: String| RestoreError::Corrupt {
             range: r.range(),
             start: r.start,
             detail,
         };
         match expected_start {
-            None if r.start > plan.start => {
+            None if r.start > start => {
                 return Err(corrupt(format!(
                     "the archive continues only from {} but the base backup is at {}: the changes between are missing",
-                    r.start, plan.start
+                    r.start, start
                 )))
             }
             Some(e) if r.start != e => {
@@ -458,7 +475,7 @@ async fn fetch_and_verify(
             })?;
         out.push(path);
         // Replay stops in this segment: later ones are not needed.
-        if changelog::stops_in(target, plan.start, &seg) {
+        if changelog::stops_in(plan.stop, start, &seg) {
             break;
         }
     }
@@ -516,21 +533,25 @@ mod tests {
         use crate::error::Classify;
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        let mut id = serde_json::to_value(repo::Identity::new(1, "app")).unwrap();
-        id["format_version"] = (repo::IDENTITY_FORMAT_VERSION + 1).into();
+        let mut id = serde_json::to_value(identity::Identity::new(1, "app")).unwrap();
+        id["format_version"] = (identity::IDENTITY_FORMAT_VERSION + 1).into();
         store
             .put(
-                repo::IDENTITY_KEY,
+                identity::IDENTITY_KEY,
                 bytes::Bytes::from(serde_json::to_vec(&id).unwrap()),
             )
             .await
             .unwrap();
         let err = gather(&store).await.unwrap_err();
         assert!(
-            matches!(err, RestoreError::Repo(repo::RepoError::NewerFormat { .. })),
+            matches!(err, RestoreError::Repo(RepoError::NewerFormat { .. })),
             "{err}"
         );
         assert_eq!(err.exit_status(), crate::error::ExitStatus::Repository);
+    }
+
+    fn keys(p: &Plan) -> Vec<&str> {
+        p.tail.iter().map(|s| s.key.as_str()).collect()
     }
 
     fn facts() -> Catalog {
@@ -569,14 +590,14 @@ mod tests {
     #[test]
     fn picks_the_newest_backup_before_the_target() {
         let p = plan(&facts(), Target::Time(PgTimestamp(2000))).unwrap();
-        assert_eq!((p.backup_id.as_str(), p.start), ("b1", Lsn(100)));
-        assert_eq!(p.segments, ["k100", "k200", "k300"]);
+        assert_eq!((p.base.id.as_str(), p.start()), ("b1", Lsn(100)));
+        assert_eq!(keys(&p), ["k100", "k200", "k300"]);
         let p = plan(&facts(), Target::Time(PgTimestamp(3000))).unwrap();
-        assert_eq!((p.backup_id.as_str(), p.segments.len()), ("b2", 1));
+        assert_eq!((p.base.id.as_str(), p.tail.len()), ("b2", 1));
         let p = plan(&facts(), Target::Latest).unwrap();
-        assert_eq!(p.backup_id, "b2");
+        assert_eq!(p.base.id, "b2");
         let p = plan(&facts(), Target::Lsn(Lsn(250))).unwrap();
-        assert_eq!(p.backup_id, "b1");
+        assert_eq!(p.base.id, "b1");
     }
 
     #[test]
@@ -659,12 +680,9 @@ mod tests {
     fn targets_in_a_window_restore_and_targets_in_a_hole_are_refused() {
         let cat = damaged();
         let p = plan(&cat, Target::Time(PgTimestamp(2500))).unwrap();
-        assert_eq!((p.backup_id.as_str(), p.segments.len()), ("b1-100", 2));
+        assert_eq!((p.base.id.as_str(), p.tail.len()), ("b1-100", 2));
         let p = plan(&cat, Target::Time(PgTimestamp(5500))).unwrap();
-        assert_eq!(
-            (p.backup_id.as_str(), p.segments.as_slice()),
-            ("b2-500", &["g2-500".to_string()][..])
-        );
+        assert_eq!((p.base.id.as_str(), keys(&p)), ("b2-500", vec!["g2-500"]));
         // Between the generations, and after the hole of generation 2.
         for t in [3500, 7500] {
             let err = plan(&cat, Target::Time(PgTimestamp(t))).unwrap_err();
@@ -681,5 +699,111 @@ mod tests {
         // --latest would skip the hole: refused.
         let err = plan(&cat, Target::Latest).unwrap_err().to_string();
         assert!(err.contains("--latest cannot be restored"), "{err}");
+    }
+
+    /// One generation with three base backups and a hole: b1 and b2 open and join window A
+    /// (segments 100..400), the hole 400..500 ends it, b3 opens window B after it (500..700).
+    /// Every segment's last commit is at 10 × its end.
+    fn path_catalog() -> Catalog {
+        use crate::catalog::SegmentFact;
+        let seg = |s: u64, e: u64| SegmentRef {
+            generation: 1,
+            start: Lsn(s),
+            end: Lsn(e),
+            key: format!("s{s}"),
+            size: 1,
+        };
+        let backup = |id: &str, cp: u64, t: i64| BackupRef {
+            id: id.into(),
+            generation: 1,
+            consistent_point: Lsn(cp),
+            snapshot_time: PgTimestamp(t),
+        };
+        let chain = vec![
+            seg(100, 200),
+            seg(200, 300),
+            seg(300, 400),
+            seg(500, 600),
+            seg(600, 700),
+        ];
+        let facts = chain
+            .iter()
+            .map(|s| {
+                let latest_commit = Some(PgTimestamp(s.end.0 as i64 * 10));
+                (s.key.clone(), SegmentFact::Good { latest_commit })
+            })
+            .collect();
+        Catalog::build(
+            "repo".into(),
+            vec![
+                backup("b3", 550, 5500),
+                backup("b1", 100, 1000),
+                backup("b2", 250, 2500),
+            ],
+            [(1, chain)].into_iter().collect(),
+            &facts,
+            vec![],
+        )
+    }
+
+    #[test]
+    fn the_path_runs_from_the_newest_base_before_the_target_through_the_tail_to_the_stop() {
+        let cat = path_catalog();
+        assert_eq!(cat.windows.len(), 2, "{}", cat.describe());
+        // (target, base, tail): targets inside window A, before and after b2, and inside B.
+        let inside = [
+            (
+                Target::Time(PgTimestamp(1000)),
+                "b1",
+                vec!["s100", "s200", "s300"],
+            ),
+            (
+                Target::Time(PgTimestamp(2499)),
+                "b1",
+                vec!["s100", "s200", "s300"],
+            ),
+            (Target::Time(PgTimestamp(2500)), "b2", vec!["s200", "s300"]),
+            (Target::Time(PgTimestamp(3999)), "b2", vec!["s200", "s300"]),
+            (Target::Time(PgTimestamp(6000)), "b3", vec!["s500", "s600"]),
+            (Target::Lsn(Lsn(100)), "b1", vec!["s100", "s200", "s300"]),
+            (Target::Lsn(Lsn(400)), "b2", vec!["s200", "s300"]),
+            (Target::Lsn(Lsn(700)), "b3", vec!["s500", "s600"]),
+            (Target::Latest, "b3", vec!["s500", "s600"]),
+        ];
+        for (target, base, tail) in inside {
+            let p = plan(&cat, target).unwrap_or_else(|e| panic!("{target}: {e}"));
+            assert_eq!((p.base.id.as_str(), keys(&p)), (base, tail), "{target}");
+            assert_eq!(p.start(), p.base.consistent_point, "{target}");
+            assert!(p.incrementals.is_empty(), "{target}");
+            assert_eq!(p.stop, target);
+            assert_eq!(p.generation, 1);
+            let window = if base == "b3" {
+                &cat.windows[1]
+            } else {
+                &cat.windows[0]
+            };
+            assert_eq!(
+                (p.earliest, p.latest),
+                (window.earliest, window.latest_commit)
+            );
+        }
+        // Before the first window, in the hole between the windows, after the last one.
+        let outside = [
+            Target::Time(PgTimestamp(999)),
+            Target::Time(PgTimestamp(4000)),
+            Target::Time(PgTimestamp(5499)),
+            Target::Time(PgTimestamp(7000)),
+            Target::Lsn(Lsn(99)),
+            Target::Lsn(Lsn(450)),
+            Target::Lsn(Lsn(701)),
+        ];
+        for target in outside {
+            match plan(&cat, target) {
+                Err(RestoreError::OutOfRange { windows, .. }) => {
+                    assert_eq!(windows, cat.describe(), "{target}")
+                }
+                other => panic!("{target}: {other:?}"),
+            }
+        }
     }
 }

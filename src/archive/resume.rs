@@ -10,8 +10,9 @@
 //! the chain from its last segment, so that archiving goes on. An overlap (two writers) is an
 //! error.
 
+use crate::catalog::chain::{self, Hole, SegmentRef};
+use crate::catalog::RepoError;
 use crate::lsn::Lsn;
-use crate::repo::{self, Hole, RepoError, SegmentRef};
 
 /// What resuming on a chain does.
 #[derive(Debug, PartialEq, Eq)]
@@ -28,7 +29,7 @@ pub(super) struct ChainPlan<'a> {
 
 /// Plans the resume on `chain` (one generation, sorted) for a slot confirmed at `confirmed`.
 pub(super) fn plan_chain(chain: &[SegmentRef], confirmed: Lsn) -> Result<ChainPlan<'_>, RepoError> {
-    let holes = repo::chain_holes(chain)?;
+    let holes = chain::chain_holes(chain)?;
     let (damage, orphan_hole) = match holes.iter().position(|h| h.from >= confirmed) {
         Some(i) => (holes[..i].to_vec(), Some(holes[i].clone())),
         None => (holes, None),
@@ -50,7 +51,7 @@ mod tests {
         let names = ranges
             .iter()
             .map(|&(s, e)| (crate::catalog::keys::segment(1, Lsn(s), Lsn(e)), 10));
-        repo::group_segments(names).remove(&1).unwrap_or_default()
+        chain::group_segments(names).remove(&1).unwrap_or_default()
     }
 
     #[test]

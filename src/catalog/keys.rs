@@ -9,7 +9,7 @@
 //! rewrites a segment without some rows) is stored under a new key: its name carries a revision
 //! before its extension (`….r2.seg`, `manifest.r3.json`). No suffix is revision 1. Readers that
 //! find several revisions of one object use the highest and ignore the others
-//! ([`crate::repo::group_segments`] for segments).
+//! ([`super::chain::group_segments`] for segments).
 //!
 //! Invariant: names and keys map one to one. Only the canonical form parses (fixed-width
 //! upper-case hex, no `.r1`, no leading zeros in a revision); anything else is not an object of

@@ -12,15 +12,23 @@
 //! Owns: the window rules ([`windows`], pure), the reading of the few segments those rules need
 //! (the last segment of each window, checked completely, and, walking back, the segments until
 //! one with a commit: the latest restorable instant is just before the last archived commit),
-//! and the text that describes windows and problems. Does not own the archiver's chain checks
-//! ([`repo::check_chain`]) or a restore's full verification of the segments it replays.
+//! and the text that describes windows and problems. Does not own a restore's full
+//! verification of the segments it replays.
 //!
-//! Every object key and its parser (with the revision of a rewritten object) live in [`keys`].
+//! Its parts, each read by the windows above:
+//! * [`keys`]: every object key and its parser (with the revision of a rewritten object);
+//! * [`identity`]: the repository's `archive.json` (which cluster and database it archives);
+//! * [`chain`]: segments grouped into generations, and the archiver's continuity checks;
+//! * [`manifest`]: the base backups' manifests, and their reading from a listing.
 //!
 //! Invariant: every instant inside a window is provable from objects the catalog listed and
 //! found intact where it looked; an instant outside every window is refused by the planner.
 
+pub mod chain;
+mod error;
+pub mod identity;
 pub mod keys;
+pub mod manifest;
 pub mod retention;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -31,11 +39,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::Serialize;
 
-use crate::backup::{self, BackupError, Manifest};
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::repo::{self, SegmentRef};
 use crate::segment::Segment;
 use crate::store::{Store, StoreError};
+
+pub use chain::{Hole, SegmentRef};
+pub use error::RepoError;
+pub use identity::Identity;
+pub use manifest::{Manifest, ManifestError, ManifestScan};
 
 /// A base backup as planning sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -58,6 +69,13 @@ impl BackupRef {
         }
     }
 }
+
+/// An incremental backup: the changes since an earlier backup, loaded on top of it. None are
+/// taken yet, so this type has no values: a restore's path has an incrementals step that is
+/// always empty, and the code that would use one is checked by the compiler to handle none. The
+/// feature that takes them gives this type its fields and the catalog its list of them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum IncrementalRef {}
 
 /// What reading a segment found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -227,7 +245,7 @@ impl fmt::Display for Problem {
             Problem::IncompleteBackup { id } => write!(
                 f,
                 "{}{id}/ has no manifest.json (a backup still being written, or its manifest was deleted): skipped; `tidemark prune --incomplete-backups` removes it once it is a day old",
-                backup::manifest::ROOT
+                manifest::ROOT
             ),
         }
     }
@@ -249,9 +267,9 @@ pub struct Catalog {
 impl Catalog {
     /// Lists the repository once, reads its manifests and the segments the windows need.
     /// Damaged objects become [`Problem`]s; only a failing store is an error.
-    pub async fn load(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), BackupError> {
+    pub async fn load(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), StoreError> {
         let objects = store.list("").await?;
-        let scan = backup::read_manifests(store, &objects).await?;
+        let scan = manifest::read_manifests(store, &objects).await?;
         let problems: Vec<Problem> = scan
             .incomplete
             .into_iter()
@@ -262,10 +280,10 @@ impl Catalog {
                     .map(|(key, detail)| Problem::DamagedManifest { key, detail }),
             )
             .collect();
-        let segments = repo::group_segments(
+        let segments = chain::group_segments(
             objects
                 .into_iter()
-                .filter(|o| o.key.starts_with(repo::SEGMENTS_PREFIX))
+                .filter(|o| o.key.starts_with(chain::SEGMENTS_PREFIX))
                 .map(|o| (o.key, o.size)),
         );
         let backups: Vec<BackupRef> = scan.manifests.iter().map(BackupRef::of).collect();

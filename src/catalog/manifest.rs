@@ -1,12 +1,23 @@
-//! The manifest of a base backup: `basebackups/<id>/manifest.json`, written last.
+//! The manifest of a base backup: `basebackups/<id>/manifest.json`, written last, and the
+//! reading of every backup's manifest from a listing.
 //!
 //! The format is specified in `proto/manifest.md`. Readers accept unknown fields (additions that
-//! keep `format_version`) and refuse an unknown `format_version`.
+//! keep `format_version`) and refuse an unknown `format_version`. A backup exists once its
+//! manifest is stored: a folder without one is an incomplete backup, and a manifest that cannot
+//! be read is recorded ([`ManifestScan`]), never fatal; only a failing store is an error.
+//!
+//! Owns: the manifest's types and format, and its reading. Does not own taking or loading a
+//! backup (see `backup`, which writes the manifest).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::keys;
+use super::keys;
 use crate::lsn::{Lsn, PgTimestamp};
+use crate::object;
+use crate::store::{ObjectMeta, Store, StoreError};
 
 /// The newest manifest format this build writes and reads: 2 when a table is stored in COPY's
 /// binary format (a reader of format 1 would take binary parts for text).
@@ -174,17 +185,23 @@ pub struct Totals {
 /// Why a manifest cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("{key}: not a tidemark manifest: {message}")]
     Invalid { key: String, message: String },
     #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
     UnsupportedVersion { key: String, found: u64 },
+    /// The manifest in backup `<id>`'s folder describes another backup.
+    #[error("{key}: the manifest names backup {named:?}")]
+    OtherBackup { key: String, named: String },
 }
 
 impl crate::error::Classify for ManifestError {
     fn exit_status(&self) -> crate::error::ExitStatus {
         use crate::error::ExitStatus::*;
         match self {
-            ManifestError::Invalid { .. } => Damaged,
+            ManifestError::Store(e) => e.exit_status(),
+            ManifestError::Invalid { .. } | ManifestError::OtherBackup { .. } => Damaged,
             ManifestError::UnsupportedVersion { .. } => Repository,
         }
     }
@@ -234,6 +251,95 @@ impl Manifest {
     }
 }
 
+/// The complete base backups in the store, sorted by id (generation, then position). A folder
+/// without a manifest is an incomplete backup, and a manifest that cannot be read or parsed a
+/// damaged one: each is skipped with a warning (see [`read_manifests`]).
+pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, StoreError> {
+    let objects = store.list(ROOT).await?;
+    let scan = read_manifests(store, &objects).await?;
+    for id in &scan.incomplete {
+        tracing::warn!(backup = %id, location = %store.location(), "{ROOT}{id}/ has no manifest.json: an incomplete base backup, skipped (`tidemark prune --incomplete-backups` removes it once it is a day old)");
+    }
+    for (key, detail) in &scan.unreadable {
+        tracing::warn!(location = %store.location(), "{key} cannot be used ({detail}): that base backup is skipped");
+    }
+    Ok(scan.manifests)
+}
+
+/// The base backups of a listing, read.
+#[derive(Debug, Default)]
+pub struct ManifestScan {
+    /// The readable manifests, by id.
+    pub manifests: Vec<Manifest>,
+    /// Backup folders without `manifest.json` (being written, or the manifest was deleted).
+    pub incomplete: Vec<String>,
+    /// Manifests that cannot be read or parsed: (key, why). Their backups are not used.
+    pub unreadable: Vec<(String, String)>,
+}
+
+/// Reads the manifest of every backup in `objects` (a listing that holds `basebackups/…`).
+/// A manifest that is gone, unparsable or names another backup is recorded, not fatal; only a
+/// failing store is an error.
+pub async fn read_manifests(
+    store: &Arc<dyn Store>,
+    objects: &[ObjectMeta],
+) -> Result<ManifestScan, StoreError> {
+    let mut folders: BTreeSet<String> = BTreeSet::new();
+    // The highest revision of each backup's manifest (proto/layout.md, "Revisions").
+    let mut complete: HashMap<String, (keys::Revision, String)> = HashMap::new();
+    for o in objects {
+        let Some((id, file)) = keys::split_backup_key(&o.key) else {
+            continue;
+        };
+        folders.insert(id.to_string());
+        if let Some(revision) = keys::manifest_revision(file) {
+            let newest = complete
+                .entry(id.to_string())
+                .or_insert((revision, o.key.clone()));
+            if revision > newest.0 {
+                *newest = (revision, o.key.clone());
+            }
+        }
+    }
+    let mut scan = ManifestScan::default();
+    for id in folders {
+        let Some((_, key)) = complete.remove(&id) else {
+            scan.incomplete.push(id);
+            continue;
+        };
+        match read_manifest(store, &id, &key).await {
+            Ok(m) => scan.manifests.push(m),
+            Err(ManifestError::Store(e)) if !matches!(e, StoreError::NotFound { .. }) => {
+                return Err(e)
+            }
+            Err(e) => {
+                let detail = e.to_string();
+                let detail = detail.strip_prefix(&format!("{key}: ")).unwrap_or(&detail);
+                scan.unreadable.push((key, detail.to_string()));
+            }
+        }
+    }
+    Ok(scan)
+}
+
+/// Reads and checks the manifest of backup `id` stored under `key` (a revision of
+/// [`manifest_key`]).
+pub async fn read_manifest(
+    store: &Arc<dyn Store>,
+    id: &str,
+    key: &str,
+) -> Result<Manifest, ManifestError> {
+    let data = object::get_object(&**store, key).await?;
+    let m = Manifest::from_json(key, &data)?;
+    if m.id != id {
+        return Err(ManifestError::OtherBackup {
+            key: key.to_string(),
+            named: m.id,
+        });
+    }
+    Ok(m)
+}
+
 mod u64_string {
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -251,6 +357,7 @@ mod u64_string {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use bytes::Bytes;
 
     pub(crate) fn sample() -> Manifest {
         let id = backup_id(3, Lsn(0x16_B374_D848));
@@ -376,5 +483,73 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("no numeric format_version"));
         let err = Manifest::from_json("k", b"not json").unwrap_err();
         assert!(matches!(err, ManifestError::Invalid { .. }));
+    }
+
+    #[tokio::test]
+    async fn list_manifests_skips_incomplete_backups() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let m = sample();
+        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
+        store
+            .put(
+                "basebackups/00000003-0000001700000000/schema.dump",
+                Bytes::from_static(b"x"),
+            )
+            .await
+            .unwrap();
+        let list = list_manifests(&store).await.unwrap();
+        assert_eq!(list, vec![m]);
+    }
+
+    #[tokio::test]
+    async fn a_garbage_manifest_is_recorded_and_the_others_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let m = sample();
+        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
+        let garbage = manifest_key("00000001-0000000000000100");
+        store
+            .put(&garbage, Bytes::from_static(b"{not json"))
+            .await
+            .unwrap();
+        let objects = store.list(ROOT).await.unwrap();
+        let scan = read_manifests(&store, &objects).await.unwrap();
+        assert_eq!(scan.manifests, vec![m.clone()]);
+        assert_eq!(scan.unreadable.len(), 1);
+        assert_eq!(scan.unreadable[0].0, garbage);
+        assert_eq!(list_manifests(&store).await.unwrap(), vec![m]);
+    }
+
+    #[tokio::test]
+    async fn the_highest_revision_of_a_manifest_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let m = sample();
+        let mut rewritten = m.clone();
+        rewritten.tool_version = "rewritten".into();
+        let revision = |r| {
+            keys::Key::Manifest {
+                backup: m.id.clone(),
+                revision: r,
+            }
+            .to_string()
+        };
+        store.put(&m.key(), Bytes::from(m.to_json())).await.unwrap();
+        store
+            .put(&revision(3), Bytes::from(rewritten.to_json()))
+            .await
+            .unwrap();
+        store
+            .put(&revision(2), Bytes::from_static(b"{superseded"))
+            .await
+            .unwrap();
+        assert_eq!(list_manifests(&store).await.unwrap(), vec![rewritten]);
+        // A folder holding only a rewritten manifest is complete.
+        store.delete(&m.key()).await.unwrap();
+        let objects = store.list(ROOT).await.unwrap();
+        let scan = read_manifests(&store, &objects).await.unwrap();
+        assert!(scan.incomplete.is_empty() && scan.unreadable.is_empty());
+        assert_eq!(scan.manifests.len(), 1);
     }
 }
