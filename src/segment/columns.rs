@@ -24,7 +24,9 @@
 use bytes::Buf;
 use std::collections::HashMap;
 
-use super::{get_uvarint, put_uvarint, unzigzag, unzigzag32, uvarint_len, zigzag, zigzag32};
+use super::varint::{
+    get_uvarint, put_uvarint, unzigzag, unzigzag32, uvarint_len, zigzag, zigzag32,
+};
 
 /// A block's decoded (framed) bytes are at most this many times its body: the format's bound,
 /// checked before anything is allocated. [`encode`] never exceeds it (it stores the block raw,
@@ -269,7 +271,7 @@ fn encode_with(framed: &[u8], records: u32, all_raw: bool) -> Vec<u8> {
     let mut pos = 0;
     let mut scratch: [Vec<Value>; 2] = Default::default();
     for _ in 0..records {
-        let f = super::frame_at(super::Version::V2, framed, pos, (prev_lsn, prev_time))
+        let f = super::read::frame_at(super::Version::V2, framed, pos, (prev_lsn, prev_time))
             .expect("the writer framed this block");
         pos = f.payload.end;
         let (lsn, time) = (f.lsn, f.server_time);
