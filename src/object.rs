@@ -126,13 +126,12 @@ pub async fn get_object_with(
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
-    use async_trait::async_trait;
-
     use super::*;
-    use crate::store::{LocalStore, ObjectMeta};
+    use crate::store::faulty::{Fault, FaultyStore, Op, Times};
+    use crate::store::LocalStore;
 
     /// A codec whose output differs on every call, like an envelope with a random nonce:
     /// an 8-byte counter, then the bytes xor-ed with its low byte.
@@ -164,58 +163,15 @@ pub(crate) mod tests {
 
     /// A store whose first put is stored but answered with a retryable error, as when the
     /// connection drops after the store took the object.
-    #[derive(Debug)]
-    pub(crate) struct LosesFirstAnswer {
-        pub(crate) inner: Arc<dyn Store>,
-        pub(crate) lost: AtomicBool,
-    }
-
-    impl LosesFirstAnswer {
-        pub(crate) fn new(inner: Arc<dyn Store>) -> LosesFirstAnswer {
-            LosesFirstAnswer {
-                inner,
-                lost: AtomicBool::new(false),
-            }
-        }
-    }
-
-    #[async_trait]
-    impl Store for LosesFirstAnswer {
-        fn location(&self) -> String {
-            self.inner.location()
-        }
-        async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-            self.inner.put(key, data).await?;
-            if self.lost.swap(true, Ordering::SeqCst) {
-                return Ok(());
-            }
-            Err(StoreError::Remote {
-                location: self.location(),
-                op: "put",
-                key: key.into(),
-                message: "connection reset after the object was stored".into(),
-                retryable: true,
-            })
-        }
-        async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-            self.inner.get(key).await
-        }
-        async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-            self.inner.list(prefix).await
-        }
-        async fn delete(&self, key: &str) -> Result<(), StoreError> {
-            self.inner.delete(key).await
-        }
-        async fn check_writable(&self) -> Result<(), StoreError> {
-            self.inner.check_writable().await
-        }
+    pub(crate) fn loses_first_answer(inner: Arc<dyn Store>) -> FaultyStore {
+        FaultyStore::new(inner).fail(Op::Put, Fault::AnswerLost, Times::N(1))
     }
 
     #[tokio::test]
     async fn a_retry_after_a_lost_answer_stores_the_same_encoding() {
         let dir = tempfile::tempdir().unwrap();
         let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-        let store = LosesFirstAnswer::new(local.clone());
+        let store = loses_first_answer(local.clone());
         let codec = Nonced::default();
         let plain = Bytes::from_static(b"a segment's bytes");
 
@@ -232,7 +188,7 @@ pub(crate) mod tests {
         );
 
         // Encoding again for the retry (a fresh nonce) is what the layer prevents: a conflict.
-        let store = LosesFirstAnswer::new(local.clone());
+        let store = loses_first_answer(local.clone());
         encode_with(&codec, "segments/y", plain.clone())
             .put(&store)
             .await

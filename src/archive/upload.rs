@@ -279,10 +279,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_after_a_lost_answer_puts_the_bytes_sealed_once() {
-        use crate::object::tests::{LosesFirstAnswer, Nonced};
+        use crate::object::tests::{loses_first_answer, Nonced};
         let dir = tempfile::tempdir().unwrap();
         let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
-        let store = LosesFirstAnswer::new(local.clone());
+        let store = loses_first_answer(local.clone());
         // Sealed with a codec whose every encoding differs (a random nonce).
         let codec = Nonced::default();
         let plain = Bytes::from_static(b"segment 0");

@@ -419,6 +419,25 @@ mod tests {
         run(&s, "").await;
     }
 
+    #[tokio::test]
+    async fn a_faulty_store_whose_live_rules_pick_no_key_of_the_suite_conforms() {
+        use crate::store::faulty::{Fault, Op, Rule, Times};
+        let dir = tempfile::tempdir().unwrap();
+        let s = FaultyStore::new(Arc::new(LocalStore::new(dir.path())));
+        for op in [Op::Put, Op::Get, Op::List, Op::Delete] {
+            s.add_rule(
+                Rule::new(op, Fault::Permanent, Times::Always)
+                    .keys(|k| k.starts_with("elsewhere/")),
+            );
+            s.add_rule(Rule::new(op, Fault::AnswerLost, Times::Always).after(u32::MAX));
+        }
+        run(&s, "").await;
+        for op in [Op::Put, Op::Get, Op::List, Op::Delete] {
+            assert_eq!(s.injected(op), 0, "{op:?}");
+            assert!(!s.calls(op).is_empty(), "the suite ran no {op:?}");
+        }
+    }
+
     #[derive(Debug)]
     struct Careless(LocalStore);
 

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use crate::spine::{self, workload_step, Archiver, SCHEMA};
+use crate::spine::{self, workload_step, Archiving};
 use crate::support::{self, snapshot_content, Cluster, ClusterOptions};
 
 /// Longest a refused command may take before the test calls it a hang.
@@ -203,7 +203,7 @@ fn shared_cluster() -> Arc<Cluster> {
     cluster
 }
 
-/// A finished archive of a small workload of database `src`, shared like [`shared_cluster`].
+/// A finished archive of a small workload of database `app`, shared like [`shared_cluster`].
 struct Archived {
     cluster: Cluster,
     repo: PathBuf,
@@ -212,15 +212,14 @@ struct Archived {
 
 impl Archived {
     async fn build() -> Archived {
-        let cluster = Cluster::start(ClusterOptions::default());
-        cluster.create_database("src");
-        let src = cluster.client("src").await;
-        src.batch_execute(SCHEMA).await.unwrap();
-        workload_step(&src, 1).await;
-        let repo_dir = tempfile::tempdir().unwrap();
-        let repo = repo_dir.path().join("repo");
-        let mut archiver = Archiver::start(&cluster, "src", &repo, &[]);
-        archiver.wait_streaming(&src, "tidemark").await;
+        let Archiving {
+            cluster,
+            src,
+            archiver,
+            repo,
+            dir: repo_dir,
+            ..
+        } = Archiving::start(&[]).await;
         for step in 2..5 {
             workload_step(&src, step).await;
             tokio::time::sleep(Duration::from_millis(1200)).await;

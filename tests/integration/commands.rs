@@ -1,13 +1,16 @@
 //! `setup` and `backup`: the commands around the archiver.
 
-use crate::spine::{server_now, tidemark, wait_archived, workload_step, Archiver, SCHEMA};
-use crate::support::{self, Cluster, ClusterOptions};
+use crate::spine::{server_now, tidemark, wait_archived, workload_step, Archiving};
+use crate::support;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_creates_what_archiving_needs_and_names_unreplicable_tables() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    cluster.psql("app", "CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE \"No Key\" (v text); CREATE UNLOGGED TABLE scratch (v int);");
+    let prepared = Archiving::builder()
+        .sql("CREATE TABLE keyed (id int PRIMARY KEY); CREATE TABLE \"No Key\" (v text); CREATE UNLOGGED TABLE scratch (v int);")
+        .args(&["--slot", "s1", "--publication", "p1"])
+        .prepare()
+        .await;
+    let cluster = &prepared.cluster;
     let src = cluster.conninfo("app");
     let (code, out, err) = tidemark(&[
         "setup",
@@ -52,21 +55,21 @@ async fn setup_creates_what_archiving_needs_and_names_unreplicable_tables() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("slot \"s1\" exists"), "{out}");
 
-    // The slot made by setup is used by archive, named explicitly.
     cluster.psql("app", "ALTER TABLE \"No Key\" REPLICA IDENTITY FULL");
-    let c = cluster.client("app").await;
-    c.batch_execute("INSERT INTO keyed VALUES (1); INSERT INTO \"No Key\" VALUES ('a'), ('b')")
+    prepared
+        .src
+        .batch_execute("INSERT INTO keyed VALUES (1); INSERT INTO \"No Key\" VALUES ('a'), ('b')")
         .await
         .unwrap();
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(
-        &cluster,
-        "app",
-        &repo,
-        &["--slot", "s1", "--publication", "p1"],
-    );
-    archiver.wait_streaming(&c, "s1").await;
+    // The slot made by setup is used by archive, named explicitly.
+    let Archiving {
+        cluster,
+        src: c,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = prepared.archive().await;
     c.batch_execute("UPDATE \"No Key\" SET v = 'c' WHERE v = 'a'; DELETE FROM keyed; INSERT INTO keyed VALUES (2)").await.unwrap();
     let expected = support::snapshot_content(&c).await;
     wait_archived(&c, "s1", &archiver.log).await;
@@ -87,16 +90,14 @@ async fn setup_creates_what_archiving_needs_and_names_unreplicable_tables() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_backup_is_used_for_later_targets() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let c = cluster.client("app").await;
-    c.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&c, 1).await;
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let repo_s = repo.to_str().unwrap().to_string();
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&c, "tidemark").await;
+    let Archiving {
+        cluster,
+        src: c,
+        archiver,
+        repo,
+        url: repo_s,
+        dir: _repo_dir,
+    } = Archiving::start(&[]).await;
     crate::types::wait_base_backup(&repo).await;
     workload_step(&c, 2).await;
     let (code, out, err) = tidemark(&[

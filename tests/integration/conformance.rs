@@ -4,27 +4,23 @@
 //! the same suite in the crate's unit tests.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tidemark::store::conformance::{self, LARGE};
 use tidemark::store::faulty::{Fault, FaultyStore, Op, Times};
-use tidemark::store::s3::RetryPolicy;
 use tidemark::store::{S3Store, Store};
 
-use crate::support::proxy::{FaultProxy, Faults, Mode};
-use crate::support::s3::S3Server;
+use crate::support::proxy::{Faults, Mode};
+use crate::support::s3::{small_parts, ProxiedS3, S3Server};
 
 /// The large object goes up as a multipart upload of two parts.
 fn multipart(s: &mut S3Store) {
-    s.multipart_threshold = 5 << 20;
-    s.part_size = 5 << 20;
+    small_parts(s);
     assert!(LARGE > s.multipart_threshold);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_conforms_at_a_prefix_and_at_the_bucket_root() {
-    let server = S3Server::start();
-    server.create_bucket("conform");
+    let server = S3Server::with_bucket("conform");
     let mut s = server.store("s3://conform/pg/main").await;
     multipart(&mut s);
     conformance::run(&s, "").await;
@@ -51,28 +47,16 @@ async fn s3_store_conforms_at_a_prefix_and_at_the_bucket_root() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_conforms_through_a_faulty_proxy() {
-    let server = S3Server::start();
-    server.create_bucket("flaky");
-    let proxy = FaultProxy::start(&server.endpoint);
-    proxy.set_mode(Mode::Faulty(Faults::default()));
-    let mut s = S3Store::connect("s3://flaky/r", &server.options_via(&proxy.endpoint))
-        .await
-        .unwrap();
-    s.retry = RetryPolicy {
-        max_attempts: 30,
-        base_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(200),
-        max_elapsed: Duration::from_secs(30),
-    };
+    let s3 = ProxiedS3::start("flaky", Mode::Faulty(Faults::default()));
+    let mut s = s3.store("s3://flaky/r").await;
     multipart(&mut s);
     conformance::run(&s, "").await;
-    assert!(proxy.faults() > 0, "the proxy injected no fault");
+    assert!(s3.proxy.faults() > 0, "the proxy injected no fault");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn faulty_store_over_s3_conforms_and_reports_its_faults_as_configured() {
-    let server = S3Server::start();
-    server.create_bucket("wrapped");
+    let server = S3Server::with_bucket("wrapped");
     let inner: Arc<dyn Store> = Arc::new(server.store("s3://wrapped/w").await);
     let s = FaultyStore::new(inner.clone());
     conformance::run(&s, "").await;

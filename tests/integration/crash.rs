@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::spine::{tidemark, wait_archived, Archiver};
-use crate::support::{assert_same_content, snapshot_content, Cluster, ClusterOptions};
+use crate::spine::{tidemark, wait_archived, Archiver, Archiving};
+use crate::support::{assert_same_content, snapshot_content};
 
 const KILLS: usize = 5;
 
@@ -76,15 +76,12 @@ async fn ledger_ids(client: &tokio_postgres::Client) -> BTreeSet<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_five_times_loses_nothing_and_duplicates_nothing() {
     let started = Instant::now();
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(CRASH_SCHEMA).await.unwrap();
+    let prepared = Archiving::builder().sql(CRASH_SCHEMA).prepare().await;
 
     // The writer: one transaction after another, each recorded once its COMMIT returned.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let client = cluster.client("app").await;
+        let client = prepared.cluster.client("app").await;
         let stop = stop.clone();
         tokio::spawn(async move {
             let mut committed = BTreeSet::new();
@@ -109,11 +106,15 @@ async fn kill_9_five_times_loses_nothing_and_duplicates_nothing() {
         })
     };
 
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
     // The first run creates the slot and takes the base backup while the writer runs.
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        mut archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = prepared.archive().await;
     let mut pid = slot_pid(&src, "tidemark").await;
 
     let seed: u64 = rand::random();

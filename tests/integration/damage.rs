@@ -148,6 +148,7 @@ async fn damaged_or_missing_objects_remove_only_the_instants_that_need_them() {
         archiver,
         repo,
         dir: _dir,
+        ..
     } = Archiving::start(&[]).await;
     // Instants 2..=5, each followed by a stored commit (so each is restorable), and a second
     // base backup after instant 2.
@@ -275,6 +276,7 @@ async fn a_dropped_slot_leaves_a_hole_that_list_and_restore_agree_on() {
         archiver,
         repo,
         dir: _dir,
+        ..
     } = Archiving::start(&[]).await;
     workload_step(&src, 2).await;
     let t_a = server_now(&src).await;

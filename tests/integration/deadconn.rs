@@ -7,10 +7,18 @@ use std::time::{Duration, Instant};
 
 use crate::spine::{
     restore_each_instant, restore_latest_equals, server_now, wait_archived, workload_step,
-    Archiver, SCHEMA,
+    Archiving, SCHEMA,
 };
 use crate::support::tcp_proxy::TcpProxy;
-use crate::support::{self, walsender_pid, Cluster, ClusterOptions, SUPERUSER};
+use crate::support::{self, walsender_pid, ClusterOptions, SUPERUSER};
+
+/// A cluster whose walsenders time out after 4 s of silence.
+fn short_wal_sender_timeout() -> ClusterOptions {
+    ClusterOptions {
+        extra_conf: vec!["wal_sender_timeout = '4s'".into()],
+        ..ClusterOptions::default()
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silently_dead_replication_connection_is_noticed_within_the_bound_and_archiving_goes_on()
@@ -19,25 +27,24 @@ async fn a_silently_dead_replication_connection_is_noticed_within_the_bound_and_
     const BOUND: Duration = Duration::from_millis(2666);
     // Time to drain the pipeline and write the log line, on a loaded machine.
     const SLACK: Duration = Duration::from_secs(3);
-    let cluster = Cluster::start(ClusterOptions {
-        extra_conf: vec!["wal_sender_timeout = '4s'".into()],
-        ..ClusterOptions::default()
-    });
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-
-    let proxy = TcpProxy::start(cluster.port);
+    let prepared = Archiving::builder()
+        .cluster(short_wal_sender_timeout())
+        .prepare()
+        .await;
+    let proxy = TcpProxy::start(prepared.cluster.port);
     let source = format!(
         "host=127.0.0.1 port={} user={SUPERUSER} dbname=app",
         proxy.port
     );
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let repo_s = repo.to_str().unwrap();
-    let mut archiver = Archiver::start_source(&source, repo_s, &[], &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        mut archiver,
+        url: repo,
+        dir: _repo_dir,
+        ..
+    } = prepared.archive_from(&source).await;
+    let repo_s = repo.as_str();
 
     let mut instants = Vec::new();
     workload_step(&src, 2).await;
@@ -130,29 +137,26 @@ async fn a_silently_dead_replication_connection_is_noticed_within_the_bound_and_
 /// archiver's reply requests (after 0.5 s of silence) keep the connection alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_live_connection_is_asked_for_replies_and_never_presumed_dead() {
-    let cluster = Cluster::start(ClusterOptions {
-        extra_conf: vec!["wal_sender_timeout = '4s'".into()],
-        ..ClusterOptions::default()
-    });
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start_source(
-        &cluster.conninfo("app"),
-        repo.to_str().unwrap(),
-        &[
+    let Archiving {
+        cluster: _cluster,
+        src,
+        mut archiver,
+        dir: _repo_dir,
+        ..
+    } = Archiving::builder()
+        .cluster(short_wal_sender_timeout())
+        .sql(SCHEMA)
+        .args(&[
             "--heartbeat",
             "0s",
             "--status-interval",
             "30s",
             "--receive-timeout",
             "1s",
-        ],
-        &[("TIDEMARK_LOG", "info,tidemark::archive=debug".into())],
-    );
-    archiver.wait_streaming(&src, "tidemark").await;
+        ])
+        .env(&[("TIDEMARK_LOG", "info,tidemark::archive=debug".into())])
+        .start()
+        .await;
     let pid = walsender_pid(&src).await.expect("archiver is streaming");
     // Many bounds of quiet.
     tokio::time::sleep(Duration::from_secs(8)).await;

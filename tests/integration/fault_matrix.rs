@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use crate::spine::{
     self, restore_each_instant, restore_latest_equals, server_now, wait_archived, workload_step,
-    Archiver, SCHEMA,
+    Archiver, Archiving, Prepared, SCHEMA,
 };
-use crate::support::{self, snapshot_content, Cluster, ClusterOptions, ContentSnapshot};
+use crate::support::{self, snapshot_content, ContentSnapshot};
 
 /// Enough data that a base backup takes a while: it can be killed midway.
 const BULK: &str = "CREATE TABLE bulk (id int PRIMARY KEY, pad text);
@@ -91,14 +91,14 @@ async fn note_instant(
 
 #[tokio::test]
 async fn kill_9_during_base_backups_loses_nothing() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    src.batch_execute(BULK).await.unwrap();
+    let Prepared {
+        cluster,
+        src,
+        repo,
+        dir: _dir,
+        ..
+    } = Archiving::builder().sql(SCHEMA).sql(BULK).prepare().await;
     workload_step(&src, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
     let repo_arg = repo.to_str().unwrap();
 
     // The archiver killed during the repository's first base backup.
@@ -197,13 +197,13 @@ async fn failing_puts_and_a_full_store_lose_nothing() {
     use tidemark::store::faulty::{Fault, FaultyStore, Op, Times};
     use tidemark::store::{LocalStore, Store};
 
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
+    let Prepared {
+        cluster,
+        src,
+        repo,
+        dir: _dir,
+        ..
+    } = Archiving::builder().prepare().await;
     let repo_arg = repo.to_str().unwrap();
     let local: Arc<dyn Store> = Arc::new(LocalStore::new(&repo));
     let faulty = Arc::new(FaultyStore::new(local));

@@ -2,76 +2,24 @@
 //! whose upload fails for good while later ones succeed, a segment deleted by hand, leftovers
 //! stored past a hole.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use tidemark::archive::{self, ArchiveError, ArchiveOptions};
 use tidemark::conninfo::ConnInfo;
 use tidemark::lsn::Lsn;
 use tidemark::repo;
-use tidemark::store::{LocalStore, ObjectMeta, Store, StoreError};
+use tidemark::store::faulty::{Fault, FaultyStore, Op, Rule, Times};
+use tidemark::store::{LocalStore, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::spine::{wait_archived, Archiver};
+use crate::spine::{wait_archived, Archiver, Archiving, Prepared};
 use crate::support::metrics::{metric, scrape};
-use crate::support::{Cluster, ClusterOptions};
+use crate::support::Cluster;
 
 const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);";
-
-/// A local store whose `fail_at`-th segment put (counting from 0) waits `delay` and then fails
-/// permanently; every other put goes through.
-#[derive(Debug)]
-struct FailOneSegment {
-    inner: LocalStore,
-    fail_at: usize,
-    delay: Duration,
-    segment_puts: AtomicUsize,
-    failed_key: Mutex<Option<String>>,
-}
-
-#[async_trait]
-impl Store for FailOneSegment {
-    fn location(&self) -> String {
-        self.inner.location()
-    }
-
-    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
-        if key.starts_with(repo::SEGMENTS_PREFIX)
-            && self.segment_puts.fetch_add(1, Ordering::SeqCst) == self.fail_at
-        {
-            *self.failed_key.lock().unwrap() = Some(key.to_string());
-            tokio::time::sleep(self.delay).await;
-            return Err(StoreError::Remote {
-                location: self.location(),
-                op: "put",
-                key: key.to_string(),
-                message: "injected permanent failure".into(),
-                retryable: false,
-            });
-        }
-        self.inner.put(key, data).await
-    }
-
-    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
-        self.inner.get(key).await
-    }
-
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        self.inner.list(prefix).await
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key).await
-    }
-
-    async fn check_writable(&self) -> Result<(), StoreError> {
-        self.inner.check_writable().await
-    }
-}
 
 /// The segments of generation 1 in the folder repository at `repo`.
 async fn chain(repo: &Path) -> Vec<repo::SegmentRef> {
@@ -138,12 +86,14 @@ async fn start_with_metrics(cluster: &Cluster, repo: &Path) -> (Archiver, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged_past_it() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = Arc::new(cluster.client("app").await);
-    src.batch_execute(SCHEMA).await.unwrap();
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo_path: PathBuf = repo_dir.path().join("repo");
+    let Prepared {
+        cluster,
+        src,
+        repo: repo_path,
+        dir: _repo_dir,
+        ..
+    } = Archiving::builder().sql(SCHEMA).prepare().await;
+    let src = Arc::new(src);
     let info = ConnInfo::parse(&cluster.conninfo("app")).unwrap();
     let opts = ArchiveOptions {
         seal_interval: Duration::from_millis(100),
@@ -154,13 +104,14 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
 
     // The second segment's put fails after 1.5 s: meanwhile later segments are sealed and
     // stored (up to four upload at once).
-    let faulty = Arc::new(FailOneSegment {
-        inner: LocalStore::new(&repo_path),
-        fail_at: 1,
-        delay: Duration::from_millis(1500),
-        segment_puts: AtomicUsize::new(0),
-        failed_key: Mutex::new(None),
-    });
+    let is_segment = |k: &str| k.starts_with(repo::SEGMENTS_PREFIX);
+    let faulty = Arc::new(FaultyStore::new(Arc::new(LocalStore::new(&repo_path))));
+    faulty.add_rule(
+        Rule::new(Op::Put, Fault::Permanent, Times::N(1))
+            .keys(is_segment)
+            .after(1)
+            .delay(Duration::from_millis(1500)),
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let writer = keep_writing(src.clone(), stop.clone());
     let store: Arc<dyn Store> = faulty.clone();
@@ -172,7 +123,10 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
     .expect("the archiver stops at the failed upload");
     stop.store(true, Ordering::SeqCst);
     writer.await.unwrap();
-    let failed_key = faulty.failed_key.lock().unwrap().clone().unwrap();
+    let failed_key = match faulty.injected_keys(Op::Put).as_slice() {
+        [key] => key.clone(),
+        other => panic!("one injected failure expected, got {other:?}"),
+    };
     let (_, failed_start, _) = tidemark::catalog::keys::parse_segment(&failed_key)
         .map(|k| (k.generation, k.start, k.end))
         .unwrap();
@@ -186,7 +140,12 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
         other => panic!("expected the injected upload failure, got {other:?}"),
     }
     assert!(
-        faulty.segment_puts.load(Ordering::SeqCst) > 2,
+        faulty
+            .calls(Op::Put)
+            .iter()
+            .filter(|k| is_segment(k))
+            .count()
+            > 2,
         "later segments were stored while the failing put waited"
     );
 
@@ -220,14 +179,14 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archiving_goes_on_past_a_deleted_segment_and_drops_leftovers_past_a_hole() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo_path = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo_path, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo: repo_path,
+        dir: _repo_dir,
+        ..
+    } = Archiving::builder().sql(SCHEMA).start().await;
     for i in 0..3i64 {
         src.execute("INSERT INTO t VALUES ($1, 'before')", &[&i])
             .await

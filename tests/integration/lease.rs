@@ -8,10 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::spine::{
-    restore_latest_equals, tidemark, tidemark_env, wait_archived, workload_step, Archiver, SCHEMA,
+    restore_latest_equals, tidemark, tidemark_env, wait_archived, workload_step, Archiver,
+    Archiving, Prepared, SCHEMA,
 };
 use crate::support::s3::S3Server;
-use crate::support::{self, snapshot_content, Cluster, ClusterOptions};
+use crate::support::{self, snapshot_content, Cluster};
 
 /// A `tidemark archive` child whose exit code the test waits for.
 struct Run {
@@ -101,15 +102,14 @@ fn setup_slot(cluster: &Cluster, slot: &str) {
 /// archiver is writing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_archiver_on_another_slot_is_refused_naming_the_first() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
-
-    let mut first = Archiver::start(&cluster, "app", &repo, &[]);
-    first.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver: mut first,
+        repo,
+        dir: _dir,
+        ..
+    } = Archiving::builder().sql(SCHEMA).start().await;
     workload_step(&src, 1).await;
     wait_archived(&src, "tidemark", &first.log).await;
 
@@ -155,18 +155,22 @@ async fn a_second_archiver_on_another_slot_is_refused_naming_the_first() {
 /// that archiver takes over and extends the same chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_archivers_lease_expires_and_another_slot_takes_over() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
     let ttl_env = [("TIDEMARK_LEASE_TTL", "8s".to_string())];
-
+    let prepared = Archiving::builder()
+        .sql(SCHEMA)
+        .env(&ttl_env)
+        .prepare()
+        .await;
     // tm2 exists before the first archiver's first segment, so it can resume the chain.
-    setup_slot(&cluster, "tm2");
-    let mut first = Archiver::start_with(&cluster, "app", repo.to_str().unwrap(), &[], &ttl_env);
-    first.wait_streaming(&src, "tidemark").await;
+    setup_slot(&prepared.cluster, "tm2");
+    let Archiving {
+        cluster,
+        src,
+        archiver: first,
+        repo,
+        dir: _dir,
+        ..
+    } = prepared.archive().await;
     workload_step(&src, 1).await;
     wait_archived(&src, "tidemark", &first.log).await;
     let pid = first.pid();
@@ -247,12 +251,13 @@ async fn wait_streaming(src: &tokio_postgres::Client, run: &mut Run, slot: &str)
 /// next renewal, naming what it found, and the chain it wrote stays whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_archiver_stops_when_its_lease_is_taken_or_a_foreign_segment_appears() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let repo = dir.path().join("repo");
+    let Prepared {
+        cluster,
+        src,
+        repo,
+        dir: _dir,
+        ..
+    } = Archiving::builder().sql(SCHEMA).prepare().await;
     let repo_url = repo.to_str().unwrap();
     // Renewed every second.
     let env = [("TIDEMARK_LEASE_TTL", "6s".to_string())];
@@ -329,18 +334,21 @@ async fn a_running_archiver_stops_when_its_lease_is_taken_or_a_foreign_segment_a
 /// first (renewing twice a second, each time listing the chain's tail) archives on, whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_s3_a_second_archiver_is_refused_and_the_first_archives_on() {
-    let server = S3Server::start();
-    server.create_bucket("archive");
+    let server = S3Server::with_bucket("archive");
     let env = server.cli_env(&server.endpoint);
     let repo = "s3://archive/app";
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let mut first_env = env.clone();
-    first_env.push(("TIDEMARK_LEASE_TTL", "3s".to_string()));
-    let mut first = Archiver::start_with(&cluster, "app", repo, &[], &first_env);
-    first.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver: mut first,
+        ..
+    } = Archiving::builder()
+        .sql(SCHEMA)
+        .repo_url(repo)
+        .env(&env)
+        .env(&[("TIDEMARK_LEASE_TTL", "3s".to_string())])
+        .start()
+        .await;
     workload_step(&src, 1).await;
     wait_archived(&src, "tidemark", &first.log).await;
 

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::spine::{restore_into, server_now, wait_archived, workload_step, Archiver, SCHEMA};
-use crate::support::{self, assert_same_hashes, content_hashes, Cluster, ClusterOptions};
+use crate::spine::{restore_into, server_now, wait_archived, workload_step, Archiving, SCHEMA};
+use crate::support::{self, assert_same_hashes, content_hashes, ClusterOptions};
 
 /// Concurrent writer tasks.
 const WORKERS: u64 = 4;
@@ -108,26 +108,28 @@ async fn random_transaction(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_to_random_instants_under_load_equals_physical_pitr() {
     let started = Instant::now();
-    let cluster = Cluster::start(ClusterOptions {
-        archive_wal: true,
-        ..ClusterOptions::default()
-    });
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    src.batch_execute(ORACLE_SCHEMA).await.unwrap();
-    src.batch_execute("INSERT INTO docs (title, body) VALUES ('first', repeat('x', 9000))")
-        .await
-        .unwrap();
-    let physical = cluster.base_backup();
+    let prepared = Archiving::builder()
+        .cluster(ClusterOptions {
+            archive_wal: true,
+            ..ClusterOptions::default()
+        })
+        .sql(SCHEMA)
+        .sql(ORACLE_SCHEMA)
+        .sql("INSERT INTO docs (title, body) VALUES ('first', repeat('x', 9000))")
+        .prepare()
+        .await;
+    let physical = prepared.cluster.base_backup();
     // Changes between the physical and tidemark's base backup: replayed physically, copied by
     // tidemark's base backup.
-    workload_step(&src, 1).await;
-
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    workload_step(&prepared.src, 1).await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = prepared.archive().await;
 
     let seed: u64 = rand::random();
     eprintln!("oracle workload seed {seed}");

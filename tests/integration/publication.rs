@@ -15,6 +15,7 @@ async fn the_publication_is_protected_and_a_forced_drop_starts_a_new_generation(
         mut archiver,
         repo,
         dir: _dir,
+        ..
     } = Archiving::start(&[]).await;
     let repo_arg = repo.to_str().unwrap();
     workload_step(&src, 2).await;

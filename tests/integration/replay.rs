@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use crate::spine::{
     restore_each_instant, restore_latest_equals, server_now, wait_archived,
-    wait_heartbeat_received, Archiver,
+    wait_heartbeat_received, Archiving,
 };
-use crate::support::{self, Cluster, ClusterOptions};
+use crate::support;
 
 const SCHEMA: &str = "
     CREATE TABLE counters (id int PRIMARY KEY, n bigint NOT NULL, note text);
@@ -54,14 +54,14 @@ async fn small_transaction(client: &tokio_postgres::Client, i: i32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_between_small_transactions_equals_the_source_then() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        url: repo,
+        dir: _repo_dir,
+        ..
+    } = Archiving::builder().sql(SCHEMA).start().await;
 
     // Instants after transactions 1, 45, 77 and 150 of 150: before the first group ends, and
     // inside later groups.
@@ -83,13 +83,7 @@ async fn restore_between_small_transactions_equals_the_source_then() {
     archiver.stop();
     instants.push((quiet, final_content.clone()));
 
-    restore_each_instant(&cluster, repo.to_str().unwrap(), &[], &instants, "replayed").await;
+    restore_each_instant(&cluster, &repo, &[], &instants, "replayed").await;
 
-    restore_latest_equals(
-        &cluster,
-        repo.to_str().unwrap(),
-        "replayed_latest",
-        &final_content,
-    )
-    .await;
+    restore_latest_equals(&cluster, &repo, "replayed_latest", &final_content).await;
 }

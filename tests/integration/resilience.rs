@@ -5,21 +5,20 @@
 use std::time::Duration;
 
 use crate::spine::{
-    restore_each_instant, server_now, tidemark, wait_archived, workload_step, Archiver, SCHEMA,
+    restore_each_instant, server_now, tidemark, wait_archived, workload_step, Archiving,
 };
-use crate::support::{self, walsender_pid, Cluster, ClusterOptions};
+use crate::support::{self, walsender_pid};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archiving_survives_a_dropped_connection_and_a_server_crash() {
-    let mut cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        mut cluster,
+        src,
+        mut archiver,
+        url: repo,
+        dir: _dir,
+        ..
+    } = Archiving::start(&[]).await;
 
     let mut instants = Vec::new();
     workload_step(&src, 2).await;
@@ -76,7 +75,7 @@ async fn archiving_survives_a_dropped_connection_and_a_server_crash() {
         "both interruptions must be retried in process:\n{log}"
     );
 
-    let repo_s = repo.to_str().unwrap();
+    let repo_s = repo.as_str();
     restore_each_instant(&cluster, repo_s, &[], &instants, "restored").await;
     cluster.create_database("restored_latest");
     let (code, out, err) = tidemark(&[

@@ -10,25 +10,15 @@ use futures_util::stream::{self, StreamExt};
 use tidemark::store::s3::RetryPolicy;
 use tidemark::store::{S3Store, Sse, Store, StoreError};
 
-use crate::spine::{server_now, wait_archived, workload_step, Archiver, SCHEMA};
-use crate::support::proxy::{FaultProxy, Faults, Mode};
-use crate::support::s3::S3Server;
+use crate::spine::{server_now, wait_archived, workload_step, Archiving};
+use crate::support::proxy::{Faults, Mode};
+use crate::support::s3::{quick_retry, small_parts, ProxiedS3, S3Server};
 use crate::support::{self, Cluster, ClusterOptions};
 
 fn random_bytes(n: usize) -> Bytes {
     let mut v = vec![0u8; n];
     rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut v);
     Bytes::from(v)
-}
-
-/// Retries quick enough for a test, many enough to get through a fifth of 503s.
-fn test_retry() -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: 30,
-        base_delay: Duration::from_millis(10),
-        max_delay: Duration::from_millis(200),
-        max_elapsed: Duration::from_secs(30),
-    }
 }
 
 fn assert_remote(err: &StoreError, retryable: bool, needles: &[&str]) {
@@ -45,8 +35,7 @@ fn assert_remote(err: &StoreError, retryable: bool, needles: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_round_trips_create_only_with_sse() {
-    let server = S3Server::start();
-    server.create_bucket("archive");
+    let server = S3Server::with_bucket("archive");
     let s = server.store("s3://archive/pg/main/").await;
     assert_eq!(s.location(), "s3://archive/pg/main");
     s.check_writable().await.unwrap();
@@ -139,8 +128,7 @@ async fn s3_store_round_trips_create_only_with_sse() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_multipart_uploads_large_objects_and_aborts_on_failure() {
-    let server = S3Server::start();
-    server.create_bucket("big");
+    let server = S3Server::with_bucket("big");
     let mut s = server.store("s3://big/p").await;
     s.multipart_threshold = 6 << 20;
     s.part_size = 5 << 20;
@@ -189,8 +177,7 @@ async fn s3_multipart_uploads_large_objects_and_aborts_on_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_writes_carry_the_sse_header_the_policy_demands() {
-    let server = S3Server::start();
-    server.create_bucket("enc");
+    let server = S3Server::with_bucket("enc");
     let opts = server.options_via(&server.endpoint);
 
     // Without SSE the "deny unencrypted PutObject" policy refuses: a clear, final error.
@@ -245,16 +232,10 @@ async fn s3_writes_carry_the_sse_header_the_policy_demands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_loses_and_duplicates_nothing_through_a_faulty_proxy() {
-    let server = S3Server::start();
-    server.create_bucket("flaky");
-    let proxy = FaultProxy::start(&server.endpoint);
-    proxy.set_mode(Mode::Faulty(Faults::default()));
-    let mut s = S3Store::connect("s3://flaky/r", &server.options_via(&proxy.endpoint))
-        .await
-        .unwrap();
-    s.retry = test_retry();
-    s.multipart_threshold = 5 << 20;
-    s.part_size = 5 << 20;
+    let s3 = ProxiedS3::start("flaky", Mode::Faulty(Faults::default()));
+    let mut s = s3.store("s3://flaky/r").await;
+    small_parts(&mut s);
+    let ProxiedS3 { server, proxy } = s3;
 
     let mut objects: BTreeMap<String, Bytes> = (0..80)
         .map(|i| {
@@ -361,7 +342,7 @@ async fn s3_store_loses_and_duplicates_nothing_through_a_faulty_proxy() {
         .unwrap();
     quick.retry = RetryPolicy {
         max_elapsed: Duration::from_secs(2),
-        ..test_retry()
+        ..quick_retry()
     };
     let started = std::time::Instant::now();
     let err = quick
@@ -418,8 +399,7 @@ fn assert_refused(what: &str, (code, out, err): &(i32, String, String), needles:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_unusable_repositories_are_refused_with_exit_4_and_nothing_written() {
-    let server = S3Server::start();
-    server.create_bucket("guarded");
+    let server = S3Server::with_bucket("guarded");
 
     let r = tidemark_s3(&server, &[], &["list", "--repo", "s3://nosuchbucket/pg"]);
     assert_refused(
@@ -490,20 +470,15 @@ async fn s3_unusable_repositories_are_refused_with_exit_4_and_nothing_written() 
 /// instant and to the latest, and compare row for row. The archiver must not poll listings.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_archive_and_restore_through_a_faulty_proxy() {
-    let server = S3Server::start();
-    server.create_bucket("pitr");
-    let proxy = FaultProxy::start(&server.endpoint);
-    proxy.set_mode(Mode::Faulty(Faults::light()));
+    let ProxiedS3 { server, proxy } = ProxiedS3::start("pitr", Mode::Faulty(Faults::light()));
     let env = server.cli_env(&proxy.endpoint);
     let repo = "s3://pitr/app";
-
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let mut archiver = Archiver::start_with(&cluster, "app", repo, &[], &env);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        ..
+    } = Archiving::builder().repo_url(repo).env(&env).start().await;
     let log_text = || archiver.log_text();
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     // The slot is active already while the first base backup is taken (which lists): count
@@ -577,8 +552,7 @@ async fn s3_archive_and_restore_through_a_faulty_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_store_without_conditional_writes_still_refuses_overwrites() {
-    let server = S3Server::start();
-    server.create_bucket("plain");
+    let server = S3Server::with_bucket("plain");
     server
         .policy
         .no_conditional_writes

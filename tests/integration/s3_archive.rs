@@ -5,11 +5,11 @@
 use std::time::{Duration, Instant};
 
 use crate::spine::{
-    restore_each_instant, server_now, tidemark_env, wait_archived, workload_step, Archiver, SCHEMA,
+    restore_each_instant, server_now, tidemark_env, wait_archived, workload_step, Archiving,
 };
-use crate::support::proxy::{FaultProxy, Faults, Mode};
-use crate::support::s3::S3Server;
-use crate::support::{self, Cluster, ClusterOptions};
+use crate::support;
+use crate::support::proxy::{Faults, Mode};
+use crate::support::s3::ProxiedS3;
 
 /// The archiver's memory bound while the store is unreachable, for this workload: reading stops
 /// once the queues are full (see `archive.rs`: the event queue and the byte budget of sealed
@@ -19,50 +19,36 @@ const OUTAGE_RSS_BOUND: u64 = 64 << 20;
 /// An S3 server behind our fault proxy (in `mode`), a source database with the spine's schema
 /// and a first workload step, and an archiver streaming it into `s3://archive/{prefix}`.
 struct S3Scenario {
-    server: S3Server,
-    proxy: FaultProxy,
+    s3: ProxiedS3,
     env: Vec<(&'static str, String)>,
-    repo: String,
-    cluster: Cluster,
-    src: tokio_postgres::Client,
-    archiver: Archiver,
+    /// Its repository folder is unused: the repository is on S3, at `url`.
+    archiving: Archiving,
 }
 
 async fn s3_scenario(prefix: &str, mode: Mode) -> S3Scenario {
-    let server = S3Server::start();
-    server.create_bucket("archive");
-    let proxy = FaultProxy::start(&server.endpoint);
-    proxy.set_mode(mode);
-    let env = server.cli_env(&proxy.endpoint);
-    let repo = format!("s3://archive/{prefix}");
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    workload_step(&src, 1).await;
-    let mut archiver = Archiver::start_with(&cluster, "app", &repo, &[], &env);
-    archiver.wait_streaming(&src, "tidemark").await;
-    S3Scenario {
-        server,
-        proxy,
-        env,
-        repo,
-        cluster,
-        src,
-        archiver,
-    }
+    let s3 = ProxiedS3::start("archive", mode);
+    let env = s3.cli_env();
+    let archiving = Archiving::builder()
+        .repo_url(&format!("s3://archive/{prefix}"))
+        .env(&env)
+        .start()
+        .await;
+    S3Scenario { s3, env, archiving }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_and_restore_through_a_faulty_s3() {
     let S3Scenario {
-        server,
-        proxy,
+        s3: ProxiedS3 { server, proxy },
         env,
-        repo,
-        cluster,
-        src,
-        archiver,
+        archiving:
+            Archiving {
+                cluster,
+                src,
+                archiver,
+                url: repo,
+                ..
+            },
     } = s3_scenario("app", Mode::Faulty(Faults::light())).await;
     let repo = repo.as_str();
 
@@ -95,13 +81,19 @@ async fn archive_and_restore_through_a_faulty_s3() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archiving_rides_out_a_30_second_s3_outage() {
     let S3Scenario {
-        server: _server,
-        proxy,
+        s3: ProxiedS3 {
+            server: _server,
+            proxy,
+        },
         env,
-        repo,
-        cluster,
-        src,
-        mut archiver,
+        archiving:
+            Archiving {
+                cluster,
+                src,
+                mut archiver,
+                url: repo,
+                ..
+            },
     } = s3_scenario("outage", Mode::Pass).await;
     let repo = repo.as_str();
 

@@ -15,6 +15,7 @@ async fn restore_to_each_instant_equals_the_source_then() {
         archiver,
         repo,
         dir: _repo_dir,
+        ..
     } = Archiving::start(&[]).await;
 
     let mut instants = Vec::new();

@@ -7,9 +7,8 @@
 
 use std::time::Duration;
 
-use crate::spine::{server_now, tidemark, wait_archived, Archiver};
-use crate::support::assert_same_schema;
-use crate::support::{self, Cluster, ClusterOptions};
+use crate::spine::{server_now, tidemark, wait_archived, Archiving};
+use crate::support::{self, assert_same_schema};
 use crate::types::{schema_of, wait_base_backup};
 
 const SCHEMA: &str = "
@@ -121,24 +120,20 @@ fn step(k: i32) -> String {
 }
 
 async fn scenario(via_root: bool) {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    src.batch_execute(&step(0)).await.unwrap();
-    let mut extra = vec![];
+    let mut scenario = Archiving::builder().sql(SCHEMA).sql(step(0));
     if via_root {
-        src.batch_execute(
-            "CREATE PUBLICATION viaroot FOR ALL TABLES WITH (publish_via_partition_root = true)",
-        )
-        .await
-        .unwrap();
-        extra = vec!["--publication", "viaroot"];
+        scenario = scenario
+            .sql("CREATE PUBLICATION viaroot FOR ALL TABLES WITH (publish_via_partition_root = true)")
+            .args(&["--publication", "viaroot"]);
     }
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &extra);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = scenario.start().await;
     wait_base_backup(&repo).await;
 
     let mut instants = Vec::new();
@@ -207,36 +202,35 @@ async fn table_kinds_round_trip_published_via_root() {
 /// archiver logs the same at startup; a restore behaves as reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setup_reports_what_the_archive_will_not_carry() {
-    let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(
-        "CREATE TABLE covered (id int PRIMARY KEY, v text);
-         CREATE TABLE \"Left Out\" (id int PRIMARY KEY);
-         CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
-         CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
-         CREATE UNLOGGED TABLE scratch (id int);
-         INSERT INTO scratch VALUES (1);
-         CREATE FOREIGN DATA WRAPPER nowhere;
-         CREATE SERVER far FOREIGN DATA WRAPPER nowhere;
-         CREATE FOREIGN TABLE remote (id int) SERVER far;
-         INSERT INTO covered VALUES (1, 'a'), (2, 'b');
-         CREATE MATERIALIZED VIEW summary AS SELECT count(*) AS n FROM covered;
-         CREATE SEQUENCE free_seq;
-         CREATE SEQUENCE owned_seq OWNED BY covered.id;
-         SELECT lo_from_bytea(0, 'large'), lo_from_bytea(0, 'object');
-         CREATE FUNCTION audit_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;
-         CREATE EVENT TRIGGER audit ON ddl_command_end EXECUTE FUNCTION audit_ddl();
-         CREATE SUBSCRIPTION inbound CONNECTION 'dbname=nowhere' PUBLICATION p
-             WITH (connect = false, enabled = false, create_slot = false, slot_name = NONE);
-         CREATE PUBLICATION partial FOR TABLE covered, parted;",
-    )
-    .await
-    .unwrap();
+    let prepared = Archiving::builder()
+        .sql(
+            "CREATE TABLE covered (id int PRIMARY KEY, v text);
+             CREATE TABLE \"Left Out\" (id int PRIMARY KEY);
+             CREATE TABLE parted (id int PRIMARY KEY) PARTITION BY RANGE (id);
+             CREATE TABLE parted_1 PARTITION OF parted FOR VALUES FROM (0) TO (100);
+             CREATE UNLOGGED TABLE scratch (id int);
+             INSERT INTO scratch VALUES (1);
+             CREATE FOREIGN DATA WRAPPER nowhere;
+             CREATE SERVER far FOREIGN DATA WRAPPER nowhere;
+             CREATE FOREIGN TABLE remote (id int) SERVER far;
+             INSERT INTO covered VALUES (1, 'a'), (2, 'b');
+             CREATE MATERIALIZED VIEW summary AS SELECT count(*) AS n FROM covered;
+             CREATE SEQUENCE free_seq;
+             CREATE SEQUENCE owned_seq OWNED BY covered.id;
+             SELECT lo_from_bytea(0, 'large'), lo_from_bytea(0, 'object');
+             CREATE FUNCTION audit_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN END $$;
+             CREATE EVENT TRIGGER audit ON ddl_command_end EXECUTE FUNCTION audit_ddl();
+             CREATE SUBSCRIPTION inbound CONNECTION 'dbname=nowhere' PUBLICATION p
+                 WITH (connect = false, enabled = false, create_slot = false, slot_name = NONE);
+             CREATE PUBLICATION partial FOR TABLE covered, parted;",
+        )
+        .args(&["--publication", "partial"])
+        .prepare()
+        .await;
     let (code, out, err) = tidemark(&[
         "setup",
         "--source",
-        &cluster.conninfo("app"),
+        &prepared.cluster.conninfo("app"),
         "--publication",
         "partial",
     ]);
@@ -260,10 +254,14 @@ async fn setup_reports_what_the_archive_will_not_carry() {
     );
 
     // The archiver says the same at startup; a restore does what was announced.
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &["--publication", "partial"]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = prepared.archive().await;
     wait_base_backup(&repo).await;
     src.batch_execute("INSERT INTO covered VALUES (3, 'c')")
         .await

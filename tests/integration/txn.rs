@@ -12,17 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backup::pg_dump_schema;
-use crate::spine::{restore_into, server_now, wait_archived, Archiver};
+use crate::spine::{restore_into, server_now, wait_archived, Archiver, Archiving};
 use crate::support::{self, Cluster, ClusterOptions, ContentHashes};
-
-fn streaming_cluster(extra: &[&str]) -> Cluster {
-    let mut conf = vec!["logical_decoding_work_mem = 64kB".to_string()];
-    conf.extend(extra.iter().map(|s| s.to_string()));
-    Cluster::start(ClusterOptions {
-        extra_conf: conf,
-        ..ClusterOptions::default()
-    })
-}
 
 /// An instant of the source: its time, exact content, and schema.
 struct Instant_ {
@@ -114,22 +105,28 @@ const SCHEMA: &str = "
     INSERT INTO items SELECT i, 'item ' || i, i FROM generate_series(1, 50) i;
 ";
 
-async fn start(
-    cluster: &Cluster,
-    repo: &Path,
-    extra: &[&str],
-) -> (tokio_postgres::Client, Archiver) {
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(SCHEMA).await.unwrap();
-    let mut archiver = Archiver::start(cluster, "app", repo, extra);
-    archiver.wait_streaming(&src, "tidemark").await;
+/// A cluster that streams every transaction over 64 kB (server settings `extra_conf` added),
+/// [`SCHEMA`] in `app`, and an archiver (flags `args`) streaming it, past its base backup's time.
+async fn start(extra_conf: &[&str], args: &[&str]) -> Archiving {
+    let mut conf = vec!["logical_decoding_work_mem = 64kB".to_string()];
+    conf.extend(extra_conf.iter().map(|s| s.to_string()));
+    let archiving = Archiving::builder()
+        .cluster(ClusterOptions {
+            extra_conf: conf,
+            ..ClusterOptions::default()
+        })
+        .sql(SCHEMA)
+        .args(args)
+        .start()
+        .await;
     // The base backup's time is the earliest restorable instant.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    src.batch_execute("INSERT INTO log (note) VALUES ('archiving')")
+    archiving
+        .src
+        .batch_execute("INSERT INTO log (note) VALUES ('archiving')")
         .await
         .unwrap();
-    (src, archiver)
+    archiving
 }
 
 /// A transaction of TIDEMARK_HUGE_ROWS rows (default 300 000) is streamed and archived while
@@ -140,10 +137,14 @@ async fn huge_transaction_is_archived_with_flat_memory() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(300_000);
-    let cluster = streaming_cluster(&[]);
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let (src, archiver) = start(&cluster, &repo, &["--segment-bytes", "1048576"]).await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = start(&[], &["--segment-bytes", "1048576"]).await;
     let mut instants = vec![note(&cluster, &src, "before").await];
 
     let pid = archiver.pid();
@@ -199,10 +200,14 @@ async fn huge_transaction_is_archived_with_flat_memory() {
 /// was killed and restarted; one that commits after the restart is restored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborted_streamed_transactions_leave_nothing_also_across_a_restart() {
-    let cluster = streaming_cluster(&[]);
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let (src, archiver) = start(&cluster, &repo, &[]).await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = start(&[], &[]).await;
     src.batch_execute("INSERT INTO big VALUES (0, 'first')")
         .await
         .unwrap();
@@ -321,10 +326,14 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
 /// and streamed transactions, with nested and released savepoints.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn savepoint_rollbacks_discard_only_the_subtransaction() {
-    let cluster = streaming_cluster(&[]);
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let (src, archiver) = start(&cluster, &repo, &[]).await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = start(&[], &[]).await;
     let mut instants = vec![note(&cluster, &src, "start").await];
 
     src.batch_execute(
@@ -385,10 +394,14 @@ async fn savepoint_rollbacks_discard_only_the_subtransaction() {
 /// if rolled back): restores between PREPARE and COMMIT PREPARED do not hold it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_transactions_count_when_committed() {
-    let cluster = streaming_cluster(&["max_prepared_transactions = 10"]);
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let (src, archiver) = start(&cluster, &repo, &[]).await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = start(&["max_prepared_transactions = 10"], &[]).await;
     let other = cluster.client("app").await;
     let mut instants = vec![note(&cluster, &src, "start").await];
 
@@ -454,10 +467,14 @@ async fn prepared_transactions_count_when_committed() {
 /// rows): the captured DDL is replayed at its place inside the streamed transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_changes_inside_a_streamed_transaction_replay_in_place() {
-    let cluster = streaming_cluster(&[]);
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let (src, archiver) = start(&cluster, &repo, &[]).await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = start(&[], &[]).await;
     let mut instants = vec![note(&cluster, &src, "start").await];
 
     let before = stream_bytes(&src).await;

@@ -11,7 +11,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use crate::spine::{restore_into, server_now, wait_archived, Archiver};
+use crate::spine::{restore_into, server_now, wait_archived, Archiving};
 use crate::support::assert_same_schema;
 use crate::support::{self, Cluster, ClusterOptions};
 
@@ -217,31 +217,31 @@ fn idents_step(step: i32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_type_round_trips_at_each_instant() {
-    let cluster = Cluster::start(ClusterOptions {
-        extra_conf: vec!["lc_monetary = 'C'".into()],
-        ..ClusterOptions::default()
-    });
-    cluster.create_database("app");
-    let src = cluster.client("app").await;
-    src.batch_execute(&schema()).await.unwrap();
-    // Text output of regclass depends on the search path: the source's walsender sees a schema
-    // that a restore session does not.
-    src.batch_execute("ALTER DATABASE app SET search_path = \"$user\", public, hidden")
-        .await
-        .unwrap();
-    // Rows in the base backup.
-    src.batch_execute(&format!(
-        "{} {} {}",
-        workload("typed_pk", 0),
-        workload("typed_full", 0),
-        idents_step(0)
-    ))
-    .await
-    .unwrap();
-    let repo_dir = tempfile::tempdir().unwrap();
-    let repo = repo_dir.path().join("repo");
-    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
-    archiver.wait_streaming(&src, "tidemark").await;
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        repo,
+        dir: _repo_dir,
+        ..
+    } = Archiving::builder()
+        .cluster(ClusterOptions {
+            extra_conf: vec!["lc_monetary = 'C'".into()],
+            ..ClusterOptions::default()
+        })
+        .sql(schema())
+        // Text output of regclass depends on the search path: the source's walsender sees a
+        // schema that a restore session does not.
+        .sql("ALTER DATABASE app SET search_path = \"$user\", public, hidden")
+        // Rows in the base backup.
+        .sql(format!(
+            "{} {} {}",
+            workload("typed_pk", 0),
+            workload("typed_full", 0),
+            idents_step(0)
+        ))
+        .start()
+        .await;
     wait_base_backup(&repo).await;
 
     let mut instants = Vec::new();

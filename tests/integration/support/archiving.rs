@@ -435,13 +435,19 @@ pub async fn workload_step(client: &tokio_postgres::Client, step: i32) {
 /// The usual start of an archiving scenario: a cluster with database `app` holding [`SCHEMA`]
 /// after one [`workload_step`], a repository folder, and an archiver streaming into it (its
 /// first base backup stored). Destructure it: `let Archiving { cluster, src, mut archiver,
-/// repo, dir: _dir } = Archiving::start(&[]).await;`.
+/// repo, dir: _dir, .. } = Archiving::start(&[]).await;` (a field left to `..` is dropped at
+/// the end of that statement: bind `cluster`, `archiver` and, for a folder repository, `dir`,
+/// even as `_name`, to keep them). [`Archiving::builder`] changes the
+/// cluster, the source's SQL, the archiver's flags and environment, or the repository, and
+/// [`ArchivingBuilder::prepare`] stops before the archiver, for a test that acts first.
 pub struct Archiving {
     pub cluster: Cluster,
     pub src: tokio_postgres::Client,
     pub archiver: Archiver,
     /// The repository folder (inside `dir`).
     pub repo: PathBuf,
+    /// The repository as `--repo` takes it: `repo`, or the URL given to the builder.
+    pub url: String,
     /// Keeps the repository's temporary folder alive.
     pub dir: tempfile::TempDir,
 }
@@ -449,20 +455,147 @@ pub struct Archiving {
 impl Archiving {
     /// Starts it with the archiver's extra flags `extra`.
     pub async fn start(extra: &[&str]) -> Archiving {
-        let cluster = Cluster::start(ClusterOptions::default());
+        Archiving::builder().args(extra).start().await
+    }
+
+    /// A scenario other than the usual one.
+    pub fn builder() -> ArchivingBuilder {
+        ArchivingBuilder {
+            cluster: ClusterOptions::default(),
+            sql: Vec::new(),
+            archiver: ArchiverOptions::default(),
+            url: None,
+        }
+    }
+}
+
+/// What a scenario's archiver runs with besides its source and repository.
+#[derive(Default)]
+struct ArchiverOptions {
+    args: Vec<String>,
+    env: Vec<(&'static str, String)>,
+}
+
+/// A scenario to start: see [`Archiving`].
+pub struct ArchivingBuilder {
+    cluster: ClusterOptions,
+    /// Batches run on `app` in order; none: [`SCHEMA`] then [`workload_step`] 1.
+    sql: Vec<String>,
+    archiver: ArchiverOptions,
+    url: Option<String>,
+}
+
+impl ArchivingBuilder {
+    /// The cluster's options (e.g. server settings in `extra_conf`).
+    pub fn cluster(mut self, options: ClusterOptions) -> Self {
+        self.cluster = options;
+        self
+    }
+
+    /// Runs `batch` on `app` before the archiver starts, instead of the spine's schema and
+    /// first workload step; batches run in the order given, each on its own.
+    pub fn sql(mut self, batch: impl Into<String>) -> Self {
+        self.sql.push(batch.into());
+        self
+    }
+
+    /// Extra flags of `tidemark archive` (a `--slot` there is the slot waited on).
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.archiver
+            .args
+            .extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Extra environment of `tidemark archive`.
+    pub fn env(mut self, env: &[(&'static str, String)]) -> Self {
+        self.archiver.env.extend_from_slice(env);
+        self
+    }
+
+    /// Archives into the repository `url` (e.g. `s3://bucket/prefix`, with the credentials in
+    /// [`ArchivingBuilder::env`]) instead of the folder.
+    pub fn repo_url(mut self, url: &str) -> Self {
+        self.url = Some(url.to_string());
+        self
+    }
+
+    /// The cluster, the source's content and the repository folder, without an archiver.
+    pub async fn prepare(self) -> Prepared {
+        let cluster = Cluster::start(self.cluster);
         cluster.create_database("app");
         let src = cluster.client("app").await;
-        src.batch_execute(SCHEMA).await.unwrap();
-        workload_step(&src, 1).await;
+        if self.sql.is_empty() {
+            src.batch_execute(SCHEMA).await.unwrap();
+            workload_step(&src, 1).await;
+        }
+        for batch in &self.sql {
+            src.batch_execute(batch).await.unwrap();
+        }
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
-        let mut archiver = Archiver::start(&cluster, "app", &repo, extra);
-        archiver.wait_streaming(&src, "tidemark").await;
+        let url = self
+            .url
+            .unwrap_or_else(|| repo.to_str().unwrap().to_string());
+        Prepared {
+            cluster,
+            src,
+            repo,
+            url,
+            dir,
+            archiver: self.archiver,
+        }
+    }
+
+    /// The scenario, its archiver streaming.
+    pub async fn start(self) -> Archiving {
+        self.prepare().await.archive().await
+    }
+}
+
+/// A scenario before its archiver starts: its fields are [`Archiving`]'s.
+pub struct Prepared {
+    pub cluster: Cluster,
+    pub src: tokio_postgres::Client,
+    pub repo: PathBuf,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    archiver: ArchiverOptions,
+}
+
+impl Prepared {
+    /// Starts the archiver on database `app` and waits until it streams.
+    pub async fn archive(self) -> Archiving {
+        let source = self.cluster.conninfo("app");
+        self.archive_from(&source).await
+    }
+
+    /// Starts the archiver on the connection string `source` (e.g. through a proxy) and waits
+    /// until it streams.
+    pub async fn archive_from(self, source: &str) -> Archiving {
+        let Prepared {
+            cluster,
+            src,
+            repo,
+            url,
+            dir,
+            archiver: options,
+        } = self;
+        let args: Vec<&str> = options.args.iter().map(String::as_str).collect();
+        let slot = args
+            .iter()
+            .position(|a| *a == "--slot")
+            .and_then(|i| args.get(i + 1))
+            .copied()
+            .unwrap_or("tidemark");
+        let mut archiver = Archiver::start_source(source, &url, &args, &options.env);
+        archiver.wait_streaming(&src, slot).await;
         Archiving {
             cluster,
             src,
             archiver,
             repo,
+            url,
             dir,
         }
     }

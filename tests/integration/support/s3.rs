@@ -14,12 +14,16 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::dto::*;
 use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
+use tidemark::store::s3::RetryPolicy;
 use tidemark::store::{S3Options, S3Store, Sse};
+
+use crate::support::proxy::{FaultProxy, Mode};
 
 pub const ACCESS_KEY: &str = "tidemark-test-key";
 pub const SECRET_KEY: &str = "tidemark-test-secret";
@@ -256,6 +260,13 @@ pub struct S3Server {
 }
 
 impl S3Server {
+    /// Starts a server (see [`S3Server::start`]) holding the empty bucket `bucket`.
+    pub fn with_bucket(bucket: &str) -> S3Server {
+        let server = S3Server::start();
+        server.create_bucket(bucket);
+        server
+    }
+
     /// Starts a server that requires server-side encryption on writes.
     pub fn start() -> S3Server {
         let root = tempfile::tempdir().expect("temporary folder for the S3 server");
@@ -374,6 +385,55 @@ impl S3Server {
             ("TIDEMARK_S3_ENDPOINT", endpoint.to_string()),
         ]
     }
+}
+
+/// A test S3 server holding one bucket, behind the fault-injecting proxy: what a test that
+/// reaches S3 through faults starts with.
+pub struct ProxiedS3 {
+    pub server: S3Server,
+    pub proxy: FaultProxy,
+}
+
+impl ProxiedS3 {
+    /// Starts a server holding the empty bucket `bucket`, and the proxy in front of it in `mode`.
+    pub fn start(bucket: &str, mode: Mode) -> ProxiedS3 {
+        let server = S3Server::with_bucket(bucket);
+        let proxy = FaultProxy::start(&server.endpoint);
+        proxy.set_mode(mode);
+        ProxiedS3 { server, proxy }
+    }
+
+    /// A store on `s3://BUCKET/PREFIX` reaching the server through the proxy, retrying
+    /// [`quick_retry`].
+    pub async fn store(&self, url: &str) -> S3Store {
+        let mut store = S3Store::connect(url, &self.server.options_via(&self.proxy.endpoint))
+            .await
+            .expect("connect to the S3 test server through the proxy");
+        store.retry = quick_retry();
+        store
+    }
+
+    /// Environment for a `tidemark` child process reaching the server through the proxy.
+    pub fn cli_env(&self) -> Vec<(&'static str, String)> {
+        self.server.cli_env(&self.proxy.endpoint)
+    }
+}
+
+/// Retries quick enough for a test, many enough to get through a fifth of 503s.
+pub fn quick_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 30,
+        base_delay: Duration::from_millis(10),
+        max_delay: Duration::from_millis(200),
+        max_elapsed: Duration::from_secs(30),
+    }
+}
+
+/// Multipart uploads from 5 MiB on, in parts of 5 MiB (S3's smallest), so that an object of a
+/// few MiB goes up in parts.
+pub fn small_parts(store: &mut S3Store) {
+    store.multipart_threshold = 5 << 20;
+    store.part_size = 5 << 20;
 }
 
 impl Drop for S3Server {
