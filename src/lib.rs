@@ -21,8 +21,7 @@
 //!   that need it), with [`catalog::keys`] every object key and its parser (with the revision of
 //!   a rewritten object), [`catalog::identity`] the repository's identity (`archive.json`),
 //!   [`catalog::chain`] segment chains and their continuity, and [`catalog::manifest`] the base
-//!   backups' manifests and their reading; [`repo`] is the former path of the identity and the
-//!   chains (a re-export, kept for the integration tests);
+//!   backups' manifests and their reading;
 //!   [`object`] the one way objects are written and read (encoded once, above every retry);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (taking one in
 //!   `backup/take.rs`, loading one in `backup/load.rs`; both write or read the catalog's manifest),
@@ -43,7 +42,7 @@
 //! | layer | modules | may use |
 //! |---|---|---|
 //! | 1. pure core (no I/O but the host's name) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
-//! | 2. the outside world | `conninfo`, `replication`, `source`, `pgbin`, `store`, `object`, `repo`, `catalog`, `ddl` | layers 1–2 |
+//! | 2. the outside world | `conninfo`, `replication`, `source`, `pgbin`, `store`, `object`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
 //! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `demo`, `scratch`, `exit`, `telemetry` | everything |
 //!
@@ -81,7 +80,6 @@ pub mod pgbin;
 pub mod pgoutput;
 pub mod prune;
 pub mod replication;
-pub mod repo;
 pub mod restore;
 pub mod retry;
 pub mod scratch;

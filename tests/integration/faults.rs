@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidemark::archive::{self, ArchiveError, ArchiveOptions};
+use tidemark::catalog::chain;
 use tidemark::conninfo::ConnInfo;
 use tidemark::lsn::Lsn;
-use tidemark::repo;
 use tidemark::store::faulty::{Fault, FaultyStore, Op, Rule, Times};
 use tidemark::store::{LocalStore, Store};
 use tokio_util::sync::CancellationToken;
@@ -22,9 +22,9 @@ use crate::support::Cluster;
 const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);";
 
 /// The segments of generation 1 in the folder repository at `repo`.
-async fn chain(repo: &Path) -> Vec<repo::SegmentRef> {
+async fn chain(repo: &Path) -> Vec<chain::SegmentRef> {
     let store: Arc<dyn Store> = Arc::new(LocalStore::new(repo));
-    repo::list_segments(&store)
+    chain::list_segments(&store)
         .await
         .unwrap()
         .remove(&1)
@@ -104,7 +104,7 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
 
     // The second segment's put fails after 1.5 s: meanwhile later segments are sealed and
     // stored (up to four upload at once).
-    let is_segment = |k: &str| k.starts_with(repo::SEGMENTS_PREFIX);
+    let is_segment = |k: &str| k.starts_with(chain::SEGMENTS_PREFIX);
     let faulty = Arc::new(FaultyStore::new(Arc::new(LocalStore::new(&repo_path))));
     faulty.add_rule(
         Rule::new(Op::Put, Fault::Permanent, Times::N(1))
@@ -156,7 +156,7 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
         segments.iter().all(|s| s.end <= failed_start),
         "segments past the failed one {failed_key}: {segments:?}"
     );
-    assert_eq!(repo::check_chain(&segments).unwrap(), Some(failed_start));
+    assert_eq!(chain::check_chain(&segments).unwrap(), Some(failed_start));
     let confirmed = confirmed_flush(&src).await;
     assert!(
         confirmed <= failed_start,
@@ -173,7 +173,7 @@ async fn a_failed_upload_leaves_no_segment_past_it_and_the_slot_not_acknowledged
     archiver.assert_running();
     archiver.stop();
     let segments = chain(&repo_path).await;
-    let end = repo::check_chain(&segments).unwrap().unwrap();
+    let end = chain::check_chain(&segments).unwrap().unwrap();
     assert!(end > failed_start);
 }
 
@@ -196,7 +196,7 @@ async fn archiving_goes_on_past_a_deleted_segment_and_drops_leftovers_past_a_hol
     archiver.stop();
     let segments = chain(&repo_path).await;
     assert!(segments.len() >= 3, "{segments:?}");
-    let end = repo::check_chain(&segments).unwrap().unwrap();
+    let end = chain::check_chain(&segments).unwrap().unwrap();
 
     // Someone deletes an archived segment; a failed upload left a segment past a hole above
     // the slot's confirmed position (a copy of a real one under a later name).
@@ -232,7 +232,7 @@ async fn archiving_goes_on_past_a_deleted_segment_and_drops_leftovers_past_a_hol
     );
     assert!(!repo_path.join(&orphan).exists(), "the leftover is deleted");
     let after = chain(&repo_path).await;
-    let holes = repo::chain_holes(&after).unwrap();
+    let holes = chain::chain_holes(&after).unwrap();
     assert_eq!(
         holes.len(),
         1,
