@@ -87,6 +87,11 @@ pub struct ArchiveOptions {
     pub slot_wait: Duration,
     /// How long the writer lease lasts without renewal (renewed every sixth of it).
     pub lease_ttl: Duration,
+    /// Base backups taken while archiving, beside the stream (`schedule.rs`); None: only the
+    /// first of each generation.
+    pub base_backup_schedule: Option<schedule::Schedule>,
+    /// How long the base-backup lock lasts without renewal (`backup/lock.rs`).
+    pub backup_lock_ttl: Duration,
 }
 
 impl Default for ArchiveOptions {
@@ -106,6 +111,8 @@ impl Default for ArchiveOptions {
             backup_parallel: 2,
             slot_wait: Duration::from_secs(30),
             lease_ttl: lease::DEFAULT_TTL,
+            base_backup_schedule: None,
+            backup_lock_ttl: backup::lock::DEFAULT_TTL,
         }
     }
 }
@@ -146,6 +153,8 @@ pub enum ArchiveError {
     PublicationLost { publication: String, slot: String },
     #[error(transparent)]
     Lease(#[from] lease::LeaseError),
+    #[error(transparent)]
+    BackupLock(#[from] backup::lock::LockError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -162,6 +171,7 @@ impl crate::error::Classify for ArchiveError {
             ArchiveError::Backup(e) => e.exit_status(),
             ArchiveError::SchemaChange(e) => e.exit_status(),
             ArchiveError::Lease(e) => e.exit_status(),
+            ArchiveError::BackupLock(e) => e.exit_status(),
             ArchiveError::Gap { .. } => Damaged,
             ArchiveError::StreamEnded => Database,
             ArchiveError::Decode { .. } | ArchiveError::Internal(_) => Unexpected,
@@ -188,6 +198,8 @@ impl ArchiveError {
             ArchiveError::Store(e) => e.is_retryable(),
             ArchiveError::Upload { source, .. } => source.is_retryable(),
             ArchiveError::Lease(e) => e.is_transient(),
+            // Another base backup runs: the archiver's stream never waits on it.
+            ArchiveError::BackupLock(_) => false,
             ArchiveError::Backup(e) => match e {
                 backup::BackupError::Store(s) => s.is_retryable(),
                 backup::BackupError::Connect(_) => true,
@@ -469,6 +481,8 @@ async fn run_once(
         parallel: opts.backup_parallel,
     };
 
+    // The generation's first base backup, when this attempt takes it.
+    let mut taken = None;
     let resume = match slot {
         None => {
             let generation = current_gen + 1;
@@ -488,6 +502,7 @@ async fn run_once(
             };
             let m = backup::take(&store, req).await?;
             info!(backup = %m.id, "base backup stored");
+            taken = Some(m.snapshot_time.to_datetime());
             Resume {
                 generation,
                 start: created.consistent_point,
@@ -514,6 +529,7 @@ async fn run_once(
                 );
                 let m = take_backup_with_temporary_slot(&store, backup_req(generation)).await?;
                 info!(backup = %m.id, "base backup stored");
+                taken = Some(m.snapshot_time.to_datetime());
             }
             Resume { generation, start }
         }
@@ -545,7 +561,24 @@ async fn run_once(
     stats.streamed.store(true, Ordering::SeqCst);
     lease.check()?;
     lease.begin_chain(resume.generation, resume.start);
-    pipeline(
+    let scheduled = opts.base_backup_schedule.clone().map(|schedule| {
+        let ctx = schedule::Context {
+            schedule,
+            source: source_info.clone(),
+            store: store.clone(),
+            system_id: sys.system_id,
+            timeline: sys.timeline,
+            generation: resume.generation,
+            publication: opts.publication.clone(),
+            parallel: opts.backup_parallel,
+            slot: opts.slot.clone(),
+            lock_ttl: opts.backup_lock_ttl,
+            newest: schedule::newest_of(&manifests, resume.generation).max(taken),
+        };
+        let stop = run_token.child_token();
+        (tokio::spawn(schedule::run(ctx, stop.clone())), stop)
+    });
+    let piped = pipeline(
         stream,
         store,
         opts,
@@ -556,7 +589,15 @@ async fn run_once(
         stats,
         lease.clone(),
     )
-    .await?;
+    .await;
+    if let Some((task, stop)) = scheduled {
+        // A backup in progress is abandoned, its lock released.
+        stop.cancel();
+        if tokio::time::timeout(SCHEDULE_STOP, task).await.is_err() {
+            warn!("the scheduled base backup did not stop in time; its lock expires by itself");
+        }
+    }
+    piped?;
     if run_token.is_cancelled() && !shutdown.is_cancelled() {
         // Stopped by the lease's renewal, with nothing left to store.
         lease.check()?;
@@ -909,6 +950,11 @@ mod resume;
 
 /// One writer per repository: the writer lease and the fence before each put.
 pub mod lease;
+
+/// Base backups on a schedule, beside the stream.
+pub mod schedule;
+/// How long the end of an attempt waits for its scheduled backup to stop and release its lock.
+const SCHEDULE_STOP: Duration = Duration::from_secs(15);
 use lease::Lease;
 
 async fn writer_task(

@@ -24,6 +24,7 @@
 
 pub mod cut;
 mod load;
+pub mod lock;
 mod take;
 pub mod toc;
 

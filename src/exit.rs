@@ -47,6 +47,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
+        crate::backup::lock::LockError,
         crate::backup::BackupError,
         crate::catalog::ManifestError,
         crate::restore::RestoreError,
@@ -673,6 +674,37 @@ mod tests {
             (
                 "lease store",
                 LeaseError::Store(store_io()).into(),
+                Repository,
+            ),
+            (
+                "backup lock held",
+                ArchiveError::BackupLock(crate::backup::lock::LockError::Held {
+                    location: s(),
+                    key: s(),
+                    holder: Box::new(crate::archive::lease::LeaseRecord {
+                        format_version: 1,
+                        term: 1,
+                        seq: 0,
+                        owner: s(),
+                        host: s(),
+                        pid: 1,
+                        slot: s(),
+                        acquired_at: PgTimestamp::default(),
+                        expires_at: PgTimestamp::default(),
+                        released: false,
+                    }),
+                    waited: std::time::Duration::ZERO,
+                })
+                .into(),
+                Repository,
+            ),
+            (
+                "backup lock store",
+                crate::backup::lock::LockError::Lease(LeaseError::Store(StoreError::NotFound {
+                    location: s(),
+                    key: s(),
+                }))
+                .into(),
                 Repository,
             ),
             ("restore empty", RestoreError::Empty(s()).into(), Repository),

@@ -148,6 +148,8 @@ struct ArchiveArgs {
     /// How long the repository's writer lease lasts without renewal (for tests).
     #[arg(long, env = "TIDEMARK_LEASE_TTL", default_value = "5m", value_parser = tidemark::exit::parse_positive_duration, hide = true)]
     lease_ttl: Duration,
+    #[command(flatten)]
+    schedule: archive::schedule::ScheduleArgs,
 }
 
 #[derive(Args, Debug)]
@@ -161,6 +163,12 @@ struct BackupArgs {
     /// Connections used to copy tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
+    /// While another base backup of the repository runs (one runs at a time), wait this long
+    /// for it to finish, then give up (exit 4).
+    #[arg(long, env = "TIDEMARK_LOCK_WAIT", default_value = "10m", value_parser = humantime::parse_duration)]
+    lock_wait: Duration,
+    #[command(flatten)]
+    lock: archive::schedule::LockArgs,
 }
 
 #[derive(Args, Debug)]
@@ -331,6 +339,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 receive_timeout: a.receive_timeout,
                 backup_parallel: a.parallel.max(1),
                 lease_ttl: a.lease_ttl,
+                base_backup_schedule: a.schedule.schedule().map_err(UsageError)?,
+                backup_lock_ttl: a.schedule.lock.base_backup_lock_ttl,
                 ..archive_options(&a.slot)
             };
             if let Some(addr) = a.metrics_address {
@@ -363,9 +373,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let repo = open_repo(&a.repo).await?;
             let opts = ArchiveOptions {
                 backup_parallel: a.parallel.max(1),
+                backup_lock_ttl: a.lock.base_backup_lock_ttl,
                 ..archive_options(&a.slot)
             };
-            let m = tidemark::backup_cmd::run(&source, repo, &opts).await?;
+            let m = tidemark::backup_cmd::run(&source, repo, &opts, a.lock_wait).await?;
             println!(
                 "base backup {} at {} ({})",
                 m.id, m.consistent_point, m.snapshot_time

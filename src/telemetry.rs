@@ -20,6 +20,10 @@
 //! | `tidemark_schema_unexplained_changes_total` | counter | column changes no captured DDL explains (archiving stops) |
 //! | `tidemark_segment_chain_holes` | gauge | holes (archived, acknowledged, then missing segments) in the chain being extended, as found at the last resume |
 //! | `tidemark_writer_lease_held` | gauge | 1 while this archiver holds the repository's writer lease, 0 otherwise |
+//! | `tidemark_base_backup_failures_total` | counter | scheduled base backups that failed (each is retried with backoff; the base-backup lock held by another backup counts) |
+//! | `tidemark_last_base_backup_timestamp_seconds` | gauge | Unix time of the newest complete base backup of the generation (set by the schedule) |
+//! | `tidemark_base_backup_running` | gauge | 1 while a scheduled base backup is being taken, 0 otherwise |
+//! | `tidemark_base_backup_duration_seconds` | gauge | how long the last scheduled base backup took |
 
 use std::net::SocketAddr;
 
@@ -40,6 +44,10 @@ pub const SCHEMA_UNEXPLAINED: &str = "tidemark_schema_unexplained_changes_total"
 pub const CHAIN_HOLES: &str = "tidemark_segment_chain_holes";
 pub const NEW_GENERATIONS: &str = "tidemark_new_generations_total";
 pub const WRITER_LEASE: &str = "tidemark_writer_lease_held";
+pub const BASE_BACKUP_FAILURES: &str = "tidemark_base_backup_failures_total";
+pub const LAST_BASE_BACKUP: &str = "tidemark_last_base_backup_timestamp_seconds";
+pub const BASE_BACKUP_RUNNING: &str = "tidemark_base_backup_running";
+pub const BASE_BACKUP_SECONDS: &str = "tidemark_base_backup_duration_seconds";
 
 /// Starts the scrape endpoint (needs a running tokio runtime).
 pub fn install(addr: SocketAddr) -> Result<(), String> {
@@ -87,6 +95,24 @@ pub fn install(addr: SocketAddr) -> Result<(), String> {
     describe_gauge!(
         WRITER_LEASE,
         "1 while this archiver holds the repository's writer lease, 0 otherwise"
+    );
+    describe_counter!(
+        BASE_BACKUP_FAILURES,
+        "scheduled base backups that failed (each is retried with backoff)"
+    );
+    describe_gauge!(
+        LAST_BASE_BACKUP,
+        Unit::Seconds,
+        "Unix time of the newest complete base backup of the generation"
+    );
+    describe_gauge!(
+        BASE_BACKUP_RUNNING,
+        "1 while a scheduled base backup is being taken, 0 otherwise"
+    );
+    describe_gauge!(
+        BASE_BACKUP_SECONDS,
+        Unit::Seconds,
+        "how long the last scheduled base backup took"
     );
     Ok(())
 }

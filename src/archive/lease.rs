@@ -35,6 +35,10 @@
 //! if nobody else did); one taken by another writer stops the run (exit 4). The expiry is read
 //! on each machine's own clock, so the writers' clocks must agree to well within the margin
 //! (100 s of the default 5 minutes). On a clean stop the holder writes a release record, so the next start need not wait.
+//!
+//! The records, the decision, the renewal and the release serve other locks too: a [`Kind`]
+//! names their prefix and whether the same-slot takeover applies (the base-backup lock,
+//! `backup/lock.rs`, is a lease without it and without a chain to fence).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -51,6 +55,30 @@ use crate::telemetry;
 
 /// Prefix of the lease records.
 pub const LEASE_PREFIX: &str = "locks/writer/";
+
+/// What a lease guards: where its records live and how it is taken over. The writer lease is
+/// one kind; the base-backup lock (`backup/lock.rs`) is another, built on the same records,
+/// decision, renewal and release.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kind {
+    /// Prefix of its records (`<prefix><term>-<seq>.json`).
+    pub prefix: &'static str,
+    /// Its name in logs ("writer lease").
+    pub name: &'static str,
+    /// A live record of the same slot is taken over when that slot is free (see the module
+    /// doc); without it, only a released or expired record is.
+    pub slot_takeover: bool,
+    /// The gauge set to 1 while it is held.
+    pub gauge: Option<&'static str>,
+}
+
+/// The writer lease.
+pub const WRITER: Kind = Kind {
+    prefix: LEASE_PREFIX,
+    name: "writer lease",
+    slot_takeover: true,
+    gauge: Some(telemetry::WRITER_LEASE),
+};
 /// How long a lease lasts without renewal, unless `--lease-ttl` says otherwise. Renewed every
 /// sixth of it (each renewal is a PUT, a LIST and a GET, plus a LIST of the chain's tail: about
 /// 5 requests a minute on an idle repository), and not renewed in its last third.
@@ -90,13 +118,23 @@ impl LeaseRecord {
 
 /// The name of record `seq` of term `term`; fixed width, so names sort by (term, seq).
 pub fn lease_key(term: u64, seq: u64) -> String {
-    format!("{LEASE_PREFIX}{term:010}-{seq:010}.json")
+    record_key(LEASE_PREFIX, term, seq)
+}
+
+/// The name of record `seq` of term `term` of the lease whose records live under `prefix`.
+pub fn record_key(prefix: &str, term: u64, seq: u64) -> String {
+    format!("{prefix}{term:010}-{seq:010}.json")
 }
 
 /// Parses a name written by [`lease_key`]; other names are not lease records.
 pub fn parse_lease_key(key: &str) -> Option<(u64, u64)> {
+    parse_record_key(LEASE_PREFIX, key)
+}
+
+/// Parses a name written by [`record_key`] under `prefix`.
+pub fn parse_record_key(prefix: &str, key: &str) -> Option<(u64, u64)> {
     let (term, seq) = key
-        .strip_prefix(LEASE_PREFIX)?
+        .strip_prefix(prefix)?
         .strip_suffix(".json")?
         .split_once('-')?;
     let digits = |s: &str| s.len() == 10 && s.bytes().all(|b| b.is_ascii_digit());
@@ -191,8 +229,16 @@ pub fn renewable(expires: PgTimestamp, now: PgTimestamp, margin: Duration) -> bo
 
 /// The newest record's key among `keys` (lease records only).
 pub fn newest_key<'a>(keys: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    newest_record_key(LEASE_PREFIX, keys)
+}
+
+/// The newest record's key among `keys` (records under `prefix` only).
+pub fn newest_record_key<'a>(
+    prefix: &str,
+    keys: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     keys.into_iter()
-        .filter_map(|k| parse_lease_key(k).map(|ts| (ts, k)))
+        .filter_map(|k| parse_record_key(prefix, k).map(|ts| (ts, k)))
         .max()
         .map(|(_, k)| k)
 }
@@ -204,8 +250,18 @@ pub fn stale_keys<'a>(
     term: u64,
     seq: u64,
 ) -> Vec<&'a str> {
+    stale_record_keys(LEASE_PREFIX, keys, term, seq)
+}
+
+/// [`stale_keys`] of the records under `prefix`.
+pub fn stale_record_keys<'a>(
+    prefix: &str,
+    keys: impl IntoIterator<Item = &'a str>,
+    term: u64,
+    seq: u64,
+) -> Vec<&'a str> {
     keys.into_iter()
-        .filter(|k| match parse_lease_key(k) {
+        .filter(|k| match parse_record_key(prefix, k) {
             Some((t, s)) => t + KEEP_TERMS < term || (t == term && s > 0 && s < seq),
             None => false,
         })
@@ -347,6 +403,7 @@ struct State {
 #[derive(Debug)]
 pub struct Lease {
     store: Arc<dyn Store>,
+    kind: Kind,
     ttl: Duration,
     owner: String,
     host: String,
@@ -358,9 +415,16 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The writer lease of the archiver of `slot`.
     pub fn new(store: Arc<dyn Store>, ttl: Duration, slot: &str) -> Lease {
+        Lease::of_kind(WRITER, store, ttl, slot)
+    }
+
+    /// A lease of `kind`, held on behalf of `slot`.
+    pub fn of_kind(kind: Kind, store: Arc<dyn Store>, ttl: Duration, slot: &str) -> Lease {
         Lease {
             store,
+            kind,
             ttl,
             owner: format!("{:032x}", rand::random::<u128>()),
             host: crate::host::hostname(),
@@ -373,6 +437,12 @@ impl Lease {
 
     fn location(&self) -> String {
         self.store.location()
+    }
+
+    fn set_gauge(&self, value: f64) {
+        if let Some(name) = self.kind.gauge {
+            metrics::gauge!(name).set(value);
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -407,12 +477,14 @@ impl Lease {
         for _ in 0..5 {
             let keys: Vec<String> = self
                 .store
-                .list(LEASE_PREFIX)
+                .list(self.kind.prefix)
                 .await?
                 .into_iter()
                 .map(|o| o.key)
                 .collect();
-            let Some(key) = newest_key(keys.iter().map(String::as_str)).map(str::to_string) else {
+            let Some(key) = newest_record_key(self.kind.prefix, keys.iter().map(String::as_str))
+                .map(str::to_string)
+            else {
                 return Ok((None, keys));
             };
             match self.store.get(&key).await {
@@ -431,7 +503,7 @@ impl Lease {
         }
         Err(LeaseError::BadRecord {
             location: self.location(),
-            key: LEASE_PREFIX.into(),
+            key: self.kind.prefix.into(),
             detail: "the newest record keeps disappearing while it is read".into(),
         })
     }
@@ -459,7 +531,10 @@ impl Lease {
     async fn put_record(&self, r: &LeaseRecord) -> Result<(), StoreError> {
         let body = serde_json::to_vec_pretty(r).expect("a lease record serializes");
         self.store
-            .put(&lease_key(r.term, r.seq), Bytes::from(body))
+            .put(
+                &record_key(self.kind.prefix, r.term, r.seq),
+                Bytes::from(body),
+            )
             .await
     }
 
@@ -494,7 +569,7 @@ impl Lease {
             &self.owner,
             &self.slot,
             last_term,
-            slot_free,
+            slot_free && self.kind.slot_takeover,
             PgTimestamp::now(),
             self.margin(),
         );
@@ -509,7 +584,7 @@ impl Lease {
                 if let Some((key, r)) = &newest {
                     match why {
                         Takeover::Expired => {
-                            warn!(previous = %r.describe(), record = %key, "the previous archiver's writer lease expired: taking the repository over")
+                            warn!(previous = %r.describe(), record = %key, "the previous holder's {} expired: taking it over", self.kind.name)
                         }
                         Takeover::SlotFree => {
                             info!(previous = %r.describe(), record = %key, "the previous archiver of slot {:?} is gone (the slot is free): taking the repository over", r.slot)
@@ -548,7 +623,8 @@ impl Lease {
             Err(LeaseError::Store(StoreError::Conflict { .. })) => {
                 // Another archiver put the same record name first: it won the race.
                 let (newest, _) = self.newest().await?;
-                let (key, holder) = newest.unwrap_or_else(|| (lease_key(term, seq), r.clone()));
+                let (key, holder) =
+                    newest.unwrap_or_else(|| (record_key(self.kind.prefix, term, seq), r.clone()));
                 return Err(LeaseError::Held {
                     location: self.location(),
                     key,
@@ -568,15 +644,15 @@ impl Lease {
             st.last_term = Some(term);
         }
         if seq == 0 {
-            info!(term, slot = %self.slot, host = %self.host, pid = self.pid, ttl = ?self.ttl, "took the writer lease of the repository");
+            info!(term, slot = %self.slot, host = %self.host, pid = self.pid, ttl = ?self.ttl, "took the {} of the repository", self.kind.name);
         }
-        metrics::gauge!(telemetry::WRITER_LEASE).set(1.0);
+        self.set_gauge(1.0);
         self.delete_stale(&keys, term, seq).await;
         Ok(())
     }
 
     async fn delete_stale(&self, keys: &[String], term: u64, seq: u64) {
-        for key in stale_keys(keys.iter().map(String::as_str), term, seq) {
+        for key in stale_record_keys(self.kind.prefix, keys.iter().map(String::as_str), term, seq) {
             if let Err(e) = self.store.delete(key).await {
                 warn!(record = %key, error = %e, "cannot delete an old writer-lease record");
             }
@@ -594,7 +670,7 @@ impl Lease {
             st.held = None;
             st.lost = Some(lost.clone());
         }
-        metrics::gauge!(telemetry::WRITER_LEASE).set(0.0);
+        self.set_gauge(0.0);
         self.lost_error(&lost)
     }
 
@@ -751,15 +827,16 @@ impl Lease {
             match self.renew().await {
                 Ok(()) => {}
                 Err(e) if e.is_transient() && self.check().is_ok() => {
-                    warn!(error = %e, "cannot renew the writer lease; retrying");
+                    warn!(error = %e, "cannot renew the {}; retrying", self.kind.name);
                 }
                 Err(e) => {
                     if e.is_transient() {
-                        warn!(error = %e, "the writer lease expired before it could be renewed; stopping this attempt");
+                        warn!(error = %e, "the {} expired before it could be renewed; stopping", self.kind.name);
                     } else {
                         // The error itself ends the run, and is reported there.
                         warn!(
-                            "this archiver no longer holds the repository's writer lease; stopping"
+                            "this process no longer holds the repository's {}; stopping",
+                            self.kind.name
                         );
                     }
                     run.cancel();
@@ -775,12 +852,12 @@ impl Lease {
         let Some(held) = self.state().held.take() else {
             return;
         };
-        metrics::gauge!(telemetry::WRITER_LEASE).set(0.0);
+        self.set_gauge(0.0);
         let r = self.record(held.term, held.seq + 1, held.acquired_at, true);
         match self.put_record(&r).await {
-            Ok(()) => info!(term = held.term, "released the writer lease"),
+            Ok(()) => info!(term = held.term, "released the {}", self.kind.name),
             Err(e) => {
-                warn!(error = %e, term = held.term, "cannot release the writer lease; the next archiver of another slot waits until it expires")
+                warn!(error = %e, term = held.term, "cannot release the {}; the next taker waits until it expires", self.kind.name)
             }
         }
     }
