@@ -25,6 +25,7 @@ mod replication;
 mod resilience;
 mod s3;
 mod s3_archive;
+mod schedule;
 mod spine;
 mod tables;
 mod txn;

@@ -1,0 +1,306 @@
+//! Scheduled base backups inside `archive`, and the one-backup-at-a-time lock: the schedule
+//! fires while archiving under writes and a restore from its backup equals the source; a
+//! manual `backup` while a scheduled one runs waits or gives up clearly; kill -9 in the middle
+//! of a scheduled backup leaves no backup listed and the next run takes the missed one at start.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::support::archiving::{
+    tidemark, tidemark_env, wait_archived, workload_step, Archiver, Archiving,
+};
+use crate::support::{self, snapshot_content};
+
+/// The ids of the complete base backups `list --json` shows, oldest first.
+fn listed_backups(repo: &str) -> Vec<String> {
+    let (code, out, err) = tidemark(&["list", "--repo", repo, "--json"]);
+    assert_eq!(code, 0, "list failed: {out}{err}");
+    let listing: serde_json::Value = serde_json::from_str(&out).unwrap();
+    listing["generations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["backups"].as_array().cloned().unwrap_or_default())
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until the archiver's log holds `needle` at least `n` times.
+fn wait_log(archiver: &mut Archiver, needle: &str, n: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while archiver.log_text().matches(needle).count() < n {
+        archiver.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "no {n} × {needle:?} in the archiver's log:\n{}",
+            archiver.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A table big enough (about 70 MB of COPY text) that a base backup of it takes seconds.
+const BIG: &str = "
+    CREATE TABLE big (id int PRIMARY KEY, pad text);
+    INSERT INTO big SELECT i, repeat(md5(i::text), 4) FROM generate_series(1, 500000) i;
+    CREATE TABLE ticks (id serial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp());
+";
+
+/// A backup folder with objects and no manifest: a backup being taken (or killed).
+fn backup_in_progress(repo: &Path) -> bool {
+    let Ok(dirs) = std::fs::read_dir(repo.join("basebackups")) else {
+        return false;
+    };
+    dirs.flatten().any(|d| {
+        let p = d.path();
+        !p.join("manifest.json").exists()
+            && std::fs::read_dir(&p).is_ok_and(|mut f| f.next().is_some())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_backups_fire_while_archiving_and_restore_to_latest_from_them() {
+    let Archiving {
+        cluster,
+        src,
+        mut archiver,
+        url,
+        dir: _dir,
+        ..
+    } = Archiving::start(&["--base-backup-every", "4s"]).await;
+    // Writes all along, from another connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let client = cluster.client("app").await;
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut step = 2;
+            while !stop.load(Ordering::SeqCst) {
+                workload_step(&client, step).await;
+                step += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            step
+        })
+    };
+    let log = archiver.log.clone();
+    tokio::task::block_in_place(|| {
+        wait_log(
+            &mut archiver,
+            "scheduled base backup stored",
+            2,
+            Duration::from_secs(120),
+        )
+    });
+    let steps = {
+        stop.store(true, Ordering::SeqCst);
+        writer.await.unwrap()
+    };
+    assert!(steps > 4, "the workload ran during the backups ({steps})");
+    src.execute("INSERT INTO docs (title) VALUES ('after')", &[])
+        .await
+        .unwrap();
+    let expected = snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &log).await;
+    let text = archiver.log_text();
+    archiver.stop();
+    assert!(text.contains("scheduled base backups"), "{text}");
+
+    let backups = listed_backups(&url);
+    assert!(
+        backups.len() >= 3,
+        "the first and two scheduled: {backups:?}"
+    );
+    let newest = backups.last().unwrap();
+    assert!(
+        text.contains(&format!("backup={newest}")) || text.contains(newest.as_str()),
+        "the newest listed backup is a scheduled one: {newest}\n{text}"
+    );
+    cluster.create_database("restored");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        &url,
+        "--target",
+        &cluster.conninfo("restored"),
+        "--latest",
+    ]);
+    assert_eq!(code, 0, "restore --latest failed: {out}{err}");
+    assert!(
+        out.contains(newest.as_str()),
+        "restored from the newest scheduled backup {newest}: {out}"
+    );
+    let restored = snapshot_content(&cluster.client("restored").await).await;
+    support::assert_same_content(
+        &expected,
+        &restored,
+        "restore --latest from a scheduled backup",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_backup_while_a_scheduled_one_runs_gives_up_or_waits_for_it() {
+    let Archiving {
+        cluster,
+        mut archiver,
+        repo,
+        url,
+        dir: _dir,
+        ..
+    } = Archiving::builder()
+        .sql(BIG)
+        .args(&["--base-backup-every", "3s", "--parallel", "1"])
+        .start()
+        .await;
+    let source = cluster.conninfo("app");
+    tokio::task::block_in_place(|| {
+        wait_log(
+            &mut archiver,
+            "taking a scheduled base backup",
+            1,
+            Duration::from_secs(60),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !backup_in_progress(&repo) {
+            assert!(Instant::now() < deadline, "no scheduled backup in progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let (code, out, err) = tidemark(&[
+        "backup",
+        "--source",
+        &source,
+        "--repo",
+        &url,
+        "--lock-wait",
+        "1s",
+    ]);
+    assert!(
+        !archiver.log_text().contains("scheduled base backup stored"),
+        "the scheduled backup finished before the manual one gave up: make BIG bigger"
+    );
+    assert_eq!(code, 4, "gives up with exit 4: {out}{err}");
+    assert!(
+        err.contains("another base backup is running")
+            && err.contains(&format!("pid {}", archiver.pid()))
+            && err.contains("--lock-wait"),
+        "names the holder and what to do: {err}"
+    );
+    // With time to wait, it waits (saying so), then takes its own after the scheduled one.
+    let before = listed_backups(&url).len();
+    let (code, out, err) = tidemark_env(
+        &[("TIDEMARK_LOG", "info".into())],
+        &[
+            "backup",
+            "--source",
+            &source,
+            "--repo",
+            &url,
+            "--lock-wait",
+            "5m",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("another base backup is running: waiting for its lock"),
+        "{err}"
+    );
+    assert!(
+        archiver.log_text().contains("scheduled base backup stored"),
+        "it waited for the scheduled one:\n{}",
+        archiver.log_text()
+    );
+    assert!(listed_backups(&url).len() >= before + 2);
+    archiver.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_scheduled_backup_lists_no_backup_and_the_next_run_takes_the_missed_one() {
+    let flags = [
+        "--base-backup-every",
+        "6s",
+        "--base-backup-lock-ttl",
+        "4s",
+        "--parallel",
+        "1",
+    ];
+    let Archiving {
+        cluster,
+        src,
+        mut archiver,
+        repo,
+        url,
+        dir: _dir,
+        ..
+    } = Archiving::builder().sql(BIG).args(&flags).start().await;
+    src.execute("INSERT INTO ticks DEFAULT VALUES", &[])
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| {
+        wait_log(
+            &mut archiver,
+            "taking a scheduled base backup",
+            1,
+            Duration::from_secs(60),
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !backup_in_progress(&repo) {
+            assert!(Instant::now() < deadline, "no scheduled backup in progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    assert!(
+        !archiver.log_text().contains("scheduled base backup stored"),
+        "the backup finished before the kill: make BIG bigger"
+    );
+    archiver.kill();
+    let backups = listed_backups(&url);
+    assert_eq!(
+        backups.len(),
+        1,
+        "only the first backup: the killed one is not listed: {backups:?}"
+    );
+    assert!(backup_in_progress(&repo), "its parts are left for prune");
+
+    // Restarted more than the interval after the newest backup: the missed one runs at start,
+    // once the dead archiver's lock has expired.
+    src.execute("INSERT INTO ticks DEFAULT VALUES", &[])
+        .await
+        .unwrap();
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &flags);
+    archiver.wait_streaming(&src, "tidemark").await;
+    tokio::task::block_in_place(|| {
+        wait_log(
+            &mut archiver,
+            "a scheduled base backup was missed",
+            1,
+            Duration::from_secs(30),
+        );
+        wait_log(
+            &mut archiver,
+            "scheduled base backup stored",
+            1,
+            Duration::from_secs(180),
+        );
+    });
+    let expected = snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    archiver.stop();
+    let after = listed_backups(&url);
+    assert!(after.len() >= 2, "the missed backup was taken: {after:?}");
+    cluster.create_database("restored");
+    let (code, out, err) = tidemark(&[
+        "restore",
+        "--repo",
+        &url,
+        "--target",
+        &cluster.conninfo("restored"),
+        "--latest",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(after.last().unwrap().as_str()), "{out}");
+    let restored = snapshot_content(&cluster.client("restored").await).await;
+    support::assert_same_content(&expected, &restored, "restore after the missed backup");
+}
