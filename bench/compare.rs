@@ -9,7 +9,7 @@
 //!   60 s live runs, a pgbench scale-50 base backup, a 10-million-row transaction).
 //! * Under `cargo test --all-targets` (no `--bench` argument) it runs tiny sizes and checks only
 //!   that every row produced a figure, so the harness cannot rot.
-//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,s3,huge` runs a subset.
+//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,schedule,s3,huge` runs a subset.
 //!
 //! pgBackRest (Debian package `pgbackrest`) is used for the archive-size comparison when it is on
 //! PATH; without it that row compares with `gzip -6` of the WAL segments, labelled as such.
@@ -91,6 +91,9 @@ fn main() {
         }
         if wanted("backup") {
             rows.extend(backup_rows(&sizes).await);
+        }
+        if wanted("schedule") {
+            rows.extend(schedule_rows(&sizes).await);
         }
         if wanted("s3") {
             rows.extend(s3_rows(&sizes).await);
@@ -1289,6 +1292,145 @@ async fn s3_rows(sizes: &Sizes) -> Vec<Row> {
             ratio: None,
             target: "<= 1.5 s",
             met: Some(rpo <= 1.5),
+        },
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduled base backups beside the stream.
+
+/// One live pgbench run with the archiver attached, with or without scheduled base backups
+/// (`--base-backup-every 1s`: one backup after another for the whole run, the worst case):
+/// the TPS and, with backups, the backups' (seconds, raw bytes) from the archiver's log.
+async fn live_scheduled(
+    cluster: &Cluster,
+    client: &tokio_postgres::Client,
+    repo: &Path,
+    args: &[&str],
+    scheduled: bool,
+) -> (f64, Vec<(f64, f64)>) {
+    let log = repo.with_extension(format!("log-{}", rand::random::<u32>()));
+    let mut cmd = Command::new(support::tidemark_bin());
+    cmd.args(["archive", "--source", &cluster.conninfo("sched"), "--repo"])
+        .arg(repo)
+        .args(["--parallel", "2"])
+        .env("TIDEMARK_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    if scheduled {
+        cmd.args(["--base-backup-every", "1s"]);
+    }
+    let a = cmd.spawn().expect("start tidemark archive");
+    wait_active(client, "tidemark").await;
+    let caught_up = lsn_of(
+        client,
+        "SELECT pg_logical_emit_message(true, 'bench', 'start')",
+    )
+    .await;
+    wait_confirmed(client, "tidemark", caught_up).await;
+    let text_before = std::fs::read_to_string(&log).unwrap_or_default();
+    let (tps, _) = pgbench(cluster, "sched", args);
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    stop(a);
+    let _ = std::fs::remove_file(&log);
+    // Backups that finished during the pgbench run.
+    let backups = text[text_before.len().min(text.len())..]
+        .lines()
+        .filter(|l| l.contains("base backup taken"))
+        .filter_map(|l| {
+            let field = |name: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(name))
+                    .and_then(|v| v.parse::<f64>().ok())
+            };
+            Some((field("seconds=")?, field("raw_bytes=")?))
+        })
+        .collect();
+    (tps, backups)
+}
+
+async fn schedule_rows(sizes: &Sizes) -> Vec<Row> {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        extra_conf: vec!["max_wal_size = 4GB".into(), "shared_buffers = 256MB".into()],
+        ..ClusterOptions::default()
+    });
+    cluster.create_database("sched");
+    run_ok(
+        Command::new(bin("pgbench"))
+            .args(["-i", "-q", "-s", &sizes.scale.to_string()])
+            .args(["-d", &cluster.conninfo("sched")])
+            .stdout(Stdio::null()),
+    );
+    let client = cluster.client("sched").await;
+    client.batch_execute("VACUUM ANALYZE").await.unwrap();
+    tidemark(&["setup", "--source", &cluster.conninfo("sched")]);
+    let repo = work.path().join("repo");
+    let clients = sizes.clients.to_string();
+    let secs = sizes.live.as_secs().to_string();
+    let args = ["-c", clients.as_str(), "-j", "2", "-T", secs.as_str()];
+    // Rounds, the order alternating; the ratio is the mean of the rounds' ratios.
+    let rounds = if sizes.full { 2 } else { 1 };
+    let (mut ratios, mut plain, mut with) = (Vec::new(), Vec::new(), Vec::new());
+    let mut backups = Vec::new();
+    for round in 0..rounds {
+        let (p, (w, b)) = if round % 2 == 0 {
+            let p = live_scheduled(&cluster, &client, &repo, &args, false)
+                .await
+                .0;
+            (
+                p,
+                live_scheduled(&cluster, &client, &repo, &args, true).await,
+            )
+        } else {
+            let w = live_scheduled(&cluster, &client, &repo, &args, true).await;
+            (
+                live_scheduled(&cluster, &client, &repo, &args, false)
+                    .await
+                    .0,
+                w,
+            )
+        };
+        ratios.push(w / p);
+        plain.push(p);
+        with.push(w);
+        backups.extend(b);
+    }
+    let ratio = ratios.iter().sum::<f64>() / ratios.len() as f64;
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let rates: Vec<f64> = backups.iter().map(|(s, b)| b / s.max(1e-6) / 1e6).collect();
+    let mb = backups.first().map_or(0.0, |(_, b)| b / 1e6);
+    let throughput = if rates.is_empty() {
+        "-".to_string()
+    } else {
+        format!(
+            "{:.0} MB/s (median of {} backups of {:.0} MB of table data, under pgbench)",
+            median(rates.clone()),
+            rates.len(),
+            mb
+        )
+    };
+    vec![
+        Row {
+            what: "live: pgbench TPS during scheduled base backups (back to back)",
+            tidemark: format!("{} tps", list(&with)),
+            reference: format!("same archiver, no schedule: {} tps", list(&plain)),
+            ratio: Some(ratio),
+            target: "report",
+            met: None,
+        },
+        Row {
+            what: "scheduled base backup throughput (table data read)",
+            tidemark: throughput,
+            reference: "-".into(),
+            ratio: None,
+            target: "report",
+            met: None,
         },
     ]
 }

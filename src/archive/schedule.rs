@@ -304,7 +304,7 @@ async fn take_one(ctx: &Context, stop: &CancellationToken) -> Result<Manifest, F
     if let Ok(m) = &r {
         let took = (PgTimestamp::now().0 - started.0).max(0) as f64 / 1e6;
         metrics::gauge!(telemetry::BASE_BACKUP_SECONDS).set(took);
-        info!(backup = %m.id, seconds = took, bytes = m.totals.stored_bytes, "base backup taken");
+        info!(backup = %m.id, seconds = took, raw_bytes = m.totals.raw_bytes, stored_bytes = m.totals.stored_bytes, "base backup taken");
     }
     r
 }
