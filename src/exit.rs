@@ -41,6 +41,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         UsageError,
         crate::lsn::ParseLsnError,
         crate::conninfo::ConnInfoError,
+        crate::tls::TlsError,
         crate::source::SourceError,
         crate::replication::ReplicationError,
         crate::store::StoreError,
@@ -235,8 +236,50 @@ mod tests {
             ("conninfo parse", ConnInfoError::Parse(s()).into(), Usage),
             (
                 "conninfo tls",
-                ConnInfoError::TlsUnsupported(s()).into(),
+                ConnInfoError::Tls(crate::tls::TlsError::BadMode(s())).into(),
                 Usage,
+            ),
+            (
+                "tls not offered",
+                crate::tls::TlsError::NotOffered {
+                    host: s(),
+                    mode: crate::tls::SslMode::Require,
+                }
+                .into(),
+                Database,
+            ),
+            (
+                "tls file",
+                crate::tls::TlsError::File {
+                    what: "x",
+                    path: s().into(),
+                    reason: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "tls handshake",
+                crate::tls::TlsError::Handshake {
+                    host: s(),
+                    reason: s(),
+                }
+                .into(),
+                Database,
+            ),
+            (
+                "tls settings",
+                crate::tls::TlsError::Settings(s()).into(),
+                Usage,
+            ),
+            (
+                "replication tls",
+                ReplicationError::Tls {
+                    target: s(),
+                    source: crate::tls::TlsError::Settings(s()),
+                }
+                .into(),
+                Database,
             ),
             (
                 "conninfo connect",

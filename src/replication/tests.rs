@@ -233,10 +233,18 @@ async fn read_frontend(sock: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
     (tag, body)
 }
 
-async fn read_startup(sock: &mut (impl AsyncRead + Unpin)) -> Vec<(String, String)> {
-    let len = sock.read_i32().await.unwrap() as usize;
+/// Reads the StartupMessage; an SSLRequest before it (sslmode=prefer, the default) is answered
+/// "no TLS here", as a server with `ssl=off` does.
+async fn read_startup(sock: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> Vec<(String, String)> {
+    let mut len = sock.read_i32().await.unwrap() as usize;
     let mut body = vec![0; len - 4];
     sock.read_exact(&mut body).await.unwrap();
+    if len == 8 && body[..] == 80877103i32.to_be_bytes() {
+        sock.write_all(b"N").await.unwrap();
+        len = sock.read_i32().await.unwrap() as usize;
+        body = vec![0; len - 4];
+        sock.read_exact(&mut body).await.unwrap();
+    }
     assert_eq!(&body[..4], &0x0003_0000i32.to_be_bytes());
     let strs: Vec<String> = body[4..]
         .split(|&b| b == 0)
