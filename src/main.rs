@@ -47,8 +47,13 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct SourceArgs {
-    /// Source database: a libpq URI or key=value string; PG* variables fill what it omits.
-    #[arg(long, env = "TIDEMARK_SOURCE", default_value = "")]
+    /// Source database: a libpq URI or key=value string (sslmode, sslrootcert, sslcert, sslkey as libpq); PG* variables fill what it omits. Pass the password with PGPASSWORD, ~/.pgpass or passfile, not here.
+    #[arg(
+        long,
+        env = "TIDEMARK_SOURCE",
+        default_value = "",
+        hide_env_values = true
+    )]
     source: String,
 }
 
@@ -88,6 +93,9 @@ struct S3Args {
     /// Path-style addressing (http://endpoint/bucket/key); default: on when an endpoint is set.
     #[arg(long, env = "TIDEMARK_S3_PATH_STYLE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     s3_path_style: Option<bool>,
+    /// PEM file of the CA certificates that sign the S3 endpoint's certificate, instead of the system's trusted roots (AWS_CA_BUNDLE is honoured too).
+    #[arg(long, env = "TIDEMARK_S3_CA_BUNDLE")]
+    s3_ca_bundle: Option<std::path::PathBuf>,
 }
 
 impl S3Args {
@@ -99,6 +107,10 @@ impl S3Args {
                 .map_err(UsageError)?,
             path_style: self.s3_path_style,
             credentials: None,
+            ca_bundle: self
+                .s3_ca_bundle
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
         })
     }
 }
@@ -196,8 +208,8 @@ struct PruneArgs {
 struct RestoreArgs {
     #[command(flatten)]
     repo: RepoArgs,
-    /// Target database (must exist and be empty): a libpq URI or key=value string.
-    #[arg(long, env = "TIDEMARK_TARGET")]
+    /// Target database (must exist and be empty): a libpq URI or key=value string (sslmode and the ssl* files as libpq).
+    #[arg(long, env = "TIDEMARK_TARGET", hide_env_values = true)]
     target: String,
     /// Restore every transaction committed at or before this instant (e.g. "2026-11-28 14:03:07.25+00"; without a zone, UTC).
     #[arg(long, env = "TIDEMARK_TO_TIME")]
@@ -216,7 +228,7 @@ struct RestoreArgs {
 #[derive(Args, Debug)]
 struct DemoArgs {
     /// Use this server instead of starting a throwaway one (it must allow wal_level=logical).
-    #[arg(long, env = "TIDEMARK_SOURCE")]
+    #[arg(long, env = "TIDEMARK_SOURCE", hide_env_values = true)]
     source: Option<String>,
     /// Keep the archive in this folder (default: a temporary folder).
     #[arg(long, env = "TIDEMARK_REPO")]

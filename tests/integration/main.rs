@@ -27,5 +27,6 @@ mod s3;
 mod s3_archive;
 mod spine;
 mod tables;
+mod tls;
 mod txn;
 mod types;

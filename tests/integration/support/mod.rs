@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod s3;
 mod schema;
 pub mod tcp_proxy;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::Command;
