@@ -136,6 +136,10 @@ async fn startup(conn: &mut Conn, info: &ConnInfo) -> Result<(), ReplicationErro
         ("replication", "database"),
         ("application_name", &app),
     ];
+    // The string's `options` first: the server applies the settings below after them.
+    if let Some(options) = info.options().filter(|o| !o.trim().is_empty()) {
+        params.push(("options", options));
+    }
     // pgoutput's text values are printed with the settings a restore parses them with.
     params.push(("client_encoding", "UTF8"));
     params.extend_from_slice(crate::session::TEXT_SETTINGS);

@@ -284,6 +284,8 @@ async fn md5_startup_queries_and_start_error_against_a_scripted_server() {
         assert_eq!(get("application_name").as_deref(), Some("tidemark"));
         assert_eq!(get("bytea_output").as_deref(), Some("hex"));
         assert_eq!(get("TimeZone").as_deref(), Some("UTC"));
+        // The connection string's options reach the server (ours still follow them).
+        assert_eq!(get("options").as_deref(), Some("-c work_mem=8MB"));
         write_all(&mut sock, &[auth(5, &[1, 2, 3, 4])]).await;
         let (tag, body) = read_frontend(&mut sock).await;
         assert_eq!(tag, b'p');
@@ -355,7 +357,7 @@ async fn md5_startup_queries_and_start_error_against_a_scripted_server() {
     });
 
     let info = ConnInfo::parse_with_env(
-        &format!("host=127.0.0.1 port={port} user=alice password=pw dbname=shop"),
+        &format!("host=127.0.0.1 port={port} user=alice password=pw dbname=shop options='-c work_mem=8MB'"),
         &|_| None,
     )
     .unwrap();
