@@ -98,7 +98,7 @@ async fn a_later_backup_is_used_for_later_targets() {
         url: repo_s,
         dir: _repo_dir,
     } = Archiving::start(&[]).await;
-    crate::types::wait_base_backup(&repo).await;
+    support::wait_base_backup(&repo).await;
     workload_step(&c, 2).await;
     let (code, out, err) = tidemark(&[
         "backup",
