@@ -34,6 +34,9 @@ pub async fn run(
         .await?;
     let identity = identity::read_identity(&store).await?;
     identity::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    // A backup writes no segment, but may create the repository: then it records the codec.
+    let compression =
+        identity::compression_for(&store.location(), identity.as_ref(), opts.compression)?;
     let manifests = backup::list_manifests(&store).await?;
     let chains = chain::list_segments(&store).await?;
     let generation = manifests
@@ -54,7 +57,8 @@ pub async fn run(
     };
     let m = archive::take_backup_with_temporary_slot(&store, base).await?;
     if identity.is_none() {
-        identity::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
+        let id = Identity::new(sys.system_id, &source.database, compression);
+        identity::write_identity(&store, &id).await?;
     }
     Ok(m)
 }

@@ -45,6 +45,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::source::SourceError,
         crate::replication::ReplicationError,
         crate::store::StoreError,
+        crate::object::ObjectError,
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
@@ -229,6 +230,11 @@ mod tests {
                 location: s(),
                 key: s(),
             })
+        };
+        let undecodable = || crate::object::ObjectError::Undecodable {
+            key: s(),
+            codec: "test",
+            detail: s(),
         };
         let cases: Vec<(&str, anyhow::Error, ExitStatus)> = vec![
             ("usage", UsageError(s()).into(), Usage),
@@ -436,6 +442,37 @@ mod tests {
                 }
                 .into(),
                 Repository,
+            ),
+            ("object undecodable", undecodable().into(), Damaged),
+            (
+                "repo undecodable object",
+                RepoError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "manifest undecodable",
+                ManifestError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "backup part undecodable",
+                BackupError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "restore segment undecodable",
+                RestoreError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "repo compression mismatch",
+                RepoError::CompressionMismatch {
+                    location: s(),
+                    recorded: crate::segment::Compression::Lz4,
+                    asked: crate::segment::Compression::Zstd,
+                }
+                .into(),
+                Usage,
             ),
             (
                 "repo newer format",

@@ -74,6 +74,9 @@ pub enum RestoreError {
     Repo(#[from] RepoError),
     #[error("repository: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A segment that does not decode (a store error converts to [`RestoreError::Store`]).
+    #[error(transparent)]
+    Object(crate::object::ObjectError),
     #[error(transparent)]
     Backup(#[from] backup::BackupError),
     #[error("target database: {0}")]
@@ -120,6 +123,7 @@ impl crate::error::Classify for RestoreError {
             RestoreError::Corrupt { .. } => Damaged,
             RestoreError::Repo(e) => e.exit_status(),
             RestoreError::Store(e) => e.exit_status(),
+            RestoreError::Object(e) => e.exit_status(),
             RestoreError::Backup(e) => e.exit_status(),
             RestoreError::Local { .. } => Unexpected,
             RestoreError::TargetIncomplete { .. } | RestoreError::TargetPrivilege { .. } => {
@@ -128,6 +132,15 @@ impl crate::error::Classify for RestoreError {
             RestoreError::Incomplete { source, .. } => source.exit_status(),
             // The target refused a statement of an archived transaction.
             RestoreError::Replay { .. } => Database,
+        }
+    }
+}
+
+impl From<crate::object::ObjectError> for RestoreError {
+    fn from(e: crate::object::ObjectError) -> RestoreError {
+        match e {
+            crate::object::ObjectError::Store(e) => RestoreError::Store(e),
+            e => RestoreError::Object(e),
         }
     }
 }
@@ -533,7 +546,12 @@ mod tests {
         use crate::error::Classify;
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        let mut id = serde_json::to_value(identity::Identity::new(1, "app")).unwrap();
+        let mut id = serde_json::to_value(identity::Identity::new(
+            1,
+            "app",
+            crate::segment::Compression::Zstd,
+        ))
+        .unwrap();
         id["format_version"] = (identity::IDENTITY_FORMAT_VERSION + 1).into();
         store
             .put(

@@ -187,6 +187,9 @@ pub struct Totals {
 pub enum ManifestError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A manifest that does not decode (a store error converts to [`ManifestError::Store`]).
+    #[error(transparent)]
+    Object(crate::object::ObjectError),
     #[error("{key}: not a tidemark manifest: {message}")]
     Invalid { key: String, message: String },
     #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
@@ -201,8 +204,18 @@ impl crate::error::Classify for ManifestError {
         use crate::error::ExitStatus::*;
         match self {
             ManifestError::Store(e) => e.exit_status(),
+            ManifestError::Object(e) => e.exit_status(),
             ManifestError::Invalid { .. } | ManifestError::OtherBackup { .. } => Damaged,
             ManifestError::UnsupportedVersion { .. } => Repository,
+        }
+    }
+}
+
+impl From<crate::object::ObjectError> for ManifestError {
+    fn from(e: crate::object::ObjectError) -> ManifestError {
+        match e {
+            crate::object::ObjectError::Store(e) => ManifestError::Store(e),
+            e => ManifestError::Object(e),
         }
     }
 }

@@ -408,12 +408,14 @@ impl Catalog {
 
 /// Reads one segment completely and checks it against its name.
 async fn read_fact(store: &Arc<dyn Store>, s: &SegmentRef) -> Result<SegmentFact, StoreError> {
+    use crate::object::ObjectError;
     match crate::object::get_object(&**store, &s.key).await {
         Ok(bytes) => Ok(check_segment(s, bytes)),
-        Err(StoreError::NotFound { .. }) => {
+        Err(ObjectError::Store(StoreError::NotFound { .. })) => {
             Ok(SegmentFact::Corrupt("listed, but gone when read".into()))
         }
-        Err(e) => Err(e),
+        Err(e @ ObjectError::Undecodable { .. }) => Ok(SegmentFact::Corrupt(e.to_string())),
+        Err(ObjectError::Store(e)) => Err(e),
     }
 }
 
