@@ -12,7 +12,7 @@ use tidemark::archive::{self, ArchiveOptions};
 use tidemark::conninfo::ConnInfo;
 use tidemark::exit::{exit_code, ExitStatus, UsageError};
 use tidemark::lsn::Lsn;
-use tidemark::restore::{self, Target};
+use tidemark::restore::{self, Goal, Target};
 use tidemark::store::{self, Store};
 use tidemark::{demo, list, setup};
 
@@ -192,7 +192,7 @@ struct PruneArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("stop").required(true).args(["to_time", "to_lsn", "latest"])))]
+#[command(group(clap::ArgGroup::new("stop").required(true).args(["to_time", "to_lsn", "latest", "to_backup"])))]
 struct RestoreArgs {
     #[command(flatten)]
     repo: RepoArgs,
@@ -208,6 +208,10 @@ struct RestoreArgs {
     /// Restore everything archived.
     #[arg(long, env = "TIDEMARK_LATEST")]
     latest: bool,
+    /// Restore exactly this base backup's own instant, replaying nothing (an id `list` shows;
+    /// also a retained backup whose segments were pruned).
+    #[arg(long, env = "TIDEMARK_TO_BACKUP")]
+    to_backup: Option<String>,
     /// Connections used to load tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
@@ -386,12 +390,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Restore(a) => {
             let target_db = ConnInfo::parse(&a.target)?;
             let repo = open_repo(&a.repo).await?;
-            let target = match (a.to_time, a.to_lsn, a.latest) {
-                (Some(t), _, _) => Target::Time(tidemark::exit::parse_time(&t)?),
-                (_, Some(l), _) => Target::Lsn(l),
-                _ => Target::Latest,
+            let goal = match (a.to_time, a.to_lsn, a.latest, a.to_backup) {
+                (Some(t), _, _, _) => Goal::Target(Target::Time(tidemark::exit::parse_time(&t)?)),
+                (_, Some(l), _, _) => Goal::Target(Target::Lsn(l)),
+                (_, _, _, Some(id)) => Goal::Backup(id),
+                _ => Goal::Target(Target::Latest),
             };
-            let s = restore::run(&repo, &target_db, target, a.parallel.max(1)).await?;
+            let s = restore::run_to(&repo, &target_db, &goal, a.parallel.max(1)).await?;
             println!(
                 "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s (replay {:.2}s)",
                 s.backup_id,
