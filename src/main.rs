@@ -41,6 +41,10 @@ enum Command {
     Restore(RestoreArgs),
     /// Remove what no restore can use: base backups left without their manifest.
     Prune(PruneArgs),
+    /// Pin a base backup: prune keeps it until it is unpinned.
+    Pin(PinArgs),
+    /// Unpin a base backup (delete its pin): retention decides about it again.
+    Unpin(PinArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
 }
@@ -161,6 +165,16 @@ struct BackupArgs {
     /// Connections used to copy tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
+    #[command(flatten)]
+    label: tidemark::backup_cmd::LabelArgs,
+}
+
+#[derive(Args, Debug)]
+struct PinArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The base backup's id, as `list` shows it.
+    id: String,
 }
 
 #[derive(Args, Debug)]
@@ -369,11 +383,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 backup_parallel: a.parallel.max(1),
                 ..archive_options(&a.slot)
             };
-            let m = tidemark::backup_cmd::run(&source, repo, &opts).await?;
+            let m = tidemark::backup_cmd::run(&source, repo, &opts, &a.label).await?;
             println!(
-                "base backup {} at {} ({})",
-                m.id, m.consistent_point, m.snapshot_time
+                "base backup {} at {} ({}){}{}",
+                m.id,
+                m.consistent_point,
+                m.snapshot_time,
+                m.tag
+                    .as_deref()
+                    .map(|t| format!(", tag {t}"))
+                    .unwrap_or_default(),
+                if a.label.pin { ", pinned" } else { "" }
             );
+        }
+        Command::Pin(a) => {
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::pin::pin(&repo, &a.id).await?;
+            println!("base backup {} is pinned", a.id);
+        }
+        Command::Unpin(a) => {
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::pin::unpin(&repo, &a.id).await?;
+            println!("base backup {} is no longer pinned", a.id);
         }
         Command::List(a) => {
             let repo = open_repo(&a.repo).await?;

@@ -19,7 +19,8 @@
 //! * [`keys`]: every object key and its parser (with the revision of a rewritten object);
 //! * [`identity`]: the repository's `archive.json` (which cluster and database it archives);
 //! * [`chain`]: segments grouped into generations, and the archiver's continuity checks;
-//! * [`manifest`]: the base backups' manifests, and their reading from a listing.
+//! * [`manifest`]: the base backups' manifests, and their reading from a listing;
+//! * [`pin`]: the pins (`pins/<id>.json`) that keep a backup until it is unpinned.
 //!
 //! A complete base backup outside every window (the segments at its position were pruned, or
 //! lie behind a hole or damage) is a restorable *point*: its own consistent instant, restored
@@ -35,6 +36,7 @@ mod error;
 pub mod identity;
 pub mod keys;
 pub mod manifest;
+pub mod pin;
 pub mod retention;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -52,7 +54,8 @@ use crate::store::{Store, StoreError};
 pub use chain::{Hole, SegmentRef};
 pub use error::RepoError;
 pub use identity::Identity;
-pub use manifest::{Manifest, ManifestError, ManifestScan};
+pub use manifest::{Manifest, ManifestError, ManifestScan, Origin};
+pub use pin::PinError;
 
 /// A base backup as planning sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
