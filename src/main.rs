@@ -39,7 +39,8 @@ enum Command {
     List(ListArgs),
     /// Restore into an existing empty database, up to a point in time.
     Restore(RestoreArgs),
-    /// Remove what no restore can use: base backups left without their manifest.
+    /// Apply the retention policy: remove the base backups and segments it does not keep, and
+    /// base backups left without their manifest.
     Prune(PruneArgs),
     /// Pin a base backup: prune keeps it until it is unpinned.
     Pin(PinArgs),
@@ -190,9 +191,11 @@ struct ListArgs {
 struct PruneArgs {
     #[command(flatten)]
     repo: RepoArgs,
-    /// Remove base backups that never got their manifest.json (a backup killed midway) and
-    /// whose newest object is older than --older-than.
-    #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS", required = true)]
+    #[command(flatten)]
+    retain: tidemark::prune::RetainArgs,
+    /// Only remove base backups that never got their manifest.json (a backup killed midway)
+    /// and whose newest object is older than --older-than; apply no policy.
+    #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS")]
     incomplete_backups: bool,
     /// Keep an incomplete backup written to more recently than this: it may still be running.
     #[arg(long, env = "TIDEMARK_OLDER_THAN", default_value = "24h", value_parser = tidemark::exit::parse_positive_duration)]
@@ -416,7 +419,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 older_than: a.older_than,
                 dry_run: a.dry_run,
             };
-            tidemark::prune::run(&repo, &opts, a.json).await?;
+            let policy = a.retain.policy();
+            tidemark::prune::run(&repo, &policy, &opts, a.incomplete_backups, a.json).await?;
         }
         Command::Restore(a) => {
             let target_db = ConnInfo::parse(&a.target)?;

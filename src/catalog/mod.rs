@@ -20,6 +20,8 @@
 //! * [`identity`]: the repository's `archive.json` (which cluster and database it archives);
 //! * [`chain`]: segments grouped into generations, and the archiver's continuity checks;
 //! * [`manifest`]: the base backups' manifests, and their reading from a listing;
+//! * [`retention`]: which backups and segments a policy keeps (pure), and [`expire`] the
+//!   deletion plan of its choice and its application;
 //! * [`pin`]: the pins (`pins/<id>.json`) that keep a backup until it is unpinned.
 //!
 //! A complete base backup outside every window (the segments at its position were pruned, or
@@ -33,6 +35,7 @@
 
 pub mod chain;
 mod error;
+pub mod expire;
 pub mod identity;
 pub mod keys;
 pub mod manifest;
