@@ -182,6 +182,9 @@ struct PinArgs {
 struct ListArgs {
     #[command(flatten)]
     repo: RepoArgs,
+    /// The policy whose tiers `list` shows for each backup (as `prune` takes it).
+    #[command(flatten)]
+    retain: tidemark::prune::RetainArgs,
     /// Print JSON instead of text.
     #[arg(long, env = "TIDEMARK_JSON")]
     json: bool,
@@ -411,7 +414,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::List(a) => {
             let repo = open_repo(&a.repo).await?;
-            list::run(&repo, a.json).await?;
+            list::run(&repo, &a.retain.policy(), a.json).await?;
         }
         Command::Prune(a) => {
             let repo = open_repo(&a.repo).await?;
