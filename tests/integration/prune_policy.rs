@@ -7,9 +7,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::support::archiving::{
-    restore_into, restore_latest_equals, server_now, tidemark, wait_archived, workload_step,
-    Archiving,
+    restore_into, restore_latest_equals, server_now, tidemark, tidemark_env, wait_archived,
+    workload_step, Archiving,
 };
+use crate::support::s3::S3Server;
 use crate::support::{self, snapshot_content};
 
 /// Every file of the repository, recursively, relative to it.
@@ -214,5 +215,129 @@ async fn pruning_to_a_policy_keeps_the_change_window_and_the_retained_backups_in
     archiver.assert_running();
     let latest = snapshot_content(&src).await;
     restore_latest_equals(&cluster, &url, "latest_after_prune", &latest).await;
+    archiver.stop();
+}
+
+/// Restores `url` (on S3, reached with `env`) with `to` into a new database `db`.
+fn restore_env(
+    cluster: &crate::support::Cluster,
+    env: &[(&'static str, String)],
+    url: &str,
+    db: &str,
+    to: &[&str],
+) -> (i32, String, String) {
+    cluster.create_database(db);
+    let target = cluster.conninfo(db);
+    let mut args = vec!["restore", "--repo", url, "--target", &target];
+    args.extend_from_slice(to);
+    tidemark_env(env, &args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_an_s3_repository_keeps_the_change_window() {
+    let server = S3Server::with_bucket("archive");
+    let env = server.cli_env(&server.endpoint);
+    let Archiving {
+        cluster,
+        src,
+        archiver,
+        url,
+        dir: _dir,
+        ..
+    } = Archiving::builder()
+        .repo_url("s3://archive/app")
+        .env(&env)
+        .start()
+        .await;
+    let log = archiver.log.clone();
+    workload_step(&src, 2).await;
+    wait_archived(&src, "tidemark", &log).await;
+    let t1 = server_now(&src).await;
+    workload_step(&src, 3).await;
+    wait_archived(&src, "tidemark", &log).await;
+    let (code, out, err) = tidemark_env(
+        &env,
+        &[
+            "backup",
+            "--source",
+            &cluster.conninfo("app"),
+            "--repo",
+            &url,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let b1 = out.split_whitespace().nth(2).unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    workload_step(&src, 4).await;
+    wait_archived(&src, "tidemark", &log).await;
+    let t2 = server_now(&src).await;
+    let at_t2 = snapshot_content(&src).await;
+    // A commit after t2, archived: t2 is restorable.
+    workload_step(&src, 5).await;
+    wait_archived(&src, "tidemark", &log).await;
+    let before = server.objects("archive");
+    let b0 = before
+        .keys()
+        .find_map(|k| {
+            let id = k.strip_prefix("app/basebackups/")?.split('/').next()?;
+            (id != b1).then(|| id.to_string())
+        })
+        .expect("the initial backup");
+
+    let (code, out, err) = tidemark_env(
+        &env,
+        &[
+            "prune",
+            "--repo",
+            &url,
+            "--json",
+            "--retain-daily",
+            "0",
+            "--retain-weekly",
+            "0",
+            "--retain-monthly",
+            "0",
+            "--retain-manual",
+            "0",
+            "--retain-changes",
+            "3s",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let report = json(&out);
+    assert_eq!(report["backups"][0]["id"], b0.as_str(), "{out}");
+    let after = server.objects("archive");
+    assert!(
+        !after.keys().any(|k| k.contains(&b0)),
+        "the dropped backup's objects must be gone"
+    );
+    let gone = report["segments"].as_array().unwrap();
+    assert!(!gone.is_empty(), "{out}");
+    for s in gone {
+        let key = format!("app/{}", s["key"].as_str().unwrap());
+        assert!(
+            before.contains_key(&key) && !after.contains_key(&key),
+            "{key}"
+        );
+    }
+
+    let (code, out, err) = restore_env(&cluster, &env, &url, "s3_t2", &["--to-time", &t2]);
+    assert_eq!(code, 0, "{out}{err}");
+    support::assert_same_content(
+        &at_t2,
+        &snapshot_content(&cluster.client("s3_t2").await).await,
+        "restore from S3 to an instant of the change window after prune",
+    );
+    let (code, out, err) = restore_env(&cluster, &env, &url, "s3_t1", &["--to-time", &t1]);
+    assert_eq!(code, 6, "a pruned instant must be refused: {out}{err}");
+    assert!(err.contains("nearest restorable instants"), "{err}");
+    let latest = snapshot_content(&src).await;
+    let (code, out, err) = restore_env(&cluster, &env, &url, "s3_latest", &["--latest"]);
+    assert_eq!(code, 0, "{out}{err}");
+    support::assert_same_content(
+        &latest,
+        &snapshot_content(&cluster.client("s3_latest").await).await,
+        "restore --latest from S3 after prune",
+    );
     archiver.stop();
 }
