@@ -474,6 +474,8 @@ async fn run_once(
         generation,
         publication: &opts.publication,
         parallel: opts.backup_parallel,
+        origin: backup::Origin::Initial,
+        tag: None,
     };
 
     let resume = match slot {

@@ -38,8 +38,8 @@ use crate::store::{Store, StoreError};
 use crate::catalog::manifest;
 pub use crate::catalog::manifest::{
     backup_id, manifest_key, part_key, schema_key, CopyFormat, KeyKind, KeyObject, Manifest,
-    ManifestError, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
-    MIN_FORMAT_VERSION,
+    ManifestError, Origin, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals,
+    FORMAT_VERSION, MIN_FORMAT_VERSION,
 };
 pub use load::{raise_sequences, LoadPhase, LoadStats, Loader, RESTORE_MAINTENANCE_WORK_MEM};
 pub use take::{take, take_with, BackupRequest, TakeOptions, PART_LIMIT, SPLIT_BLOCKS};

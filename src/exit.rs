@@ -51,6 +51,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::archive::lease::LeaseError,
         crate::backup::BackupError,
         crate::catalog::ManifestError,
+        crate::catalog::PinError,
         crate::restore::RestoreError,
         crate::pgbin::PgBinError,
         crate::segment::SegmentError,
@@ -766,6 +767,40 @@ mod tests {
                 }
                 .into(),
                 OutOfRange,
+            ),
+            (
+                "restore unknown backup",
+                RestoreError::UnknownBackup {
+                    location: s(),
+                    id: s(),
+                    known: s(),
+                }
+                .into(),
+                OutOfRange,
+            ),
+            (
+                "pin store",
+                crate::catalog::PinError::Store(store_io()).into(),
+                Repository,
+            ),
+            (
+                "pin no backup",
+                crate::catalog::PinError::NoBackup {
+                    location: s(),
+                    id: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "unpin not pinned",
+                crate::catalog::PinError::NotPinned {
+                    location: s(),
+                    id: s(),
+                    key: s(),
+                }
+                .into(),
+                Usage,
             ),
             (
                 "restore not empty",

@@ -12,7 +12,7 @@ use tidemark::archive::{self, ArchiveOptions};
 use tidemark::conninfo::ConnInfo;
 use tidemark::exit::{exit_code, ExitStatus, UsageError};
 use tidemark::lsn::Lsn;
-use tidemark::restore::{self, Target};
+use tidemark::restore::{self, Goal, Target};
 use tidemark::store::{self, Store};
 use tidemark::{demo, list, setup};
 
@@ -39,8 +39,13 @@ enum Command {
     List(ListArgs),
     /// Restore into an existing empty database, up to a point in time.
     Restore(RestoreArgs),
-    /// Remove what no restore can use: base backups left without their manifest.
+    /// Apply the retention policy: remove the base backups and segments it does not keep, and
+    /// base backups left without their manifest.
     Prune(PruneArgs),
+    /// Pin a base backup: prune keeps it until it is unpinned.
+    Pin(PinArgs),
+    /// Unpin a base backup (delete its pin): retention decides about it again.
+    Unpin(PinArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
 }
@@ -189,12 +194,25 @@ struct BackupArgs {
     /// Connections used to copy tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
+    #[command(flatten)]
+    label: tidemark::backup_cmd::LabelArgs,
+}
+
+#[derive(Args, Debug)]
+struct PinArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The base backup's id, as `list` shows it.
+    id: String,
 }
 
 #[derive(Args, Debug)]
 struct ListArgs {
     #[command(flatten)]
     repo: RepoArgs,
+    /// The policy whose tiers `list` shows for each backup (as `prune` takes it).
+    #[command(flatten)]
+    retain: tidemark::prune::RetainArgs,
     /// Print JSON instead of text.
     #[arg(long, env = "TIDEMARK_JSON")]
     json: bool,
@@ -204,9 +222,11 @@ struct ListArgs {
 struct PruneArgs {
     #[command(flatten)]
     repo: RepoArgs,
-    /// Remove base backups that never got their manifest.json (a backup killed midway) and
-    /// whose newest object is older than --older-than.
-    #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS", required = true)]
+    #[command(flatten)]
+    retain: tidemark::prune::RetainArgs,
+    /// Only remove base backups that never got their manifest.json (a backup killed midway)
+    /// and whose newest object is older than --older-than; apply no policy.
+    #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS")]
     incomplete_backups: bool,
     /// Keep an incomplete backup written to more recently than this: it may still be running.
     #[arg(long, env = "TIDEMARK_OLDER_THAN", default_value = "24h", value_parser = tidemark::exit::parse_positive_duration)]
@@ -220,7 +240,7 @@ struct PruneArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("stop").required(true).args(["to_time", "to_lsn", "latest"])))]
+#[command(group(clap::ArgGroup::new("stop").required(true).args(["to_time", "to_lsn", "latest", "to_backup"])))]
 struct RestoreArgs {
     #[command(flatten)]
     repo: RepoArgs,
@@ -236,6 +256,10 @@ struct RestoreArgs {
     /// Restore everything archived.
     #[arg(long, env = "TIDEMARK_LATEST")]
     latest: bool,
+    /// Restore exactly this base backup's own instant, replaying nothing (an id `list` shows;
+    /// also a retained backup whose segments were pruned).
+    #[arg(long, env = "TIDEMARK_TO_BACKUP")]
+    to_backup: Option<String>,
     /// Connections used to load tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
@@ -395,15 +419,32 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 compression: a.compression.compression,
                 ..archive_options(&a.slot)
             };
-            let m = tidemark::backup_cmd::run(&source, repo, &opts).await?;
+            let m = tidemark::backup_cmd::run(&source, repo, &opts, &a.label).await?;
             println!(
-                "base backup {} at {} ({})",
-                m.id, m.consistent_point, m.snapshot_time
+                "base backup {} at {} ({}){}{}",
+                m.id,
+                m.consistent_point,
+                m.snapshot_time,
+                m.tag
+                    .as_deref()
+                    .map(|t| format!(", tag {t}"))
+                    .unwrap_or_default(),
+                if a.label.pin { ", pinned" } else { "" }
             );
+        }
+        Command::Pin(a) => {
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::pin::pin(&repo, &a.id).await?;
+            println!("base backup {} is pinned", a.id);
+        }
+        Command::Unpin(a) => {
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::pin::unpin(&repo, &a.id).await?;
+            println!("base backup {} is no longer pinned", a.id);
         }
         Command::List(a) => {
             let repo = open_repo(&a.repo).await?;
-            list::run(&repo, a.json).await?;
+            list::run(&repo, &a.retain.policy(), a.json).await?;
         }
         Command::Prune(a) => {
             let repo = open_repo(&a.repo).await?;
@@ -411,17 +452,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 older_than: a.older_than,
                 dry_run: a.dry_run,
             };
-            tidemark::prune::run(&repo, &opts, a.json).await?;
+            let policy = a.retain.policy();
+            tidemark::prune::run(&repo, &policy, &opts, a.incomplete_backups, a.json).await?;
         }
         Command::Restore(a) => {
             let target_db = ConnInfo::parse(&a.target)?;
             let repo = open_repo(&a.repo).await?;
-            let target = match (a.to_time, a.to_lsn, a.latest) {
-                (Some(t), _, _) => Target::Time(tidemark::exit::parse_time(&t)?),
-                (_, Some(l), _) => Target::Lsn(l),
-                _ => Target::Latest,
+            let goal = match (a.to_time, a.to_lsn, a.latest, a.to_backup) {
+                (Some(t), _, _, _) => Goal::Target(Target::Time(tidemark::exit::parse_time(&t)?)),
+                (_, Some(l), _, _) => Goal::Target(Target::Lsn(l)),
+                (_, _, _, Some(id)) => Goal::Backup(id),
+                _ => Goal::Target(Target::Latest),
             };
-            let s = restore::run(&repo, &target_db, target, a.parallel.max(1)).await?;
+            let s = restore::run_to(&repo, &target_db, &goal, a.parallel.max(1)).await?;
             println!(
                 "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s (replay {:.2}s)",
                 s.backup_id,

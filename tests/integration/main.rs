@@ -19,6 +19,7 @@ mod faults;
 mod harness_smoke;
 mod lease;
 mod oracle;
+mod prune_policy;
 mod publication;
 mod replay;
 mod replication;
