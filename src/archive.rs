@@ -92,6 +92,12 @@ pub struct ArchiveOptions {
     pub base_backup_schedule: Option<schedule::Schedule>,
     /// How long the base-backup lock lasts without renewal (`backup/lock.rs`).
     pub backup_lock_ttl: Duration,
+    /// The segments' codec asked for (`--compression`): recorded in a new repository's
+    /// identity; on an existing repository it must be the one recorded there (see
+    /// [`identity::compression_for`]). None: the repository's, zstd for a new one.
+    pub compression: Option<crate::segment::Compression>,
+    /// The retention policy applied after each scheduled base backup; None: not applied.
+    pub retention: Option<crate::catalog::retention::Policy>,
 }
 
 impl Default for ArchiveOptions {
@@ -113,6 +119,8 @@ impl Default for ArchiveOptions {
             lease_ttl: lease::DEFAULT_TTL,
             base_backup_schedule: None,
             backup_lock_ttl: backup::lock::DEFAULT_TTL,
+            compression: None,
+            retention: None,
         }
     }
 }
@@ -435,6 +443,8 @@ async fn run_once(
     let sys = repl.identify_system().await?;
     let identity = identity::read_identity(&store).await?;
     identity::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    let mut compression =
+        identity::compression_for(&store.location(), identity.as_ref(), opts.compression)?;
     // The first write to the repository: from here on this archiver is its one writer. The
     // slot is free here (absent, or waited for above), so a lease left by a dead archiver of
     // the same slot is taken over; one of another archiver, alive or not, is not.
@@ -479,6 +489,8 @@ async fn run_once(
         generation,
         publication: &opts.publication,
         parallel: opts.backup_parallel,
+        origin: backup::Origin::Initial,
+        tag: None,
     };
 
     // The generation's first base backup, when this attempt takes it.
@@ -535,7 +547,11 @@ async fn run_once(
         }
     };
     if identity.is_none() {
-        identity::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
+        let id = Identity::new(sys.system_id, &source.database, compression);
+        // Another command may have created the repository meanwhile: its codec is the one.
+        let written = identity::write_identity(&store, &id).await?;
+        compression =
+            identity::compression_for(&store.location(), Some(&written), opts.compression)?;
     }
     drop(source);
 
@@ -552,6 +568,7 @@ async fn run_once(
         generation: resume.generation,
         database: sys.dbname.clone().unwrap_or_default(),
         slot: opts.slot.clone(),
+        compression,
     };
     stats
         .generation
@@ -574,6 +591,7 @@ async fn run_once(
             slot: opts.slot.clone(),
             lock_ttl: opts.backup_lock_ttl,
             newest: schedule::newest_of(&manifests, resume.generation).max(taken),
+            retention: opts.retention.clone(),
         };
         let stop = run_token.child_token();
         (tokio::spawn(schedule::run(ctx, stop.clone())), stop)
@@ -676,6 +694,8 @@ struct WriterContext {
     generation: u32,
     database: String,
     slot: String,
+    /// The repository's segment codec (its identity's).
+    compression: crate::segment::Compression,
 }
 
 enum Event {

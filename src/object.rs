@@ -2,7 +2,9 @@
 //! the formats (segments, manifests, parts, the identity) and the [`Store`].
 //!
 //! Owns the [`Codec`] applied to an object's bytes on their way to the store and back: today
-//! [`Plain`], the identity; next the encryption envelope. Does not own keys
+//! [`Plain`], the identity; next the encryption envelope. And [`ObjectError`], what reading an
+//! object fails with: the store's error, or stored bytes the codec cannot decode
+//! ([`ObjectError::Undecodable`], a damaged object: exit 5). Does not own keys
 //! ([`crate::catalog::keys`]), the formats, or retrying ([`Store::put`] retries what its kind of
 //! storage can retry; the archiver's uploader retries on its own schedule above that).
 //!
@@ -24,6 +26,32 @@ use bytes::Bytes;
 
 use crate::store::{Store, StoreError};
 
+/// Why an object could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The store could not give the object (missing, unreachable, …).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored bytes do not decode with the repository's codec: the object is damaged (or
+    /// was written with a codec this repository does not use).
+    #[error("object {key} is damaged: its stored bytes do not decode ({codec}): {detail}\nHINT: the object cannot be used; `tidemark list` shows what the archive can still restore")]
+    Undecodable {
+        key: String,
+        /// The codec that could not decode it.
+        codec: &'static str,
+        detail: String,
+    },
+}
+
+impl crate::error::Classify for ObjectError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        match self {
+            ObjectError::Store(e) => e.exit_status(),
+            ObjectError::Undecodable { .. } => crate::error::ExitStatus::Damaged,
+        }
+    }
+}
+
 /// A transformation of an object's bytes on their way to the store and back.
 ///
 /// `encode` may differ from call to call (a random nonce); `decode(encode(x)) == x` always.
@@ -32,11 +60,10 @@ pub trait Codec: Send + Sync + fmt::Debug {
     /// The stored form of `plain`.
     fn encode(&self, key: &str, plain: Bytes) -> Bytes;
 
-    /// The original bytes of an object stored under `key`. An envelope that does not open
-    /// (a wrong key, a damaged object) is an error naming the key. (A [`StoreError`] for now, so
-    /// that every reader's `?` keeps working; the envelope brings its own error kind, with its
-    /// exit code, when it comes.)
-    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError>;
+    /// The original bytes of an object stored under `key`. Stored bytes that do not decode (an
+    /// envelope that does not open: a damaged object, a wrong key) are
+    /// [`ObjectError::Undecodable`], naming the key.
+    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, ObjectError>;
 }
 
 /// The identity codec: objects are stored as they are (all repositories so far).
@@ -48,7 +75,7 @@ impl Codec for Plain {
         plain
     }
 
-    fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+    fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes, ObjectError> {
         Ok(stored)
     }
 }
@@ -110,7 +137,7 @@ pub async fn put_object(store: &dyn Store, key: &str, plain: Bytes) -> Result<()
 }
 
 /// Reads the object under `key` and decodes it with the default codec.
-pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, StoreError> {
+pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, ObjectError> {
     get_object_with(store, &DEFAULT, key).await
 }
 
@@ -119,7 +146,7 @@ pub async fn get_object_with(
     store: &dyn Store,
     codec: &dyn Codec,
     key: &str,
-) -> Result<Bytes, StoreError> {
+) -> Result<Bytes, ObjectError> {
     let stored = store.get(key).await?;
     codec.decode(key, stored)
 }
@@ -146,16 +173,15 @@ pub(crate) mod tests {
             Bytes::from(out)
         }
 
-        fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
-            let (nonce, body) = stored
-                .split_at_checked(8)
-                .ok_or_else(|| StoreError::Remote {
-                    location: "test".into(),
-                    op: "decode",
-                    key: key.into(),
-                    message: "shorter than its nonce".into(),
-                    retryable: false,
-                })?;
+        fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, ObjectError> {
+            let (nonce, body) =
+                stored
+                    .split_at_checked(8)
+                    .ok_or_else(|| ObjectError::Undecodable {
+                        key: key.into(),
+                        codec: "nonced",
+                        detail: format!("{} bytes, shorter than its 8-byte nonce", stored.len()),
+                    })?;
             let n = u64::from_be_bytes(nonce.try_into().unwrap()) as u8;
             Ok(body.iter().map(|b| b ^ n).collect::<Vec<u8>>().into())
         }
@@ -214,7 +240,37 @@ pub(crate) mod tests {
         assert_eq!((encoded.key(), encoded.bytes()), ("k", &plain));
         assert!(matches!(
             get_object(&store, "missing").await,
-            Err(StoreError::NotFound { .. })
+            Err(ObjectError::Store(StoreError::NotFound { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_object_that_does_not_decode_is_damaged_not_a_store_error() {
+        use crate::error::{Classify, ExitStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store
+            .put("segments/short", Bytes::from_static(b"abc"))
+            .await
+            .unwrap();
+        let err = get_object_with(&store, &Nonced::default(), "segments/short")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ObjectError::Undecodable { .. }), "{err}");
+        assert_eq!(err.exit_status(), ExitStatus::Damaged);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("segments/short") && msg.contains("nonced") && msg.contains("damaged"),
+            "{msg}"
+        );
+        // Through the errors of the readers above, the code stays the damaged object's.
+        let repo: crate::catalog::RepoError = err.into();
+        assert_eq!(repo.exit_status(), ExitStatus::Damaged);
+        let missing: crate::catalog::RepoError =
+            get_object(&store, "missing").await.unwrap_err().into();
+        assert!(
+            matches!(missing, crate::catalog::RepoError::Store(_)),
+            "{missing}"
+        );
     }
 }

@@ -176,6 +176,9 @@ pub struct Context {
     pub lock_ttl: Duration,
     /// The newest complete base backup of the generation when the attempt started.
     pub newest: Option<DateTime<Utc>>,
+    /// The retention policy applied after each scheduled backup (as `tidemark prune` applies
+    /// it); None: `--no-prune`.
+    pub retention: Option<crate::catalog::retention::Policy>,
 }
 
 /// Retries of a failed scheduled backup: 1 s doubling to 10 minutes, ±25 %, as long as it takes.
@@ -255,10 +258,27 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
         // A server clock behind ours must not make the same fire time due again.
         newest = Some(at.max(due));
 
-        // Retention after each scheduled backup (issue 14, point 3) goes here, guarded off until
-        // `crate::prune::apply` exists (retention is being written beside this):
-        #[cfg(any())]
-        crate::prune::apply(&ctx.store, &retention_policy, Utc::now()).await;
+        if let Some(policy) = &ctx.retention {
+            expire(&ctx.store, policy).await;
+        }
+    }
+}
+
+/// Applies the retention policy after a scheduled backup, as `tidemark prune` does. A failure
+/// is logged and left for the next backup (or a `tidemark prune`): archiving goes on.
+async fn expire(store: &Arc<dyn Store>, policy: &crate::catalog::retention::Policy) {
+    use crate::catalog::expire;
+    let opts = expire::PruneOptions::default();
+    match expire::apply(store, policy, std::time::SystemTime::now(), &opts).await {
+        Ok(e) => info!(
+            backups = e.backups.len(),
+            segments = e.segments.len(),
+            kept = e.kept.len(),
+            "retention applied after the scheduled base backup"
+        ),
+        Err(e) => {
+            warn!(error = %crate::error::chain(&e), "cannot apply the retention policy after the scheduled base backup; it is applied again after the next one")
+        }
     }
 }
 
@@ -285,6 +305,8 @@ async fn take_one(ctx: &Context, stop: &CancellationToken) -> Result<Manifest, F
         generation: ctx.generation,
         publication: &ctx.publication,
         parallel: ctx.parallel,
+        origin: crate::backup::Origin::Scheduled,
+        tag: None,
     };
     let lost = lock.lost();
     let started = PgTimestamp::now();

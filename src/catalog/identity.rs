@@ -2,11 +2,21 @@
 //! to, written once by the first command that stores anything.
 //!
 //! Owns: the identity's format and its version check (an identity of a newer format than this
-//! build reads is refused: this build would misread the repository), and the check that a
-//! source is the one the repository archives. Does not own the key (see [`keys::IDENTITY`]).
+//! build reads is refused: this build would misread the repository), the check that a source
+//! is the one the repository archives, and the repository's segment [`Compression`] (recorded
+//! when it is created; writers take it from here, [`compression_for`]). Does not own the key
+//! (see [`keys::IDENTITY`]).
 //!
-//! Invariant: a repository archives one database of one cluster; a command for another source
-//! is refused before it writes anything.
+//! Invariants: a repository archives one database of one cluster; a command for another source
+//! is refused before it writes anything. A repository's segments are written with the codec
+//! its identity records, whatever the command line says (a `--compression` naming another is
+//! refused).
+//!
+//! Extending the identity: a new field is optional with a serde default (an `archive.json`
+//! written before it has no such field, and reads as the default: what those releases did), so
+//! it needs no new `format_version`. A field that an older build must not ignore — it would
+//! misread or corrupt the repository, as an encryption field would — raises
+//! [`IDENTITY_FORMAT_VERSION`], so that older builds refuse the repository.
 
 use std::sync::Arc;
 
@@ -16,7 +26,8 @@ use serde::{Deserialize, Serialize};
 use super::keys;
 use super::RepoError;
 use crate::lsn::PgTimestamp;
-use crate::object;
+use crate::object::{self, ObjectError};
+use crate::segment::Compression;
 use crate::store::{Store, StoreError};
 
 /// Key of the identity object.
@@ -24,7 +35,11 @@ pub const IDENTITY_KEY: &str = keys::IDENTITY;
 /// The newest `archive.json` format (and repository layout) this build reads and writes.
 pub const IDENTITY_FORMAT_VERSION: u32 = 1;
 
-/// Which cluster and database a repository archives.
+/// Which cluster and database a repository archives, and how its segments are written.
+///
+/// Fields added after the first release are optional, with serde defaults (see the module doc);
+/// fields this build does not know are ignored (a newer build that adds one an older build
+/// must not ignore raises `format_version`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub format_version: u32,
@@ -32,17 +47,45 @@ pub struct Identity {
     pub system_id: String,
     pub database: String,
     pub created_at: PgTimestamp,
+    /// The segments' codec. Absent from identities written before it was recorded: zstd, what
+    /// every release wrote since segment format 2 (older segments, LZ4, stay readable: each
+    /// segment names its own format).
+    #[serde(default)]
+    pub compression: Compression,
 }
 
 impl Identity {
-    /// The identity of a new repository for (system_id, database).
-    pub fn new(system_id: u64, database: &str) -> Identity {
+    /// The identity of a new repository for (system_id, database), its segments compressed
+    /// with `compression`.
+    pub fn new(system_id: u64, database: &str, compression: Compression) -> Identity {
         Identity {
             format_version: IDENTITY_FORMAT_VERSION,
             system_id: system_id.to_string(),
             database: database.to_string(),
             created_at: PgTimestamp::now(),
+            compression,
         }
+    }
+}
+
+/// The codec a writer uses on the repository at `location`: the one its identity records
+/// (`found`), or for a new repository the one `asked` (the `--compression` flag; zstd
+/// without it). A flag that names another codec than an existing repository's is refused
+/// ([`RepoError::CompressionMismatch`], exit 2) rather than ignored: an operator who asks for a
+/// codec expects to get it, and a repository keeps the one it was created with.
+pub fn compression_for(
+    location: &str,
+    found: Option<&Identity>,
+    asked: Option<Compression>,
+) -> Result<Compression, RepoError> {
+    match (found, asked) {
+        (Some(id), Some(asked)) if id.compression != asked => Err(RepoError::CompressionMismatch {
+            location: location.to_string(),
+            recorded: id.compression,
+            asked,
+        }),
+        (Some(id), _) => Ok(id.compression),
+        (None, asked) => Ok(asked.unwrap_or_default()),
     }
 }
 
@@ -52,7 +95,7 @@ impl Identity {
 pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, RepoError> {
     match object::get_object(&**store, IDENTITY_KEY).await {
         Ok(bytes) => parse_identity(&store.location(), &bytes).map(Some),
-        Err(StoreError::NotFound { .. }) => Ok(None),
+        Err(ObjectError::Store(StoreError::NotFound { .. })) => Ok(None),
         Err(e) => Err(e.into()),
     }
 }
@@ -98,19 +141,22 @@ pub fn check_identity(
     }
 }
 
-/// Writes the repository's identity (`archive.json`), once.
+/// Writes the repository's identity (`archive.json`), once, and returns the identity in
+/// effect: `id`, or the one another command wrote first.
 ///
 /// Two commands starting on a fresh repository at once (an archiver and a `backup`) may both
-/// write it: the loser's create-only put conflicts only by its creation time, so it accepts the
-/// winner's identity when that names the same cluster and database.
-pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
+/// write it: the loser's create-only put conflicts (by its creation time at least), so it
+/// accepts the winner's identity when that names the same cluster and database; the caller
+/// then writes with the winner's codec ([`compression_for`] again).
+pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<Identity, RepoError> {
     let body = serde_json::to_vec_pretty(id).expect("identity serializes");
     match object::put_object(&**store, IDENTITY_KEY, Bytes::from(body)).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(id.clone()),
         Err(StoreError::Conflict { .. }) => {
             let found = read_identity(store).await?;
             let system_id = id.system_id.parse::<u64>().unwrap_or_default();
-            check_identity(store, found.as_ref(), system_id, &id.database)
+            check_identity(store, found.as_ref(), system_id, &id.database)?;
+            Ok(found.unwrap_or_else(|| id.clone()))
         }
         Err(e) => Err(e.into()),
     }
@@ -123,7 +169,7 @@ mod tests {
     #[test]
     fn an_identity_of_a_newer_format_is_refused() {
         use crate::error::Classify;
-        let id = Identity::new(7439262451939043512, "app");
+        let id = Identity::new(7439262451939043512, "app", Compression::Zstd);
         let body = serde_json::to_vec(&id).unwrap();
         assert_eq!(parse_identity("/repo", &body).unwrap(), id);
         let mut newer = serde_json::to_value(&id).unwrap();
@@ -143,12 +189,73 @@ mod tests {
         assert!(matches!(err, RepoError::BadIdentity { .. }), "{err}");
     }
 
+    #[test]
+    fn an_identity_without_compression_is_zstd_and_unknown_fields_are_ignored() {
+        // archive.json as every release before the field wrote it.
+        let old = br#"{"format_version": 1, "system_id": "7439262451939043512",
+            "database": "app", "created_at": "2026-11-20T08:00:00.000000Z"}"#;
+        let id = parse_identity("/repo", old).unwrap();
+        assert_eq!(id.compression, Compression::Zstd);
+        // A field of a later release (of the same format_version) is ignored.
+        let mut later = serde_json::to_value(Identity::new(1, "app", Compression::Lz4)).unwrap();
+        later["a_later_field"] = serde_json::json!({"x": 1});
+        let id = parse_identity("/repo", &serde_json::to_vec(&later).unwrap()).unwrap();
+        assert_eq!(id.compression, Compression::Lz4);
+        assert_eq!(later["compression"], "lz4", "stored by its name");
+        let err = parse_identity("/repo", br#"{"format_version": 1, "system_id": "1", "database": "app", "created_at": "2026-11-20T08:00:00Z", "compression": "brotli"}"#).unwrap_err();
+        assert!(matches!(err, RepoError::BadIdentity { .. }), "{err}");
+    }
+
+    #[test]
+    fn writers_take_the_codec_of_the_identity_and_a_flag_for_another_is_refused() {
+        use crate::error::Classify;
+        let lz4 = Identity::new(1, "app", Compression::Lz4);
+        assert_eq!(
+            compression_for("/repo", None, None).unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            compression_for("/repo", None, Some(Compression::Lz4)).unwrap(),
+            Compression::Lz4
+        );
+        assert_eq!(
+            compression_for("/repo", Some(&lz4), None).unwrap(),
+            Compression::Lz4
+        );
+        assert_eq!(
+            compression_for("/repo", Some(&lz4), Some(Compression::Lz4)).unwrap(),
+            Compression::Lz4
+        );
+        let err = compression_for("/repo", Some(&lz4), Some(Compression::Zstd)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/repo")
+                && msg.contains("records compression lz4")
+                && msg.contains("--compression zstd"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_of_a_new_repository_takes_the_first_ones_codec() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let first = Identity::new(1, "app", Compression::Lz4);
+        assert_eq!(write_identity(&store, &first).await.unwrap(), first);
+        let second = Identity::new(1, "app", Compression::Zstd);
+        assert_eq!(write_identity(&store, &second).await.unwrap(), first);
+        let other = Identity::new(2, "app", Compression::Lz4);
+        let err = write_identity(&store, &other).await.unwrap_err();
+        assert!(matches!(err, RepoError::WrongSource { .. }), "{err}");
+    }
+
     #[tokio::test]
     async fn read_identity_checks_the_format_version() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
         assert_eq!(read_identity(&store).await.unwrap(), None);
-        let mut newer = serde_json::to_value(Identity::new(1, "app")).unwrap();
+        let mut newer = serde_json::to_value(Identity::new(1, "app", Compression::Zstd)).unwrap();
         newer["format_version"] = 9.into();
         store
             .put(

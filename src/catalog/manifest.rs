@@ -76,6 +76,35 @@ pub struct Manifest {
     /// The post-data objects the Keys load phase creates (what replay needs to find rows).
     pub key_objects: Vec<KeyObject>,
     pub totals: Totals,
+    /// How the backup came to be (absent in manifests written before it was recorded: read as
+    /// unknown, which retention does not count as manual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    /// `backup --tag NAME` (e.g. `pre-deploy-v42`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// How a base backup came to be: what retention's `manual` tier counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Taken by `archive` when it started a generation.
+    Initial,
+    /// Taken by `archive`'s schedule.
+    Scheduled,
+    /// Taken by hand: `tidemark backup`.
+    Manual,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Initial => "initial",
+            Origin::Scheduled => "scheduled",
+            Origin::Manual => "manual",
+        }
+    }
 }
 
 /// The `pg_dump --schema-only -Fc` output.
@@ -187,6 +216,9 @@ pub struct Totals {
 pub enum ManifestError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A manifest that does not decode (a store error converts to [`ManifestError::Store`]).
+    #[error(transparent)]
+    Object(crate::object::ObjectError),
     #[error("{key}: not a tidemark manifest: {message}")]
     Invalid { key: String, message: String },
     #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
@@ -201,8 +233,18 @@ impl crate::error::Classify for ManifestError {
         use crate::error::ExitStatus::*;
         match self {
             ManifestError::Store(e) => e.exit_status(),
+            ManifestError::Object(e) => e.exit_status(),
             ManifestError::Invalid { .. } | ManifestError::OtherBackup { .. } => Damaged,
             ManifestError::UnsupportedVersion { .. } => Repository,
+        }
+    }
+}
+
+impl From<crate::object::ObjectError> for ManifestError {
+    fn from(e: crate::object::ObjectError) -> ManifestError {
+        match e {
+            crate::object::ObjectError::Store(e) => ManifestError::Store(e),
+            e => ManifestError::Object(e),
         }
     }
 }
@@ -418,7 +460,31 @@ pub(crate) mod tests {
                 raw_bytes: 100,
                 stored_bytes: 1294,
             },
+            origin: None,
+            tag: None,
         }
+    }
+
+    #[test]
+    fn origin_and_tag_are_optional_fields() {
+        // A manifest without them (written before they were recorded) reads as unknown.
+        let old = sample();
+        let text = String::from_utf8(old.to_json()).unwrap();
+        assert!(!text.contains("origin") && !text.contains("tag"), "{text}");
+        assert_eq!(
+            Manifest::from_json("k", text.as_bytes()).unwrap().origin,
+            None
+        );
+        let m = Manifest {
+            origin: Some(Origin::Manual),
+            tag: Some("pre-deploy-v42".into()),
+            ..sample()
+        };
+        let json = m.to_json();
+        let text = std::str::from_utf8(&json).unwrap();
+        assert!(text.contains("\"origin\": \"manual\""), "{text}");
+        assert!(text.contains("\"tag\": \"pre-deploy-v42\""), "{text}");
+        assert_eq!(Manifest::from_json("k", &json).unwrap(), m);
     }
 
     #[test]
