@@ -655,21 +655,30 @@ mod tests {
         p.tail.iter().map(|s| s.key.as_str()).collect()
     }
 
-    fn facts() -> Catalog {
-        use crate::catalog::{BackupRef, SegmentFact};
-        let seg = |s: u64, e: u64| SegmentRef {
+    /// A segment of generation 1 from `s` to `e`, stored under `key`.
+    fn seg_ref(s: u64, e: u64, key: &str) -> SegmentRef {
+        SegmentRef {
             generation: 1,
             start: Lsn(s),
             end: Lsn(e),
-            key: format!("k{s}"),
+            key: key.into(),
             size: 1,
-        };
-        let backup = |id: &str, cp: u64, t: i64| BackupRef {
+        }
+    }
+
+    /// A base backup of generation 1 at `cp`, its snapshot at `t`.
+    fn backup(id: &str, cp: u64, t: i64) -> crate::catalog::BackupRef {
+        crate::catalog::BackupRef {
             id: id.into(),
             generation: 1,
             consistent_point: Lsn(cp),
             snapshot_time: PgTimestamp(t),
-        };
+        }
+    }
+
+    fn facts() -> Catalog {
+        use crate::catalog::SegmentFact;
+        let seg = |s: u64, e: u64| seg_ref(s, e, &format!("k{s}"));
         let segments = vec![seg(100, 200), seg(200, 300), seg(300, 400)];
         let facts = [(
             "k300".to_string(),
@@ -807,19 +816,7 @@ mod tests {
     /// Every segment's last commit is at 10 × its end.
     fn path_catalog() -> Catalog {
         use crate::catalog::SegmentFact;
-        let seg = |s: u64, e: u64| SegmentRef {
-            generation: 1,
-            start: Lsn(s),
-            end: Lsn(e),
-            key: format!("s{s}"),
-            size: 1,
-        };
-        let backup = |id: &str, cp: u64, t: i64| BackupRef {
-            id: id.into(),
-            generation: 1,
-            consistent_point: Lsn(cp),
-            snapshot_time: PgTimestamp(t),
-        };
+        let seg = |s: u64, e: u64| seg_ref(s, e, &format!("s{s}"));
         let chain = vec![
             seg(100, 200),
             seg(200, 300),

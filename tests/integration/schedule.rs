@@ -48,6 +48,21 @@ const BIG: &str = "
     CREATE TABLE ticks (id serial PRIMARY KEY, at timestamptz DEFAULT clock_timestamp());
 ";
 
+/// Waits until the archiver has started a scheduled backup and written its first part.
+fn wait_scheduled_backup_running(archiver: &mut Archiver, repo: &Path) {
+    wait_log(
+        archiver,
+        "taking a scheduled base backup",
+        1,
+        Duration::from_secs(60),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !backup_in_progress(repo) {
+        assert!(Instant::now() < deadline, "no scheduled backup in progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A backup folder with objects and no manifest: a backup being taken (or killed).
 fn backup_in_progress(repo: &Path) -> bool {
     let Ok(dirs) = std::fs::read_dir(repo.join("basebackups")) else {
@@ -164,19 +179,7 @@ async fn a_manual_backup_while_a_scheduled_one_runs_gives_up_or_waits_for_it() {
         .start()
         .await;
     let source = cluster.conninfo("app");
-    tokio::task::block_in_place(|| {
-        wait_log(
-            &mut archiver,
-            "taking a scheduled base backup",
-            1,
-            Duration::from_secs(60),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !backup_in_progress(&repo) {
-            assert!(Instant::now() < deadline, "no scheduled backup in progress");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    tokio::task::block_in_place(|| wait_scheduled_backup_running(&mut archiver, &repo));
     let (code, out, err) = tidemark(&[
         "backup",
         "--source",
@@ -247,19 +250,7 @@ async fn kill_9_mid_scheduled_backup_lists_no_backup_and_the_next_run_takes_the_
     src.execute("INSERT INTO ticks DEFAULT VALUES", &[])
         .await
         .unwrap();
-    tokio::task::block_in_place(|| {
-        wait_log(
-            &mut archiver,
-            "taking a scheduled base backup",
-            1,
-            Duration::from_secs(60),
-        );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !backup_in_progress(&repo) {
-            assert!(Instant::now() < deadline, "no scheduled backup in progress");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
+    tokio::task::block_in_place(|| wait_scheduled_backup_running(&mut archiver, &repo));
     assert!(
         !archiver.log_text().contains("scheduled base backup stored"),
         "the backup finished before the kill: make BIG bigger"
