@@ -523,4 +523,84 @@ mod tests {
         );
         assert!(table("/r", &audit::Trail::default()).contains("no records"));
     }
+
+    #[tokio::test]
+    async fn an_unrecorded_prune_that_deleted_fails_and_other_commands_stand() {
+        use crate::catalog::expire::{Dropped, Expiry};
+        use crate::catalog::keys;
+        use crate::store::faulty::{Fault, FaultyStore, Op, Times};
+        use crate::store::LocalStore;
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        local
+            .put(keys::IDENTITY, bytes::Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        let refusing: Arc<dyn Store> = Arc::new(FaultyStore::new(local.clone()).fail(
+            Op::Put,
+            Fault::Permanent,
+            Times::Always,
+        ));
+        let deleted = Expiry {
+            window_start: PgTimestamp(0),
+            kept: vec![],
+            backups: vec![Dropped {
+                id: "00000001-0000000000000100".into(),
+                snapshot_time: PgTimestamp(0),
+                objects: vec!["basebackups/00000001-0000000000000100/manifest.json".into()],
+                bytes: 1,
+            }],
+            segments: vec![],
+            incomplete: vec![],
+        };
+        let e = finish_prune(&refusing, Started::now(), false, false, Ok(deleted.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(crate::exit::exit_code(&e), 4, "{e:#}");
+        let text = crate::exit::render(&e);
+        assert!(
+            text.contains("prune deleted 1 object(s)")
+                && text.contains("00000001-0000000000000100")
+                && text.contains("audit record"),
+            "{text}"
+        );
+        // Nothing deleted, a dry run, a restore: the command's own result stands.
+        let nothing = Expiry {
+            backups: vec![],
+            ..deleted.clone()
+        };
+        finish_prune(&refusing, Started::now(), false, false, Ok(nothing))
+            .await
+            .unwrap();
+        finish_prune(&refusing, Started::now(), true, false, Ok(deleted.clone()))
+            .await
+            .unwrap();
+        finish_pin(&refusing, Started::now(), true, "x", Ok(()))
+            .await
+            .unwrap();
+        // A failed prune keeps its own error.
+        let failed = finish_prune(
+            &refusing,
+            Started::now(),
+            false,
+            false,
+            Err(anyhow::anyhow!("the listing failed")),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(failed.to_string(), "the listing failed");
+        assert!(local.list(keys::AUDIT).await.unwrap().is_empty());
+        // With a writable store the same prune is recorded, with what it deleted.
+        finish_prune(&local, Started::now(), false, false, Ok(deleted))
+            .await
+            .unwrap();
+        let trail = audit::read(&local, None).await.unwrap();
+        assert_eq!(trail.records.len(), 1);
+        let d = &trail.records[0].1.details["deleted"];
+        assert_eq!(
+            d["backups"],
+            serde_json::json!(["00000001-0000000000000100"])
+        );
+        assert_eq!(d["objects"], 1);
+    }
 }

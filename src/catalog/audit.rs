@@ -18,6 +18,9 @@
 //! take any kind, known or not ([`Record::kind`] is text and [`Record::details`] any JSON), so
 //! an older tidemark lists a newer one's records.
 //!
+//! Records are written into an existing repository only (one with `archive.json` or a base
+//! backup): a command run against a mistyped `--repo` does not create a repository there.
+//!
 //! Invariant: records are never rewritten and nothing deletes them — prune deletes only keys
 //! under `basebackups/` and `segments/` ([`super::expire`]), the archiver's sweep only
 //! segments, a failed backup only its own folder. Records go through [`crate::object`] like
@@ -528,5 +531,65 @@ mod tests {
         let since = read(&store, Some(later.at)).await.unwrap();
         assert_eq!(since.records.len(), 1);
         assert_eq!(since.records[0].0, k3);
+    }
+
+    #[tokio::test]
+    async fn prune_never_deletes_audit_records() {
+        use crate::catalog::expire::{self, PruneOptions};
+        use crate::catalog::retention::Policy;
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let id = keys::backup_id(1, Lsn(0x100));
+        // An incomplete backup (no manifest) and segments no backup reaches.
+        for key in [
+            keys::schema(&id),
+            keys::part(&id, 0, 0),
+            keys::segment(1, Lsn(0x10), Lsn(0x20)),
+        ] {
+            store.put(&key, Bytes::from_static(b"x")).await.unwrap();
+        }
+        let op = Operation::Pin {
+            backup_id: id.clone(),
+        };
+        let mut records = Vec::new();
+        for _ in 0..3 {
+            records.push(
+                record(&*store, Started::now(), &op, Outcome::Ok)
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let opts = PruneOptions {
+            older_than: std::time::Duration::from_millis(1),
+            dry_run: false,
+        };
+        let keep_nothing = Policy {
+            daily: 0,
+            weekly: 0,
+            monthly: 0,
+            manual: 0,
+            changes: std::time::Duration::from_secs(1),
+        };
+        let e = expire::apply(&store, &keep_nothing, std::time::SystemTime::now(), &opts)
+            .await
+            .unwrap();
+        assert!(e.incomplete.iter().any(|f| f.removed), "{e:?}");
+        assert!(store
+            .list(&keys::backup_folder(&id))
+            .await
+            .unwrap()
+            .is_empty());
+        let left: Vec<String> = store
+            .list(keys::AUDIT)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        records.sort();
+        assert_eq!(left, records);
+        assert!(e.deletions().iter().all(|k| !k.starts_with(keys::AUDIT)));
     }
 }
