@@ -22,7 +22,7 @@
 //!   that need it), with [`catalog::keys`] every object key and its parser (with the revision of
 //!   a rewritten object), [`catalog::identity`] the repository's identity (`archive.json`),
 //!   [`catalog::chain`] segment chains and their continuity, and [`catalog::manifest`] the base
-//!   backups' manifests and their reading;
+//!   backups' manifests and their reading, and [`catalog::audit`] the audit trail's records;
 //!   [`object`] the one way objects are written and read (encoded once, above every retry);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (taking one in
 //!   `backup/take.rs`, loading one in `backup/load.rs`; both write or read the catalog's manifest),
@@ -30,7 +30,8 @@
 //!   aborts, dedup, the one stop rule), [`restore`] point-in-time restore (plan, then apply, its
 //!   replay a sink of the changelog reader), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
-//! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`demo`] (with [`scratch`], a throwaway
+//! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`audit_cmd`] (the audit trail's
+//!   recording and `tidemark audit`), [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
 //!   checked variant by variant), [`retry`] the one backoff and retry loop (with jitter and
@@ -42,10 +43,10 @@
 //!
 //! | layer | modules | may use |
 //! |---|---|---|
-//! | 1. pure core (no I/O but the host's name) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
+//! | 1. pure core (no I/O but the host's and the OS user's names) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
-//! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `demo`, `scratch`, `exit`, `telemetry` | everything |
+//! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry` | everything |
 //!
 //! Known exceptions, to be removed: `archive` (layer 3) records its metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server
@@ -64,6 +65,7 @@
 //! command reads the catalog and the source's slot.
 
 pub mod archive;
+pub mod audit_cmd;
 pub mod backup;
 pub mod backup_cmd;
 pub mod catalog;

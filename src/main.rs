@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use tidemark::archive::{self, ArchiveOptions};
+use tidemark::audit_cmd;
+use tidemark::catalog::audit::{self, Started};
 use tidemark::conninfo::ConnInfo;
 use tidemark::exit::{exit_code, ExitStatus, UsageError};
 use tidemark::lsn::Lsn;
@@ -46,6 +48,8 @@ enum Command {
     Pin(PinArgs),
     /// Unpin a base backup (delete its pin): retention decides about it again.
     Unpin(PinArgs),
+    /// List the audit trail: each backup, prune, pin, unpin and restore, who ran it, and how it ended.
+    Audit(AuditArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
 }
@@ -281,6 +285,14 @@ struct RestoreArgs {
 }
 
 #[derive(Args, Debug)]
+struct AuditArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    #[command(flatten)]
+    list: audit_cmd::ListArgs,
+}
+
+#[derive(Args, Debug)]
 struct DemoArgs {
     /// Use this server instead of starting a throwaway one (it must allow wal_level=logical).
     #[arg(long, env = "TIDEMARK_SOURCE", hide_env_values = true)]
@@ -294,7 +306,13 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let definition = Cli::command();
+    let matches = definition.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // What the audit trail records as this process's command and arguments (no secrets).
+    if let Some(invocation) = audit_cmd::invocation_of(&definition, &matches) {
+        audit::set_invocation(invocation);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
@@ -322,7 +340,12 @@ fn main() -> ExitCode {
     // With --json, a failure is one JSON object on stderr (message, causes, hints, exit code).
     let json = matches!(
         &cli.command,
-        Command::List(ListArgs { json: true, .. }) | Command::Prune(PruneArgs { json: true, .. })
+        Command::List(ListArgs { json: true, .. })
+            | Command::Prune(PruneArgs { json: true, .. })
+            | Command::Audit(AuditArgs {
+                list: audit_cmd::ListArgs { json: true, .. },
+                ..
+            })
     );
     match runtime.block_on(run(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -430,7 +453,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Backup(a) => {
-            let source = ConnInfo::parse(&a.source.source)?;
+            let started = Started::now();
             let repo = open_repo(&a.repo).await?;
             let opts = ArchiveOptions {
                 backup_parallel: a.parallel.max(1),
@@ -438,7 +461,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 compression: a.compression.compression,
                 ..archive_options(&a.slot)
             };
-            let m = tidemark::backup_cmd::run(&source, repo, &opts, &a.label, a.lock_wait).await?;
+            let taken = async {
+                let source = ConnInfo::parse(&a.source.source)?;
+                tidemark::backup_cmd::run(&source, repo.clone(), &opts, &a.label, a.lock_wait).await
+            }
+            .await;
+            let m = audit_cmd::finish_backup(&repo, started, &a.label, taken).await?;
             println!(
                 "base backup {} at {} ({}){}{}",
                 m.id,
@@ -452,38 +480,61 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Pin(a) => {
+            let started = Started::now();
             let repo = open_repo(&a.repo).await?;
-            tidemark::catalog::pin::pin(&repo, &a.id).await?;
+            let r = tidemark::catalog::pin::pin(&repo, &a.id).await;
+            audit_cmd::finish_pin(&repo, started, true, &a.id, r.map_err(Into::into)).await?;
             println!("base backup {} is pinned", a.id);
         }
         Command::Unpin(a) => {
+            let started = Started::now();
             let repo = open_repo(&a.repo).await?;
-            tidemark::catalog::pin::unpin(&repo, &a.id).await?;
+            let r = tidemark::catalog::pin::unpin(&repo, &a.id).await;
+            audit_cmd::finish_pin(&repo, started, false, &a.id, r.map_err(Into::into)).await?;
             println!("base backup {} is no longer pinned", a.id);
+        }
+        Command::Audit(a) => {
+            let repo = open_repo(&a.repo).await?;
+            audit_cmd::run(&repo, &a.list).await?;
         }
         Command::List(a) => {
             let repo = open_repo(&a.repo).await?;
             list::run(&repo, &a.retain.policy(), a.json).await?;
         }
         Command::Prune(a) => {
+            let started = Started::now();
             let repo = open_repo(&a.repo).await?;
             let opts = tidemark::prune::PruneOptions {
                 older_than: a.older_than,
                 dry_run: a.dry_run,
             };
             let policy = a.retain.policy();
-            tidemark::prune::run(&repo, &policy, &opts, a.incomplete_backups, a.json).await?;
+            let r = tidemark::prune::run(&repo, &policy, &opts, a.incomplete_backups, a.json).await;
+            audit_cmd::finish_prune(&repo, started, a.dry_run, a.incomplete_backups, r).await?;
         }
         Command::Restore(a) => {
-            let target_db = ConnInfo::parse(&a.target)?;
+            let started = Started::now();
             let repo = open_repo(&a.repo).await?;
-            let goal = match (a.to_time, a.to_lsn, a.latest, a.to_backup) {
-                (Some(t), _, _, _) => Goal::Target(Target::Time(tidemark::exit::parse_time(&t)?)),
-                (_, Some(l), _, _) => Goal::Target(Target::Lsn(l)),
-                (_, _, _, Some(id)) => Goal::Backup(id),
-                _ => Goal::Target(Target::Latest),
+            let asked = match (&a.to_time, a.to_lsn, a.latest, &a.to_backup) {
+                (Some(t), _, _, _) => format!("--to-time {t}"),
+                (_, Some(l), _, _) => format!("--to-lsn {l}"),
+                (_, _, _, Some(id)) => format!("--to-backup {id}"),
+                _ => "--latest".to_string(),
             };
-            let s = restore::run_to(&repo, &target_db, &goal, a.parallel.max(1)).await?;
+            let restored = async {
+                let target_db = ConnInfo::parse(&a.target)?;
+                let goal = match (a.to_time, a.to_lsn, a.latest, a.to_backup) {
+                    (Some(t), _, _, _) => {
+                        Goal::Target(Target::Time(tidemark::exit::parse_time(&t)?))
+                    }
+                    (_, Some(l), _, _) => Goal::Target(Target::Lsn(l)),
+                    (_, _, _, Some(id)) => Goal::Backup(id),
+                    _ => Goal::Target(Target::Latest),
+                };
+                Ok(restore::run_to(&repo, &target_db, &goal, a.parallel.max(1)).await?)
+            }
+            .await;
+            let s = audit_cmd::finish_restore(&repo, started, &a.target, asked, restored).await?;
             println!(
                 "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s (replay {:.2}s)",
                 s.backup_id,

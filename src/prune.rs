@@ -64,15 +64,16 @@ struct Report<'a> {
     expiry: &'a Expiry,
 }
 
-/// Runs prune: lists, decides, deletes (unless a dry run), and prints what it did. With
-/// `incomplete_only`, only incomplete backups are considered.
+/// Runs prune: lists, decides, deletes (unless a dry run), and prints what it did; returns
+/// it (what the audit trail records). With `incomplete_only`, only incomplete backups are
+/// considered.
 pub async fn run(
     store: &Arc<dyn Store>,
     policy: &Policy,
     opts: &PruneOptions,
     incomplete_only: bool,
     json: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Expiry> {
     let now = SystemTime::now();
     let mut expiry = expire::decide(store, policy, now, opts).await?;
     if incomplete_only {
@@ -92,10 +93,10 @@ pub async fn run(
             expiry: &expiry,
         };
         println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+        return Ok(expiry);
     }
     print_text(&store.location(), &expiry, opts.dry_run, incomplete_only);
-    Ok(())
+    Ok(expiry)
 }
 
 fn print_text(location: &str, e: &Expiry, dry_run: bool, incomplete_only: bool) {

@@ -22,6 +22,7 @@ use super::{
     CopyFormat, KeyKind, KeyObject, Manifest, Origin, PartEntry, SchemaEntry, SequenceEntry,
     TableEntry, Totals, FORMAT_VERSION, MIN_FORMAT_VERSION,
 };
+use crate::catalog::audit;
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::object;
@@ -134,8 +135,32 @@ pub async fn take(store: &Arc<dyn Store>, req: BackupRequest<'_>) -> Result<Mani
     take_with(store, req, TakeOptions::default()).await
 }
 
-/// [`take`], with options.
+/// [`take`], with options. Every backup goes through here, so the backups `archive` takes
+/// (initial and scheduled) are recorded in the audit trail here, success or failure (best
+/// effort: an archiver does not stop because a record could not be stored). A manual backup is
+/// recorded by its command instead (`audit_cmd`), which also records failures before this.
 pub async fn take_with(
+    store: &Arc<dyn Store>,
+    req: BackupRequest<'_>,
+    opts: TakeOptions,
+) -> Result<Manifest, BackupError> {
+    let started = audit::Started::now();
+    let result = take_unrecorded(store, req, opts).await;
+    if req.origin != Origin::Manual {
+        let m = result.as_ref().ok();
+        let op = audit::Operation::Backup(audit::BackupDetails {
+            origin: req.origin.as_str().into(),
+            backup_id: Some(backup_id(req.generation, req.consistent_point)),
+            consistent_point: m.map(|m| m.consistent_point),
+            tag: req.tag.map(str::to_string),
+            pin: false,
+        });
+        audit::record_or_warn(&**store, started, &op, audit::Outcome::of(&result)).await;
+    }
+    result
+}
+
+async fn take_unrecorded(
     store: &Arc<dyn Store>,
     req: BackupRequest<'_>,
     opts: TakeOptions,

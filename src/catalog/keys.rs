@@ -27,6 +27,9 @@ pub const SEGMENTS: &str = "segments/";
 pub const BASEBACKUPS: &str = "basebackups/";
 /// Folder of the pins: `pins/<id>.json` exists while backup `<id>` is pinned.
 pub const PINS: &str = "pins/";
+/// Folder of the audit trail: one `audit/<record>.json` per recorded command
+/// ([`super::audit`]). Nothing deletes these.
+pub const AUDIT: &str = "audit/";
 
 /// A revision of an object: 1 is the original (no suffix in its name), a rewrite is 2 or more.
 pub type Revision = u32;
@@ -59,6 +62,9 @@ pub enum Key {
     },
     /// `pins/<id>.json`: backup `<id>` is pinned (never rewritten: unpin deletes it).
     Pin { backup: String },
+    /// `audit/<YYYYMMDD>T<HHMMSS>.<6 digits>Z-<16 lower hex>.json`: one audit record, named by
+    /// its command's start (UTC) and a random suffix (never rewritten, never deleted).
+    Audit { record: String },
 }
 
 /// `.r<N>` for a rewrite, nothing for the first revision.
@@ -107,6 +113,7 @@ impl fmt::Display for Key {
                 suffix(*revision)
             ),
             Key::Pin { backup } => write!(f, "{PINS}{backup}.json"),
+            Key::Audit { record } => write!(f, "{AUDIT}{record}.json"),
         }
     }
 }
@@ -138,6 +145,24 @@ fn decimal(s: &str) -> Option<usize> {
 /// Whether `id` is a backup id as [`backup_id`] writes it.
 fn is_backup_id(id: &str) -> bool {
     matches!(id.split_once('-'), Some((g, p)) if upper_hex(g, 8) && upper_hex(p, 16))
+}
+
+/// Whether `s` is an audit record's name as [`audit`] writes it:
+/// `YYYYMMDDTHHMMSS.ffffffZ-` and 16 lower-case hex digits.
+fn is_audit_record(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    b.len() == 40
+        && digits(0..8)
+        && b[8] == b'T'
+        && digits(9..15)
+        && b[15] == b'.'
+        && digits(16..22)
+        && b[22] == b'Z'
+        && b[23] == b'-'
+        && b[24..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
 }
 
 impl Key {
@@ -173,6 +198,12 @@ impl Key {
                 backup: backup.to_string(),
             });
         }
+        if let Some(file) = name.strip_prefix(AUDIT) {
+            let record = file.strip_suffix(".json")?;
+            return is_audit_record(record).then(|| Key::Audit {
+                record: record.to_string(),
+            });
+        }
         let (backup, file) = name.strip_prefix(BASEBACKUPS)?.split_once('/')?;
         if !is_backup_id(backup) {
             return None;
@@ -202,7 +233,7 @@ impl Key {
     /// The object's revision (1 for the identity, which is never rewritten).
     pub fn revision(&self) -> Revision {
         match self {
-            Key::Identity | Key::Pin { .. } => FIRST_REVISION,
+            Key::Identity | Key::Pin { .. } | Key::Audit { .. } => FIRST_REVISION,
             Key::Segment { revision, .. }
             | Key::Manifest { revision, .. }
             | Key::Schema { revision, .. }
@@ -304,6 +335,28 @@ pub fn parse_pin(name: &str) -> Option<String> {
         Key::Pin { backup } => Some(backup),
         _ => None,
     }
+}
+
+/// Key of the audit record of a command started at `started` (UTC) with the random `suffix`:
+/// `audit/<YYYYMMDD>T<HHMMSS>.<micros>Z-<suffix:16 hex>.json`, fixed width, so that a lexical
+/// listing sorts by start time, and two hosts starting in the same microsecond do not collide.
+pub fn audit(started: crate::lsn::PgTimestamp, suffix: u64) -> String {
+    Key::Audit {
+        record: format!(
+            "{}-{suffix:016x}",
+            started.to_datetime().format("%Y%m%dT%H%M%S%.6fZ")
+        ),
+    }
+    .to_string()
+}
+
+/// The start time an audit record's key names; `None` for any other key.
+pub fn parse_audit(name: &str) -> Option<crate::lsn::PgTimestamp> {
+    let Key::Audit { record } = Key::parse(name)? else {
+        return None;
+    };
+    let t = chrono::NaiveDateTime::parse_from_str(&record[..22], "%Y%m%dT%H%M%S%.6f").ok()?;
+    Some(crate::lsn::PgTimestamp::from_datetime(t.and_utc()))
 }
 
 /// Key of the schema dump of backup `id` (first revision).
@@ -472,5 +525,42 @@ mod tests {
         assert_eq!(split_backup_key(&manifest(ID)), Some((ID, "manifest.json")));
         assert_eq!(split_backup_key("segments/x"), None);
         assert_eq!(backup_folder(ID), format!("basebackups/{ID}/"));
+    }
+
+    #[test]
+    fn audit_keys_sort_by_start_time_and_parse_back() {
+        use crate::lsn::PgTimestamp;
+        let t = PgTimestamp(849_634_512_123_456); // 2026-12-03 17:35:12.123456 UTC
+        let k = audit(t, 0x1f2e_3d4c_5b6a_7980);
+        assert_eq!(k, "audit/20261203T173512.123456Z-1f2e3d4c5b6a7980.json");
+        assert_eq!(parse_audit(&k), Some(t));
+        assert_eq!(Key::parse(&k).map(|k| k.revision()), Some(1));
+        // Later starts sort later whatever the suffix; the same microsecond on two hosts
+        // differs by the suffix.
+        let mut names = vec![
+            audit(PgTimestamp(t.0 + 1), 0),
+            audit(t, u64::MAX),
+            audit(PgTimestamp(t.0 + 86_400_000_000), 7),
+            audit(t, 1),
+            audit(PgTimestamp(t.0 - 1_000_000), 9),
+        ];
+        let by_time: Vec<PgTimestamp> = {
+            names.sort();
+            names.iter().map(|n| parse_audit(n).unwrap()).collect()
+        };
+        assert!(by_time.windows(2).all(|w| w[0] <= w[1]), "{names:?}");
+        assert_ne!(audit(t, 1), audit(t, 2));
+        for bad in [
+            "audit/20261203T173512.123456Z-1f2e3d4c5b6a7980",
+            "audit/20261203T173512.123456Z-1F2E3D4C5B6A7980.json",
+            "audit/20261203T173512Z-1f2e3d4c5b6a7980.json",
+            "audit/20261203T173512.123456Z-1f2e.json",
+            "audit/x.json",
+            "audit/20261203T173512.123456Z-1f2e3d4c5b6a7980.json.tmp",
+        ] {
+            assert_eq!(Key::parse(bad), None, "{bad:?}");
+            assert_eq!(parse_audit(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_audit(&pin(ID)), None, "not an audit record");
     }
 }

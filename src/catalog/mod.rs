@@ -22,7 +22,8 @@
 //! * [`manifest`]: the base backups' manifests, and their reading from a listing;
 //! * [`retention`]: which backups and segments a policy keeps (pure), and [`expire`] the
 //!   deletion plan of its choice and its application;
-//! * [`pin`]: the pins (`pins/<id>.json`) that keep a backup until it is unpinned.
+//! * [`pin`]: the pins (`pins/<id>.json`) that keep a backup until it is unpinned;
+//! * [`audit`]: the audit trail (`audit/<start>-<random>.json`), one record per command.
 //!
 //! A complete base backup outside every window (the segments at its position were pruned, or
 //! lie behind a hole or damage) is a restorable *point*: its own consistent instant, restored
@@ -33,6 +34,7 @@
 //! catalog listed and found intact where it looked; an instant outside every window and point
 //! is refused by the planner.
 
+pub mod audit;
 pub mod chain;
 mod error;
 pub mod expire;

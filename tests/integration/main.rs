@@ -6,6 +6,7 @@
 
 mod support;
 
+mod audit;
 mod backup;
 mod bad_input;
 mod commands;
