@@ -253,7 +253,7 @@ pub fn render_sql(r: &SqlRequest) -> String {
         quote_literal(&r.slot)
     );
     archiver_reads(&mut s, r, &arch);
-    admin_objects(&mut s, r);
+    admin_objects(&mut s, r, &arch);
     restore_part(&mut s, r, &rest);
     s
 }
@@ -342,7 +342,7 @@ fn archiver_reads(s: &mut String, r: &SqlRequest, arch: &str) {
 }
 
 /// What only a superuser may create: the publication, DDL capture and the publication's guard.
-fn admin_objects(s: &mut String, r: &SqlRequest) {
+fn admin_objects(s: &mut String, r: &SqlRequest, arch: &str) {
     let publication = vec![r.publication.clone()];
     let publication_exists = r.inventory.as_ref().is_some_and(|i| i.publication_exists);
     let capture_installed = r.inventory.as_ref().is_some_and(|i| i.capture_installed);
@@ -390,6 +390,12 @@ fn admin_objects(s: &mut String, r: &SqlRequest) {
             &publication,
             &[crate::ddl::GUARD_DROP_TRIGGER, crate::ddl::GUARD_END_TRIGGER]
         )
+    );
+    let _ = writeln!(
+        s,
+        "-- USAGE on schema tidemark: the archiver checks at each start that its publication is\n\
+         -- among the protected ones (tidemark.protected_publications_v1()).\n\
+         GRANT USAGE ON SCHEMA tidemark TO {arch};"
     );
 }
 
@@ -541,6 +547,7 @@ mod tests {
             "CREATE ROLE \"rest\" LOGIN;",
             "CREATE DATABASE \"app_restored\" OWNER \"rest\";",
             "GRANT SET ON PARAMETER session_replication_role TO \"rest\";",
+            "GRANT USAGE ON SCHEMA tidemark TO \"arch\";",
         ] {
             assert!(sql.contains(line), "{line} not in:\n{sql}");
         }

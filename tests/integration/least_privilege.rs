@@ -81,10 +81,10 @@ async fn archive_backup_prune_and_restore_run_with_only_the_printed_grants() {
     );
     assert_eq!(code, 0, "print-grants: {sql}{err}");
     for named in [
-        "\"public\".\"items\"",
-        "\"shop\".\"orders\"",
-        "\"shop\".\"invoice_no\"",
-        "\"public\".\"scratch\"",
+        "public.items",
+        "shop.orders",
+        "shop.invoice_no",
+        "public.scratch",
     ] {
         assert!(sql.contains(named), "{named} not granted:\n{sql}");
     }
@@ -103,8 +103,8 @@ async fn archive_backup_prune_and_restore_run_with_only_the_printed_grants() {
     );
 
     // The IAM policies of the repository's prefix, each enforced by the S3 server in turn.
-    let server = S3Server::with_bucket("lp");
-    let repo = "s3://lp/pg/main";
+    let server = S3Server::with_bucket("lpriv");
+    let repo = "s3://lpriv/pg/main";
     let (code, json, err) = tidemark_env(&[], &["setup", "--print-grants", "s3", "--repo", repo]);
     assert_eq!(code, 0, "print-grants s3: {json}{err}");
     let policies: serde_json::Value = serde_json::from_str(&json).unwrap();
