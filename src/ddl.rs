@@ -83,7 +83,7 @@ pub use message::{
     decode_message, DdlMessage, MessageError, SequenceValue, SequencesMessage, TidemarkMessage,
     DDL_PREFIX, MESSAGE_VERSION, SEQUENCES_PREFIX,
 };
-pub use protect::{ensure_protected, GUARD_DROP_TRIGGER, GUARD_END_TRIGGER};
+pub use protect::{ensure_protected, guard_install_sql, GUARD_DROP_TRIGGER, GUARD_END_TRIGGER};
 pub use replay::{
     classify, fills_rows_with_computed_values, plan_replay, segments_have_ddl, setval_sql, Action,
     ReplayDdlError,

@@ -30,9 +30,10 @@
 //!   aborts, dedup, the one stop rule), [`restore`] point-in-time restore (plan, then apply, its
 //!   replay a sink of the changelog reader), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
-//! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`audit_cmd`] (the audit trail's
-//!   recording and `tidemark audit`), [`demo`] (with [`scratch`], a throwaway
-//!   cluster), and [`exit`] (the command line's values and errors);
+//! * commands: [`setup`] (with [`grants`], the least privilege it prints), [`backup_cmd`],
+//!   [`list`], [`prune`], [`audit_cmd`] (the audit trail's recording and `tidemark audit`),
+//!   [`demo`] (with [`scratch`], a throwaway cluster), and [`exit`] (the command line's values
+//!   and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
 //!   checked variant by variant), [`retry`] the one backoff and retry loop (with jitter and
 //!   cancellation), [`sql`] the one quoting of identifiers and literals, and [`session`] the
@@ -46,7 +47,7 @@
 //! | 1. pure core (no I/O but the host's and the OS user's names) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
-//! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry` | everything |
+//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `prune`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry` | everything |
 //!
 //! Known exceptions, to be removed: `archive` (layer 3) records its metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server
@@ -75,6 +76,7 @@ pub mod ddl;
 pub mod demo;
 pub mod error;
 pub mod exit;
+pub mod grants;
 pub mod host;
 pub mod list;
 pub mod lsn;

@@ -31,7 +31,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Check the source server and create the publication and the replication slot.
+    /// Check the source server and create the publication and the replication slot; with
+    /// --print-grants, print the least privilege tidemark needs (SQL roles, S3 IAM policies).
     Setup(SetupArgs),
     /// Archive the slot's change stream into the repository until SIGINT/SIGTERM.
     Archive(ArchiveArgs),
@@ -142,6 +143,8 @@ struct SetupArgs {
     source: SourceArgs,
     #[command(flatten)]
     slot: SlotArgs,
+    #[command(flatten)]
+    grants: tidemark::grants::GrantArgs,
 }
 
 #[derive(Args, Debug)]
@@ -408,7 +411,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Setup(a) => {
             let source = ConnInfo::parse(&a.source.source)?;
             let o = archive_options(&a.slot);
-            setup::run(&source, &o.slot, &o.publication).await?;
+            match a.grants.print_grants {
+                // Connects only when told where to: the grants are printed, never applied.
+                Some(format) => {
+                    let connect = !a.source.source.is_empty();
+                    tidemark::grants::run(
+                        &a.grants,
+                        format,
+                        &source,
+                        connect,
+                        &o.slot,
+                        &o.publication,
+                    )
+                    .await?
+                }
+                None => setup::run(&source, &o.slot, &o.publication).await?,
+            }
         }
         Command::Archive(a) => {
             let source = ConnInfo::parse(&a.source.source)?;

@@ -70,6 +70,33 @@ pub async fn ensure_protected(client: &tokio_postgres::Client, publication: &str
     }
 }
 
+/// The statements that install the guard protecting `publications` (sorted, each once): its
+/// function, the list of protected names, and the event `triggers` named (of
+/// [`GUARD_DROP_TRIGGER`], [`GUARD_END_TRIGGER`]). Needs a superuser; run in one transaction.
+pub fn guard_install_sql(publications: &[String], triggers: &[&str]) -> String {
+    let list = publications
+        .iter()
+        .map(|n| quote_literal(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sql = format!(
+        "{GUARD_FUNCTION_SQL}
+CREATE OR REPLACE FUNCTION tidemark.protected_publications_v1() RETURNS text[]
+  LANGUAGE sql IMMUTABLE AS $fn$ SELECT ARRAY[{list}]::text[] $fn$;\n"
+    );
+    for (name, event) in [
+        (GUARD_DROP_TRIGGER, "sql_drop"),
+        (GUARD_END_TRIGGER, "ddl_command_end"),
+    ] {
+        if triggers.contains(&name) {
+            sql.push_str(&format!(
+                "CREATE EVENT TRIGGER {name} ON {event} WHEN TAG IN ('DROP PUBLICATION', 'ALTER PUBLICATION', 'DROP OWNED') EXECUTE FUNCTION tidemark.publication_guard_v1();\n"
+            ));
+        }
+    }
+    sql
+}
+
 async fn protect(
     client: &tokio_postgres::Client,
     publication: &str,
@@ -106,26 +133,13 @@ async fn protect(
         names.push(publication.to_string());
         names.sort();
     }
-    let list = names
-        .iter()
-        .map(|n| quote_literal(n))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let mut sql = format!(
-        "BEGIN; {GUARD_FUNCTION_SQL}
-         CREATE OR REPLACE FUNCTION tidemark.protected_publications_v1() RETURNS text[]
-           LANGUAGE sql IMMUTABLE AS $fn$ SELECT ARRAY[{list}]::text[] $fn$;\n"
-    );
-    for (name, event) in [
-        (GUARD_DROP_TRIGGER, "sql_drop"),
-        (GUARD_END_TRIGGER, "ddl_command_end"),
-    ] {
+    let mut triggers = Vec::new();
+    for name in [GUARD_DROP_TRIGGER, GUARD_END_TRIGGER] {
         if !super::event_trigger_exists(client, name).await? {
-            sql.push_str(&format!(
-                "CREATE EVENT TRIGGER {name} ON {event} WHEN TAG IN ('DROP PUBLICATION', 'ALTER PUBLICATION', 'DROP OWNED') EXECUTE FUNCTION tidemark.publication_guard_v1();\n"
-            ));
+            triggers.push(name);
         }
     }
+    let mut sql = format!("BEGIN; {}", guard_install_sql(&names, &triggers));
     sql.push_str("COMMIT;");
     if let Err(e) = client.batch_execute(&sql).await {
         let _ = client.batch_execute("ROLLBACK").await;

@@ -19,6 +19,7 @@ mod fault_matrix;
 mod faults;
 mod harness_smoke;
 mod lease;
+mod least_privilege;
 mod oracle;
 mod prune_policy;
 mod publication;

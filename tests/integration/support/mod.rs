@@ -15,6 +15,7 @@
 pub mod archiving;
 mod cluster;
 mod content;
+pub mod iam;
 pub mod metrics;
 mod os;
 pub mod proxy;

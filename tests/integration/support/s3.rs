@@ -23,6 +23,7 @@ use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
 use tidemark::store::s3::RetryPolicy;
 use tidemark::store::{S3Options, S3Store, Sse};
 
+use crate::support::iam::{IamPolicy, Request};
 use crate::support::proxy::{FaultProxy, Mode};
 
 pub const ACCESS_KEY: &str = "tidemark-test-key";
@@ -43,6 +44,11 @@ pub struct Policy {
     pub no_conditional_writes: AtomicBool,
     /// Server-side encryption values seen on writes (`AES256`, `aws:kms`).
     pub sse_seen: Mutex<Vec<String>>,
+    /// An IAM identity policy every request must pass (as the credentials' policy on AWS),
+    /// when set; see [`S3Server::set_iam`].
+    pub iam: Mutex<Option<IamPolicy>>,
+    /// Requests the IAM policy refused: `action resource`.
+    pub iam_denied: Mutex<Vec<String>>,
 }
 
 /// s3s-fs behind a policy.
@@ -99,6 +105,52 @@ impl Guarded {
         }
     }
 
+    /// The IAM policy's answer, when one is set. A GET or HEAD of a missing key is refused
+    /// (403, not 404) unless the caller may list the bucket, as on AWS.
+    fn authorize(
+        &self,
+        action: &'static str,
+        bucket: &str,
+        key: Option<&str>,
+        prefix: Option<&str>,
+    ) -> S3Result<()> {
+        let guard = self.policy.iam.lock().unwrap();
+        let Some(iam) = guard.as_ref() else {
+            return Ok(());
+        };
+        let resource = match key {
+            Some(k) => format!("arn:aws:s3:::{bucket}/{k}"),
+            None => format!("arn:aws:s3:::{bucket}"),
+        };
+        let request = Request {
+            action,
+            resource: resource.clone(),
+            prefix: prefix.map(str::to_string),
+        };
+        let mut allowed = iam.allows(&request);
+        if allowed && action == "s3:GetObject" {
+            let exists = key.is_some_and(|k| self.root.join(bucket).join(k).is_file());
+            allowed = exists
+                || iam.allows(&Request {
+                    action: "s3:ListBucket",
+                    resource: format!("arn:aws:s3:::{bucket}"),
+                    prefix: None,
+                });
+        }
+        if allowed {
+            return Ok(());
+        }
+        self.policy
+            .iam_denied
+            .lock()
+            .unwrap()
+            .push(format!("{action} {resource}"));
+        Err(s3_error!(
+            AccessDenied,
+            "Access Denied (the test's IAM policy does not allow {action} on {resource})"
+        ))
+    }
+
     fn deny_writes(&self) -> S3Result<()> {
         if self.policy.deny_writes.load(Ordering::SeqCst) {
             return Err(s3_error!(AccessDenied, "Access Denied"));
@@ -113,6 +165,7 @@ impl S3 for Guarded {
         &self,
         req: S3Request<HeadBucketInput>,
     ) -> S3Result<S3Response<HeadBucketOutput>> {
+        self.authorize("s3:ListBucket", &req.input.bucket, None, None)?;
         self.inner.head_bucket(req).await
     }
 
@@ -120,6 +173,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        self.authorize(
+            "s3:ListBucket",
+            &req.input.bucket,
+            None,
+            req.input.prefix.as_deref(),
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.inner.list_objects_v2(req).await
     }
@@ -128,6 +187,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
+        self.authorize(
+            "s3:GetObject",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.inner.head_object(req).await
     }
@@ -136,6 +201,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
+        self.authorize(
+            "s3:GetObject",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.inner.get_object(req).await
     }
@@ -144,6 +215,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
+        self.authorize(
+            "s3:PutObject",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.may_write(req.input.server_side_encryption.as_ref())?;
         if req.input.if_none_match.is_some()
@@ -161,6 +238,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        self.authorize(
+            "s3:DeleteObject",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.deny_writes()?;
         self.inner.delete_object(req).await
@@ -170,6 +253,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<CreateMultipartUploadInput>,
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        self.authorize(
+            "s3:PutObject",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.may_write(req.input.server_side_encryption.as_ref())?;
         let target = (req.input.bucket.clone(), req.input.key.clone());
@@ -189,6 +278,12 @@ impl S3 for Guarded {
         req: S3Request<ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
         let input = req.input;
+        self.authorize(
+            "s3:ListBucketMultipartUploads",
+            &input.bucket,
+            None,
+            input.prefix.as_deref(),
+        )?;
         self.bucket_exists(&input.bucket)?;
         let prefix = input.prefix.unwrap_or_default();
         let uploads = self
@@ -217,6 +312,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
+        self.authorize(
+            "s3:PutObject",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.deny_writes()?;
         self.upload_open(&req.input.upload_id)?;
@@ -227,6 +328,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        self.authorize(
+            "s3:PutObject",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         self.deny_writes()?;
         let id = req.input.upload_id.clone();
@@ -240,6 +347,12 @@ impl S3 for Guarded {
         &self,
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        self.authorize(
+            "s3:AbortMultipartUpload",
+            &req.input.bucket,
+            Some(&req.input.key),
+            None,
+        )?;
         self.bucket_exists(&req.input.bucket)?;
         let id = req.input.upload_id.clone();
         self.upload_open(&id)?;
@@ -348,6 +461,16 @@ impl S3Server {
 
     pub fn set_deny_writes(&self, on: bool) {
         self.policy.deny_writes.store(on, Ordering::SeqCst);
+    }
+
+    /// Every later request must pass this IAM identity policy (`None`: no policy).
+    pub fn set_iam(&self, policy: Option<&serde_json::Value>) {
+        *self.policy.iam.lock().unwrap() = policy.map(IamPolicy::parse);
+    }
+
+    /// Requests refused by the IAM policy so far (`action resource`), and forgets them.
+    pub fn take_iam_denied(&self) -> Vec<String> {
+        std::mem::take(&mut *self.policy.iam_denied.lock().unwrap())
     }
 
     pub fn set_require_sse(&self, on: bool) {
