@@ -101,6 +101,9 @@ struct S3Args {
     /// PEM file of the CA certificates that sign the S3 endpoint's certificate, instead of the system's trusted roots (AWS_CA_BUNDLE is honoured too).
     #[arg(long, env = "TIDEMARK_S3_CA_BUNDLE")]
     s3_ca_bundle: Option<std::path::PathBuf>,
+    /// Storage class of the objects tidemark writes: STANDARD (the default), STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR (S3 only).
+    #[arg(long, env = "TIDEMARK_S3_STORAGE_CLASS", value_parser = store::StorageClass::parse_write)]
+    s3_storage_class: Option<store::StorageClass>,
 }
 
 impl S3Args {
@@ -116,6 +119,7 @@ impl S3Args {
                 .s3_ca_bundle
                 .clone()
                 .filter(|p| !p.as_os_str().is_empty()),
+            storage_class: self.s3_storage_class.clone(),
         })
     }
 }
@@ -224,6 +228,8 @@ struct PruneArgs {
     repo: RepoArgs,
     #[command(flatten)]
     retain: tidemark::prune::RetainArgs,
+    #[command(flatten)]
+    archive_class: tidemark::prune::ArchiveClassArgs,
     /// Only remove base backups that never got their manifest.json (a backup killed midway)
     /// and whose newest object is older than --older-than; apply no policy.
     #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS")]
@@ -263,6 +269,11 @@ struct RestoreArgs {
     /// Connections used to load tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
+    /// A base backup in a cold storage class (GLACIER, DEEP_ARCHIVE): thaw its objects at this
+    /// tier (RestoreObject), wait until S3 has thawed them, then restore. Without it such a
+    /// restore is refused, naming the objects.
+    #[arg(long, env = "TIDEMARK_THAW", value_enum, num_args = 0..=1, default_missing_value = "standard")]
+    thaw: Option<store::ThawTier>,
 }
 
 #[derive(Args, Debug)]
@@ -451,6 +462,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let opts = tidemark::prune::PruneOptions {
                 older_than: a.older_than,
                 dry_run: a.dry_run,
+                archive_class: a.archive_class.archive_storage_class,
             };
             let policy = a.retain.policy();
             tidemark::prune::run(&repo, &policy, &opts, a.incomplete_backups, a.json).await?;
@@ -464,7 +476,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 (_, _, _, Some(id)) => Goal::Backup(id),
                 _ => Goal::Target(Target::Latest),
             };
-            let s = restore::run_to(&repo, &target_db, &goal, a.parallel.max(1)).await?;
+            let s = restore::run_with(&repo, &target_db, &goal, a.parallel.max(1), a.thaw).await?;
             println!(
                 "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s (replay {:.2}s)",
                 s.backup_id,
