@@ -8,6 +8,7 @@ mod support;
 
 mod backup;
 mod bad_input;
+mod cold;
 mod commands;
 mod conformance;
 mod crash;

@@ -16,6 +16,7 @@ pub mod archiving;
 mod cluster;
 mod content;
 pub mod metrics;
+pub mod moto;
 mod os;
 pub mod proxy;
 pub mod s3;
