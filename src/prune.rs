@@ -9,6 +9,10 @@
 //! plus each retained backup's own instant (`restore --to-backup ID`).
 //!
 //! `--incomplete-backups` alone removes only incomplete backups, as before the policy existed.
+//!
+//! `--archive-storage-class` (S3) moves the parts of each backup that became a weekly or monthly
+//! archive to that class after the deletions ([`crate::catalog::tiering`]; both are
+//! [`crate::catalog::expire::enact`], which the archiver's retention calls too).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -1,4 +1,4 @@
-//! Expiry: a retention [`Selection`](super::retention::Selection) turned into the ordered list
+//! Expiry: a retention [`Selection`] turned into the ordered list
 //! of objects that go, and its application to a store. `prune` runs it and prints it; the
 //! archiver can run it after a scheduled backup ([`apply`]).
 //!
