@@ -99,6 +99,8 @@ pub struct ArchiveOptions {
     pub compression: Option<crate::segment::Compression>,
     /// The retention policy applied after each scheduled base backup; None: not applied.
     pub retention: Option<crate::catalog::retention::Policy>,
+    /// Where that retention moves weekly and monthly archives (`--archive-storage-class`).
+    pub archive_class: Option<crate::store::StorageClass>,
 }
 
 impl Default for ArchiveOptions {
@@ -122,6 +124,7 @@ impl Default for ArchiveOptions {
             backup_lock_ttl: backup::lock::DEFAULT_TTL,
             compression: None,
             retention: None,
+            archive_class: None,
         }
     }
 }
@@ -646,6 +649,7 @@ async fn run_once(
             lock_ttl: opts.backup_lock_ttl,
             newest: schedule::newest_of(&manifests, resume.generation).max(taken),
             retention: opts.retention.clone(),
+            archive_class: opts.archive_class.clone(),
         };
         let stop = run_token.child_token();
         (tokio::spawn(schedule::run(ctx, stop.clone())), stop)

@@ -552,6 +552,7 @@ mod tests {
             }],
             segments: vec![],
             incomplete: vec![],
+            archived: vec![],
         };
         let e = finish_prune(&refusing, Started::now(), false, false, Ok(deleted.clone()))
             .await

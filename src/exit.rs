@@ -432,6 +432,15 @@ mod tests {
             ),
             ("store url", StoreError::InvalidUrl(s()).into(), Usage),
             (
+                "store classes",
+                StoreError::NoStorageClasses {
+                    location: s(),
+                    what: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
                 "repo store",
                 RepoError::Store(store_io()).into(),
                 Repository,
@@ -789,6 +798,18 @@ mod tests {
                 Repository,
             ),
             ("restore empty", RestoreError::Empty(s()).into(), Repository),
+            (
+                "restore cold",
+                RestoreError::Cold {
+                    backup: s(),
+                    location: s(),
+                    count: 1,
+                    listed: s(),
+                    command: s(),
+                }
+                .into(),
+                Repository,
+            ),
             (
                 "restore out of range",
                 RestoreError::OutOfRange {

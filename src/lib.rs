@@ -16,13 +16,14 @@
 //! * the outside world: [`conninfo`] connection strings, [`tls`] TLS to PostgreSQL (libpq's
 //!   `sslmode`, one rustls configuration), [`replication`] the replication-protocol
 //!   client, [`source`] preflight checks on the source, [`pgbin`] PostgreSQL's client programs,
-//!   [`store`] where objects live,
+//!   [`store`] where objects live (with [`store::class`] S3's storage classes and thaws),
 //!   [`catalog`] the repository's content: one listing turned into generations and their
 //!   restorable windows (used by `list` and restore's planner; damage removes only the instants
 //!   that need it), with [`catalog::keys`] every object key and its parser (with the revision of
 //!   a rewritten object), [`catalog::identity`] the repository's identity (`archive.json`),
-//!   [`catalog::chain`] segment chains and their continuity, and [`catalog::manifest`] the base
-//!   backups' manifests and their reading, and [`catalog::audit`] the audit trail's records;
+//!   [`catalog::chain`] segment chains and their continuity, [`catalog::manifest`] the base
+//!   backups' manifests and their reading, [`catalog::tiering`] which retained backups' parts
+//!   move to the archive storage class, and [`catalog::audit`] the audit trail's records;
 //!   [`object`] the one way objects are written and read (encoded once, above every retry);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (taking one in
 //!   `backup/take.rs`, loading one in `backup/load.rs`; both write or read the catalog's manifest),

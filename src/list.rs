@@ -2,18 +2,21 @@
 //! instants and LSNs a restore can reach, and the damage that removed instants from them. The
 //! windows come from the [`crate::catalog`], the same rules restore's planner uses, and are printed
 //! with the same text a refused restore shows. Each backup shows the tiers the retention policy
-//! (the `--retain-*` flags, as `prune` takes them) keeps it for. `--json` is specified in
+//! (the `--retain-*` flags, as `prune` takes them) keeps it for, and on S3 the storage class
+//! of its parts (one more listing, of `basebackups/`). `--json` is specified in
 //! `proto/list.md`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Serialize;
 
 use crate::catalog::retention::{self, Policy, Reason};
-use crate::catalog::{expire, identity, pin, BackupRef, Catalog, Problem, Window, WindowEnd};
+use crate::catalog::{
+    expire, identity, keys, pin, BackupRef, Catalog, Manifest, Problem, Window, WindowEnd,
+};
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::store::Store;
+use crate::store::{StorageClass, Store};
 
 #[derive(Serialize)]
 struct Listing {
@@ -60,6 +63,44 @@ struct BackupListing {
     pinned: bool,
     /// Why the policy keeps it (empty: the next prune removes it).
     tiers: Vec<Reason>,
+    /// The storage class of its parts, `mixed` when they differ; `None` on a folder.
+    storage_class: Option<String>,
+}
+
+/// The storage class of a backup's parts (the manifest is left out: it never moves): their
+/// one class, or `mixed`.
+fn backup_class(m: &Manifest, classes: &BTreeMap<String, StorageClass>) -> String {
+    let found: BTreeSet<&StorageClass> = m
+        .object_keys()
+        .iter()
+        .filter_map(|k| classes.get(k))
+        .collect();
+    match found.len() {
+        0 => StorageClass::Standard.to_string(),
+        1 => found.first().expect("one").to_string(),
+        _ => "mixed".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backups_class_is_its_parts_one_class_or_mixed() {
+        let m = crate::catalog::manifest::tests::sample();
+        let keys = m.object_keys();
+        assert!(keys.len() >= 2, "{keys:?}");
+        let mut classes: BTreeMap<String, StorageClass> = keys
+            .iter()
+            .map(|k| (k.clone(), StorageClass::Glacier))
+            .collect();
+        classes.insert(m.key(), StorageClass::Standard);
+        assert_eq!(backup_class(&m, &classes), "GLACIER");
+        classes.insert(keys[0].clone(), StorageClass::StandardIa);
+        assert_eq!(backup_class(&m, &classes), "mixed");
+        assert_eq!(backup_class(&m, &BTreeMap::new()), "STANDARD");
+    }
 }
 
 #[derive(Serialize)]
@@ -142,6 +183,11 @@ pub async fn run(store: &Arc<dyn Store>, policy: &Policy, json: bool) -> anyhow:
     let identity = identity::read_identity(store).await?;
     let (cat, manifests) = Catalog::load(store).await?;
     let pins = pin::read_pins(store).await?;
+    let classes = if store.has_storage_classes() {
+        Some(store.storage_classes(keys::BASEBACKUPS).await?)
+    } else {
+        None
+    };
     let selection = retention::select(
         &expire::candidates(&manifests, &pins),
         policy,
@@ -179,6 +225,7 @@ pub async fn run(store: &Arc<dyn Store>, policy: &Policy, json: bool) -> anyhow:
                             .get(&m.id)
                             .map(|r| r.iter().copied().collect())
                             .unwrap_or_default(),
+                        storage_class: classes.as_ref().map(|c| backup_class(m, c)),
                     })
                     .collect(),
                 segments: chain.len(),
@@ -220,7 +267,7 @@ pub async fn run(store: &Arc<dyn Store>, policy: &Policy, json: bool) -> anyhow:
         println!("generation {}", g.generation);
         for b in &g.backups {
             println!(
-                "  base backup {}  at {}  {}  {} tables, {} rows, {} bytes, {:.1}s{}{}",
+                "  base backup {}  at {}  {}  {} tables, {} rows, {} bytes, {:.1}s{}{}{}",
                 b.id,
                 b.consistent_point,
                 b.snapshot_time,
@@ -229,7 +276,11 @@ pub async fn run(store: &Arc<dyn Store>, policy: &Policy, json: bool) -> anyhow:
                 b.stored_bytes,
                 b.duration_seconds,
                 b.origin.map(|o| format!(", {o}")).unwrap_or_default(),
-                if b.pinned { ", pinned" } else { "" }
+                if b.pinned { ", pinned" } else { "" },
+                b.storage_class
+                    .as_deref()
+                    .map(|c| format!(", {c}"))
+                    .unwrap_or_default()
             );
             println!("    tiers: {}", tiers_text(b));
         }

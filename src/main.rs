@@ -106,6 +106,9 @@ struct S3Args {
     /// PEM file of the CA certificates that sign the S3 endpoint's certificate, instead of the system's trusted roots (AWS_CA_BUNDLE is honoured too).
     #[arg(long, env = "TIDEMARK_S3_CA_BUNDLE")]
     s3_ca_bundle: Option<std::path::PathBuf>,
+    /// Storage class of the objects tidemark writes: STANDARD (the default), STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR (S3 only).
+    #[arg(long, env = "TIDEMARK_S3_STORAGE_CLASS", value_parser = store::StorageClass::parse_write)]
+    s3_storage_class: Option<store::StorageClass>,
 }
 
 impl S3Args {
@@ -121,6 +124,7 @@ impl S3Args {
                 .s3_ca_bundle
                 .clone()
                 .filter(|p| !p.as_os_str().is_empty()),
+            storage_class: self.s3_storage_class.clone(),
         })
     }
 }
@@ -195,6 +199,8 @@ struct ArchiveArgs {
     /// yourself).
     #[arg(long, env = "TIDEMARK_NO_PRUNE")]
     no_prune: bool,
+    #[command(flatten)]
+    archive_class: tidemark::prune::ArchiveClassArgs,
 }
 
 #[derive(Args, Debug)]
@@ -246,6 +252,8 @@ struct PruneArgs {
     repo: RepoArgs,
     #[command(flatten)]
     retain: tidemark::prune::RetainArgs,
+    #[command(flatten)]
+    archive_class: tidemark::prune::ArchiveClassArgs,
     /// Only remove base backups that never got their manifest.json (a backup killed midway)
     /// and whose newest object is older than --older-than; apply no policy.
     #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS")]
@@ -285,6 +293,11 @@ struct RestoreArgs {
     /// Connections used to load tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
+    /// A base backup in a cold storage class (GLACIER, DEEP_ARCHIVE): thaw its objects at this
+    /// tier (RestoreObject), wait until S3 has thawed them, then restore. Without it such a
+    /// restore is refused, naming the objects.
+    #[arg(long, env = "TIDEMARK_THAW", value_enum, num_args = 0..=1, default_missing_value = "standard")]
+    thaw: Option<store::ThawTier>,
 }
 
 #[derive(Args, Debug)]
@@ -431,6 +444,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Archive(a) => {
             let source = ConnInfo::parse(&a.source.source)?;
             let repo = open_repo(&a.repo).await?;
+            if let Some(class) = &a.archive_class.archive_storage_class {
+                if !repo.has_storage_classes() {
+                    return Err(tidemark::store::StoreError::NoStorageClasses {
+                        location: repo.location(),
+                        what: format!("--archive-storage-class {class}"),
+                    }
+                    .into());
+                }
+            }
             let opts = ArchiveOptions {
                 seal_interval: a.seal_interval,
                 segment_bytes: a.segment_bytes,
@@ -441,6 +463,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 lease_ttl: a.lease_ttl,
                 base_backup_schedule: a.schedule.schedule().map_err(UsageError)?,
                 retention: (!a.no_prune).then(|| a.retain.policy()),
+                archive_class: a.archive_class.archive_storage_class.clone(),
                 backup_lock_ttl: a.schedule.lock.base_backup_lock_ttl,
                 compression: a.compression.compression,
                 ..archive_options(&a.slot)
@@ -525,6 +548,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let opts = tidemark::prune::PruneOptions {
                 older_than: a.older_than,
                 dry_run: a.dry_run,
+                archive_class: a.archive_class.archive_storage_class,
             };
             let policy = a.retain.policy();
             let r = tidemark::prune::run(&repo, &policy, &opts, a.incomplete_backups, a.json).await;
@@ -549,7 +573,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     (_, _, _, Some(id)) => Goal::Backup(id),
                     _ => Goal::Target(Target::Latest),
                 };
-                Ok(restore::run_to(&repo, &target_db, &goal, a.parallel.max(1)).await?)
+                Ok(restore::run_with(&repo, &target_db, &goal, a.parallel.max(1), a.thaw).await?)
             }
             .await;
             let s = audit_cmd::finish_restore(&repo, started, &a.target, asked, restored).await?;

@@ -9,6 +9,10 @@
 //! plus each retained backup's own instant (`restore --to-backup ID`).
 //!
 //! `--incomplete-backups` alone removes only incomplete backups, as before the policy existed.
+//!
+//! `--archive-storage-class` (S3) moves the parts of each backup that became a weekly or monthly
+//! archive to that class after the deletions ([`crate::catalog::tiering`]; both are
+//! [`crate::catalog::expire::enact`], which the archiver's retention calls too).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -17,7 +21,7 @@ use serde::Serialize;
 
 use crate::catalog::expire::{self, Expiry};
 use crate::catalog::{keys, retention::Policy};
-use crate::store::Store;
+use crate::store::{StorageClass, Store};
 
 pub use crate::catalog::expire::{Incomplete, PruneOptions};
 
@@ -40,6 +44,16 @@ pub struct RetainArgs {
     /// Keep every instant of this last stretch restorable (the continuous change window).
     #[arg(long, env = "TIDEMARK_RETAIN_CHANGES", default_value = "24h", value_parser = humantime::parse_duration)]
     pub retain_changes: Duration,
+}
+
+/// The cold tier (`prune`, and wherever the retention policy is applied).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ArchiveClassArgs {
+    /// Move the parts of a backup that becomes a weekly or monthly archive (kept by those
+    /// tiers alone) to this storage class: GLACIER, DEEP_ARCHIVE, GLACIER_IR or STANDARD_IA
+    /// (S3 only; manifests and segments stay). Default: they stay where they were written.
+    #[arg(long, env = "TIDEMARK_ARCHIVE_STORAGE_CLASS", value_parser = StorageClass::parse_archive)]
+    pub archive_storage_class: Option<StorageClass>,
 }
 
 impl RetainArgs {
@@ -80,10 +94,11 @@ pub async fn run(
         expiry.kept.clear();
         expiry.backups.clear();
         expiry.segments.clear();
+        expiry.archived.clear();
     }
     if !opts.dry_run {
         let objects = store.list(keys::BASEBACKUPS).await?;
-        expire::delete(store, &expiry, &objects).await?;
+        expire::enact(store, &expiry, &objects).await?;
     }
     if json {
         let report = Report {
@@ -147,7 +162,21 @@ fn print_text(location: &str, e: &Expiry, dry_run: bool, incomplete_only: bool) 
             (None, _) => println!("  {verb} {what}"),
         }
     }
-    if e.backups.is_empty() && e.segments.is_empty() && e.incomplete.is_empty() {
+    let moved = if dry_run { "would move" } else { "moved" };
+    for a in &e.archived {
+        println!(
+            "  {moved} archive {} to {}: {} objects, {} bytes",
+            a.id,
+            a.class,
+            a.objects.len(),
+            a.bytes
+        );
+    }
+    if e.backups.is_empty()
+        && e.segments.is_empty()
+        && e.incomplete.is_empty()
+        && e.archived.is_empty()
+    {
         println!("  nothing to remove");
     }
 }

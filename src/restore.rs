@@ -39,10 +39,11 @@ use crate::changelog;
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::segment::Segment;
-use crate::store::Store;
+use crate::store::{Store, ThawTier};
 
 mod replay;
 mod target;
+pub mod thaw;
 use replay::Replayer;
 pub use target::MARKER_TABLE;
 
@@ -76,6 +77,16 @@ pub enum RestoreError {
         id: String,
         /// The ids there are, or that there are none.
         known: String,
+    },
+    #[error("base backup {backup} of {location} is in cold storage: {count} of its objects must be thawed before they can be read: {listed}\nHINT: thaw them and restore (a standard thaw takes hours; expedited minutes, bulk is the cheapest): {command}")]
+    Cold {
+        backup: String,
+        location: String,
+        count: usize,
+        /// The first cold objects, each with its class.
+        listed: String,
+        /// This restore with `--thaw standard`.
+        command: String,
     },
     #[error(transparent)]
     Repo(#[from] RepoError),
@@ -123,7 +134,7 @@ impl crate::error::Classify for RestoreError {
     fn exit_status(&self) -> crate::error::ExitStatus {
         use crate::error::ExitStatus::*;
         match self {
-            RestoreError::Empty(_) => Repository,
+            RestoreError::Empty(_) | RestoreError::Cold { .. } => Repository,
             RestoreError::OutOfRange { .. } | RestoreError::UnknownBackup { .. } => OutOfRange,
             RestoreError::TargetNotEmpty(..) | RestoreError::TargetQuery { .. } => Database,
             RestoreError::TargetConnect(e) => e.exit_status(),
@@ -397,6 +408,62 @@ pub async fn run_to(
     goal: &Goal,
     parallel: usize,
 ) -> Result<RestoreSummary, RestoreError> {
+    run_with(store, target_info, goal, parallel, None).await
+}
+
+/// The flags of `goal` on the command line.
+fn goal_flags(goal: &Goal) -> String {
+    match goal {
+        Goal::Backup(id) => format!("--to-backup {id}"),
+        Goal::Target(Target::Latest) => "--latest".into(),
+        Goal::Target(Target::Lsn(l)) => format!("--to-lsn {l}"),
+        Goal::Target(Target::Time(t)) => format!("--to-time '{t}'"),
+    }
+}
+
+/// Refuses a backup with cold objects, or thaws them with `thaw` (see [`thaw`]).
+async fn ensure_readable(
+    store: &Arc<dyn Store>,
+    manifest: &Manifest,
+    target_info: &ConnInfo,
+    goal: &Goal,
+    tier: Option<ThawTier>,
+) -> Result<(), RestoreError> {
+    let cold = thaw::cold_objects(store, manifest).await?;
+    if cold.is_empty() {
+        return Ok(());
+    }
+    if let Some(tier) = tier {
+        thaw::thaw(store, &manifest.id, &cold, tier).await?;
+        return Ok(());
+    }
+    const SHOWN: usize = 5;
+    let mut listed: Vec<String> = cold.iter().take(SHOWN).map(|o| o.to_string()).collect();
+    if cold.len() > SHOWN {
+        listed.push(format!("and {} more", cold.len() - SHOWN));
+    }
+    Err(RestoreError::Cold {
+        backup: manifest.id.clone(),
+        location: store.location(),
+        count: cold.len(),
+        listed: listed.join(", "),
+        command: format!(
+            "tidemark restore --repo {} {} --thaw standard (with this restore's --target {target_info} and S3 flags)",
+            store.location(),
+            goal_flags(goal)
+        ),
+    })
+}
+
+/// [`run_to`], thawing a base backup in a cold storage class at `thaw` (`--thaw`); without
+/// it such a backup is refused ([`RestoreError::Cold`]).
+pub async fn run_with(
+    store: &Arc<dyn Store>,
+    target_info: &ConnInfo,
+    goal: &Goal,
+    parallel: usize,
+    thaw: Option<ThawTier>,
+) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
     let (cat, manifests) = gather(store).await?;
     let plan = match goal {
@@ -415,6 +482,7 @@ pub async fn run_to(
         .map_err(RestoreError::TargetConnect)?;
     target::check_empty(&client, target_info).await?;
     target::check_privileges(&client, target_info, manifest).await?;
+    ensure_readable(store, manifest, target_info, goal, thaw).await?;
 
     // Read and verify every segment, and check the base backup, before writing anything.
     let spool = tempfile::tempdir().map_err(|e| RestoreError::Local {

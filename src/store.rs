@@ -11,6 +11,7 @@
 //! Keys are `/`-separated relative paths (`segments/00000001/…seg`); stores map them to their
 //! own namespace.
 
+pub mod class;
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 #[cfg(any(test, feature = "testing"))]
@@ -18,11 +19,13 @@ pub mod faulty;
 pub mod local;
 pub mod s3;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use class::{Residence, StorageClass, Thaw, ThawTier};
 pub use local::LocalStore;
 pub use s3::{S3Options, S3Store, Sse};
 
@@ -72,13 +75,15 @@ pub enum StoreError {
     },
     #[error("invalid repository {0}")]
     InvalidUrl(String),
+    #[error("{location}: {what} needs an S3 repository: a folder has no storage classes\nHINT: drop the storage-class flags (and TIDEMARK_S3_STORAGE_CLASS, TIDEMARK_ARCHIVE_STORAGE_CLASS) for a folder repository")]
+    NoStorageClasses { location: String, what: String },
 }
 
 impl crate::error::Classify for StoreError {
     fn exit_status(&self) -> crate::error::ExitStatus {
         use crate::error::ExitStatus::*;
         match self {
-            StoreError::InvalidUrl(_) => Usage,
+            StoreError::InvalidUrl(_) | StoreError::NoStorageClasses { .. } => Usage,
             StoreError::NotFound { .. }
             | StoreError::Conflict { .. }
             | StoreError::Io { .. }
@@ -124,6 +129,44 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Checks that the store can be written (creates and deletes a probe object).
     async fn check_writable(&self) -> Result<(), StoreError>;
+
+    /// Whether objects have storage classes (S3). A folder has none: the methods below then
+    /// say every object is readable, and refuse to change a class or thaw.
+    fn has_storage_classes(&self) -> bool {
+        false
+    }
+
+    /// The storage class of every object whose key starts with `prefix` (one listing; what
+    /// the listing does not say is `STANDARD`). A store without classes: none.
+    async fn storage_classes(
+        &self,
+        _prefix: &str,
+    ) -> Result<BTreeMap<String, StorageClass>, StoreError> {
+        Ok(BTreeMap::new())
+    }
+
+    /// Where one object lives and whether it can be read now. `NotFound` if absent.
+    async fn residence(&self, _key: &str) -> Result<Residence, StoreError> {
+        Ok(Residence::standard())
+    }
+
+    /// Moves an existing object to `class` in place: same key, same bytes, same server-side
+    /// encryption.
+    async fn set_storage_class(&self, key: &str, class: &StorageClass) -> Result<(), StoreError> {
+        Err(StoreError::NoStorageClasses {
+            location: self.location(),
+            what: format!("moving {key} to {class}"),
+        })
+    }
+
+    /// Asks for a readable copy of a cold object, kept `days` days; an object already being
+    /// thawed is not an error. Returns at once: [`Store::residence`] says when it is done.
+    async fn thaw(&self, key: &str, _tier: ThawTier, _days: u32) -> Result<(), StoreError> {
+        Err(StoreError::NoStorageClasses {
+            location: self.location(),
+            what: format!("thawing {key}"),
+        })
+    }
 }
 
 /// Opens the store a repository URL names: a folder path, a `file://` URL or an
@@ -132,7 +175,14 @@ pub async fn open_with(repo: &str, s3: &S3Options) -> Result<Arc<dyn Store>, Sto
     if repo.starts_with("s3://") {
         return Ok(Arc::new(S3Store::connect(repo, s3).await?));
     }
-    open(repo)
+    let store = open(repo)?;
+    if let Some(class) = &s3.storage_class {
+        return Err(StoreError::NoStorageClasses {
+            location: store.location(),
+            what: format!("--s3-storage-class {class}"),
+        });
+    }
+    Ok(store)
 }
 
 /// Opens a local repository: a folder path or `file://` URL (`s3://` needs [`open_with`]).
@@ -159,4 +209,37 @@ pub fn open(repo: &str) -> Result<Arc<dyn Store>, StoreError> {
         return Err(StoreError::InvalidUrl("an empty path".into()));
     }
     Ok(Arc::new(LocalStore::new(repo)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_folder_refuses_storage_classes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_str().unwrap();
+        let opts = S3Options {
+            storage_class: Some(StorageClass::StandardIa),
+            ..S3Options::default()
+        };
+        let e = open_with(path, &opts).await.unwrap_err();
+        assert!(matches!(e, StoreError::NoStorageClasses { .. }), "{e}");
+        assert!(
+            e.to_string().contains("--s3-storage-class STANDARD_IA"),
+            "{e}"
+        );
+        assert_eq!(
+            crate::error::Classify::exit_status(&e),
+            crate::error::ExitStatus::Usage
+        );
+        let store = open_with(path, &S3Options::default()).await.unwrap();
+        assert!(!store.has_storage_classes());
+        assert_eq!(store.residence("k").await.unwrap(), Residence::standard());
+        let e = store
+            .set_storage_class("k", &StorageClass::Glacier)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, StoreError::NoStorageClasses { .. }), "{e}");
+    }
 }

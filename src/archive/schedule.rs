@@ -179,6 +179,8 @@ pub struct Context {
     /// The retention policy applied after each scheduled backup (as `tidemark prune` applies
     /// it); None: `--no-prune`.
     pub retention: Option<crate::catalog::retention::Policy>,
+    /// Where that retention moves weekly and monthly archives (`--archive-storage-class`).
+    pub archive_class: Option<crate::store::StorageClass>,
 }
 
 /// Retries of a failed scheduled backup: 1 s doubling to 10 minutes, ±25 %, as long as it takes.
@@ -259,16 +261,23 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
         newest = Some(at.max(due));
 
         if let Some(policy) = &ctx.retention {
-            expire(&ctx.store, policy).await;
+            expire(&ctx.store, policy, &ctx.archive_class).await;
         }
     }
 }
 
 /// Applies the retention policy after a scheduled backup, as `tidemark prune` does. A failure
 /// is logged and left for the next backup (or a `tidemark prune`): archiving goes on.
-async fn expire(store: &Arc<dyn Store>, policy: &crate::catalog::retention::Policy) {
+async fn expire(
+    store: &Arc<dyn Store>,
+    policy: &crate::catalog::retention::Policy,
+    archive_class: &Option<crate::store::StorageClass>,
+) {
     use crate::catalog::expire;
-    let opts = expire::PruneOptions::default();
+    let opts = expire::PruneOptions {
+        archive_class: archive_class.clone(),
+        ..expire::PruneOptions::default()
+    };
     match expire::apply(store, policy, std::time::SystemTime::now(), &opts).await {
         Ok(e) => info!(
             backups = e.backups.len(),

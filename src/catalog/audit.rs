@@ -564,6 +564,7 @@ mod tests {
         let opts = PruneOptions {
             older_than: std::time::Duration::from_millis(1),
             dry_run: false,
+            archive_class: None,
         };
         let keep_nothing = Policy {
             daily: 0,

@@ -1,4 +1,4 @@
-//! Expiry: a retention [`Selection`](super::retention::Selection) turned into the ordered list
+//! Expiry: a retention [`Selection`] turned into the ordered list
 //! of objects that go, and its application to a store. `prune` runs it and prints it; the
 //! archiver can run it after a scheduled backup ([`apply`]).
 //!
@@ -10,6 +10,10 @@
 //!    position), so what stays is always a contiguous chain from a backup;
 //! 3. the parts of incomplete backups (no manifest) whose newest object is older than
 //!    `older_than`: a backup still being written keeps writing parts.
+//!
+//! Then, with an archive storage class ([`PruneOptions::archive_class`], S3 only), the parts
+//! of each backup that became a weekly or monthly archive move to it ([`super::tiering`]).
+//! [`enact`] does both; `prune` and [`apply`] call it.
 //!
 //! Beside a running archiver: a generation with no backup is never touched (it may be the one
 //! the archiver is starting), the newest generation keeps its segments from the change
@@ -23,9 +27,10 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use super::retention::{self, Candidate, Policy, Reason, Selection};
+use super::tiering::{self, Archived};
 use super::{chain, keys, manifest, pin, Manifest, Origin, SegmentRef};
 use crate::lsn::PgTimestamp;
-use crate::store::{ObjectMeta, Store, StoreError};
+use crate::store::{ObjectMeta, StorageClass, Store, StoreError};
 
 /// What to prune besides the policy's choice.
 #[derive(Clone, Debug)]
@@ -34,6 +39,9 @@ pub struct PruneOptions {
     pub older_than: Duration,
     /// Report, delete nothing.
     pub dry_run: bool,
+    /// Move the parts of weekly and monthly archives to this class (S3 only); `None`: they
+    /// stay where they were written.
+    pub archive_class: Option<StorageClass>,
 }
 
 impl Default for PruneOptions {
@@ -41,6 +49,7 @@ impl Default for PruneOptions {
         PruneOptions {
             older_than: Duration::from_secs(24 * 3600),
             dry_run: false,
+            archive_class: None,
         }
     }
 }
@@ -88,6 +97,8 @@ pub struct Expiry {
     pub segments: Vec<SegmentRef>,
     /// Incomplete backups, each with the decision.
     pub incomplete: Vec<Incomplete>,
+    /// The archives whose parts move to the archive storage class (none without one).
+    pub archived: Vec<Archived>,
 }
 
 impl Expiry {
@@ -235,6 +246,7 @@ pub fn plan(
         backups,
         segments,
         incomplete: Vec::new(),
+        archived: Vec::new(),
     }
 }
 
@@ -258,7 +270,50 @@ pub async fn decide(
     let selection = retention::select(&candidates(&scan.manifests, &pins), policy, now_pg);
     let mut expiry = plan(&scan.manifests, &selection, &objects, &segments);
     expiry.incomplete = select_incomplete(&objects, now, opts);
+    if let Some(class) = &opts.archive_class {
+        expiry.archived = archives(store, &selection, &objects, class).await?;
+    }
     Ok(expiry)
+}
+
+/// The archives of `selection` and what of them moves to `class`: one more listing, of
+/// `basebackups/` with its classes. Refused on a store without classes.
+async fn archives(
+    store: &Arc<dyn Store>,
+    selection: &Selection,
+    objects: &[ObjectMeta],
+    class: &StorageClass,
+) -> Result<Vec<Archived>, StoreError> {
+    if !store.has_storage_classes() {
+        return Err(StoreError::NoStorageClasses {
+            location: store.location(),
+            what: format!("--archive-storage-class {class}"),
+        });
+    }
+    let classes = store.storage_classes(keys::BASEBACKUPS).await?;
+    let listed: BTreeMap<String, (StorageClass, u64)> = objects
+        .iter()
+        .filter(|o| o.key.starts_with(keys::BASEBACKUPS))
+        .map(|o| {
+            let c = classes
+                .get(&o.key)
+                .cloned()
+                .unwrap_or(StorageClass::Standard);
+            (o.key.clone(), (c, o.size))
+        })
+        .collect();
+    Ok(tiering::plan(selection, &listed, class))
+}
+
+/// Carries `expiry` out: the deletions in their order (see [`delete`]), then the moves of the
+/// archives to their class. The one place a retention decision is applied.
+pub async fn enact(
+    store: &Arc<dyn Store>,
+    expiry: &Expiry,
+    objects: &[ObjectMeta],
+) -> Result<(), StoreError> {
+    delete(store, expiry, objects).await?;
+    tiering::apply(store, &expiry.archived).await
 }
 
 /// Deletes what `expiry` says goes, in its order (incomplete backups last).
@@ -290,11 +345,12 @@ pub async fn apply(
     let expiry = decide(store, policy, now, opts).await?;
     if !opts.dry_run {
         let objects = store.list(keys::BASEBACKUPS).await?;
-        delete(store, &expiry, &objects).await?;
+        enact(store, &expiry, &objects).await?;
         tracing::info!(
             backups = expiry.backups.len(),
             segments = expiry.segments.len(),
             incomplete = expiry.incomplete.iter().filter(|f| f.removed).count(),
+            archived = expiry.archived.len(),
             "pruned to the retention policy"
         );
     }
@@ -451,6 +507,7 @@ mod tests {
         let opts = PruneOptions {
             older_than: Duration::from_secs(86_400),
             dry_run: false,
+            archive_class: None,
         };
         let found = select_incomplete(&objects, now, &opts);
         let ids: Vec<(&str, bool)> = found.iter().map(|f| (f.id.as_str(), f.removed)).collect();

@@ -43,6 +43,7 @@ pub mod keys;
 pub mod manifest;
 pub mod pin;
 pub mod retention;
+pub mod tiering;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -15,8 +15,9 @@
 //! names them, and [`FaultyStore::calls`] lists every operation asked of the store.
 //!
 //! An injected failure never reaches the wrapped store, but a lost answer ([`Fault::AnswerLost`]):
-//! its operation does. Everything else passes through. `check_writable` is passed through
-//! untouched (it is the wrapped store's own put and delete).
+//! its operation does. Everything else passes through. `check_writable` and the storage-class
+//! operations are passed through untouched (`check_writable` is the wrapped store's own put and
+//! delete).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -343,6 +344,33 @@ impl Store for FaultyStore {
 
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.inner.check_writable().await
+    }
+
+    fn has_storage_classes(&self) -> bool {
+        self.inner.has_storage_classes()
+    }
+
+    async fn storage_classes(
+        &self,
+        prefix: &str,
+    ) -> Result<std::collections::BTreeMap<String, super::StorageClass>, StoreError> {
+        self.inner.storage_classes(prefix).await
+    }
+
+    async fn residence(&self, key: &str) -> Result<super::Residence, StoreError> {
+        self.inner.residence(key).await
+    }
+
+    async fn set_storage_class(
+        &self,
+        key: &str,
+        class: &super::StorageClass,
+    ) -> Result<(), StoreError> {
+        self.inner.set_storage_class(key, class).await
+    }
+
+    async fn thaw(&self, key: &str, tier: super::ThawTier, days: u32) -> Result<(), StoreError> {
+        self.inner.thaw(key, tier, days).await
     }
 }
 

@@ -64,8 +64,11 @@ use bytes::Bytes;
 use futures_util::stream::{self, StreamExt, TryStreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::class::{Residence, StorageClass, ThawTier};
 use super::{ObjectMeta, Store, StoreError};
 use crate::retry;
+
+mod tiers;
 
 /// Server-side encryption requested on every write.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -117,6 +120,8 @@ pub struct S3Options {
     /// PEM file of the CA certificates to trust instead of the system's roots
     /// (`--s3-ca-bundle`); `None`: `AWS_CA_BUNDLE`, else the system's roots.
     pub ca_bundle: Option<PathBuf>,
+    /// Storage class of new objects (`--s3-storage-class`); `None`: `STANDARD` (no header sent).
+    pub storage_class: Option<StorageClass>,
 }
 
 impl fmt::Debug for S3Options {
@@ -135,6 +140,7 @@ impl fmt::Debug for S3Options {
                     .map(|(id, _)| format!("{id}:[redacted]")),
             )
             .field("ca_bundle", &self.ca_bundle)
+            .field("storage_class", &self.storage_class)
             .finish()
     }
 }
@@ -214,6 +220,8 @@ pub struct S3Store {
     pub multipart_checksums: bool,
     /// Set once the store answered 501 to `If-None-Match`: HEAD before PUT from then on.
     no_conditional_put: AtomicBool,
+    /// Storage class of new objects; `None`: the bucket's default (`STANDARD`), no header.
+    pub storage_class: Option<StorageClass>,
 }
 
 /// Parses `s3://BUCKET[/PREFIX]` into bucket and prefix (no leading or trailing slash).
@@ -257,6 +265,7 @@ impl S3Store {
         let mut store =
             S3Store::from_client(Client::from_conf(config), bucket, prefix, opts.sse.clone());
         store.multipart_checksums = !endpoint_set;
+        store.storage_class = opts.storage_class.clone();
         Ok(store)
     }
 
@@ -273,6 +282,7 @@ impl S3Store {
             retry: RetryPolicy::default(),
             multipart_checksums: true,
             no_conditional_put: AtomicBool::new(false),
+            storage_class: None,
         }
     }
 
@@ -365,6 +375,9 @@ impl S3Store {
                 ) => (true, None),
                 (Some(s), _) if s >= 500 || s == 429 || s == 408 => (true, None),
                 (_, Some("NoSuchBucket")) => (false, Some(BUCKET_HINT)),
+                (_, Some("InvalidObjectState" | "ObjectNotInActiveTierError")) => {
+                    (false, Some(COLD_HINT))
+                }
                 (
                     _,
                     Some(
@@ -470,6 +483,7 @@ impl S3Store {
         if conditional {
             req = req.if_none_match("*");
         }
+        req = req.set_storage_class(self.storage_class.as_ref().map(tiers::sdk_class));
         match self.sse_put(req).send().await {
             Ok(_) => Ok(true),
             Err(e) => {
@@ -599,6 +613,7 @@ impl S3Store {
                 if self.multipart_checksums {
                     req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
                 }
+                req = req.set_storage_class(self.storage_class.as_ref().map(tiers::sdk_class));
                 req = match &self.sse {
                     Sse::None => req,
                     Sse::Aes256 => req.server_side_encryption(ServerSideEncryption::Aes256),
@@ -825,6 +840,27 @@ impl S3Store {
     }
 
     async fn list_all(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let mut out: Vec<ObjectMeta> = self
+            .list_raw(prefix)
+            .await?
+            .into_iter()
+            .map(|(key, o)| ObjectMeta {
+                key,
+                size: o.size().unwrap_or(0).max(0) as u64,
+                modified: o
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    /// Every object under `prefix` as `ListObjectsV2` gives it, with its archive key.
+    async fn list_raw(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, aws_sdk_s3::types::Object)>, StoreError> {
         let full_prefix = self.full_key(prefix);
         let full_prefix = if prefix.is_empty() && !self.prefix.is_empty() {
             format!("{}/", self.prefix)
@@ -851,20 +887,13 @@ impl S3Store {
                 let Some(rel) = self.relative_key(k) else {
                     continue;
                 };
-                out.push(ObjectMeta {
-                    key: rel.to_string(),
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    modified: o
-                        .last_modified()
-                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
-                });
+                out.push((rel.to_string(), o.clone()));
             }
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
                 _ => break,
             }
         }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 }
@@ -873,6 +902,7 @@ const ENDPOINT_HINT: &str = "the store could not be reached or did not answer in
 const BUCKET_HINT: &str = "check the bucket name in --repo s3://{bucket}/…, the region (--s3-region, AWS_REGION) and the endpoint (--s3-endpoint, AWS_ENDPOINT_URL); tidemark does not create buckets";
 const CREDENTIALS_HINT: &str = "check the credentials for bucket {bucket}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE and the shared credentials file, or the instance role), and that they belong to the account or store --s3-endpoint names";
 const POLICY_HINT: &str = "the credentials were refused for this operation on bucket {bucket}: check the IAM and bucket policy (tidemark needs s3:PutObject, s3:GetObject, s3:ListBucket, s3:DeleteObject, s3:AbortMultipartUpload and s3:ListBucketMultipartUploads), and whether the policy requires a server-side encryption tidemark does not send (--s3-sse AES256 or aws:kms with --s3-sse-kms-key-id)";
+const COLD_HINT: &str = "the object is in a cold storage class (GLACIER or DEEP_ARCHIVE) and must be thawed before it can be read: `tidemark restore … --thaw standard` thaws what a restore needs (or `aws s3api restore-object` for one object)";
 const REGION_HINT: &str =
     "bucket {bucket} is in another region: set --s3-region (or AWS_REGION) to the bucket's region";
 
@@ -1021,6 +1051,29 @@ impl Store for S3Store {
             tracing::warn!("could not delete the write probe {key}: {e}");
         }
         Ok(())
+    }
+
+    fn has_storage_classes(&self) -> bool {
+        true
+    }
+
+    async fn storage_classes(
+        &self,
+        prefix: &str,
+    ) -> Result<std::collections::BTreeMap<String, StorageClass>, StoreError> {
+        self.classes_under(prefix).await
+    }
+
+    async fn residence(&self, key: &str) -> Result<Residence, StoreError> {
+        self.residence_of(key).await
+    }
+
+    async fn set_storage_class(&self, key: &str, class: &StorageClass) -> Result<(), StoreError> {
+        self.copy_to_class(key, class).await
+    }
+
+    async fn thaw(&self, key: &str, tier: ThawTier, days: u32) -> Result<(), StoreError> {
+        self.restore_object(key, tier, days).await
     }
 }
 

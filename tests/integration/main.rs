@@ -9,6 +9,7 @@ mod support;
 mod audit;
 mod backup;
 mod bad_input;
+mod cold;
 mod commands;
 mod conformance;
 mod crash;

@@ -17,6 +17,7 @@ mod cluster;
 mod content;
 pub mod iam;
 pub mod metrics;
+pub mod moto;
 mod os;
 pub mod proxy;
 pub mod s3;

@@ -486,6 +486,7 @@ impl S3Server {
             path_style: Some(true),
             credentials: Some((ACCESS_KEY.to_string(), SECRET_KEY.to_string())),
             ca_bundle: None,
+            storage_class: None,
         }
     }
 
