@@ -536,6 +536,7 @@ async fn run_once(
         generation: resume.generation,
         database: sys.dbname.clone().unwrap_or_default(),
         slot: opts.slot.clone(),
+        codec: store.codec(),
     };
     stats
         .generation
@@ -635,6 +636,8 @@ struct WriterContext {
     generation: u32,
     database: String,
     slot: String,
+    /// The repository's codec: a segment is encoded once, when sealed.
+    codec: Arc<dyn crate::object::Codec>,
 }
 
 enum Event {

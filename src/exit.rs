@@ -44,6 +44,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::source::SourceError,
         crate::replication::ReplicationError,
         crate::store::StoreError,
+        crate::crypt::CryptError,
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
@@ -200,6 +201,8 @@ mod tests {
         use crate::catalog::ManifestError;
         use crate::catalog::RepoError;
         use crate::conninfo::ConnInfoError;
+        use crate::crypt::envelope::OpenError;
+        use crate::crypt::{CryptError, KeyId};
         use crate::lsn::{Lsn, PgTimestamp};
         use crate::replication::ReplicationError;
         use crate::restore::{RestoreError, Target};
@@ -207,6 +210,11 @@ mod tests {
         use crate::source::SourceError;
         use crate::store::StoreError;
         use ExitStatus::*;
+
+        let open = |source| CryptError::Open {
+            key: "segments/x".into(),
+            source,
+        };
 
         let pg = || "port=x".parse::<tokio_postgres::Config>().unwrap_err();
         let io = || std::io::Error::other("disk");
@@ -380,6 +388,77 @@ mod tests {
                 Repository,
             ),
             ("store url", StoreError::InvalidUrl(s()).into(), Usage),
+            (
+                "keyring unreadable",
+                CryptError::ReadKeyring {
+                    path: "k".into(),
+                    source: io(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "keyring invalid",
+                CryptError::BadKeyring {
+                    path: "k".into(),
+                    detail: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "keyring unwritable",
+                CryptError::WriteKeyring {
+                    path: "k".into(),
+                    source: io(),
+                }
+                .into(),
+                Unexpected,
+            ),
+            (
+                "keyring needed",
+                CryptError::KeyringNeeded {
+                    location: s(),
+                    first_key: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "repository not encrypted",
+                CryptError::NotEncrypted { location: s() }.into(),
+                Usage,
+            ),
+            (
+                "object key unknown",
+                StoreError::from(open(OpenError::UnknownKey(KeyId([1; 8])))).into(),
+                Usage,
+            ),
+            (
+                "object of a newer envelope",
+                open(OpenError::Version(9)).into(),
+                Repository,
+            ),
+            (
+                "object not an envelope",
+                open(OpenError::NotEnvelope).into(),
+                Damaged,
+            ),
+            (
+                "object malformed",
+                open(OpenError::Malformed(s())).into(),
+                Damaged,
+            ),
+            (
+                "object key does not authenticate",
+                RepoError::Store(open(OpenError::WrappedKey(KeyId([1; 8]))).into()).into(),
+                Damaged,
+            ),
+            (
+                "object chunk does not authenticate",
+                open(OpenError::Chunk { index: 0, count: 1 }).into(),
+                Damaged,
+            ),
             (
                 "repo store",
                 RepoError::Store(store_io()).into(),

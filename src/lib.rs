@@ -22,7 +22,8 @@
 //!   a rewritten object), [`catalog::identity`] the repository's identity (`archive.json`),
 //!   [`catalog::chain`] segment chains and their continuity, and [`catalog::manifest`] the base
 //!   backups' manifests and their reading;
-//!   [`object`] the one way objects are written and read (encoded once, above every retry);
+//!   [`object`] the one way objects are written and read (encoded once, above every retry),
+//!   [`crypt`] the encryption envelope and the keyring (the encrypting codec);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (taking one in
 //!   `backup/take.rs`, loading one in `backup/load.rs`; both write or read the catalog's manifest),
 //!   [`changelog`] segments read into committed transactions in commit order (reassembly,
@@ -42,7 +43,7 @@
 //! | layer | modules | may use |
 //! |---|---|---|
 //! | 1. pure core (no I/O but the host's name) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
-//! | 2. the outside world | `conninfo`, `replication`, `source`, `pgbin`, `store`, `object`, `catalog`, `ddl` | layers 1–2 |
+//! | 2. the outside world | `conninfo`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
 //! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `demo`, `scratch`, `exit`, `telemetry` | everything |
 //!
@@ -68,6 +69,7 @@ pub mod backup_cmd;
 pub mod catalog;
 pub mod changelog;
 pub mod conninfo;
+pub mod crypt;
 pub mod ddl;
 pub mod demo;
 pub mod error;

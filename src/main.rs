@@ -43,6 +43,32 @@ enum Command {
     Prune(PruneArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
+    /// Make and rotate the keyring that encrypts a repository (--encryption-key-file).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Write a new keyring of one key to FILE (mode 0600; an existing file is not replaced).
+    Generate {
+        /// The keyring file to create.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Add a new key to the keyring; it encrypts every object written from now on (a running
+    /// archiver takes it at its next segment). Older keys still decrypt the objects they wrote.
+    Add {
+        /// The keyring file to change.
+        #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+        keyring: std::path::PathBuf,
+    },
+    /// List the keyring's keys: id, creation time, and which one writes (never key material).
+    List {
+        /// The keyring file to read.
+        #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+        keyring: std::path::PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -69,6 +95,10 @@ struct RepoArgs {
     repo: String,
     #[command(flatten)]
     s3: S3Args,
+    /// Keyring of an encrypted repository (made by `tidemark keys generate`): a new repository
+    /// is encrypted with it; an encrypted one cannot be read or written without it.
+    #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+    encryption_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -299,7 +329,51 @@ fn shutdown_on_signals() -> CancellationToken {
 }
 
 async fn open_repo(repo: &RepoArgs) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(store::open_with(&repo.repo, &repo.s3.options()?).await?)
+    let store = store::open_with(&repo.repo, &repo.s3.options()?).await?;
+    Ok(match &repo.encryption_key_file {
+        Some(path) => {
+            let codec = tidemark::crypt::Sealed::open(path)?;
+            tidemark::object::with_codec(store, Arc::new(codec))
+        }
+        None => store,
+    })
+}
+
+fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
+    use tidemark::crypt::Keyring;
+    match command {
+        KeysCommand::Generate { out } => {
+            let keyring = Keyring::generate();
+            keyring.create(&out)?;
+            println!(
+                "wrote keyring {} with key {}",
+                out.display(),
+                keyring.current().id
+            );
+        }
+        KeysCommand::Add { keyring: path } => {
+            let mut keyring = Keyring::load(&path)?;
+            let id = keyring.add();
+            keyring.replace(&path)?;
+            println!(
+                "added key {id} to {}; it encrypts new objects",
+                path.display()
+            );
+        }
+        KeysCommand::List { keyring: path } => {
+            let keyring = Keyring::load(&path)?;
+            println!("{:<16}  {:<20}  writes", "id", "created");
+            for k in keyring.keys() {
+                let writes = if k.id == keyring.current().id {
+                    "yes"
+                } else {
+                    ""
+                };
+                println!("{}  {:<20}  {writes}", k.id, k.created);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn archive_options(slot: &SlotArgs) -> ArchiveOptions {
@@ -407,6 +481,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Demo(a) => demo::run(a.source.as_deref(), a.repo.as_deref(), a.duration).await?,
+        Command::Keys(k) => run_keys(k)?,
     }
     Ok(())
 }

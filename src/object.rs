@@ -1,8 +1,10 @@
 //! The object layer: every object of the archive is written and read through here, between
 //! the formats (segments, manifests, parts, the identity) and the [`Store`].
 //!
-//! Owns the [`Codec`] applied to an object's bytes on their way to the store and back: today
-//! [`Plain`], the identity; next the encryption envelope. Does not own keys
+//! Owns the [`Codec`] applied to an object's bytes on their way to the store and back:
+//! [`Plain`], the identity, or [`crate::crypt::Sealed`], the encryption envelope. A store
+//! carries its repository's codec ([`Store::codec`], set by [`with_codec`] where a command opens
+//! the repository), so every reader and writer below takes it from the store it is given. Does not own keys
 //! ([`crate::catalog::keys`]), the formats, or retrying ([`Store::put`] retries what its kind of
 //! storage can retry; the archiver's uploader retries on its own schedule above that).
 //!
@@ -19,10 +21,12 @@
 //! codec safe.)
 
 use std::fmt;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::store::{Store, StoreError};
+use crate::store::{ObjectMeta, Store, StoreError};
 
 /// A transformation of an object's bytes on their way to the store and back.
 ///
@@ -33,10 +37,15 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn encode(&self, key: &str, plain: Bytes) -> Bytes;
 
     /// The original bytes of an object stored under `key`. An envelope that does not open
-    /// (a wrong key, a damaged object) is an error naming the key. (A [`StoreError`] for now, so
-    /// that every reader's `?` keeps working; the envelope brings its own error kind, with its
-    /// exit code, when it comes.)
+    /// (a wrong key, a damaged object) is an error naming the key
+    /// ([`StoreError::Crypt`], so that every reader's `?` keeps working).
     fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError>;
+
+    /// The id of the key new objects are encrypted with; `None` for a codec that does not
+    /// encrypt.
+    fn writing_key(&self) -> Option<String> {
+        None
+    }
 }
 
 /// The identity codec: objects are stored as they are (all repositories so far).
@@ -53,8 +62,41 @@ impl Codec for Plain {
     }
 }
 
-/// The codec of this build's repositories.
-pub const DEFAULT: Plain = Plain;
+/// A store whose objects are encoded with `codec`: every other call goes to `inner` as it is.
+pub fn with_codec(inner: Arc<dyn Store>, codec: Arc<dyn Codec>) -> Arc<dyn Store> {
+    Arc::new(WithCodec { inner, codec })
+}
+
+#[derive(Debug)]
+struct WithCodec {
+    inner: Arc<dyn Store>,
+    codec: Arc<dyn Codec>,
+}
+
+#[async_trait]
+impl Store for WithCodec {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.inner.check_writable().await
+    }
+    fn codec(&self) -> Arc<dyn Codec> {
+        self.codec.clone()
+    }
+}
 
 /// An object encoded once, ready to be stored — and stored again, byte for byte, by a retry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -91,9 +133,9 @@ impl Encoded {
     }
 }
 
-/// Encodes `plain`, the object to store under `key`, with the default codec.
-pub fn encode(key: impl Into<String>, plain: Bytes) -> Encoded {
-    encode_with(&DEFAULT, key, plain)
+/// Encodes `plain`, the object to store under `key` in `store`, with the store's codec.
+pub fn encode(store: &dyn Store, key: impl Into<String>, plain: Bytes) -> Encoded {
+    encode_with(&*store.codec(), key, plain)
 }
 
 /// Encodes `plain`, the object to store under `key`, with `codec`.
@@ -106,12 +148,12 @@ pub fn encode_with(codec: &dyn Codec, key: impl Into<String>, plain: Bytes) -> E
 /// Encodes `plain` once and stores it under `key` (the store's own retries re-send the same
 /// bytes).
 pub async fn put_object(store: &dyn Store, key: &str, plain: Bytes) -> Result<(), StoreError> {
-    encode(key, plain).put(store).await
+    encode(store, key, plain).put(store).await
 }
 
-/// Reads the object under `key` and decodes it with the default codec.
+/// Reads the object under `key` and decodes it with the store's codec.
 pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, StoreError> {
-    get_object_with(store, &DEFAULT, key).await
+    get_object_with(store, &*store.codec(), key).await
 }
 
 /// Reads the object under `key` and decodes it with `codec`.
@@ -210,7 +252,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(store.get("archive.json").await.unwrap(), plain);
         assert_eq!(get_object(&store, "archive.json").await.unwrap(), plain);
-        let encoded = encode("k", plain.clone());
+        let encoded = encode(&store, "k", plain.clone());
         assert_eq!((encoded.key(), encoded.bytes()), ("k", &plain));
         assert!(matches!(
             get_object(&store, "missing").await,

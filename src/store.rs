@@ -72,6 +72,9 @@ pub enum StoreError {
     },
     #[error("invalid repository {0}")]
     InvalidUrl(String),
+    /// An object that does not decrypt (damaged, or its key not in the keyring).
+    #[error(transparent)]
+    Crypt(#[from] crate::crypt::CryptError),
 }
 
 impl crate::error::Classify for StoreError {
@@ -79,6 +82,7 @@ impl crate::error::Classify for StoreError {
         use crate::error::ExitStatus::*;
         match self {
             StoreError::InvalidUrl(_) => Usage,
+            StoreError::Crypt(e) => e.exit_status(),
             StoreError::NotFound { .. }
             | StoreError::Conflict { .. }
             | StoreError::Io { .. }
@@ -124,6 +128,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Checks that the store can be written (creates and deletes a probe object).
     async fn check_writable(&self) -> Result<(), StoreError>;
+
+    /// The codec the repository's objects are stored with ([`crate::object`] applies it):
+    /// [`crate::object::Plain`] unless the store was opened with a keyring
+    /// ([`crate::object::with_codec`]).
+    fn codec(&self) -> Arc<dyn crate::object::Codec> {
+        Arc::new(crate::object::Plain)
+    }
 }
 
 /// Opens the store a repository URL names: a folder path, a `file://` URL or an

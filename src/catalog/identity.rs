@@ -6,7 +6,10 @@
 //! source is the one the repository archives. Does not own the key (see [`keys::IDENTITY`]).
 //!
 //! Invariant: a repository archives one database of one cluster; a command for another source
-//! is refused before it writes anything.
+//! is refused before it writes anything. A repository is encrypted from its first object or
+//! not at all: its identity says which (itself always in plain text, so that a command without
+//! the keyring is told why it cannot go on), and a command whose store's codec disagrees is
+//! refused.
 
 use std::sync::Arc;
 
@@ -15,14 +18,18 @@ use serde::{Deserialize, Serialize};
 
 use super::keys;
 use super::RepoError;
+use crate::crypt::CryptError;
 use crate::lsn::PgTimestamp;
-use crate::object;
+use crate::object::{self, Plain};
 use crate::store::{Store, StoreError};
 
 /// Key of the identity object.
 pub const IDENTITY_KEY: &str = keys::IDENTITY;
-/// The newest `archive.json` format (and repository layout) this build reads and writes.
-pub const IDENTITY_FORMAT_VERSION: u32 = 1;
+/// The newest `archive.json` format (and repository layout) this build reads and writes:
+/// 2 for an encrypted repository (older builds refuse it rather than misread its objects).
+pub const IDENTITY_FORMAT_VERSION: u32 = 2;
+/// The format of a repository that is not encrypted (still read by older builds).
+pub const PLAIN_FORMAT_VERSION: u32 = 1;
 
 /// Which cluster and database a repository archives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,29 +39,64 @@ pub struct Identity {
     pub system_id: String,
     pub database: String,
     pub created_at: PgTimestamp,
+    /// Present when every other object is encrypted (`proto/encryption.md`). No secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
+
+/// How an encrypted repository's objects are encrypted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// The envelope: `"aes-256-gcm"` of `proto/encryption.md`.
+    pub envelope: String,
+    /// The id of the key the first objects were encrypted with (later ones may use newer keys).
+    pub first_key: String,
+}
+
+/// The envelope of [`Encryption::envelope`].
+pub const ENVELOPE: &str = "aes-256-gcm";
 
 impl Identity {
     /// The identity of a new repository for (system_id, database).
     pub fn new(system_id: u64, database: &str) -> Identity {
         Identity {
-            format_version: IDENTITY_FORMAT_VERSION,
+            format_version: PLAIN_FORMAT_VERSION,
             system_id: system_id.to_string(),
             database: database.to_string(),
             created_at: PgTimestamp::now(),
+            encryption: None,
         }
     }
 }
 
 /// Reads the repository's identity; `None` for a new repository. An identity of a newer format
 /// than this build knows is refused ([`RepoError::NewerFormat`]): this build would misread the
-/// repository.
+/// repository. So is a store opened with a keyring for a plain repository, or without one for
+/// an encrypted repository ([`check_encryption`]).
 pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, RepoError> {
-    match object::get_object(&**store, IDENTITY_KEY).await {
-        Ok(bytes) => parse_identity(&store.location(), &bytes).map(Some),
-        Err(StoreError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    // The identity is never encrypted: a reader must learn whether the rest is before it reads.
+    let id = match object::get_object_with(&**store, &Plain, IDENTITY_KEY).await {
+        Ok(bytes) => parse_identity(&store.location(), &bytes)?,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    check_encryption(store, &id)?;
+    Ok(Some(id))
+}
+
+/// Checks that the store's codec encrypts exactly when the repository is encrypted.
+pub fn check_encryption(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
+    let error = match (&id.encryption, store.codec().writing_key()) {
+        (Some(e), None) => CryptError::KeyringNeeded {
+            location: store.location(),
+            first_key: e.first_key.clone(),
+        },
+        (None, Some(_)) => CryptError::NotEncrypted {
+            location: store.location(),
+        },
+        _ => return Ok(()),
+    };
+    Err(StoreError::from(error).into())
 }
 
 /// Parses `archive.json` of the repository at `location`, checking its format version first.
@@ -103,9 +145,20 @@ pub fn check_identity(
 /// Two commands starting on a fresh repository at once (an archiver and a `backup`) may both
 /// write it: the loser's create-only put conflicts only by its creation time, so it accepts the
 /// winner's identity when that names the same cluster and database.
+///
+/// The identity records whether the repository is encrypted from the store's codec.
 pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
-    let body = serde_json::to_vec_pretty(id).expect("identity serializes");
-    match object::put_object(&**store, IDENTITY_KEY, Bytes::from(body)).await {
+    let mut id = id.clone();
+    if let Some(first_key) = store.codec().writing_key() {
+        id.format_version = IDENTITY_FORMAT_VERSION;
+        id.encryption = Some(Encryption {
+            envelope: ENVELOPE.into(),
+            first_key,
+        });
+    }
+    let body = serde_json::to_vec_pretty(&id).expect("identity serializes");
+    let object = object::encode_with(&Plain, IDENTITY_KEY, Bytes::from(body));
+    match object.put(&**store).await {
         Ok(()) => Ok(()),
         Err(StoreError::Conflict { .. }) => {
             let found = read_identity(store).await?;
@@ -133,8 +186,8 @@ mod tests {
         let msg = err.to_string();
         assert!(
             msg.contains("/repo")
-                && msg.contains("format_version 2")
-                && msg.contains("format_version 1 at most")
+                && msg.contains("format_version 3")
+                && msg.contains("format_version 2 at most")
                 && msg.contains("use a newer tidemark"),
             "{msg}"
         );

@@ -413,6 +413,9 @@ async fn read_fact(store: &Arc<dyn Store>, s: &SegmentRef) -> Result<SegmentFact
         Err(StoreError::NotFound { .. }) => {
             Ok(SegmentFact::Corrupt("listed, but gone when read".into()))
         }
+        // An envelope that does not authenticate is damage like a bad checksum (a key missing
+        // from the keyring is not: it stops the command).
+        Err(StoreError::Crypt(e)) if e.is_damage() => Ok(SegmentFact::Corrupt(e.to_string())),
         Err(e) => Err(e),
     }
 }

@@ -1,0 +1,95 @@
+//! The encrypting [`Codec`]: objects sealed with the keyring's current key, opened with
+//! whichever key of the keyring their header names.
+//!
+//! Owns when the keyring file is read again: before each object is sealed, when the file
+//! changed (a `keys add` beside a running archiver takes effect at its next object), and once
+//! more when an object names a key the loaded keyring lacks. A keyring that no longer reads
+//! keeps the one loaded (with a warning): a half-edited file must not stop the archiver.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use super::envelope::{self, OpenError};
+use super::{CryptError, Keyring};
+use crate::object::Codec;
+use crate::store::StoreError;
+
+/// The keyring file's modification time and size: when either changes, it is read again.
+type Stamp = Option<(SystemTime, u64)>;
+
+/// Encrypts every object with the envelope, under the keyring at a path.
+#[derive(Debug)]
+pub struct Sealed {
+    path: PathBuf,
+    loaded: Mutex<(Arc<Keyring>, Stamp)>,
+}
+
+impl Sealed {
+    /// Loads the keyring at `path`.
+    pub fn open(path: &Path) -> Result<Sealed, CryptError> {
+        let stamp = stamp(path);
+        let keyring = Keyring::load(path)?;
+        Ok(Sealed {
+            path: path.to_path_buf(),
+            loaded: Mutex::new((Arc::new(keyring), stamp)),
+        })
+    }
+
+    /// The keyring as loaded now, read again first if the file changed (or if `force`).
+    fn keyring(&self, force: bool) -> Arc<Keyring> {
+        let mut loaded = self.loaded.lock().expect("keyring lock");
+        let now = stamp(&self.path);
+        if force || now != loaded.1 {
+            match Keyring::load(&self.path) {
+                Ok(k) => {
+                    if k.current().id != loaded.0.current().id {
+                        tracing::info!(key = %k.current().id, keyring = %self.path.display(), "new objects are encrypted with a new key");
+                    }
+                    *loaded = (Arc::new(k), now);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "keeping the keyring loaded before");
+                }
+            }
+        }
+        loaded.0.clone()
+    }
+}
+
+impl Codec for Sealed {
+    fn encode(&self, key: &str, plain: Bytes) -> Bytes {
+        let keyring = self.keyring(false);
+        let k = keyring.current();
+        Bytes::from(envelope::seal(&k.secret, k.id, key, &plain))
+    }
+
+    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+        let try_open = |keyring: &Keyring| {
+            envelope::open(|id| keyring.get(id).map(|k| &k.secret), key, &stored)
+        };
+        let keyring = self.keyring(false);
+        let opened = match try_open(&keyring) {
+            Err(OpenError::UnknownKey(_)) => try_open(&self.keyring(true)),
+            r => r,
+        };
+        opened.map(Bytes::from).map_err(|source| {
+            CryptError::Open {
+                key: key.to_string(),
+                source,
+            }
+            .into()
+        })
+    }
+
+    fn writing_key(&self) -> Option<String> {
+        Some(self.keyring(false).current().id.to_string())
+    }
+}
+
+fn stamp(path: &Path) -> Stamp {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
