@@ -216,4 +216,47 @@ mod tests {
             "{err}"
         );
     }
+
+    #[tokio::test]
+    async fn an_encrypted_repository_needs_its_keyring_and_a_plain_one_refuses_one() {
+        use crate::error::Classify;
+        let keys = tempfile::tempdir().unwrap();
+        let path = keys.path().join("keyring.json");
+        let keyring = crate::crypt::Keyring::generate();
+        keyring.create(&path).unwrap();
+        let sealed = || -> Arc<dyn crate::object::Codec> {
+            Arc::new(crate::crypt::Sealed::open(&path).unwrap())
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let plain: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let keyed = object::with_codec(plain.clone(), sealed());
+        write_identity(&keyed, &Identity::new(1, "app"))
+            .await
+            .unwrap();
+        let id = read_identity(&keyed).await.unwrap().unwrap();
+        let e = id.encryption.unwrap();
+        assert_eq!((e.envelope.as_str(), id.format_version), (ENVELOPE, 2));
+        assert_eq!(e.first_key, keyring.current().id.to_string());
+        let stored = plain.get(IDENTITY_KEY).await.unwrap();
+        assert!(
+            stored.starts_with(b"{"),
+            "the identity is stored in plain text"
+        );
+        let err = read_identity(&plain).await.unwrap_err();
+        assert!(err.to_string().contains("no keyring was given"), "{err}");
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
+
+        let dir = tempfile::tempdir().unwrap();
+        let plain: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        write_identity(&plain, &Identity::new(1, "app"))
+            .await
+            .unwrap();
+        let id = read_identity(&plain).await.unwrap().unwrap();
+        assert_eq!((id.encryption, id.format_version), (None, 1));
+        let keyed = object::with_codec(plain.clone(), sealed());
+        let err = read_identity(&keyed).await.unwrap_err();
+        assert!(err.to_string().contains("is not encrypted"), "{err}");
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
+    }
 }
