@@ -1378,12 +1378,13 @@ async fn crypt_rows(sizes: &Sizes) -> Vec<Row> {
     let ratios: Vec<f64> = times[0].iter().zip(&times[1]).map(|(p, e)| e / p).collect();
     let restore_ratio = percentile(ratios, 0.5);
     let (plain_cpu, enc_cpu) = (runs[0].2, runs[1].2);
+    let (plain_bytes, enc_bytes) = (dir_bytes(&runs[0].0), dir_bytes(&runs[1].0));
     let median = |v: &[f64]| percentile(v.to_vec(), 0.5);
     vec![
         Row {
             what: "encryption: archiver CPU to drain a backlog",
-            tidemark: format!("{enc_cpu:.2} s encrypted"),
-            reference: format!("{plain_cpu:.2} s plain"),
+            tidemark: format!("{enc_cpu:.2} s encrypted ({})", mib(enc_bytes as f64)),
+            reference: format!("{plain_cpu:.2} s plain ({})", mib(plain_bytes as f64)),
             ratio: Some(enc_cpu / plain_cpu.max(0.01)),
             target: "-",
             met: None,
