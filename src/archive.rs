@@ -87,6 +87,10 @@ pub struct ArchiveOptions {
     pub slot_wait: Duration,
     /// How long the writer lease lasts without renewal (renewed every sixth of it).
     pub lease_ttl: Duration,
+    /// The segments' codec asked for (`--compression`): recorded in a new repository's
+    /// identity; on an existing repository it must be the one recorded there (see
+    /// [`identity::compression_for`]). None: the repository's, zstd for a new one.
+    pub compression: Option<crate::segment::Compression>,
 }
 
 impl Default for ArchiveOptions {
@@ -106,6 +110,7 @@ impl Default for ArchiveOptions {
             backup_parallel: 2,
             slot_wait: Duration::from_secs(30),
             lease_ttl: lease::DEFAULT_TTL,
+            compression: None,
         }
     }
 }
@@ -423,6 +428,8 @@ async fn run_once(
     let sys = repl.identify_system().await?;
     let identity = identity::read_identity(&store).await?;
     identity::check_identity(&store, identity.as_ref(), sys.system_id, &source.database)?;
+    let mut compression =
+        identity::compression_for(&store.location(), identity.as_ref(), opts.compression)?;
     // The first write to the repository: from here on this archiver is its one writer. The
     // slot is free here (absent, or waited for above), so a lease left by a dead archiver of
     // the same slot is taken over; one of another archiver, alive or not, is not.
@@ -467,6 +474,8 @@ async fn run_once(
         generation,
         publication: &opts.publication,
         parallel: opts.backup_parallel,
+        origin: backup::Origin::Initial,
+        tag: None,
     };
 
     let resume = match slot {
@@ -519,7 +528,11 @@ async fn run_once(
         }
     };
     if identity.is_none() {
-        identity::write_identity(&store, &Identity::new(sys.system_id, &source.database)).await?;
+        let id = Identity::new(sys.system_id, &source.database, compression);
+        // Another command may have created the repository meanwhile: its codec is the one.
+        let written = identity::write_identity(&store, &id).await?;
+        compression =
+            identity::compression_for(&store.location(), Some(&written), opts.compression)?;
     }
     drop(source);
 
@@ -537,6 +550,7 @@ async fn run_once(
         database: sys.dbname.clone().unwrap_or_default(),
         slot: opts.slot.clone(),
         codec: store.codec(),
+        compression,
     };
     stats
         .generation
@@ -638,6 +652,8 @@ struct WriterContext {
     slot: String,
     /// The repository's codec: a segment is encoded once, when sealed.
     codec: Arc<dyn crate::object::Codec>,
+    /// The repository's segment codec (its identity's).
+    compression: crate::segment::Compression,
 }
 
 enum Event {

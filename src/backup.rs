@@ -38,8 +38,8 @@ use crate::store::{Store, StoreError};
 use crate::catalog::manifest;
 pub use crate::catalog::manifest::{
     backup_id, manifest_key, part_key, schema_key, CopyFormat, KeyKind, KeyObject, Manifest,
-    ManifestError, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals, FORMAT_VERSION,
-    MIN_FORMAT_VERSION,
+    ManifestError, Origin, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals,
+    FORMAT_VERSION, MIN_FORMAT_VERSION,
 };
 pub use load::{raise_sequences, LoadPhase, LoadStats, Loader, RESTORE_MAINTENANCE_WORK_MEM};
 pub use take::{take, take_with, BackupRequest, TakeOptions, PART_LIMIT, SPLIT_BLOCKS};
@@ -49,6 +49,10 @@ pub use take::{take, take_with, BackupRequest, TakeOptions, PART_LIMIT, SPLIT_BL
 pub enum BackupError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A part or schema dump that does not decode (a store error converts to
+    /// [`BackupError::Store`]).
+    #[error(transparent)]
+    Object(crate::object::ObjectError),
     #[error(transparent)]
     Connect(#[from] ConnInfoError),
     #[error("{context}: {}", crate::error::describe_pg(.source))]
@@ -93,6 +97,7 @@ impl crate::error::Classify for BackupError {
         use crate::error::ExitStatus::*;
         match self {
             BackupError::Store(e) => e.exit_status(),
+            BackupError::Object(e) => e.exit_status(),
             BackupError::Connect(e) => e.exit_status(),
             BackupError::PgBin(e) => e.exit_status(),
             BackupError::Postgres { .. } | BackupError::Tool { .. } => Database,
@@ -100,6 +105,15 @@ impl crate::error::Classify for BackupError {
             BackupError::Io { .. } => Unexpected,
             BackupError::Corrupt { .. } | BackupError::BadObject { .. } => Damaged,
             BackupError::Exists { .. } => Repository,
+        }
+    }
+}
+
+impl From<crate::object::ObjectError> for BackupError {
+    fn from(e: crate::object::ObjectError) -> BackupError {
+        match e {
+            crate::object::ObjectError::Store(e) => BackupError::Store(e),
+            e => BackupError::Object(e),
         }
     }
 }

@@ -9,8 +9,14 @@
 //! timeout on every connection unless the string names its own ([`KEEPALIVES_IDLE`]), reading
 //! `keepalives_count` and `tcp_user_timeout` as libpq does.
 //!
-//! Does not own: TLS (connections are plaintext; `sslmode=require` and stricter are refused with a
-//! clear error until TLS lands) or opening replication connections (see `replication`).
+//! The TLS keywords (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, with their `PGSSL*`
+//! variables) and `passfile` are taken out of the string by keyword, never by substring (a
+//! password may hold any text), and handed to [`crate::tls`], which builds the one TLS
+//! configuration of every connection to this server; [`ConnInfo::connect`] is the one place a
+//! tokio-postgres connection is opened.
+//!
+//! Does not own: what the TLS modes mean (`tls`) or opening replication connections (see
+//! `replication`).
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -19,13 +25,15 @@ use std::time::Duration;
 
 use tokio_postgres::config::{Host, SslMode};
 
+use crate::tls::{MakePgTls, PgTls, SslMode as TlsMode, TlsError, TlsSettings};
+
 /// Why a connection string cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnInfoError {
     #[error("invalid connection string: {0}")]
     Parse(String),
-    #[error("sslmode={0} is not supported yet by tidemark (connections are plaintext); use sslmode=disable, allow or prefer, or a TLS-terminating proxy")]
-    TlsUnsupported(String),
+    #[error("{0}")]
+    Tls(TlsError),
     #[error("cannot connect to {target}: {}", crate::error::describe_pg(.source))]
     Connect {
         target: String,
@@ -38,7 +46,8 @@ impl crate::error::Classify for ConnInfoError {
     fn exit_status(&self) -> crate::error::ExitStatus {
         use crate::error::ExitStatus::*;
         match self {
-            ConnInfoError::Parse(_) | ConnInfoError::TlsUnsupported(_) => Usage,
+            ConnInfoError::Parse(_) => Usage,
+            ConnInfoError::Tls(e) => e.exit_status(),
             ConnInfoError::Connect { .. } => Database,
         }
     }
@@ -48,6 +57,10 @@ impl crate::error::Classify for ConnInfoError {
 #[derive(Clone)]
 pub struct ConnInfo {
     config: tokio_postgres::Config,
+    /// The TLS keywords as given (handed on to child processes).
+    tls: TlsSettings,
+    /// The one TLS configuration of every connection (`None`: `sslmode=disable`).
+    pg_tls: Option<PgTls>,
 }
 
 impl ConnInfo {
@@ -64,19 +77,10 @@ impl ConnInfo {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ConnInfo, ConnInfoError> {
         let (stripped, tcp) = take_tcp_params(s)?;
+        // The TLS keywords and `passfile` are read here, not by the client library: it knows
+        // neither `allow`, the `verify-*` modes, the certificate files nor `passfile`.
+        let (parsed, tls, passfile) = take_tls_params(&stripped, env)?;
         let s = stripped.as_str();
-        // sslmode is read here, not by the client library: it knows neither `allow` nor the
-        // `verify-*` modes, and would answer only "invalid connection string".
-        let sslmode = find_param(s, "sslmode");
-        let parsed = match &sslmode {
-            Some(p) if p.value == "allow" => {
-                format!("{}{}{}", &s[..p.span.0], "disable", &s[p.span.1..])
-            }
-            Some(p) if !matches!(p.value.as_str(), "disable" | "prefer") => {
-                return Err(ConnInfoError::TlsUnsupported(p.value.clone()));
-            }
-            _ => s.to_string(),
-        };
         let mut config = if parsed.trim().is_empty() {
             tokio_postgres::Config::new()
         } else {
@@ -131,30 +135,40 @@ impl ConnInfo {
                 .unwrap_or(10);
             config.connect_timeout(Duration::from_secs(secs.max(2)));
         }
-        if sslmode.is_none() {
-            if let Some(mode) = env("PGSSLMODE") {
-                match mode.as_str() {
-                    "disable" | "allow" | "prefer" => {}
-                    other => return Err(ConnInfoError::TlsUnsupported(other.to_string())),
-                };
-            }
-        }
         tcp.apply(&mut config, s);
-        // Connections are plaintext; "prefer" then means "disable", as with a libpq built without SSL.
-        config.ssl_mode(SslMode::Disable);
-        let mut info = ConnInfo { config };
+        let home = env("HOME").map(PathBuf::from);
+        let pg_tls = tls.build(home.as_deref()).map_err(ConnInfoError::Tls)?;
+        // tokio-postgres negotiates TLS on its own for prefer and require; allow is our retry
+        // (see `connect`), verify-* are require with our verifier.
+        config.ssl_mode(match tls.mode {
+            TlsMode::Disable | TlsMode::Allow => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            TlsMode::Require | TlsMode::VerifyCa | TlsMode::VerifyFull => SslMode::Require,
+        });
+        let mut info = ConnInfo {
+            config,
+            tls,
+            pg_tls,
+        };
         if info.config.get_password().is_none() {
             if let Some(pw) = env("PGPASSWORD") {
                 info.config.password(pw);
-            } else if let Some(pw) = info.passfile_lookup(env) {
+            } else if let Some(pw) = info.passfile_lookup(passfile, env) {
                 info.config.password(pw);
             }
         }
         Ok(info)
     }
 
-    fn passfile_lookup(&self, env: &dyn Fn(&str) -> Option<String>) -> Option<String> {
-        let path = env("PGPASSFILE")
+    /// The password for this connection in the password file: `passfile`, else `PGPASSFILE`,
+    /// else `~/.pgpass`.
+    fn passfile_lookup(
+        &self,
+        passfile: Option<String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Option<String> {
+        let path = passfile
+            .or_else(|| env("PGPASSFILE"))
             .map(PathBuf::from)
             .or_else(|| env("HOME").map(|h| Path::new(&h).join(".pgpass")))?;
         // As libpq: a password file others can read is not used (nor anything but a file).
@@ -271,39 +285,118 @@ impl ConnInfo {
         c
     }
 
-    /// Opens an ordinary connection and spawns its driver task.
-    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnInfoError> {
-        let (client, connection) =
-            self.config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|source| ConnInfoError::Connect {
-                    target: self.to_string(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection closed");
-            }
-        });
-        Ok(client)
+    /// The TLS configuration every connection to this server uses (`None`: `sslmode=disable`).
+    pub fn tls(&self) -> Option<&PgTls> {
+        self.pg_tls.as_ref()
     }
 
-    /// A libpq key=value string without the password, for child processes; pass
-    /// [`ConnInfo::child_env`] as their environment.
+    /// The `sslmode` in force (the string's, `PGSSLMODE`, or libpq's default `prefer`).
+    pub fn ssl_mode(&self) -> TlsMode {
+        self.tls.mode
+    }
+
+    /// The `options` of the connection string (server settings for the session).
+    pub fn options(&self) -> Option<&str> {
+        self.config.get_options()
+    }
+
+    /// Opens an ordinary connection and spawns its driver task. With `sslmode=allow`, a
+    /// plaintext attempt that fails is tried again over TLS, as libpq does.
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, ConnInfoError> {
+        let first = self.connect_with(&self.config).await;
+        match first {
+            Err(_) if self.tls.mode == TlsMode::Allow && self.pg_tls.is_some() => {
+                let mut config = self.config.clone();
+                config.ssl_mode(SslMode::Require);
+                self.connect_with(&config).await
+            }
+            other => other,
+        }
+    }
+
+    async fn connect_with(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> Result<tokio_postgres::Client, ConnInfoError> {
+        let res = match &self.pg_tls {
+            Some(tls) => spawn_driver(config.connect(MakePgTls(tls.clone())).await),
+            None => spawn_driver(config.connect(tokio_postgres::NoTls).await),
+        };
+        res.map_err(|source| self.connect_error(source))
+    }
+
+    /// tokio-postgres's "server does not support TLS" said as `tls` says it; other failures
+    /// with the target named.
+    fn connect_error(&self, source: tokio_postgres::Error) -> ConnInfoError {
+        use std::error::Error as _;
+        if source
+            .source()
+            .is_some_and(|s| s.to_string() == "server does not support TLS")
+        {
+            return ConnInfoError::Tls(TlsError::NotOffered {
+                host: self.to_string(),
+                mode: self.tls.mode,
+            });
+        }
+        ConnInfoError::Connect {
+            target: self.to_string(),
+            source,
+        }
+    }
+
+    /// A libpq key=value string of the whole connection without the password, for child
+    /// processes: every host and port, `options`, `application_name`, the connect timeout and
+    /// the TLS keywords. Pass [`ConnInfo::child_env`] as their environment.
     pub fn libpq_string(&self) -> String {
+        self.libpq_string_with_options("")
+    }
+
+    /// Like [`ConnInfo::libpq_string`], with `extra` server options before the string's own
+    /// `options` (which win).
+    pub fn libpq_string_with_options(&self, extra: &str) -> String {
         let q = |v: &str| format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"));
-        format!(
-            "host={} port={} user={} dbname={} sslmode=disable application_name={}",
-            q(&self.host_string()),
-            self.port(),
+        let hosts: Vec<String> = self
+            .hosts()
+            .iter()
+            .map(|h| match h {
+                Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                Host::Unix(p) => p.display().to_string(),
+            })
+            .collect();
+        let ports: Vec<String> = self.config.get_ports().iter().map(u16::to_string).collect();
+        let mut out = format!(
+            "host={} port={} user={} dbname={} application_name={} connect_timeout={}",
+            q(&hosts.join(",")),
+            q(&ports.join(",")),
             q(self.user()),
             q(self.dbname()),
-            q(self.config.get_application_name().unwrap_or("tidemark"))
-        )
+            q(self.config.get_application_name().unwrap_or("tidemark")),
+            self.connect_timeout().as_secs().max(2),
+        );
+        let options = [extra, self.options().unwrap_or("")]
+            .iter()
+            .filter(|o| !o.trim().is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !options.is_empty() {
+            out.push_str(&format!(" options={}", q(&options)));
+        }
+        out.push_str(&format!(" sslmode={}", self.tls.mode));
+        if let Some(r) = &self.tls.rootcert {
+            out.push_str(&format!(" sslrootcert={}", q(r)));
+        }
+        if let Some(c) = &self.tls.cert {
+            out.push_str(&format!(" sslcert={}", q(&c.display().to_string())));
+        }
+        if let Some(k) = &self.tls.key {
+            out.push_str(&format!(" sslkey={}", q(&k.display().to_string())));
+        }
+        out
     }
 
-    /// Environment for child processes (the password, if any).
+    /// Environment for child processes: the password, if any (never on a command line).
     pub fn child_env(&self) -> Vec<(String, String)> {
         match self.password() {
             Some(pw) => vec![(
@@ -313,6 +406,60 @@ impl ConnInfo {
             None => vec![],
         }
     }
+}
+
+/// Spawns the driver task of a new connection.
+fn spawn_driver<S, T>(
+    res: Result<(tokio_postgres::Client, tokio_postgres::Connection<S, T>), tokio_postgres::Error>,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (client, connection) = res?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Takes the TLS keywords (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, `sslnegotiation`)
+/// and `passfile` out of `s`, filling the TLS ones from `PGSSLMODE`, `PGSSLROOTCERT`,
+/// `PGSSLCERT` and `PGSSLKEY`; returns the rest of the string, the settings and the password
+/// file.
+fn take_tls_params(
+    s: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(String, TlsSettings, Option<String>), ConnInfoError> {
+    let mut rest = s.to_string();
+    let mut take = |key: &str, var: Option<&str>| {
+        let (r, v) = take_param(&rest, key);
+        rest = r;
+        v.or_else(|| var.and_then(env)).filter(|v| !v.is_empty())
+    };
+    let mode = take("sslmode", Some("PGSSLMODE"));
+    let rootcert = take("sslrootcert", Some("PGSSLROOTCERT"));
+    let cert = take("sslcert", Some("PGSSLCERT"));
+    let key = take("sslkey", Some("PGSSLKEY"));
+    let negotiation = take("sslnegotiation", Some("PGSSLNEGOTIATION"));
+    let passfile = take("passfile", None);
+    if let Some(n) = negotiation.filter(|n| n != "postgres") {
+        return Err(ConnInfoError::Parse(format!(
+            "sslnegotiation={n} is not supported by tidemark: use sslnegotiation=postgres (the default)"
+        )));
+    }
+    let settings = TlsSettings {
+        mode: match mode {
+            Some(m) => TlsMode::parse(&m).map_err(ConnInfoError::Tls)?,
+            None => TlsMode::default(),
+        },
+        rootcert,
+        cert: cert.map(PathBuf::from),
+        key: key.map(PathBuf::from),
+    };
+    Ok((rest, settings, passfile))
 }
 
 /// Idle time before the first TCP keepalive probe, unless the connection string says
@@ -658,17 +805,37 @@ mod tests {
     }
 
     #[test]
-    fn tls_modes_we_cannot_honour_are_refused() {
+    fn tls_modes_parse_from_the_string_or_pgsslmode() {
         let e = env(&[]);
-        assert!(matches!(
-            ConnInfo::parse_with_env("host=x sslmode=require", &e),
-            Err(ConnInfoError::TlsUnsupported(_))
-        ));
-        assert!(ConnInfo::parse_with_env("host=x sslmode=prefer", &e).is_ok());
-        assert!(matches!(
-            ConnInfo::parse_with_env("host=x", &env(&[("PGSSLMODE", "verify-full")])),
-            Err(ConnInfoError::TlsUnsupported(_))
-        ));
+        let mode = |s: &str, e: &dyn Fn(&str) -> Option<String>| {
+            ConnInfo::parse_with_env(s, e)
+                .unwrap_or_else(|err| panic!("{s}: {err}"))
+                .ssl_mode()
+        };
+        assert_eq!(mode("host=x", &e), TlsMode::Prefer);
+        for (s, m) in [
+            ("host=x sslmode=disable", TlsMode::Disable),
+            ("host=x sslmode=allow", TlsMode::Allow),
+            ("host=x sslmode = 'require' port=5", TlsMode::Require),
+            ("postgresql://u@x/db?sslmode=require", TlsMode::Require),
+            (
+                "postgresql://u@x/db?application_name=a&sslmode=prefer",
+                TlsMode::Prefer,
+            ),
+        ] {
+            assert_eq!(mode(s, &e), m, "{s}");
+        }
+        let pg = env(&[("PGSSLMODE", "require")]);
+        assert_eq!(mode("host=x", &pg), TlsMode::Require);
+        // The string wins over the variable.
+        assert_eq!(mode("host=x sslmode=disable", &pg), TlsMode::Disable);
+        for s in ["host=x sslmode=sometimes", "host=x sslnegotiation=direct"] {
+            let err = ConnInfo::parse_with_env(s, &e).expect_err(s).to_string();
+            assert!(
+                err.contains("sometimes") || err.contains("direct"),
+                "{s}: {err}"
+            );
+        }
         assert!(matches!(
             ConnInfo::parse_with_env("host=x port=notaport", &e),
             Err(ConnInfoError::Parse(_))
@@ -676,20 +843,71 @@ mod tests {
     }
 
     #[test]
-    fn sslmode_is_read_as_libpq_reads_it() {
-        let e = env(&[]);
-        for s in [
-            "host=x sslmode=verify-full",
-            "host=x sslmode = 'verify-ca'",
-            "postgresql://u@x/db?application_name=a&sslmode=verify-full",
-            "host=x sslmode=require",
+    fn tls_files_come_from_the_string_or_pgssl_variables() {
+        let home = tempfile::tempdir().unwrap();
+        let h = home.path().to_str().unwrap().to_string();
+        let e = env(&[("HOME", &h)]);
+        // verify-full with no root certificate names libpq's default file.
+        let err = ConnInfo::parse_with_env("host=x sslmode=verify-full", &e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(".postgresql/root.crt"), "{err}");
+        // A named file is named, from the string or from PGSSLROOTCERT.
+        for (s, vars) in [
+            (
+                "host=x sslmode=verify-ca sslrootcert=/no/such/ca.pem",
+                vec![],
+            ),
+            (
+                "host=x sslmode=verify-ca",
+                vec![("PGSSLROOTCERT", "/no/such/ca.pem")],
+            ),
+            (
+                "postgresql://u@x/db?sslrootcert=%2Fno%2Fsuch%2Fca.pem&sslmode=verify-full",
+                vec![],
+            ),
         ] {
-            let err = ConnInfo::parse_with_env(s, &e).expect_err(s).to_string();
+            let mut vars = vars;
+            vars.push(("HOME", &h));
+            let err = ConnInfo::parse_with_env(s, &env(&vars))
+                .unwrap_err()
+                .to_string();
             assert!(
-                err.contains("sslmode=verify-") || err.contains("sslmode=require"),
+                err.contains("/no/such/ca.pem") && err.contains("does not exist"),
                 "{s}: {err}"
             );
         }
+        for (s, vars, file) in [
+            (
+                "host=x sslmode=require sslcert=/no/c.crt sslkey=/no/c.key",
+                vec![],
+                "/no/c.crt",
+            ),
+            (
+                "host=x",
+                vec![("PGSSLCERT", "/no/c2.crt"), ("PGSSLKEY", "/no/k")],
+                "/no/c2.crt",
+            ),
+        ] {
+            let mut vars = vars;
+            vars.push(("HOME", &h));
+            let err = ConnInfo::parse_with_env(s, &env(&vars))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(file), "{s}: {err}");
+        }
+        // require without a root certificate: encryption without verification.
+        let c = ConnInfo::parse_with_env("host=x sslmode=require", &e).unwrap();
+        assert_eq!(c.tls().unwrap().verify, crate::tls::Verify::None);
+        assert!(ConnInfo::parse_with_env("host=x sslmode=disable", &e)
+            .unwrap()
+            .tls()
+            .is_none());
+    }
+
+    #[test]
+    fn sslmode_is_read_as_libpq_reads_it() {
+        let e = env(&[]);
         for s in [
             "host=x sslmode=allow",
             "host=x sslmode='allow' port=5",
@@ -705,6 +923,12 @@ mod tests {
         let c =
             ConnInfo::parse_with_env("host=x password='verify-full sslmode=require'", &e).unwrap();
         assert_eq!(c.password(), Some(&b"verify-full sslmode=require"[..]));
+        assert_eq!(c.ssl_mode(), TlsMode::Prefer);
+        let c = ConnInfo::parse_with_env("host='sslmode=require' sslmode=disable", &e).unwrap();
+        assert_eq!(
+            (c.host_string().as_str(), c.ssl_mode()),
+            ("sslmode=require", TlsMode::Disable)
+        );
         assert_eq!(
             find_param("host=x  sslmode='a\\'b'", "sslmode"),
             Some(Param {
@@ -713,6 +937,68 @@ mod tests {
                 pair: (8, 22)
             })
         );
+    }
+
+    #[test]
+    fn children_get_the_whole_connection_and_no_password() {
+        let e = env(&[]);
+        let c = ConnInfo::parse_with_env(
+            "host=a,b port=5433,5434 user=u password='s3cr et' dbname=d options='-c work_mem=64MB' sslmode=require sslrootcert=/ca.pem application_name=app",
+            &env(&[]),
+        );
+        // The root certificate must exist: name one that does.
+        assert!(c.is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        std::fs::write(&ca, params.self_signed(&key).unwrap().pem()).unwrap();
+        let s = format!(
+            "host=a,b port=5433,5434 user=u password='s3cr et' dbname=d options='-c work_mem=64MB' sslmode=verify-full sslrootcert={} application_name=app",
+            ca.display()
+        );
+        let c = ConnInfo::parse_with_env(&s, &e).unwrap();
+        let child = c.libpq_string();
+        assert!(!child.contains("s3cr"), "{child}");
+        for part in [
+            "host='a,b'",
+            "port='5433,5434'",
+            "user='u'",
+            "dbname='d'",
+            "application_name='app'",
+            "options='-c work_mem=64MB'",
+            "sslmode=verify-full",
+            &format!("sslrootcert='{}'", ca.display()),
+        ] {
+            assert!(child.contains(part), "{part} not in {child}");
+        }
+        assert!(c
+            .libpq_string_with_options("-c maintenance_work_mem=1GB")
+            .contains("options='-c maintenance_work_mem=1GB -c work_mem=64MB'"));
+        assert_eq!(
+            c.child_env(),
+            vec![("PGPASSWORD".to_string(), "s3cr et".to_string())]
+        );
+        assert!(!format!("{c:?} {c}").contains("s3cr"));
+        // The child's string parses back to the same connection.
+        let back = ConnInfo::parse_with_env(&child, &e).unwrap();
+        assert_eq!(back.hosts(), c.hosts());
+        assert_eq!(back.config().get_ports(), c.config().get_ports());
+        assert_eq!(back.ssl_mode(), TlsMode::VerifyFull);
+        assert_eq!(back.options(), Some("-c work_mem=64MB"));
+    }
+
+    #[test]
+    fn passfile_keyword_names_the_password_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pw");
+        std::fs::write(&path, "h:5432:d:u:from-passfile\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let s = format!("host=h user=u dbname=d passfile={}", path.display());
+        let c = ConnInfo::parse_with_env(&s, &env(&[("PGPASSFILE", "/nonexistent")])).unwrap();
+        assert_eq!(c.password(), Some(&b"from-passfile"[..]));
     }
 
     #[test]

@@ -41,15 +41,18 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         UsageError,
         crate::lsn::ParseLsnError,
         crate::conninfo::ConnInfoError,
+        crate::tls::TlsError,
         crate::source::SourceError,
         crate::replication::ReplicationError,
         crate::store::StoreError,
         crate::crypt::CryptError,
+        crate::object::ObjectError,
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
         crate::backup::BackupError,
         crate::catalog::ManifestError,
+        crate::catalog::PinError,
         crate::restore::RestoreError,
         crate::pgbin::PgBinError,
         crate::segment::SegmentError,
@@ -237,14 +240,61 @@ mod tests {
                 key: s(),
             })
         };
+        let undecodable = || crate::object::ObjectError::Undecodable {
+            key: s(),
+            codec: "test",
+            detail: s(),
+        };
         let cases: Vec<(&str, anyhow::Error, ExitStatus)> = vec![
             ("usage", UsageError(s()).into(), Usage),
             ("lsn", "x".parse::<Lsn>().unwrap_err().into(), Usage),
             ("conninfo parse", ConnInfoError::Parse(s()).into(), Usage),
             (
                 "conninfo tls",
-                ConnInfoError::TlsUnsupported(s()).into(),
+                ConnInfoError::Tls(crate::tls::TlsError::BadMode(s())).into(),
                 Usage,
+            ),
+            (
+                "tls not offered",
+                crate::tls::TlsError::NotOffered {
+                    host: s(),
+                    mode: crate::tls::SslMode::Require,
+                }
+                .into(),
+                Database,
+            ),
+            (
+                "tls file",
+                crate::tls::TlsError::File {
+                    what: "x",
+                    path: s().into(),
+                    reason: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "tls handshake",
+                crate::tls::TlsError::Handshake {
+                    host: s(),
+                    reason: s(),
+                }
+                .into(),
+                Database,
+            ),
+            (
+                "tls settings",
+                crate::tls::TlsError::Settings(s()).into(),
+                Usage,
+            ),
+            (
+                "replication tls",
+                ReplicationError::Tls {
+                    target: s(),
+                    source: crate::tls::TlsError::Settings(s()),
+                }
+                .into(),
+                Database,
             ),
             (
                 "conninfo connect",
@@ -431,7 +481,7 @@ mod tests {
             ),
             (
                 "object key unknown",
-                StoreError::from(open(OpenError::UnknownKey(KeyId([1; 8])))).into(),
+                crate::object::ObjectError::from(open(OpenError::UnknownKey(KeyId([1; 8])))).into(),
                 Usage,
             ),
             (
@@ -451,7 +501,7 @@ mod tests {
             ),
             (
                 "object key does not authenticate",
-                RepoError::Store(open(OpenError::WrappedKey(KeyId([1; 8]))).into()).into(),
+                RepoError::Object(open(OpenError::WrappedKey(KeyId([1; 8]))).into()).into(),
                 Damaged,
             ),
             (
@@ -472,6 +522,37 @@ mod tests {
                 }
                 .into(),
                 Repository,
+            ),
+            ("object undecodable", undecodable().into(), Damaged),
+            (
+                "repo undecodable object",
+                RepoError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "manifest undecodable",
+                ManifestError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "backup part undecodable",
+                BackupError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "restore segment undecodable",
+                RestoreError::from(undecodable()).into(),
+                Damaged,
+            ),
+            (
+                "repo compression mismatch",
+                RepoError::CompressionMismatch {
+                    location: s(),
+                    recorded: crate::segment::Compression::Lz4,
+                    asked: crate::segment::Compression::Zstd,
+                }
+                .into(),
+                Usage,
             ),
             (
                 "repo newer format",
@@ -765,6 +846,40 @@ mod tests {
                 }
                 .into(),
                 OutOfRange,
+            ),
+            (
+                "restore unknown backup",
+                RestoreError::UnknownBackup {
+                    location: s(),
+                    id: s(),
+                    known: s(),
+                }
+                .into(),
+                OutOfRange,
+            ),
+            (
+                "pin store",
+                crate::catalog::PinError::Store(store_io()).into(),
+                Repository,
+            ),
+            (
+                "pin no backup",
+                crate::catalog::PinError::NoBackup {
+                    location: s(),
+                    id: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "unpin not pinned",
+                crate::catalog::PinError::NotPinned {
+                    location: s(),
+                    id: s(),
+                    key: s(),
+                }
+                .into(),
+                Usage,
             ),
             (
                 "restore not empty",

@@ -13,7 +13,8 @@
 //! Module map (one concept each):
 //! * values and formats: [`lsn`] positions and timestamps, [`pgoutput`] the pure decoder,
 //!   [`statement`] rendering row changes as SQL, [`segment`] the archive's file format;
-//! * the outside world: [`conninfo`] connection strings, [`replication`] the replication-protocol
+//! * the outside world: [`conninfo`] connection strings, [`tls`] TLS to PostgreSQL (libpq's
+//!   `sslmode`, one rustls configuration), [`replication`] the replication-protocol
 //!   client, [`source`] preflight checks on the source, [`pgbin`] PostgreSQL's client programs,
 //!   [`store`] where objects live,
 //!   [`catalog`] the repository's content: one listing turned into generations and their
@@ -43,7 +44,7 @@
 //! | layer | modules | may use |
 //! |---|---|---|
 //! | 1. pure core (no I/O but the host's name) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
-//! | 2. the outside world | `conninfo`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
+//! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
 //! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `demo`, `scratch`, `exit`, `telemetry` | everything |
 //!
@@ -93,3 +94,4 @@ pub mod sql;
 pub mod statement;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

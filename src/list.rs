@@ -1,14 +1,17 @@
 //! `tidemark list`: what a repository holds — base backups, segment chains, the windows of
 //! instants and LSNs a restore can reach, and the damage that removed instants from them. The
 //! windows come from the [`crate::catalog`], the same rules restore's planner uses, and are printed
-//! with the same text a refused restore shows.
+//! with the same text a refused restore shows. Each backup shows the tiers the retention policy
+//! (the `--retain-*` flags, as `prune` takes them) keeps it for. `--json` is specified in
+//! `proto/list.md`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::catalog::{identity, Catalog, Problem, Window, WindowEnd};
+use crate::catalog::retention::{self, Policy, Reason};
+use crate::catalog::{expire, identity, pin, BackupRef, Catalog, Problem, Window, WindowEnd};
 use crate::lsn::{Lsn, PgTimestamp};
 use crate::store::Store;
 
@@ -22,6 +25,8 @@ struct Listing {
     latest_restorable_before: Option<PgTimestamp>,
     /// Every window, by (generation, start).
     windows: Vec<WindowListing>,
+    /// The backups outside every window, by instant: each restores its own instant.
+    points: Vec<PointListing>,
     /// Every problem found (also under its generation when it has one).
     problems: Vec<ProblemListing>,
 }
@@ -47,6 +52,49 @@ struct BackupListing {
     tables: usize,
     rows: u64,
     stored_bytes: u64,
+    /// finished_at − started_at.
+    duration_seconds: f64,
+    /// initial, scheduled, manual, or null (a manifest that does not say).
+    origin: Option<&'static str>,
+    tag: Option<String>,
+    pinned: bool,
+    /// Why the policy keeps it (empty: the next prune removes it).
+    tiers: Vec<Reason>,
+}
+
+#[derive(Serialize)]
+struct PointListing {
+    generation: u32,
+    backup: String,
+    consistent_point: Lsn,
+    snapshot_time: PgTimestamp,
+    text: String,
+}
+
+fn point_listing(b: &BackupRef) -> PointListing {
+    PointListing {
+        generation: b.generation,
+        backup: b.id.clone(),
+        consistent_point: b.consistent_point,
+        snapshot_time: b.snapshot_time,
+        text: crate::catalog::describe_point(b),
+    }
+}
+
+/// The tiers as `list` prints them: `manual` with its tag.
+fn tiers_text(b: &BackupListing) -> String {
+    if b.tiers.is_empty() {
+        return "none: the next prune removes it".into();
+    }
+    let words: Vec<String> = b
+        .tiers
+        .iter()
+        .map(|r| match (r, &b.tag) {
+            (Reason::Manual, Some(t)) => format!("manual ({t})"),
+            _ => r.as_str().to_string(),
+        })
+        .collect();
+    words.join(", ")
 }
 
 #[derive(Serialize)]
@@ -90,9 +138,15 @@ fn problem_listing(p: &Problem) -> ProblemListing {
     }
 }
 
-pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
+pub async fn run(store: &Arc<dyn Store>, policy: &Policy, json: bool) -> anyhow::Result<()> {
     let identity = identity::read_identity(store).await?;
     let (cat, manifests) = Catalog::load(store).await?;
+    let pins = pin::read_pins(store).await?;
+    let selection = retention::select(
+        &expire::candidates(&manifests, &pins),
+        policy,
+        PgTimestamp::now(),
+    );
     let numbers: BTreeSet<u32> = cat
         .backups
         .iter()
@@ -116,6 +170,15 @@ pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
                         tables: m.tables.len(),
                         rows: m.tables.iter().map(|t| t.rows).sum(),
                         stored_bytes: m.tables.iter().map(|t| t.stored_bytes).sum(),
+                        duration_seconds: (m.finished_at.0 - m.started_at.0).max(0) as f64 / 1e6,
+                        origin: m.origin.map(|o| o.as_str()),
+                        tag: m.tag.clone(),
+                        pinned: pins.contains(&m.id),
+                        tiers: selection
+                            .kept
+                            .get(&m.id)
+                            .map(|r| r.iter().copied().collect())
+                            .unwrap_or_default(),
                     })
                     .collect(),
                 segments: chain.len(),
@@ -140,6 +203,7 @@ pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
         earliest_restorable: cat.earliest(),
         latest_restorable_before: cat.latest_commit(),
         windows: cat.windows.iter().map(window_listing).collect(),
+        points: cat.points.iter().map(point_listing).collect(),
         problems: cat.problems.iter().map(problem_listing).collect(),
         generations,
     };
@@ -156,9 +220,18 @@ pub async fn run(store: &Arc<dyn Store>, json: bool) -> anyhow::Result<()> {
         println!("generation {}", g.generation);
         for b in &g.backups {
             println!(
-                "  base backup {}  at {}  {}  {} tables, {} rows, {} bytes",
-                b.id, b.consistent_point, b.snapshot_time, b.tables, b.rows, b.stored_bytes
+                "  base backup {}  at {}  {}  {} tables, {} rows, {} bytes, {:.1}s{}{}",
+                b.id,
+                b.consistent_point,
+                b.snapshot_time,
+                b.tables,
+                b.rows,
+                b.stored_bytes,
+                b.duration_seconds,
+                b.origin.map(|o| format!(", {o}")).unwrap_or_default(),
+                if b.pinned { ", pinned" } else { "" }
             );
+            println!("    tiers: {}", tiers_text(b));
         }
         match (g.start_lsn, g.end_lsn) {
             (Some(s), Some(e)) => println!(

@@ -12,7 +12,7 @@ use tidemark::archive::{self, ArchiveOptions};
 use tidemark::conninfo::ConnInfo;
 use tidemark::exit::{exit_code, ExitStatus, UsageError};
 use tidemark::lsn::Lsn;
-use tidemark::restore::{self, Target};
+use tidemark::restore::{self, Goal, Target};
 use tidemark::store::{self, Store};
 use tidemark::{demo, list, setup};
 
@@ -39,8 +39,13 @@ enum Command {
     List(ListArgs),
     /// Restore into an existing empty database, up to a point in time.
     Restore(RestoreArgs),
-    /// Remove what no restore can use: base backups left without their manifest.
+    /// Apply the retention policy: remove the base backups and segments it does not keep, and
+    /// base backups left without their manifest.
     Prune(PruneArgs),
+    /// Pin a base backup: prune keeps it until it is unpinned.
+    Pin(PinArgs),
+    /// Unpin a base backup (delete its pin): retention decides about it again.
+    Unpin(PinArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
     /// Make and rotate the keyring that encrypts a repository (--encryption-key-file).
@@ -73,8 +78,13 @@ enum KeysCommand {
 
 #[derive(Args, Debug)]
 struct SourceArgs {
-    /// Source database: a libpq URI or key=value string; PG* variables fill what it omits.
-    #[arg(long, env = "TIDEMARK_SOURCE", default_value = "")]
+    /// Source database: a libpq URI or key=value string (sslmode, sslrootcert, sslcert, sslkey as libpq); PG* variables fill what it omits. Pass the password with PGPASSWORD, ~/.pgpass or passfile, not here.
+    #[arg(
+        long,
+        env = "TIDEMARK_SOURCE",
+        default_value = "",
+        hide_env_values = true
+    )]
     source: String,
 }
 
@@ -118,6 +128,9 @@ struct S3Args {
     /// Path-style addressing (http://endpoint/bucket/key); default: on when an endpoint is set.
     #[arg(long, env = "TIDEMARK_S3_PATH_STYLE", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     s3_path_style: Option<bool>,
+    /// PEM file of the CA certificates that sign the S3 endpoint's certificate, instead of the system's trusted roots (AWS_CA_BUNDLE is honoured too).
+    #[arg(long, env = "TIDEMARK_S3_CA_BUNDLE")]
+    s3_ca_bundle: Option<std::path::PathBuf>,
 }
 
 impl S3Args {
@@ -129,8 +142,24 @@ impl S3Args {
                 .map_err(UsageError)?,
             path_style: self.s3_path_style,
             credentials: None,
+            ca_bundle: self
+                .s3_ca_bundle
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
         })
     }
+}
+
+/// The segments' codec of a new repository.
+#[derive(Args, Debug)]
+struct CompressionArgs {
+    /// Compression of the repository's segments: zstd (about 35 B per pgbench transaction) or
+    /// lz4 (segment format 1: about 190 B, a little less CPU). Recorded in archive.json when
+    /// the repository is created (zstd by default) and used by every writer after. On an
+    /// existing repository it must name the recorded codec, or the command stops (exit 2)
+    /// before writing: omit it there.
+    #[arg(long, env = "TIDEMARK_COMPRESSION")]
+    compression: Option<tidemark::segment::Compression>,
 }
 
 #[derive(Args, Debug)]
@@ -149,6 +178,8 @@ struct ArchiveArgs {
     repo: RepoArgs,
     #[command(flatten)]
     slot: SlotArgs,
+    #[command(flatten)]
+    compression: CompressionArgs,
     /// Store a commit about this long after it committed on the source (the RPO): the open
     /// segment is sealed this long after its first commit, less the time that commit took to
     /// arrive and the store's recent write latency (at least half of it).
@@ -188,15 +219,30 @@ struct BackupArgs {
     repo: RepoArgs,
     #[command(flatten)]
     slot: SlotArgs,
+    #[command(flatten)]
+    compression: CompressionArgs,
     /// Connections used to copy tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
+    #[command(flatten)]
+    label: tidemark::backup_cmd::LabelArgs,
+}
+
+#[derive(Args, Debug)]
+struct PinArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// The base backup's id, as `list` shows it.
+    id: String,
 }
 
 #[derive(Args, Debug)]
 struct ListArgs {
     #[command(flatten)]
     repo: RepoArgs,
+    /// The policy whose tiers `list` shows for each backup (as `prune` takes it).
+    #[command(flatten)]
+    retain: tidemark::prune::RetainArgs,
     /// Print JSON instead of text.
     #[arg(long, env = "TIDEMARK_JSON")]
     json: bool,
@@ -206,9 +252,11 @@ struct ListArgs {
 struct PruneArgs {
     #[command(flatten)]
     repo: RepoArgs,
-    /// Remove base backups that never got their manifest.json (a backup killed midway) and
-    /// whose newest object is older than --older-than.
-    #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS", required = true)]
+    #[command(flatten)]
+    retain: tidemark::prune::RetainArgs,
+    /// Only remove base backups that never got their manifest.json (a backup killed midway)
+    /// and whose newest object is older than --older-than; apply no policy.
+    #[arg(long, env = "TIDEMARK_INCOMPLETE_BACKUPS")]
     incomplete_backups: bool,
     /// Keep an incomplete backup written to more recently than this: it may still be running.
     #[arg(long, env = "TIDEMARK_OLDER_THAN", default_value = "24h", value_parser = tidemark::exit::parse_positive_duration)]
@@ -222,12 +270,12 @@ struct PruneArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("stop").required(true).args(["to_time", "to_lsn", "latest"])))]
+#[command(group(clap::ArgGroup::new("stop").required(true).args(["to_time", "to_lsn", "latest", "to_backup"])))]
 struct RestoreArgs {
     #[command(flatten)]
     repo: RepoArgs,
-    /// Target database (must exist and be empty): a libpq URI or key=value string.
-    #[arg(long, env = "TIDEMARK_TARGET")]
+    /// Target database (must exist and be empty): a libpq URI or key=value string (sslmode and the ssl* files as libpq).
+    #[arg(long, env = "TIDEMARK_TARGET", hide_env_values = true)]
     target: String,
     /// Restore every transaction committed at or before this instant (e.g. "2026-11-28 14:03:07.25+00"; without a zone, UTC).
     #[arg(long, env = "TIDEMARK_TO_TIME")]
@@ -238,6 +286,10 @@ struct RestoreArgs {
     /// Restore everything archived.
     #[arg(long, env = "TIDEMARK_LATEST")]
     latest: bool,
+    /// Restore exactly this base backup's own instant, replaying nothing (an id `list` shows;
+    /// also a retained backup whose segments were pruned).
+    #[arg(long, env = "TIDEMARK_TO_BACKUP")]
+    to_backup: Option<String>,
     /// Connections used to load tables.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
@@ -246,7 +298,7 @@ struct RestoreArgs {
 #[derive(Args, Debug)]
 struct DemoArgs {
     /// Use this server instead of starting a throwaway one (it must allow wal_level=logical).
-    #[arg(long, env = "TIDEMARK_SOURCE")]
+    #[arg(long, env = "TIDEMARK_SOURCE", hide_env_values = true)]
     source: Option<String>,
     /// Keep the archive in this folder (default: a temporary folder).
     #[arg(long, env = "TIDEMARK_REPO")]
@@ -405,6 +457,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 receive_timeout: a.receive_timeout,
                 backup_parallel: a.parallel.max(1),
                 lease_ttl: a.lease_ttl,
+                compression: a.compression.compression,
                 ..archive_options(&a.slot)
             };
             if let Some(addr) = a.metrics_address {
@@ -437,17 +490,35 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let repo = open_repo(&a.repo).await?;
             let opts = ArchiveOptions {
                 backup_parallel: a.parallel.max(1),
+                compression: a.compression.compression,
                 ..archive_options(&a.slot)
             };
-            let m = tidemark::backup_cmd::run(&source, repo, &opts).await?;
+            let m = tidemark::backup_cmd::run(&source, repo, &opts, &a.label).await?;
             println!(
-                "base backup {} at {} ({})",
-                m.id, m.consistent_point, m.snapshot_time
+                "base backup {} at {} ({}){}{}",
+                m.id,
+                m.consistent_point,
+                m.snapshot_time,
+                m.tag
+                    .as_deref()
+                    .map(|t| format!(", tag {t}"))
+                    .unwrap_or_default(),
+                if a.label.pin { ", pinned" } else { "" }
             );
+        }
+        Command::Pin(a) => {
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::pin::pin(&repo, &a.id).await?;
+            println!("base backup {} is pinned", a.id);
+        }
+        Command::Unpin(a) => {
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::pin::unpin(&repo, &a.id).await?;
+            println!("base backup {} is no longer pinned", a.id);
         }
         Command::List(a) => {
             let repo = open_repo(&a.repo).await?;
-            list::run(&repo, a.json).await?;
+            list::run(&repo, &a.retain.policy(), a.json).await?;
         }
         Command::Prune(a) => {
             let repo = open_repo(&a.repo).await?;
@@ -455,17 +526,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 older_than: a.older_than,
                 dry_run: a.dry_run,
             };
-            tidemark::prune::run(&repo, &opts, a.json).await?;
+            let policy = a.retain.policy();
+            tidemark::prune::run(&repo, &policy, &opts, a.incomplete_backups, a.json).await?;
         }
         Command::Restore(a) => {
             let target_db = ConnInfo::parse(&a.target)?;
             let repo = open_repo(&a.repo).await?;
-            let target = match (a.to_time, a.to_lsn, a.latest) {
-                (Some(t), _, _) => Target::Time(tidemark::exit::parse_time(&t)?),
-                (_, Some(l), _) => Target::Lsn(l),
-                _ => Target::Latest,
+            let goal = match (a.to_time, a.to_lsn, a.latest, a.to_backup) {
+                (Some(t), _, _, _) => Goal::Target(Target::Time(tidemark::exit::parse_time(&t)?)),
+                (_, Some(l), _, _) => Goal::Target(Target::Lsn(l)),
+                (_, _, _, Some(id)) => Goal::Backup(id),
+                _ => Goal::Target(Target::Latest),
             };
-            let s = restore::run(&repo, &target_db, target, a.parallel.max(1)).await?;
+            let s = restore::run_to(&repo, &target_db, &goal, a.parallel.max(1)).await?;
             println!(
                 "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s (replay {:.2}s)",
                 s.backup_id,

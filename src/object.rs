@@ -4,7 +4,10 @@
 //! Owns the [`Codec`] applied to an object's bytes on their way to the store and back:
 //! [`Plain`], the identity, or [`crate::crypt::Sealed`], the encryption envelope. A store
 //! carries its repository's codec ([`Store::codec`], set by [`with_codec`] where a command opens
-//! the repository), so every reader and writer below takes it from the store it is given. Does not own keys
+//! the repository), so every reader and writer below takes it from the store it is given. And
+//! [`ObjectError`], what reading an object fails with: the store's error, stored bytes the codec
+//! cannot decode ([`ObjectError::Undecodable`], a damaged object: exit 5), or an envelope whose
+//! key the keyring lacks ([`ObjectError::Crypt`]). Does not own keys
 //! ([`crate::catalog::keys`]), the formats, or retrying ([`Store::put`] retries what its kind of
 //! storage can retry; the archiver's uploader retries on its own schedule above that).
 //!
@@ -28,6 +31,37 @@ use bytes::Bytes;
 
 use crate::store::{ObjectMeta, Store, StoreError};
 
+/// Why an object could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    /// The store could not give the object (missing, unreachable, …).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The stored bytes do not decode with the repository's codec: the object is damaged (or
+    /// was written with a codec this repository does not use).
+    #[error("object {key} is damaged: its stored bytes do not decode ({codec}): {detail}\nHINT: the object cannot be used; `tidemark list` shows what the archive can still restore")]
+    Undecodable {
+        key: String,
+        /// The codec that could not decode it.
+        codec: &'static str,
+        detail: String,
+    },
+    /// The envelope is sound as far as it was read, but this keyring cannot open it: its key
+    /// is not in the keyring (named with the object), or it is a newer envelope version.
+    #[error(transparent)]
+    Crypt(#[from] crate::crypt::CryptError),
+}
+
+impl crate::error::Classify for ObjectError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        match self {
+            ObjectError::Store(e) => e.exit_status(),
+            ObjectError::Undecodable { .. } => crate::error::ExitStatus::Damaged,
+            ObjectError::Crypt(e) => e.exit_status(),
+        }
+    }
+}
+
 /// A transformation of an object's bytes on their way to the store and back.
 ///
 /// `encode` may differ from call to call (a random nonce); `decode(encode(x)) == x` always.
@@ -36,10 +70,10 @@ pub trait Codec: Send + Sync + fmt::Debug {
     /// The stored form of `plain`.
     fn encode(&self, key: &str, plain: Bytes) -> Bytes;
 
-    /// The original bytes of an object stored under `key`. An envelope that does not open
-    /// (a wrong key, a damaged object) is an error naming the key
-    /// ([`StoreError::Crypt`], so that every reader's `?` keeps working).
-    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError>;
+    /// The original bytes of an object stored under `key`. Stored bytes that do not decode (an
+    /// envelope that does not open: a damaged object) are [`ObjectError::Undecodable`]; an
+    /// envelope of a key the keyring lacks is [`ObjectError::Crypt`]; both name the key.
+    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, ObjectError>;
 
     /// The id of the key new objects are encrypted with; `None` for a codec that does not
     /// encrypt.
@@ -57,7 +91,7 @@ impl Codec for Plain {
         plain
     }
 
-    fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+    fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes, ObjectError> {
         Ok(stored)
     }
 }
@@ -152,7 +186,7 @@ pub async fn put_object(store: &dyn Store, key: &str, plain: Bytes) -> Result<()
 }
 
 /// Reads the object under `key` and decodes it with the store's codec.
-pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, StoreError> {
+pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, ObjectError> {
     get_object_with(store, &*store.codec(), key).await
 }
 
@@ -161,7 +195,7 @@ pub async fn get_object_with(
     store: &dyn Store,
     codec: &dyn Codec,
     key: &str,
-) -> Result<Bytes, StoreError> {
+) -> Result<Bytes, ObjectError> {
     let stored = store.get(key).await?;
     codec.decode(key, stored)
 }
@@ -188,16 +222,15 @@ pub(crate) mod tests {
             Bytes::from(out)
         }
 
-        fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
-            let (nonce, body) = stored
-                .split_at_checked(8)
-                .ok_or_else(|| StoreError::Remote {
-                    location: "test".into(),
-                    op: "decode",
-                    key: key.into(),
-                    message: "shorter than its nonce".into(),
-                    retryable: false,
-                })?;
+        fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, ObjectError> {
+            let (nonce, body) =
+                stored
+                    .split_at_checked(8)
+                    .ok_or_else(|| ObjectError::Undecodable {
+                        key: key.into(),
+                        codec: "nonced",
+                        detail: format!("{} bytes, shorter than its 8-byte nonce", stored.len()),
+                    })?;
             let n = u64::from_be_bytes(nonce.try_into().unwrap()) as u8;
             Ok(body.iter().map(|b| b ^ n).collect::<Vec<u8>>().into())
         }
@@ -256,7 +289,37 @@ pub(crate) mod tests {
         assert_eq!((encoded.key(), encoded.bytes()), ("k", &plain));
         assert!(matches!(
             get_object(&store, "missing").await,
-            Err(StoreError::NotFound { .. })
+            Err(ObjectError::Store(StoreError::NotFound { .. }))
         ));
+    }
+
+    #[tokio::test]
+    async fn an_object_that_does_not_decode_is_damaged_not_a_store_error() {
+        use crate::error::{Classify, ExitStatus};
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path());
+        store
+            .put("segments/short", Bytes::from_static(b"abc"))
+            .await
+            .unwrap();
+        let err = get_object_with(&store, &Nonced::default(), "segments/short")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ObjectError::Undecodable { .. }), "{err}");
+        assert_eq!(err.exit_status(), ExitStatus::Damaged);
+        let msg = err.to_string();
+        assert!(
+            msg.contains("segments/short") && msg.contains("nonced") && msg.contains("damaged"),
+            "{msg}"
+        );
+        // Through the errors of the readers above, the code stays the damaged object's.
+        let repo: crate::catalog::RepoError = err.into();
+        assert_eq!(repo.exit_status(), ExitStatus::Damaged);
+        let missing: crate::catalog::RepoError =
+            get_object(&store, "missing").await.unwrap_err().into();
+        assert!(
+            matches!(missing, crate::catalog::RepoError::Store(_)),
+            "{missing}"
+        );
     }
 }

@@ -1,172 +1,174 @@
-//! `tidemark prune`: removes objects no restore can use. For now one kind: the parts of base
-//! backups that never got their `manifest.json` (a `backup` or an archiver killed while taking
-//! one). Such a folder is ignored by every reader (a backup exists only once its manifest is
-//! stored, last), but it costs storage and a warning on every command.
+//! `tidemark prune`: applies the retention policy (`--retain-*`) and removes what no restore
+//! can use any more — dropped base backups (manifest first, then parts), the segments no kept
+//! backup or change window needs (oldest first), and the parts of base backups that never got
+//! their `manifest.json` once they are a day old. The decisions are the catalog's
+//! ([`crate::catalog::retention`] chooses, [`crate::catalog::expire`] orders the deletions);
+//! this module is the command: its flags and what it prints.
 //!
-//! A backup still being written has no manifest either, so only a folder whose newest object is
-//! older than `--older-than` (default 24 h; parts are written continuously while a backup runs)
-//! is removed. A store that does not report write times keeps its folders.
+//! What stays restorable: every instant of the change window (the last `--retain-changes`),
+//! plus each retained backup's own instant (`restore --to-backup ID`).
+//!
+//! `--incomplete-backups` alone removes only incomplete backups, as before the policy existed.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::catalog::manifest;
-use crate::store::{ObjectMeta, Store};
+use crate::catalog::expire::{self, Expiry};
+use crate::catalog::{keys, retention::Policy};
+use crate::store::Store;
 
-/// What to prune.
-#[derive(Clone, Debug)]
-pub struct PruneOptions {
-    /// Incomplete backups whose newest object is at least this old go.
-    pub older_than: Duration,
-    /// Report, delete nothing.
-    pub dry_run: bool,
+pub use crate::catalog::expire::{Incomplete, PruneOptions};
+
+/// The retention flags (`prune`, and `list` to show each backup's tiers). The defaults are
+/// [`Policy::default`]'s.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RetainArgs {
+    /// Keep the newest backup of each of the last N days that have one (UTC).
+    #[arg(long, env = "TIDEMARK_RETAIN_DAILY", default_value_t = Policy::default().daily)]
+    pub retain_daily: u32,
+    /// Keep the newest backup of each of the last N ISO weeks that have one.
+    #[arg(long, env = "TIDEMARK_RETAIN_WEEKLY", default_value_t = Policy::default().weekly)]
+    pub retain_weekly: u32,
+    /// Keep the newest backup of each of the last N calendar months that have one.
+    #[arg(long, env = "TIDEMARK_RETAIN_MONTHLY", default_value_t = Policy::default().monthly)]
+    pub retain_monthly: u32,
+    /// Keep the newest N manual backups (`tidemark backup`).
+    #[arg(long, env = "TIDEMARK_RETAIN_MANUAL", default_value_t = Policy::default().manual)]
+    pub retain_manual: u32,
+    /// Keep every instant of this last stretch restorable (the continuous change window).
+    #[arg(long, env = "TIDEMARK_RETAIN_CHANGES", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub retain_changes: Duration,
 }
 
-/// One incomplete backup folder and what prune does with it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Incomplete {
-    pub id: String,
-    pub objects: usize,
-    pub bytes: u64,
-    /// Seconds since its newest object was written (None: the store does not say).
-    pub age_seconds: Option<u64>,
-    pub removed: bool,
-    /// Why it is kept, when it is.
-    pub kept_because: Option<String>,
-}
-
-/// The incomplete backup folders in a listing of `basebackups/`, each with the decision. Pure.
-pub fn select(objects: &[ObjectMeta], now: SystemTime, opts: &PruneOptions) -> Vec<Incomplete> {
-    let mut folders: BTreeMap<&str, Vec<&ObjectMeta>> = BTreeMap::new();
-    for o in objects {
-        let Some(rest) = o.key.strip_prefix(manifest::ROOT) else {
-            continue;
-        };
-        let Some((id, _)) = rest.split_once('/') else {
-            continue;
-        };
-        folders.entry(id).or_default().push(o);
-    }
-    folders
-        .into_iter()
-        .filter(|(id, objs)| !objs.iter().any(|o| o.key == manifest::manifest_key(id)))
-        .map(|(id, objs)| {
-            let newest = objs.iter().map(|o| o.modified).collect::<Option<Vec<_>>>();
-            let age = newest
-                .and_then(|t| t.into_iter().max())
-                .map(|t| now.duration_since(t).unwrap_or_default());
-            let kept_because = match age {
-                None => Some("the store does not say when its objects were written".to_string()),
-                Some(a) if a < opts.older_than => Some(format!(
-                    "written {} ago, less than --older-than {}: it may still be being written",
-                    humantime::format_duration(Duration::from_secs(a.as_secs())),
-                    humantime::format_duration(opts.older_than)
-                )),
-                Some(_) => None,
-            };
-            Incomplete {
-                id: id.to_string(),
-                objects: objs.len(),
-                bytes: objs.iter().map(|o| o.size).sum(),
-                age_seconds: age.map(|a| a.as_secs()),
-                removed: kept_because.is_none() && !opts.dry_run,
-                kept_because,
-            }
-        })
-        .collect()
-}
-
-/// Runs prune: lists, decides, deletes (unless a dry run), and prints what it did.
-pub async fn run(store: &Arc<dyn Store>, opts: &PruneOptions, json: bool) -> anyhow::Result<()> {
-    let objects = store.list(manifest::ROOT).await?;
-    let found = select(&objects, SystemTime::now(), opts);
-    for f in found.iter().filter(|f| f.removed) {
-        let prefix = format!("{}{}/", manifest::ROOT, f.id);
-        for o in objects.iter().filter(|o| o.key.starts_with(&prefix)) {
-            store.delete(&o.key).await?;
+impl RetainArgs {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            daily: self.retain_daily,
+            weekly: self.retain_weekly,
+            monthly: self.retain_monthly,
+            manual: self.retain_manual,
+            changes: self.retain_changes,
         }
-        tracing::info!(backup = %f.id, objects = f.objects, "removed an incomplete base backup");
+    }
+}
+
+#[derive(Serialize)]
+struct Report<'a> {
+    repository: String,
+    dry_run: bool,
+    /// False with `--incomplete-backups`: the policy was not applied.
+    policy_applied: bool,
+    #[serde(flatten)]
+    expiry: &'a Expiry,
+}
+
+/// Runs prune: lists, decides, deletes (unless a dry run), and prints what it did. With
+/// `incomplete_only`, only incomplete backups are considered.
+pub async fn run(
+    store: &Arc<dyn Store>,
+    policy: &Policy,
+    opts: &PruneOptions,
+    incomplete_only: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let now = SystemTime::now();
+    let mut expiry = expire::decide(store, policy, now, opts).await?;
+    if incomplete_only {
+        expiry.kept.clear();
+        expiry.backups.clear();
+        expiry.segments.clear();
+    }
+    if !opts.dry_run {
+        let objects = store.list(keys::BASEBACKUPS).await?;
+        expire::delete(store, &expiry, &objects).await?;
     }
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "repository": store.location(),
-                "dry_run": opts.dry_run,
-                "incomplete_backups": found,
-            }))?
-        );
+        let report = Report {
+            repository: store.location(),
+            dry_run: opts.dry_run,
+            policy_applied: !incomplete_only,
+            expiry: &expiry,
+        };
+        println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
-    if found.is_empty() {
-        println!("{}: no incomplete base backup", store.location());
+    print_text(&store.location(), &expiry, opts.dry_run, incomplete_only);
+    Ok(())
+}
+
+fn print_text(location: &str, e: &Expiry, dry_run: bool, incomplete_only: bool) {
+    let verb = if dry_run { "would remove" } else { "removed" };
+    println!("repository {location}");
+    if !incomplete_only {
+        println!(
+            "  change window: every instant from {} on stays restorable",
+            e.window_start
+        );
+        for k in &e.kept {
+            let why: Vec<&str> = k.reasons.iter().map(|r| r.as_str()).collect();
+            println!(
+                "  kept base backup {} ({}): {}",
+                k.id,
+                k.snapshot_time,
+                why.join(", ")
+            );
+        }
+        for b in &e.backups {
+            println!(
+                "  {verb} base backup {} ({}): {} objects, {} bytes",
+                b.id,
+                b.snapshot_time,
+                b.objects.len(),
+                b.bytes
+            );
+        }
+        if let (Some(f), Some(l)) = (e.segments.first(), e.segments.last()) {
+            println!(
+                "  {verb} {} segment(s), {} bytes (generation {} {} to generation {} {})",
+                e.segments.len(),
+                e.segments.iter().map(|s| s.size).sum::<u64>(),
+                f.generation,
+                f.start,
+                l.generation,
+                l.end
+            );
+        }
     }
-    for f in &found {
+    for f in &e.incomplete {
         let what = format!(
             "incomplete base backup {} ({} objects, {} bytes)",
             f.id, f.objects, f.bytes
         );
-        match (&f.kept_because, opts.dry_run) {
-            (Some(why), _) => println!("kept {what}: {why}"),
-            (None, true) => println!("would remove {what}"),
-            (None, false) => println!("removed {what}"),
+        match (&f.kept_because, dry_run) {
+            (Some(why), _) => println!("  kept {what}: {why}"),
+            (None, _) => println!("  {verb} {what}"),
         }
     }
-    Ok(())
+    if e.backups.is_empty() && e.segments.is_empty() && e.incomplete.is_empty() {
+        println!("  nothing to remove");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
 
-    fn obj(key: &str, size: u64, written: Option<SystemTime>) -> ObjectMeta {
-        ObjectMeta {
-            key: key.into(),
-            size,
-            modified: written,
-        }
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        retain: RetainArgs,
     }
 
     #[test]
-    fn only_old_folders_without_a_manifest_are_selected() {
-        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let ago = |s: u64| Some(now - Duration::from_secs(s));
-        let objects = [
-            // Complete: never touched.
-            obj("basebackups/A/manifest.json", 10, ago(90_000)),
-            obj("basebackups/A/tables/00000.0000.copy.lz4", 5, ago(90_000)),
-            // Incomplete and old: goes, whole.
-            obj("basebackups/B/schema.dump", 7, ago(100_000)),
-            obj("basebackups/B/tables/00000.0000.copy.lz4", 8, ago(90_000)),
-            // Incomplete but written to an hour ago: may still be running.
-            obj("basebackups/C/schema.dump", 1, ago(200_000)),
-            obj("basebackups/C/tables/00001.0000.copy.lz4", 1, ago(3_600)),
-            // No write times: kept.
-            obj("basebackups/D/schema.dump", 1, None),
-            obj("segments/00000001/x.seg", 1, ago(100_000)),
-        ];
-        let opts = PruneOptions {
-            older_than: Duration::from_secs(86_400),
-            dry_run: false,
-        };
-        let found = select(&objects, now, &opts);
-        let ids: Vec<(&str, bool)> = found.iter().map(|f| (f.id.as_str(), f.removed)).collect();
-        assert_eq!(ids, [("B", true), ("C", false), ("D", false)]);
-        assert_eq!((found[0].objects, found[0].bytes), (2, 15));
-        assert_eq!(found[0].age_seconds, Some(90_000));
-        assert!(found[1].kept_because.as_deref().unwrap().contains("still"));
-        let dry = select(
-            &objects,
-            now,
-            &PruneOptions {
-                dry_run: true,
-                ..opts
-            },
-        );
-        assert!(dry.iter().all(|f| !f.removed));
-        assert!(dry[0].kept_because.is_none());
+    fn the_flags_default_to_the_policys_defaults() {
+        let cli = Cli::try_parse_from(["x"]).unwrap();
+        assert_eq!(cli.retain.policy(), Policy::default());
+        let cli =
+            Cli::try_parse_from(["x", "--retain-manual", "1", "--retain-changes", "90s"]).unwrap();
+        assert_eq!(cli.retain.policy().manual, 1);
+        assert_eq!(cli.retain.policy().changes, Duration::from_secs(90));
     }
 }

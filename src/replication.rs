@@ -1,7 +1,8 @@
 //! The replication-protocol client: a `replication=database` connection to the walsender,
 //! replication commands (IDENTIFY_SYSTEM, slots, START_REPLICATION) and the CopyBoth stream.
 //!
-//! Owns: connecting and authenticating (trust, cleartext, md5, SCRAM-SHA-256; plaintext only),
+//! Owns: connecting and authenticating (trust, cleartext, md5, SCRAM-SHA-256; TLS as the
+//! connection string's `sslmode` says, through `tls`),
 //! the simple-query state of a replication connection, framing of backend messages, and the
 //! replication sub-protocol (XLogData, primary keepalive, standby status update), TCP keepalives
 //! on its socket, and the rule that presumes a silent server gone (`liveness`: the caller sends

@@ -70,10 +70,20 @@ pub enum RestoreError {
         start: Lsn,
         detail: String,
     },
+    #[error("repository {location} has no usable base backup {id:?}\nHINT: `tidemark list --repo …` shows the backups; {known}")]
+    UnknownBackup {
+        location: String,
+        id: String,
+        /// The ids there are, or that there are none.
+        known: String,
+    },
     #[error(transparent)]
     Repo(#[from] RepoError),
     #[error("repository: {0}")]
     Store(#[from] crate::store::StoreError),
+    /// A segment that does not decode (a store error converts to [`RestoreError::Store`]).
+    #[error(transparent)]
+    Object(crate::object::ObjectError),
     #[error(transparent)]
     Backup(#[from] backup::BackupError),
     #[error("target database: {0}")]
@@ -114,12 +124,13 @@ impl crate::error::Classify for RestoreError {
         use crate::error::ExitStatus::*;
         match self {
             RestoreError::Empty(_) => Repository,
-            RestoreError::OutOfRange { .. } => OutOfRange,
+            RestoreError::OutOfRange { .. } | RestoreError::UnknownBackup { .. } => OutOfRange,
             RestoreError::TargetNotEmpty(..) | RestoreError::TargetQuery { .. } => Database,
             RestoreError::TargetConnect(e) => e.exit_status(),
             RestoreError::Corrupt { .. } => Damaged,
             RestoreError::Repo(e) => e.exit_status(),
             RestoreError::Store(e) => e.exit_status(),
+            RestoreError::Object(e) => e.exit_status(),
             RestoreError::Backup(e) => e.exit_status(),
             RestoreError::Local { .. } => Unexpected,
             RestoreError::TargetIncomplete { .. } | RestoreError::TargetPrivilege { .. } => {
@@ -128,6 +139,15 @@ impl crate::error::Classify for RestoreError {
             RestoreError::Incomplete { source, .. } => source.exit_status(),
             // The target refused a statement of an archived transaction.
             RestoreError::Replay { .. } => Database,
+        }
+    }
+}
+
+impl From<crate::object::ObjectError> for RestoreError {
+    fn from(e: crate::object::ObjectError) -> RestoreError {
+        match e {
+            crate::object::ObjectError::Store(e) => RestoreError::Store(e),
+            e => RestoreError::Object(e),
         }
     }
 }
@@ -168,15 +188,25 @@ fn as_text<S: serde::Serializer>(t: &Target, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(t)
 }
 
-/// Chooses the path to `target` inside one of the catalog's windows. Pure.
+/// Chooses the path to `target` inside one of the catalog's windows, or at one of its points.
+/// Pure.
 ///
 /// A time is restorable in a window from its first backup's snapshot time to just before its
 /// last archived commit; an LSN from its first backup's position to its end. The newest window
-/// holding the target is used, and in it the newest backup at or before the target. A target
-/// in no window (in a hole, after damage, beyond the archive) is refused, naming the windows.
+/// holding the target is used, and in it the newest backup at or before the target. A time
+/// that is exactly a point's instant restores that backup with no replay. A target in no
+/// window and at no point (in a hole, after damage, pruned, beyond the archive) is refused,
+/// naming the windows and the nearest restorable instants before and after it.
 pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
     if cat.is_empty() {
         return Err(RestoreError::Empty(cat.location.clone()));
+    }
+    if let Target::Time(t) = target {
+        if !cat.windows.iter().any(|w| w.holds_time(t)) {
+            if let Some(b) = cat.point_at_time(t) {
+                return Ok(point_plan(b));
+            }
+        }
     }
     let (window, base) = choose_base(cat, target).map_err(|why| refuse(cat, target, why))?;
     let mut path = Plan {
@@ -191,6 +221,37 @@ pub fn plan(cat: &Catalog, target: Target) -> Result<Plan, RestoreError> {
     };
     path.tail = segment_tail(window, path.start());
     Ok(path)
+}
+
+/// The path to exactly backup `id`'s own instant: the backup alone, nothing replayed (inside
+/// a window too). Pure.
+pub fn plan_backup(cat: &Catalog, id: &str) -> Result<Plan, RestoreError> {
+    match cat.backups.iter().find(|b| b.id == id) {
+        Some(b) => Ok(point_plan(b)),
+        None => Err(RestoreError::UnknownBackup {
+            location: cat.location.clone(),
+            id: id.to_string(),
+            known: if cat.backups.is_empty() {
+                "it holds none".to_string()
+            } else {
+                let ids: Vec<&str> = cat.backups.iter().map(|b| b.id.as_str()).collect();
+                format!("it holds {}", ids.join(", "))
+            },
+        }),
+    }
+}
+
+/// A backup restored at its own instant: an empty tail, the stop at its snapshot time.
+fn point_plan(b: &BackupRef) -> Plan {
+    Plan {
+        generation: b.generation,
+        base: b.clone(),
+        incrementals: Vec::new(),
+        tail: Vec::new(),
+        stop: Target::Time(b.snapshot_time),
+        earliest: b.snapshot_time,
+        latest: None,
+    }
 }
 
 /// The window holding `target` and the base backup to start from in it, or why there is none
@@ -252,10 +313,24 @@ fn refuse(cat: &Catalog, target: Target, why: Option<String>) -> RestoreError {
         Some(why) if !cat.windows.is_empty() => format!("{covered}; {why}"),
         _ => covered,
     };
-    let hint = if cat.windows.is_empty() {
+    let covered = match target {
+        Target::Time(t) => match cat.nearest_instants(t) {
+            (None, None) => covered,
+            (before, after) => format!(
+                "{covered}; the nearest restorable instants are {} before it and {} after it",
+                before.map_or("none".to_string(), |n| n.text),
+                after.map_or("none".to_string(), |n| n.text),
+            ),
+        },
+        _ => covered,
+    };
+    let hint = if cat.windows.is_empty() && !cat.points.is_empty() {
+        "restore one of the points with --to-backup ID; a new base backup (`tidemark backup`) starts a window from now on".to_string()
+    } else if cat.windows.is_empty() {
         "restore from another copy of the repository; a new base backup (`tidemark backup`) starts a window from now on".to_string()
     } else if cat.latest_window().is_ok() {
-        "choose a target inside one of these windows, or --latest".to_string()
+        "choose a target inside one of these windows, a point's --to-backup ID, or --latest"
+            .to_string()
     } else {
         "choose a target inside one of these windows; a new base backup (`tidemark backup`) opens a window after the damage".to_string()
     };
@@ -273,7 +348,13 @@ fn refuse(cat: &Catalog, target: Target, why: Option<String>) -> RestoreError {
 pub async fn gather(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), RestoreError> {
     match identity::read_identity(store).await {
         Ok(_) => {}
-        Err(e @ (RepoError::NewerFormat { .. } | RepoError::Store(_))) => return Err(e.into()),
+        // So is a keyring that does not fit the repository (none for an encrypted one, one for
+        // a plain one): nothing could be read.
+        Err(
+            e @ (RepoError::NewerFormat { .. }
+            | RepoError::Store(_)
+            | RepoError::Object(crate::object::ObjectError::Crypt(_))),
+        ) => return Err(e.into()),
         // A damaged identity does not stop a restore: nothing it needs is in it.
         Err(e) => tracing::warn!("{e}"),
     }
@@ -297,6 +378,14 @@ pub struct RestoreSummary {
     pub replay_seconds: f64,
 }
 
+/// Where a restore goes: a stop target, or exactly one backup's instant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Goal {
+    Target(Target),
+    /// `--to-backup ID`: the backup alone, nothing replayed.
+    Backup(String),
+}
+
 /// Restores the repository into `target` (an existing, empty database).
 pub async fn run(
     store: &Arc<dyn Store>,
@@ -304,9 +393,22 @@ pub async fn run(
     to: Target,
     parallel: usize,
 ) -> Result<RestoreSummary, RestoreError> {
+    run_to(store, target_info, &Goal::Target(to), parallel).await
+}
+
+/// Restores the repository into `target` (an existing, empty database), to `goal`.
+pub async fn run_to(
+    store: &Arc<dyn Store>,
+    target_info: &ConnInfo,
+    goal: &Goal,
+    parallel: usize,
+) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
     let (cat, manifests) = gather(store).await?;
-    let plan = plan(&cat, to)?;
+    let plan = match goal {
+        Goal::Target(to) => plan(&cat, *to)?,
+        Goal::Backup(id) => plan_backup(&cat, id)?,
+    };
     let manifest = manifests
         .iter()
         .find(|m| m.id == plan.base.id)
@@ -533,7 +635,12 @@ mod tests {
         use crate::error::Classify;
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        let mut id = serde_json::to_value(identity::Identity::new(1, "app")).unwrap();
+        let mut id = serde_json::to_value(identity::Identity::new(
+            1,
+            "app",
+            crate::segment::Compression::Zstd,
+        ))
+        .unwrap();
         id["format_version"] = (identity::IDENTITY_FORMAT_VERSION + 1).into();
         store
             .put(
@@ -805,5 +912,52 @@ mod tests {
                 other => panic!("{target}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_backup_whose_segments_were_pruned_restores_its_own_instant_only() {
+        // path_catalog without the segments before b2's position: b1 is a point.
+        let full = path_catalog();
+        let mut chains = full.segments.clone();
+        chains.get_mut(&1).unwrap().retain(|s| s.end > Lsn(250));
+        let facts = chains
+            .values()
+            .flatten()
+            .map(|s| {
+                let latest_commit = Some(PgTimestamp(s.end.0 as i64 * 10));
+                (
+                    s.key.clone(),
+                    crate::catalog::SegmentFact::Good { latest_commit },
+                )
+            })
+            .collect();
+        let cat = Catalog::build("repo".into(), full.backups.clone(), chains, &facts, vec![]);
+        assert_eq!(
+            cat.points.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(),
+            ["b1"]
+        );
+        // Its exact instant restores, with nothing replayed.
+        let p = plan(&cat, Target::Time(PgTimestamp(1000))).unwrap();
+        assert_eq!((p.base.id.as_str(), p.tail.len()), ("b1", 0));
+        // An instant after it, before the next window, is refused naming both neighbours.
+        let err = plan(&cat, Target::Time(PgTimestamp(1500))).unwrap_err();
+        assert!(matches!(err, RestoreError::OutOfRange { .. }));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("the nearest restorable instants are 2000-01-01 00:00:00.001000+00 (base backup b1: --to-backup b1) before it and 2000-01-01 00:00:00.002500+00 (the start of a window"),
+            "{msg}"
+        );
+        assert!(msg.contains("--to-backup b1"), "{msg}");
+        // --to-backup: exactly the backup, inside a window too.
+        for id in ["b1", "b2", "b3"] {
+            let p = plan_backup(&cat, id).unwrap();
+            assert_eq!((p.base.id.as_str(), p.tail.len()), (id, 0));
+            assert_eq!(p.stop, Target::Time(p.base.snapshot_time));
+        }
+        let err = plan_backup(&cat, "nope").unwrap_err();
+        assert!(matches!(err, RestoreError::UnknownBackup { .. }));
+        assert!(err.to_string().contains("it holds b1, b2, b3"), "{err}");
+        use crate::error::Classify;
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::OutOfRange);
     }
 }

@@ -57,6 +57,7 @@ mod read;
 mod varint;
 mod write;
 
+pub use codec::Compression;
 pub use read::{read_info, Records, Segment};
 pub use write::SegmentBuilder;
 

@@ -72,9 +72,6 @@ pub enum StoreError {
     },
     #[error("invalid repository {0}")]
     InvalidUrl(String),
-    /// An object that does not decrypt (damaged, or its key not in the keyring).
-    #[error(transparent)]
-    Crypt(#[from] crate::crypt::CryptError),
 }
 
 impl crate::error::Classify for StoreError {
@@ -82,7 +79,6 @@ impl crate::error::Classify for StoreError {
         use crate::error::ExitStatus::*;
         match self {
             StoreError::InvalidUrl(_) => Usage,
-            StoreError::Crypt(e) => e.exit_status(),
             StoreError::NotFound { .. }
             | StoreError::Conflict { .. }
             | StoreError::Io { .. }

@@ -1,12 +1,15 @@
 //! The durable prefix: how far the archive may be acknowledged while segments upload in parallel.
 //!
 //! Owns the bookkeeping of sealed segments between their seal and their store, in seal order.
-//! Does no I/O: the uploader marks each segment stored or failed and publishes [`DurablePrefix::end`].
+//! Does no I/O: the uploader marks each segment stored or failed and publishes
+//! [`DurablePrefix::end`](crate::archive::durable::DurablePrefix::end).
 //!
 //! Invariant protected here: the prefix end is the end of the longest run of segments, in seal
 //! order from the start, that are all stored. It never passes a segment that failed (or was
 //! abandoned): once one has, it stops there for good, and every segment stored after it is
-//! reported by [`DurablePrefix::stored_past_failure`] so that the uploader removes it again —
+//! reported by
+//! [`DurablePrefix::stored_past_failure`](crate::archive::durable::DurablePrefix::stored_past_failure)
+//! so that the uploader removes it again —
 //! the repository never holds an object past a hole that the archiver made.
 
 use std::collections::VecDeque;

@@ -19,14 +19,27 @@
 //! * otherwise another archiver writes this repository: refused (exit 4), naming its host,
 //!   pid, slot and when its lease expires.
 //!
-//! The holder renews every sixth of the time to live, re-reading the records first: a newer
-//! term is a takeover and stops it for good. A renewal is written only until a third of the
-//! time to live before the expiry (the margin): a lease that could not be renewed by then is
-//! left to expire and then taken anew with the next term, like anyone's, so that a late
-//! renewal can never land beside another archiver's takeover (two archivers taking the next
-//! term race for one create-only name, and one alone wins). Each renewal also lists the current generation's
-//! tail (the segments whose start shares the chain end's 16 MiB region) and stops the run if a
-//! segment this run did not write appears there.
+//! Taking over a lease that is not released (expired, or of a free slot) first *closes* its
+//! term: the taker puts the record that would be the holder's next renewal (`<term>-<seq + 1>`,
+//! naming the taker, marked released), then its own `<term + 1>-0`. Two create-only puts race
+//! for that one name: should the holder renew first, the taker's close conflicts and it decides
+//! again on what it reads; should the taker close first, the holder's renewal conflicts.
+//!
+//! So the holder renews *write-only*: every sixth of the time to live it puts its next record,
+//! create-only, and reads nothing. A renewal that conflicts is the one that reads: its name was
+//! taken by an earlier attempt of ours whose answer was lost (then the lease is still ours), or
+//! by another archiver closing our term (a takeover, which stops this one for good). Every
+//! [`CHECK_EVERY`](crate::archive::lease::CHECK_EVERY)th renewal also reads the newest record (a writer that took the next term
+//! without closing ours, or records deleted by hand) and lists the current generation's tail
+//! (the segments whose start shares the chain end's 16 MiB region), stopping the run if a
+//! segment this run did not write appears there. An idle repository thus sees one PUT and one
+//! DELETE (of the record it supersedes) per renewal, and reads twice per time to live at most.
+//!
+//! A renewal is written only until a third of the time to live before the expiry (the margin):
+//! a lease that could not be renewed by then is left to expire and then taken anew with the
+//! next term, like anyone's, so that a late renewal can never land beside another archiver's
+//! takeover (two archivers taking the next term race for one create-only name, and one alone
+//! wins).
 //!
 //! Invariant protected here (the fence): **a segment is put only while this archiver holds an
 //! unexpired lease, and only if it starts exactly where the chain ends** (the chain end found at
@@ -52,9 +65,16 @@ use crate::telemetry;
 /// Prefix of the lease records.
 pub const LEASE_PREFIX: &str = "locks/writer/";
 /// How long a lease lasts without renewal, unless `--lease-ttl` says otherwise. Renewed every
-/// sixth of it (each renewal is a PUT, a LIST and a GET, plus a LIST of the chain's tail: about
-/// 5 requests a minute on an idle repository), and not renewed in its last third.
+/// sixth of it (each renewal is a PUT and the DELETE of the record it supersedes; every
+/// [`CHECK_EVERY`]th adds a LIST and a GET of the records and a LIST of the chain's tail), and
+/// not renewed in its last third.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
+/// Every this many renewals (twice the time to live: 10 minutes by default), a renewal also
+/// reads the newest lease record and lists the chain's tail; the others only write.
+pub const CHECK_EVERY: u64 = 12;
+/// How often taking the lease decides again after its close of the holder's term lost the race
+/// to the holder's renewal.
+const TAKE_ATTEMPTS: usize = 3;
 /// Terms before the current one whose records are kept (the recent history of writers).
 const KEEP_TERMS: u64 = 3;
 
@@ -479,6 +499,18 @@ impl Lease {
         }
     }
 
+    /// Closes the term of `holder`'s record before taking the lease over: puts the record that
+    /// would be the holder's next renewal, naming this archiver and marked released. `false`
+    /// when the holder's renewal took that name first (the holder is alive).
+    async fn close_term(&self, holder: &LeaseRecord) -> Result<bool, LeaseError> {
+        let close = self.record(holder.term, holder.seq + 1, PgTimestamp::now(), true);
+        match self.put_record(&close).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Takes the lease, or renews it when this run holds it already. `slot_free`: the slot
     /// this archiver streams from is absent or not streaming (see the module doc).
     pub async fn acquire(&self, slot_free: bool) -> Result<(), LeaseError> {
@@ -487,53 +519,73 @@ impl Lease {
         if let Some(lost) = lost {
             return Err(self.lost_error(&lost));
         }
-        let (newest, keys) = self.newest().await?;
-        let last_term = self.state().last_term;
-        let decision = decide(
-            newest.as_ref().map(|(_, r)| r),
-            &self.owner,
-            &self.slot,
-            last_term,
-            slot_free,
-            PgTimestamp::now(),
-            self.margin(),
-        );
-        let (term, seq, acquired_at) = match decision {
-            Decision::Renew { term, seq } => {
-                let acquired_at = newest
-                    .as_ref()
-                    .map_or(PgTimestamp::now(), |(_, r)| r.acquired_at);
-                (term, seq, acquired_at)
-            }
-            Decision::Take { term, why } => {
-                if let Some((key, r)) = &newest {
-                    match why {
-                        Takeover::Expired => {
-                            warn!(previous = %r.describe(), record = %key, "the previous archiver's writer lease expired: taking the repository over")
-                        }
-                        Takeover::SlotFree => {
-                            info!(previous = %r.describe(), record = %key, "the previous archiver of slot {:?} is gone (the slot is free): taking the repository over", r.slot)
-                        }
-                        Takeover::Released | Takeover::Fresh => {}
-                    }
+        let mut attempt = 0;
+        let (newest, keys, term, seq, acquired_at) = loop {
+            attempt += 1;
+            let (newest, keys) = self.newest().await?;
+            let last_term = self.state().last_term;
+            let decision = decide(
+                newest.as_ref().map(|(_, r)| r),
+                &self.owner,
+                &self.slot,
+                last_term,
+                slot_free,
+                PgTimestamp::now(),
+                self.margin(),
+            );
+            match decision {
+                Decision::Renew { term, seq } => {
+                    let acquired_at = newest
+                        .as_ref()
+                        .map_or(PgTimestamp::now(), |(_, r)| r.acquired_at);
+                    break (newest, keys, term, seq, acquired_at);
                 }
-                (term, 0, PgTimestamp::now())
-            }
-            Decision::Refuse => {
-                let (key, holder) = newest.expect("a refusal names a holder");
-                return Err(LeaseError::Held {
-                    location: self.location(),
-                    key,
-                    holder: Box::new(holder),
-                });
-            }
-            Decision::Lost => {
-                let (_, holder) = newest.expect("a lost lease names the new holder");
-                return Err(self.lose(holder));
-            }
-            Decision::Wait => {
-                let (_, r) = newest.expect("waiting on our own record");
-                return Err(self.too_late(r.term, r.expires_at));
+                Decision::Take { term, why } => {
+                    if let Some((key, r)) = &newest {
+                        if matches!(why, Takeover::Expired | Takeover::SlotFree)
+                            && !self.close_term(r).await?
+                        {
+                            // The holder renewed first: it is alive after all. Decide again
+                            // on its new record.
+                            if attempt < TAKE_ATTEMPTS {
+                                continue;
+                            }
+                            let (newest, _) = self.newest().await?;
+                            let (key, holder) = newest.unwrap_or_else(|| (key.clone(), r.clone()));
+                            return Err(LeaseError::Held {
+                                location: self.location(),
+                                key,
+                                holder: Box::new(holder),
+                            });
+                        }
+                        match why {
+                            Takeover::Expired => {
+                                warn!(previous = %r.describe(), record = %key, "the previous archiver's writer lease expired: taking the repository over")
+                            }
+                            Takeover::SlotFree => {
+                                info!(previous = %r.describe(), record = %key, "the previous archiver of slot {:?} is gone (the slot is free): taking the repository over", r.slot)
+                            }
+                            Takeover::Released | Takeover::Fresh => {}
+                        }
+                    }
+                    break (newest, keys, term, 0, PgTimestamp::now());
+                }
+                Decision::Refuse => {
+                    let (key, holder) = newest.expect("a refusal names a holder");
+                    return Err(LeaseError::Held {
+                        location: self.location(),
+                        key,
+                        holder: Box::new(holder),
+                    });
+                }
+                Decision::Lost => {
+                    let (_, holder) = newest.expect("a lost lease names the new holder");
+                    return Err(self.lose(holder));
+                }
+                Decision::Wait => {
+                    let (_, r) = newest.expect("waiting on our own record");
+                    return Err(self.too_late(r.term, r.expires_at));
+                }
             }
         };
         let r = self.record(term, seq, acquired_at, false);
@@ -613,32 +665,80 @@ impl Lease {
         }
     }
 
-    /// Renews the lease once: re-reads the records (a newer term is a takeover), writes the
-    /// next renewal, then checks the chain's tail for a foreign segment.
+    /// Renews the lease once: writes the next renewal (create-only, nothing read first; a
+    /// conflict means a takeover or a lost answer, and only then are the records read). Every
+    /// [`CHECK_EVERY`]th renewal first reads the records (a newer term is a takeover) and then
+    /// checks the chain's tail for a foreign segment.
     pub async fn renew(&self) -> Result<(), LeaseError> {
         let _io = self.io.lock().await;
         let Some(held) = self.state().held.clone() else {
             return Ok(());
         };
-        let (newest, keys) = self.newest().await?;
-        match newest {
-            Some((_, r)) if r.owner == self.owner && r.term == held.term => {}
-            Some((_, r)) => return Err(self.lose(r)),
-            // The records were deleted by hand: write ours again.
-            None => {}
+        let seq = held.seq + 1;
+        let check = seq.is_multiple_of(CHECK_EVERY);
+        let mut keys = Vec::new();
+        if check {
+            let (newest, listed) = self.newest().await?;
+            match newest {
+                Some((_, r)) if r.owner == self.owner && r.term == held.term => {}
+                Some((_, r)) => return Err(self.lose(r)),
+                // The records were deleted by hand: write ours again.
+                None => {}
+            }
+            keys = listed;
         }
         if !renewable(held.expires_at, PgTimestamp::now(), self.margin()) {
             return Err(self.too_late(held.term, held.expires_at));
         }
-        let seq = held.seq + 1;
         let r = self.record(held.term, seq, held.acquired_at, false);
-        self.put_renewal(&r, Some(held.expires_at)).await?;
+        let (seq, expires_at) = match self.put_renewal(&r, Some(held.expires_at)).await {
+            Ok(()) => (seq, r.expires_at),
+            Err(LeaseError::Store(StoreError::Conflict { key, .. })) => {
+                self.after_conflict(&held, &key).await?
+            }
+            Err(e) => return Err(e),
+        };
         if let Some(h) = self.state().held.as_mut() {
             h.seq = seq;
-            h.expires_at = r.expires_at;
+            h.expires_at = expires_at;
+        }
+        // The record this one supersedes (a term's first record is kept).
+        if held.seq > 0 && held.seq < seq {
+            let key = lease_key(held.term, held.seq);
+            match self.store.delete(&key).await {
+                Ok(()) | Err(StoreError::NotFound { .. }) => {}
+                Err(e) => {
+                    warn!(record = %key, error = %e, "cannot delete an old writer-lease record")
+                }
+            }
+        }
+        if !check {
+            return Ok(());
         }
         self.delete_stale(&keys, held.term, seq).await;
         self.check_tail().await
+    }
+
+    /// A renewal's name `key` was taken: reads the records to learn by whom. Ours (an earlier
+    /// attempt whose answer was lost): the lease is held as that record says. Another
+    /// archiver's (it closed our term, or took the next one): the lease is lost.
+    async fn after_conflict(
+        &self,
+        held: &Held,
+        key: &str,
+    ) -> Result<(u64, PgTimestamp), LeaseError> {
+        let (newest, _) = self.newest().await?;
+        match newest {
+            Some((_, r)) if r.owner == self.owner && r.term == held.term && !r.released => {
+                Ok((r.seq, r.expires_at))
+            }
+            Some((_, r)) => Err(self.lose(r)),
+            None => Err(LeaseError::BadRecord {
+                location: self.location(),
+                key: key.to_string(),
+                detail: "the renewal's name is taken, but no lease record is listed".into(),
+            }),
+        }
     }
 
     /// Whether a segment may be put now: the lease is held and unexpired.
@@ -1016,11 +1116,15 @@ mod tests {
             .await
             .unwrap();
         a.check_tail().await.unwrap();
-        // Another writer's segment, overlapping.
+        // Another writer's segment, overlapping: the renewals that only write do not see it,
+        // the next one that checks does.
         store
             .put(&seg(0x150, 0x250), Bytes::from_static(b"c"))
             .await
             .unwrap();
+        for _ in 1..CHECK_EVERY {
+            a.renew().await.unwrap();
+        }
         let err = a.renew().await.unwrap_err();
         assert!(matches!(err, LeaseError::Foreign { .. }), "{err}");
         assert!(err.to_string().contains(&seg(0x150, 0x250)), "{err}");
@@ -1057,6 +1161,88 @@ mod tests {
         a.check().unwrap();
         let newest = store.list(LEASE_PREFIX).await.unwrap().pop().unwrap().key;
         assert_eq!(newest, lease_key(2, 0));
+    }
+
+    #[tokio::test]
+    async fn renewals_only_write_and_every_twelfth_reads() {
+        use crate::store::faulty::{FaultyStore, Op};
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let faulty = Arc::new(FaultyStore::new(local));
+        let store: Arc<dyn Store> = faulty.clone();
+        let a = Lease::new(store, DEFAULT_TTL, "tidemark");
+        a.acquire(false).await.unwrap();
+        a.begin_chain(1, Lsn(0x100));
+        let reads = || faulty.calls(Op::Get).len() + faulty.calls(Op::List).len();
+        let (reads0, puts0) = (reads(), faulty.calls(Op::Put).len());
+        for _ in 1..CHECK_EVERY {
+            a.renew().await.unwrap();
+        }
+        assert_eq!(reads(), reads0, "a renewal between checks reads nothing");
+        assert_eq!(
+            faulty.calls(Op::Put).len() - puts0,
+            CHECK_EVERY as usize - 1,
+            "one put per renewal"
+        );
+        a.renew().await.unwrap();
+        let lists = faulty.calls(Op::List);
+        assert!(
+            lists.iter().any(|k| k == LEASE_PREFIX)
+                && lists.iter().any(|k| k.starts_with("segments/")),
+            "the twelfth renewal reads the records and lists the tail: {lists:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_renewal_whose_answer_was_lost_keeps_the_lease() {
+        use crate::store::faulty::{Fault, FaultyStore, Op, Rule, Times};
+        let dir = tempfile::tempdir().unwrap();
+        let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+        let faulty = Arc::new(FaultyStore::new(local.clone()));
+        let store: Arc<dyn Store> = faulty.clone();
+        let a = Lease::new(store, DEFAULT_TTL, "tidemark");
+        a.acquire(false).await.unwrap();
+        // Stored, but answered with an error: the next renewal offers other bytes (a later
+        // expiry) under the same name, conflicts, reads, and finds its own record.
+        faulty.add_rule(Rule::new(Op::Put, Fault::AnswerLost, Times::N(1)));
+        let err = a.renew().await.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        a.renew().await.unwrap();
+        a.check().unwrap();
+        a.renew().await.unwrap();
+        let keys: Vec<String> = local
+            .list(LEASE_PREFIX)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(keys, [lease_key(1, 0), lease_key(1, 2)]);
+    }
+
+    #[tokio::test]
+    async fn a_takeover_closes_the_term_and_loses_to_a_renewal_that_came_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, a) = lease_on(dir.path(), "tidemark").await;
+        let (_, b) = lease_on(dir.path(), "tidemark").await;
+        a.acquire(false).await.unwrap();
+        a.renew().await.unwrap();
+        // b takes over (same slot, free): it closes term 1 with the name of a's next renewal.
+        b.acquire(true).await.unwrap();
+        let closed: LeaseRecord =
+            serde_json::from_slice(&store.get(&lease_key(1, 2)).await.unwrap()).unwrap();
+        assert!(closed.released && closed.owner == b.owner, "{closed:?}");
+        store.get(&lease_key(2, 0)).await.unwrap();
+        // a's renewal (write-only) conflicts with the close and learns of the takeover.
+        let err = a.renew().await.unwrap_err();
+        assert!(
+            matches!(&err, LeaseError::Lost { by, .. } if by.contains("lease term 2")),
+            "{err}"
+        );
+        assert!(
+            store.get(&lease_key(1, 3)).await.is_err(),
+            "a writes nothing more"
+        );
     }
 
     #[tokio::test]

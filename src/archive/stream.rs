@@ -10,7 +10,7 @@
 //!   every record is written to the open segment as it arrives, so memory stays flat whatever
 //!   the size of the transaction. Segments are sealed between any two records, also inside a
 //!   chunk. The Stream Commit gets a commit entry whose `first_record` is the Stream Commit
-//!   record itself; such segments carry [`segment::FLAG_STREAMED`]. Replay applies a streamed
+//!   record itself; such segments carry [`crate::segment::FLAG_STREAMED`]. Replay applies a streamed
 //!   transaction at its Stream Commit, collecting its chunks from this and earlier segments.
 //!
 //! **The stream position `pos`** is where the open segment ends if sealed now (and where a new
@@ -376,6 +376,7 @@ fn new_builder(ctx: &WriterContext, start: Lsn) -> SegmentBuilder {
         &ctx.slot,
         start,
     )
+    .with_compression(ctx.compression)
 }
 
 #[cfg(test)]
@@ -393,6 +394,7 @@ mod tests {
             database: "db".into(),
             slot: "s".into(),
             codec: std::sync::Arc::new(crate::object::Plain),
+            compression: crate::segment::Compression::Zstd,
         }
     }
 

@@ -3,7 +3,7 @@
 //! Owns the upload of each segment (retrying what retrying can fix), and what happens when one
 //! fails for good: no new upload starts, those in flight finish or give up, and the segments
 //! stored past the failed one are deleted again. The acknowledgement rule itself is
-//! [`DurablePrefix`]'s.
+//! [`DurablePrefix`](crate::archive::durable::DurablePrefix)'s.
 //!
 //! Every segment passes the writer's fence ([`Lease::admit`]) before its first put, in seal
 //! order: the lease is held and the segment starts where the chain ends; every retry checks

@@ -284,7 +284,9 @@ impl SchemaFile {
         let list_file = list
             .map(|l| TempFile::create(".list", l.as_bytes()))
             .transpose()?;
-        let conn = target.libpq_string();
+        // The session settings go in the string's `options` (libpq reads PGOPTIONS only when
+        // the string has none), before the target's own options, which win.
+        let conn = target.libpq_string_with_options(&restore_pgoptions());
         let jobs = jobs.to_string();
         let mut args: Vec<&str> = vec![
             "--no-owner",
@@ -303,9 +305,7 @@ impl SchemaFile {
         }
         let dump = self.file.arg();
         args.push(&dump);
-        let mut env = target.child_env();
-        env.push(("PGOPTIONS".into(), restore_pgoptions()));
-        run_tool(&self.pg_restore, &args, env).await?;
+        run_tool(&self.pg_restore, &args, target.child_env()).await?;
         Ok(())
     }
 }

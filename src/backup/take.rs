@@ -19,8 +19,8 @@ use tokio_postgres::Client;
 use super::{
     backup_id, column_list, compress, cut, format_option, io_err, manifest, manifest_key, part_key,
     pg, qualified, quote_ident, quote_literal, run_tool, schema_key, session_settings, BackupError,
-    CopyFormat, KeyKind, KeyObject, Manifest, PartEntry, SchemaEntry, SequenceEntry, TableEntry,
-    Totals, FORMAT_VERSION, MIN_FORMAT_VERSION,
+    CopyFormat, KeyKind, KeyObject, Manifest, Origin, PartEntry, SchemaEntry, SequenceEntry,
+    TableEntry, Totals, FORMAT_VERSION, MIN_FORMAT_VERSION,
 };
 use crate::conninfo::ConnInfo;
 use crate::lsn::{Lsn, PgTimestamp};
@@ -47,6 +47,10 @@ pub struct BackupRequest<'a> {
     pub publication: &'a str,
     /// Number of connections reading tables in parallel (at least one is used).
     pub parallel: usize,
+    /// How the backup came to be (recorded in its manifest: retention's `manual` tier).
+    pub origin: Origin,
+    /// `backup --tag NAME`, recorded in the manifest.
+    pub tag: Option<&'a str>,
 }
 
 /// A table to copy, as found in the catalog.
@@ -259,6 +263,8 @@ async fn take_inner(
         sequences,
         key_objects,
         totals,
+        origin: Some(req.origin),
+        tag: req.tag.map(str::to_string),
     };
     object::put_object(&**store, &m.key(), Bytes::from(m.to_json())).await?;
     tracing::info!(backup = %id, rows = m.totals.rows, bytes = m.totals.raw_bytes, "base backup complete");

@@ -3,6 +3,8 @@
 
 use super::identity::{IDENTITY_FORMAT_VERSION, IDENTITY_KEY};
 use crate::lsn::Lsn;
+use crate::object::ObjectError;
+use crate::segment::Compression;
 use crate::store::StoreError;
 
 /// Errors about the repository's content.
@@ -10,6 +12,16 @@ use crate::store::StoreError;
 pub enum RepoError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An object that does not decode (an [`ObjectError`] of the store converts to
+    /// [`RepoError::Store`]).
+    #[error(transparent)]
+    Object(ObjectError),
+    #[error("repository {location} records compression {recorded} in {IDENTITY_KEY}, but --compression {asked} was given: a repository keeps the compression it was created with\nHINT: omit --compression (and TIDEMARK_COMPRESSION) to write {recorded}, as this repository does, or archive to a new --repo to use {asked}")]
+    CompressionMismatch {
+        location: String,
+        recorded: Compression,
+        asked: Compression,
+    },
     #[error("repository {location}: {IDENTITY_KEY} is not valid: {detail}")]
     BadIdentity { location: String, detail: String },
     #[error("repository {location}: {IDENTITY_KEY} has format_version {found}, but this build of tidemark reads format_version {IDENTITY_FORMAT_VERSION} at most: the repository was written by a newer tidemark; use a newer tidemark")]
@@ -38,10 +50,21 @@ impl crate::error::Classify for RepoError {
         use crate::error::ExitStatus::*;
         match self {
             RepoError::Store(e) => e.exit_status(),
+            RepoError::Object(e) => e.exit_status(),
+            RepoError::CompressionMismatch { .. } => Usage,
             RepoError::BadIdentity { .. }
             | RepoError::NewerFormat { .. }
             | RepoError::WrongSource { .. } => Repository,
             RepoError::Broken { .. } => Damaged,
+        }
+    }
+}
+
+impl From<ObjectError> for RepoError {
+    fn from(e: ObjectError) -> RepoError {
+        match e {
+            ObjectError::Store(e) => RepoError::Store(e),
+            e => RepoError::Object(e),
         }
     }
 }

@@ -2,14 +2,23 @@
 //! to, written once by the first command that stores anything.
 //!
 //! Owns: the identity's format and its version check (an identity of a newer format than this
-//! build reads is refused: this build would misread the repository), and the check that a
-//! source is the one the repository archives. Does not own the key (see [`keys::IDENTITY`]).
+//! build reads is refused: this build would misread the repository), the check that a source
+//! is the one the repository archives, and the repository's segment [`Compression`] (recorded
+//! when it is created; writers take it from here, [`compression_for`]). Does not own the key
+//! (see [`keys::IDENTITY`]).
 //!
-//! Invariant: a repository archives one database of one cluster; a command for another source
-//! is refused before it writes anything. A repository is encrypted from its first object or
-//! not at all: its identity says which (itself always in plain text, so that a command without
-//! the keyring is told why it cannot go on), and a command whose store's codec disagrees is
-//! refused.
+//! Invariants: a repository archives one database of one cluster; a command for another source
+//! is refused before it writes anything. A repository's segments are written with the codec
+//! its identity records, whatever the command line says (a `--compression` naming another is
+//! refused). A repository is encrypted from its first object or not at all: its identity says
+//! which (itself always in plain text, so that a command without the keyring is told why it
+//! cannot go on), and a command whose store's codec disagrees is refused.
+//!
+//! Extending the identity: a new field is optional with a serde default (an `archive.json`
+//! written before it has no such field, and reads as the default: what those releases did), so
+//! it needs no new `format_version`. A field that an older build must not ignore — it would
+//! misread or corrupt the repository, as an encryption field would — raises
+//! [`IDENTITY_FORMAT_VERSION`], so that older builds refuse the repository.
 
 use std::sync::Arc;
 
@@ -20,7 +29,8 @@ use super::keys;
 use super::RepoError;
 use crate::crypt::CryptError;
 use crate::lsn::PgTimestamp;
-use crate::object::{self, Plain};
+use crate::object::{self, ObjectError, Plain};
+use crate::segment::Compression;
 use crate::store::{Store, StoreError};
 
 /// Key of the identity object.
@@ -31,7 +41,11 @@ pub const IDENTITY_FORMAT_VERSION: u32 = 2;
 /// The format of a repository that is not encrypted (still read by older builds).
 pub const PLAIN_FORMAT_VERSION: u32 = 1;
 
-/// Which cluster and database a repository archives.
+/// Which cluster and database a repository archives, and how its segments are written.
+///
+/// Fields added after the first release are optional, with serde defaults (see the module doc);
+/// fields this build does not know are ignored (a newer build that adds one an older build
+/// must not ignore raises `format_version`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
     pub format_version: u32,
@@ -39,6 +53,11 @@ pub struct Identity {
     pub system_id: String,
     pub database: String,
     pub created_at: PgTimestamp,
+    /// The segments' codec. Absent from identities written before it was recorded: zstd, what
+    /// every release wrote since segment format 2 (older segments, LZ4, stay readable: each
+    /// segment names its own format).
+    #[serde(default)]
+    pub compression: Compression,
     /// Present when every other object is encrypted (`proto/encryption.md`). No secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
@@ -57,15 +76,38 @@ pub struct Encryption {
 pub const ENVELOPE: &str = "aes-256-gcm";
 
 impl Identity {
-    /// The identity of a new repository for (system_id, database).
-    pub fn new(system_id: u64, database: &str) -> Identity {
+    /// The identity of a new repository for (system_id, database), its segments compressed
+    /// with `compression`.
+    pub fn new(system_id: u64, database: &str, compression: Compression) -> Identity {
         Identity {
             format_version: PLAIN_FORMAT_VERSION,
             system_id: system_id.to_string(),
             database: database.to_string(),
             created_at: PgTimestamp::now(),
+            compression,
             encryption: None,
         }
+    }
+}
+
+/// The codec a writer uses on the repository at `location`: the one its identity records
+/// (`found`), or for a new repository the one `asked` (the `--compression` flag; zstd
+/// without it). A flag that names another codec than an existing repository's is refused
+/// ([`RepoError::CompressionMismatch`], exit 2) rather than ignored: an operator who asks for a
+/// codec expects to get it, and a repository keeps the one it was created with.
+pub fn compression_for(
+    location: &str,
+    found: Option<&Identity>,
+    asked: Option<Compression>,
+) -> Result<Compression, RepoError> {
+    match (found, asked) {
+        (Some(id), Some(asked)) if id.compression != asked => Err(RepoError::CompressionMismatch {
+            location: location.to_string(),
+            recorded: id.compression,
+            asked,
+        }),
+        (Some(id), _) => Ok(id.compression),
+        (None, asked) => Ok(asked.unwrap_or_default()),
     }
 }
 
@@ -77,7 +119,7 @@ pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, R
     // The identity is never encrypted: a reader must learn whether the rest is before it reads.
     let id = match object::get_object_with(&**store, &Plain, IDENTITY_KEY).await {
         Ok(bytes) => parse_identity(&store.location(), &bytes)?,
-        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(ObjectError::Store(StoreError::NotFound { .. })) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     check_encryption(store, &id)?;
@@ -96,7 +138,7 @@ pub fn check_encryption(store: &Arc<dyn Store>, id: &Identity) -> Result<(), Rep
         },
         _ => return Ok(()),
     };
-    Err(StoreError::from(error).into())
+    Err(ObjectError::from(error).into())
 }
 
 /// Parses `archive.json` of the repository at `location`, checking its format version first.
@@ -140,14 +182,17 @@ pub fn check_identity(
     }
 }
 
-/// Writes the repository's identity (`archive.json`), once.
+/// Writes the repository's identity (`archive.json`), once, and returns the identity in
+/// effect: `id`, or the one another command wrote first.
 ///
 /// Two commands starting on a fresh repository at once (an archiver and a `backup`) may both
-/// write it: the loser's create-only put conflicts only by its creation time, so it accepts the
-/// winner's identity when that names the same cluster and database.
+/// write it: the loser's create-only put conflicts (by its creation time at least), so it
+/// accepts the winner's identity when that names the same cluster and database; the caller
+/// then writes with the winner's codec ([`compression_for`] again).
 ///
-/// The identity records whether the repository is encrypted from the store's codec.
-pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
+/// The identity records whether the repository is encrypted from the store's codec (and an
+/// encrypted one has `format_version` 2, a plain one keeps 1: older builds still read it).
+pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<Identity, RepoError> {
     let mut id = id.clone();
     if let Some(first_key) = store.codec().writing_key() {
         id.format_version = IDENTITY_FORMAT_VERSION;
@@ -159,11 +204,12 @@ pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<(),
     let body = serde_json::to_vec_pretty(&id).expect("identity serializes");
     let object = object::encode_with(&Plain, IDENTITY_KEY, Bytes::from(body));
     match object.put(&**store).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(id),
         Err(StoreError::Conflict { .. }) => {
             let found = read_identity(store).await?;
             let system_id = id.system_id.parse::<u64>().unwrap_or_default();
-            check_identity(store, found.as_ref(), system_id, &id.database)
+            check_identity(store, found.as_ref(), system_id, &id.database)?;
+            Ok(found.unwrap_or_else(|| id.clone()))
         }
         Err(e) => Err(e.into()),
     }
@@ -176,7 +222,7 @@ mod tests {
     #[test]
     fn an_identity_of_a_newer_format_is_refused() {
         use crate::error::Classify;
-        let id = Identity::new(7439262451939043512, "app");
+        let id = Identity::new(7439262451939043512, "app", Compression::Zstd);
         let body = serde_json::to_vec(&id).unwrap();
         assert_eq!(parse_identity("/repo", &body).unwrap(), id);
         let mut newer = serde_json::to_value(&id).unwrap();
@@ -196,12 +242,73 @@ mod tests {
         assert!(matches!(err, RepoError::BadIdentity { .. }), "{err}");
     }
 
+    #[test]
+    fn an_identity_without_compression_is_zstd_and_unknown_fields_are_ignored() {
+        // archive.json as every release before the field wrote it.
+        let old = br#"{"format_version": 1, "system_id": "7439262451939043512",
+            "database": "app", "created_at": "2026-11-20T08:00:00.000000Z"}"#;
+        let id = parse_identity("/repo", old).unwrap();
+        assert_eq!(id.compression, Compression::Zstd);
+        // A field of a later release (of the same format_version) is ignored.
+        let mut later = serde_json::to_value(Identity::new(1, "app", Compression::Lz4)).unwrap();
+        later["a_later_field"] = serde_json::json!({"x": 1});
+        let id = parse_identity("/repo", &serde_json::to_vec(&later).unwrap()).unwrap();
+        assert_eq!(id.compression, Compression::Lz4);
+        assert_eq!(later["compression"], "lz4", "stored by its name");
+        let err = parse_identity("/repo", br#"{"format_version": 1, "system_id": "1", "database": "app", "created_at": "2026-11-20T08:00:00Z", "compression": "brotli"}"#).unwrap_err();
+        assert!(matches!(err, RepoError::BadIdentity { .. }), "{err}");
+    }
+
+    #[test]
+    fn writers_take_the_codec_of_the_identity_and_a_flag_for_another_is_refused() {
+        use crate::error::Classify;
+        let lz4 = Identity::new(1, "app", Compression::Lz4);
+        assert_eq!(
+            compression_for("/repo", None, None).unwrap(),
+            Compression::Zstd
+        );
+        assert_eq!(
+            compression_for("/repo", None, Some(Compression::Lz4)).unwrap(),
+            Compression::Lz4
+        );
+        assert_eq!(
+            compression_for("/repo", Some(&lz4), None).unwrap(),
+            Compression::Lz4
+        );
+        assert_eq!(
+            compression_for("/repo", Some(&lz4), Some(Compression::Lz4)).unwrap(),
+            Compression::Lz4
+        );
+        let err = compression_for("/repo", Some(&lz4), Some(Compression::Zstd)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/repo")
+                && msg.contains("records compression lz4")
+                && msg.contains("--compression zstd"),
+            "{msg}"
+        );
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_of_a_new_repository_takes_the_first_ones_codec() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let first = Identity::new(1, "app", Compression::Lz4);
+        assert_eq!(write_identity(&store, &first).await.unwrap(), first);
+        let second = Identity::new(1, "app", Compression::Zstd);
+        assert_eq!(write_identity(&store, &second).await.unwrap(), first);
+        let other = Identity::new(2, "app", Compression::Lz4);
+        let err = write_identity(&store, &other).await.unwrap_err();
+        assert!(matches!(err, RepoError::WrongSource { .. }), "{err}");
+    }
+
     #[tokio::test]
     async fn read_identity_checks_the_format_version() {
         let dir = tempfile::tempdir().unwrap();
         let store: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
         assert_eq!(read_identity(&store).await.unwrap(), None);
-        let mut newer = serde_json::to_value(Identity::new(1, "app")).unwrap();
+        let mut newer = serde_json::to_value(Identity::new(1, "app", Compression::Zstd)).unwrap();
         newer["format_version"] = 9.into();
         store
             .put(
@@ -231,7 +338,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let plain: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
         let keyed = object::with_codec(plain.clone(), sealed());
-        write_identity(&keyed, &Identity::new(1, "app"))
+        write_identity(&keyed, &Identity::new(1, "app", Compression::Zstd))
             .await
             .unwrap();
         let id = read_identity(&keyed).await.unwrap().unwrap();
@@ -249,7 +356,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let plain: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
-        write_identity(&plain, &Identity::new(1, "app"))
+        write_identity(&plain, &Identity::new(1, "app", Compression::Zstd))
             .await
             .unwrap();
         let id = read_identity(&plain).await.unwrap().unwrap();

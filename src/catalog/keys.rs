@@ -25,6 +25,8 @@ pub const IDENTITY: &str = "archive.json";
 pub const SEGMENTS: &str = "segments/";
 /// Folder of every base backup.
 pub const BASEBACKUPS: &str = "basebackups/";
+/// Folder of the pins: `pins/<id>.json` exists while backup `<id>` is pinned.
+pub const PINS: &str = "pins/";
 
 /// A revision of an object: 1 is the original (no suffix in its name), a rewrite is 2 or more.
 pub type Revision = u32;
@@ -55,6 +57,8 @@ pub enum Key {
         part: usize,
         revision: Revision,
     },
+    /// `pins/<id>.json`: backup `<id>` is pinned (never rewritten: unpin deletes it).
+    Pin { backup: String },
 }
 
 /// `.r<N>` for a rewrite, nothing for the first revision.
@@ -102,6 +106,7 @@ impl fmt::Display for Key {
                 "{BASEBACKUPS}{backup}/tables/{table:05}.{part:04}{}.copy.lz4",
                 suffix(*revision)
             ),
+            Key::Pin { backup } => write!(f, "{PINS}{backup}.json"),
         }
     }
 }
@@ -162,6 +167,12 @@ impl Key {
                 revision,
             });
         }
+        if let Some(file) = name.strip_prefix(PINS) {
+            let backup = file.strip_suffix(".json")?;
+            return is_backup_id(backup).then(|| Key::Pin {
+                backup: backup.to_string(),
+            });
+        }
         let (backup, file) = name.strip_prefix(BASEBACKUPS)?.split_once('/')?;
         if !is_backup_id(backup) {
             return None;
@@ -191,7 +202,7 @@ impl Key {
     /// The object's revision (1 for the identity, which is never rewritten).
     pub fn revision(&self) -> Revision {
         match self {
-            Key::Identity => FIRST_REVISION,
+            Key::Identity | Key::Pin { .. } => FIRST_REVISION,
             Key::Segment { revision, .. }
             | Key::Manifest { revision, .. }
             | Key::Schema { revision, .. }
@@ -277,6 +288,22 @@ pub fn manifest(id: &str) -> String {
         revision: FIRST_REVISION,
     }
     .to_string()
+}
+
+/// Key of the pin of backup `id`.
+pub fn pin(id: &str) -> String {
+    Key::Pin {
+        backup: id.to_string(),
+    }
+    .to_string()
+}
+
+/// The backup a pin's key names; `None` for any other key.
+pub fn parse_pin(name: &str) -> Option<String> {
+    match Key::parse(name)? {
+        Key::Pin { backup } => Some(backup),
+        _ => None,
+    }
 }
 
 /// Key of the schema dump of backup `id` (first revision).
@@ -389,6 +416,12 @@ mod tests {
             })
         );
         assert_eq!(parse_segment(&manifest(ID)), None, "not a segment");
+        assert_eq!(pin(ID), format!("pins/{ID}.json"));
+        assert_eq!(parse_pin(&pin(ID)).as_deref(), Some(ID));
+        assert_eq!(Key::parse(&pin(ID)).map(|k| k.revision()), Some(1));
+        assert_eq!(parse_pin(&manifest(ID)), None, "not a pin");
+        assert_eq!(parse_pin("pins/x.json"), None, "not a backup id");
+        assert_eq!(parse_pin(&format!("pins/{ID}.json.tmp")), None);
     }
 
     #[test]

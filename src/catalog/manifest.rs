@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys;
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::object;
+use crate::object::{self, ObjectError};
 use crate::store::{ObjectMeta, Store, StoreError};
 
 /// The newest manifest format this build writes and reads: 2 when a table is stored in COPY's
@@ -76,6 +76,35 @@ pub struct Manifest {
     /// The post-data objects the Keys load phase creates (what replay needs to find rows).
     pub key_objects: Vec<KeyObject>,
     pub totals: Totals,
+    /// How the backup came to be (absent in manifests written before it was recorded: read as
+    /// unknown, which retention does not count as manual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+    /// `backup --tag NAME` (e.g. `pre-deploy-v42`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+/// How a base backup came to be: what retention's `manual` tier counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Taken by `archive` when it started a generation.
+    Initial,
+    /// Taken by `archive`'s schedule.
+    Scheduled,
+    /// Taken by hand: `tidemark backup`.
+    Manual,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Initial => "initial",
+            Origin::Scheduled => "scheduled",
+            Origin::Manual => "manual",
+        }
+    }
 }
 
 /// The `pg_dump --schema-only -Fc` output.
@@ -187,6 +216,9 @@ pub struct Totals {
 pub enum ManifestError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A manifest that does not decode (a store error converts to [`ManifestError::Store`]).
+    #[error(transparent)]
+    Object(ObjectError),
     #[error("{key}: not a tidemark manifest: {message}")]
     Invalid { key: String, message: String },
     #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
@@ -201,8 +233,18 @@ impl crate::error::Classify for ManifestError {
         use crate::error::ExitStatus::*;
         match self {
             ManifestError::Store(e) => e.exit_status(),
+            ManifestError::Object(e) => e.exit_status(),
             ManifestError::Invalid { .. } | ManifestError::OtherBackup { .. } => Damaged,
             ManifestError::UnsupportedVersion { .. } => Repository,
+        }
+    }
+}
+
+impl From<ObjectError> for ManifestError {
+    fn from(e: ObjectError) -> ManifestError {
+        match e {
+            ObjectError::Store(e) => ManifestError::Store(e),
+            e => ManifestError::Object(e),
         }
     }
 }
@@ -254,7 +296,7 @@ impl Manifest {
 /// The complete base backups in the store, sorted by id (generation, then position). A folder
 /// without a manifest is an incomplete backup, and a manifest that cannot be read or parsed a
 /// damaged one: each is skipped with a warning (see [`read_manifests`]).
-pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, StoreError> {
+pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, ObjectError> {
     let objects = store.list(ROOT).await?;
     let scan = read_manifests(store, &objects).await?;
     for id in &scan.incomplete {
@@ -283,7 +325,7 @@ pub struct ManifestScan {
 pub async fn read_manifests(
     store: &Arc<dyn Store>,
     objects: &[ObjectMeta],
-) -> Result<ManifestScan, StoreError> {
+) -> Result<ManifestScan, ObjectError> {
     let mut folders: BTreeSet<String> = BTreeSet::new();
     // The highest revision of each backup's manifest (proto/layout.md, "Revisions").
     let mut complete: HashMap<String, (keys::Revision, String)> = HashMap::new();
@@ -310,8 +352,10 @@ pub async fn read_manifests(
         match read_manifest(store, &id, &key).await {
             Ok(m) => scan.manifests.push(m),
             Err(ManifestError::Store(e)) if !matches!(e, StoreError::NotFound { .. }) => {
-                return Err(e)
+                return Err(e.into())
             }
+            // A key missing from the keyring is the command's problem, not the manifest's.
+            Err(ManifestError::Object(e @ ObjectError::Crypt(_))) => return Err(e),
             Err(e) => {
                 let detail = e.to_string();
                 let detail = detail.strip_prefix(&format!("{key}: ")).unwrap_or(&detail);
@@ -418,7 +462,31 @@ pub(crate) mod tests {
                 raw_bytes: 100,
                 stored_bytes: 1294,
             },
+            origin: None,
+            tag: None,
         }
+    }
+
+    #[test]
+    fn origin_and_tag_are_optional_fields() {
+        // A manifest without them (written before they were recorded) reads as unknown.
+        let old = sample();
+        let text = String::from_utf8(old.to_json()).unwrap();
+        assert!(!text.contains("origin") && !text.contains("tag"), "{text}");
+        assert_eq!(
+            Manifest::from_json("k", text.as_bytes()).unwrap().origin,
+            None
+        );
+        let m = Manifest {
+            origin: Some(Origin::Manual),
+            tag: Some("pre-deploy-v42".into()),
+            ..sample()
+        };
+        let json = m.to_json();
+        let text = std::str::from_utf8(&json).unwrap();
+        assert!(text.contains("\"origin\": \"manual\""), "{text}");
+        assert!(text.contains("\"tag\": \"pre-deploy-v42\""), "{text}");
+        assert_eq!(Manifest::from_json("k", &json).unwrap(), m);
     }
 
     #[test]

@@ -19,16 +19,27 @@
 //! * [`keys`]: every object key and its parser (with the revision of a rewritten object);
 //! * [`identity`]: the repository's `archive.json` (which cluster and database it archives);
 //! * [`chain`]: segments grouped into generations, and the archiver's continuity checks;
-//! * [`manifest`]: the base backups' manifests, and their reading from a listing.
+//! * [`manifest`]: the base backups' manifests, and their reading from a listing;
+//! * [`retention`]: which backups and segments a policy keeps (pure), and [`expire`] the
+//!   deletion plan of its choice and its application;
+//! * [`pin`]: the pins (`pins/<id>.json`) that keep a backup until it is unpinned.
 //!
-//! Invariant: every instant inside a window is provable from objects the catalog listed and
-//! found intact where it looked; an instant outside every window is refused by the planner.
+//! A complete base backup outside every window (the segments at its position were pruned, or
+//! lie behind a hole or damage) is a restorable *point*: its own consistent instant, restored
+//! with no replay (`restore --to-backup`). Prune keeps daily, weekly and monthly backups long
+//! after their segments are gone: they are points.
+//!
+//! Invariant: every instant inside a window, and every point, is provable from objects the
+//! catalog listed and found intact where it looked; an instant outside every window and point
+//! is refused by the planner.
 
 pub mod chain;
 mod error;
+pub mod expire;
 pub mod identity;
 pub mod keys;
 pub mod manifest;
+pub mod pin;
 pub mod retention;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,7 +57,8 @@ use crate::store::{Store, StoreError};
 pub use chain::{Hole, SegmentRef};
 pub use error::RepoError;
 pub use identity::Identity;
-pub use manifest::{Manifest, ManifestError, ManifestScan};
+pub use manifest::{Manifest, ManifestError, ManifestScan, Origin};
+pub use pin::PinError;
 
 /// A base backup as planning sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -187,12 +199,6 @@ pub enum Problem {
         /// The generation has no usable base backup at all.
         no_backup: bool,
     },
-    /// A base backup a restore cannot replay from.
-    UnusableBackup {
-        generation: u32,
-        id: String,
-        detail: String,
-    },
     /// A manifest that cannot be read or parsed: its backup is not used.
     DamagedManifest { key: String, detail: String },
     /// A backup folder without manifest.json.
@@ -205,8 +211,7 @@ impl Problem {
             Problem::Gap { generation, .. }
             | Problem::Overlap { generation, .. }
             | Problem::DamagedSegment { generation, .. }
-            | Problem::Unreachable { generation, .. }
-            | Problem::UnusableBackup { generation, .. } => Some(*generation),
+            | Problem::Unreachable { generation, .. } => Some(*generation),
             Problem::DamagedManifest { .. } | Problem::IncompleteBackup { .. } => None,
         }
     }
@@ -235,10 +240,6 @@ impl fmt::Display for Problem {
                 f,
                 "generation {generation}: {segments} segment(s) from {from} to {to} are not restorable: a hole or damage lies between them and every usable base backup before them"
             ),
-            Problem::UnusableBackup { generation, id, detail } => write!(
-                f,
-                "generation {generation}: base backup {id} is not usable: {detail}"
-            ),
             Problem::DamagedManifest { key, detail } => {
                 write!(f, "{key} cannot be used ({detail}): that base backup is skipped")
             }
@@ -261,13 +262,19 @@ pub struct Catalog {
     pub segments: BTreeMap<u32, Vec<SegmentRef>>,
     /// Every window, by (generation, start).
     pub windows: Vec<Window>,
+    /// The complete backups outside every window, by snapshot time: each restorable at its own
+    /// instant only.
+    pub points: Vec<BackupRef>,
     pub problems: Vec<Problem>,
 }
 
 impl Catalog {
     /// Lists the repository once, reads its manifests and the segments the windows need.
-    /// Damaged objects become [`Problem`]s; only a failing store is an error.
-    pub async fn load(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), StoreError> {
+    /// Damaged objects become [`Problem`]s; only a failing store, or an object whose key the
+    /// keyring lacks ([`ObjectError::Crypt`](crate::object::ObjectError::Crypt)), is an error.
+    pub async fn load(
+        store: &Arc<dyn Store>,
+    ) -> Result<(Catalog, Vec<Manifest>), crate::object::ObjectError> {
         let objects = store.list("").await?;
         let scan = manifest::read_manifests(store, &objects).await?;
         let problems: Vec<Problem> = scan
@@ -322,6 +329,7 @@ impl Catalog {
         backups.sort_by_key(|b| (b.generation, b.consistent_point));
         let all: Vec<SegmentRef> = segments.values().flatten().cloned().collect();
         let windows = windows(&backups, &all, facts);
+        let points = points(&backups, &windows);
         let mut found = chain_problems(&backups, &segments, facts, &windows);
         found.append(&mut problems);
         Catalog {
@@ -329,6 +337,7 @@ impl Catalog {
             backups,
             segments,
             windows,
+            points,
             problems: found,
         }
     }
@@ -346,11 +355,15 @@ impl Catalog {
     /// The windows and problems as text: a heading line, then one indented line each (what
     /// `list` prints and a refused restore names).
     pub fn describe(&self) -> String {
-        let mut out = String::from(match (self.windows.is_empty(), self.problems.is_empty()) {
-            (false, _) => "restorable windows:",
-            (true, false) => "nothing is restorable:",
-            (true, true) => "nothing is restorable",
-        });
+        let nothing = self.windows.is_empty() && self.points.is_empty();
+        let mut out = String::from(
+            match (nothing, self.windows.is_empty(), self.problems.is_empty()) {
+                (false, false, _) => "restorable windows:",
+                (false, true, _) => "restorable windows: none",
+                (true, _, false) => "nothing is restorable:",
+                (true, _, true) => "nothing is restorable",
+            },
+        );
         for (i, w) in self.windows.iter().enumerate() {
             if let Some(prev) = i.checked_sub(1).map(|i| &self.windows[i]) {
                 if prev.generation != w.generation {
@@ -365,6 +378,12 @@ impl Catalog {
             out.push_str("\n  ");
             out.push_str(&w.describe());
         }
+        if !self.points.is_empty() {
+            out.push_str("\nrestorable points outside every window (a base backup's own instant, no replay):");
+            for b in &self.points {
+                out.push_str(&format!("\n  {}", describe_point(b)));
+            }
+        }
         for p in &self.problems {
             out.push_str(match p {
                 Problem::IncompleteBackup { .. } => "\n  note: ",
@@ -375,9 +394,73 @@ impl Catalog {
         out
     }
 
-    /// The earliest instant of any window.
+    /// The earliest restorable instant (of any window or point).
     pub fn earliest(&self) -> Option<PgTimestamp> {
-        self.windows.iter().map(|w| w.earliest).min()
+        self.windows
+            .iter()
+            .map(|w| w.earliest)
+            .chain(self.points.iter().map(|b| b.snapshot_time))
+            .min()
+    }
+
+    /// The point that restores exactly `t` (a backup outside every window whose instant it is).
+    pub fn point_at_time(&self, t: PgTimestamp) -> Option<&BackupRef> {
+        self.points.iter().find(|b| b.snapshot_time == t)
+    }
+
+    /// The nearest restorable instants before and after `t` (of the windows and the points),
+    /// each described with how to reach it. Pure.
+    pub fn nearest_instants(&self, t: PgTimestamp) -> (Option<Nearest>, Option<Nearest>) {
+        let mut before: Option<Nearest> = None;
+        let mut after: Option<Nearest> = None;
+        let mut offer = |n: Nearest| {
+            if n.instant <= t {
+                if before.as_ref().is_none_or(|b| n.instant > b.instant) {
+                    before = Some(n);
+                }
+            } else if after.as_ref().is_none_or(|a| n.instant < a.instant) {
+                after = Some(n);
+            }
+        };
+        for w in &self.windows {
+            if w.earliest > t {
+                offer(Nearest {
+                    instant: w.earliest,
+                    text: format!(
+                        "{} (the start of a window of generation {}: --to-time {})",
+                        w.earliest, w.generation, w.earliest
+                    ),
+                });
+            } else {
+                match w.latest_commit {
+                    Some(lc) if lc <= t => offer(Nearest {
+                        instant: lc,
+                        text: format!(
+                            "just before {lc} (the end of a window of generation {}: --to-time before {lc})",
+                            w.generation
+                        ),
+                    }),
+                    Some(_) => {}
+                    None => offer(Nearest {
+                        instant: w.earliest,
+                        text: format!(
+                            "{} (base backup {}: --to-backup {})",
+                            w.earliest, w.backups[0].id, w.backups[0].id
+                        ),
+                    }),
+                }
+            }
+        }
+        for b in &self.points {
+            offer(Nearest {
+                instant: b.snapshot_time,
+                text: format!(
+                    "{} (base backup {}: --to-backup {})",
+                    b.snapshot_time, b.id, b.id
+                ),
+            });
+        }
+        (before, after)
     }
 
     /// The latest commit of any window (instants before it are restorable).
@@ -406,16 +489,50 @@ impl Catalog {
     }
 }
 
+/// A restorable instant near a refused target, and how to restore it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nearest {
+    pub instant: PgTimestamp,
+    pub text: String,
+}
+
+/// One line: a point and how to restore it.
+pub fn describe_point(b: &BackupRef) -> String {
+    format!(
+        "generation {}: base backup {} at {} (LSN {}): --to-backup {}",
+        b.generation, b.id, b.snapshot_time, b.consistent_point, b.id
+    )
+}
+
+/// The backups in no window, by snapshot time: restorable points. Pure.
+fn points(backups: &[BackupRef], windows: &[Window]) -> Vec<BackupRef> {
+    let mut out: Vec<BackupRef> = backups
+        .iter()
+        .filter(|b| {
+            !windows
+                .iter()
+                .any(|w| w.backups.iter().any(|x| x.id == b.id))
+        })
+        .cloned()
+        .collect();
+    out.sort_by_key(|b| (b.snapshot_time, b.generation, b.consistent_point));
+    out
+}
+
 /// Reads one segment completely and checks it against its name.
-async fn read_fact(store: &Arc<dyn Store>, s: &SegmentRef) -> Result<SegmentFact, StoreError> {
+/// A segment that does not decode is damage like a bad checksum; a key missing from the
+/// keyring is not (it stops the command: exit 2).
+async fn read_fact(
+    store: &Arc<dyn Store>,
+    s: &SegmentRef,
+) -> Result<SegmentFact, crate::object::ObjectError> {
+    use crate::object::ObjectError;
     match crate::object::get_object(&**store, &s.key).await {
         Ok(bytes) => Ok(check_segment(s, bytes)),
-        Err(StoreError::NotFound { .. }) => {
+        Err(ObjectError::Store(StoreError::NotFound { .. })) => {
             Ok(SegmentFact::Corrupt("listed, but gone when read".into()))
         }
-        // An envelope that does not authenticate is damage like a bad checksum (a key missing
-        // from the keyring is not: it stops the command).
-        Err(StoreError::Crypt(e)) if e.is_damage() => Ok(SegmentFact::Corrupt(e.to_string())),
+        Err(e @ ObjectError::Undecodable { .. }) => Ok(SegmentFact::Corrupt(e.to_string())),
         Err(e) => Err(e),
     }
 }
@@ -583,7 +700,8 @@ pub fn windows(
     out
 }
 
-/// Holes, damaged segments, segments outside every window and backups in none. Pure.
+/// Holes, damaged segments and segments outside every window. Pure. (A backup in no window
+/// is not a problem: it is a point.)
 fn chain_problems(
     backups: &[BackupRef],
     segments: &BTreeMap<u32, Vec<SegmentRef>>,
@@ -644,21 +762,6 @@ fn chain_problems(
             }
         }
         flush(&mut pending, &mut out);
-    }
-    for b in backups {
-        if !windows
-            .iter()
-            .any(|w| w.backups.iter().any(|x| x.id == b.id))
-        {
-            out.push(Problem::UnusableBackup {
-                generation: b.generation,
-                id: b.id.clone(),
-                detail: format!(
-                    "the changes after its position {} are missing or damaged",
-                    b.consistent_point
-                ),
-            });
-        }
     }
     out
 }
@@ -769,20 +872,61 @@ mod tests {
     }
 
     #[test]
-    fn a_hole_before_the_first_backup_leaves_the_backup_unusable() {
-        // The segment holding the backup's position is gone.
+    fn a_backup_whose_segments_are_gone_is_a_point() {
+        // The segment holding the backup's position is gone (pruned, or lost).
         let segs = vec![seg(1, 200, 300)];
         let c = catalog(vec![backup(1, 100, 1000)], segs.clone(), &good(&segs));
         assert!(c.windows.is_empty());
-        assert!(c
-            .problems
-            .iter()
-            .any(|p| matches!(p, Problem::UnusableBackup { .. })));
+        assert_eq!(c.points, vec![backup(1, 100, 1000)]);
+        assert_eq!(c.earliest(), Some(PgTimestamp(1000)));
+        let text = c.describe();
         assert!(
-            c.describe().contains("nothing is restorable"),
-            "{}",
-            c.describe()
+            text.contains("restorable points outside every window")
+                && text.contains("base backup b1-100 at 2000-01-01 00:00:00.001000+00 (LSN 0/64): --to-backup b1-100"),
+            "{text}"
         );
+        // The segments after it reach no backup: named, as before.
+        assert!(c.problems.iter().any(|p| matches!(
+            p,
+            Problem::Unreachable {
+                no_backup: false,
+                ..
+            }
+        )));
+    }
+
+    #[test]
+    fn points_between_windows_are_the_nearest_instants_of_a_refused_time() {
+        // Window 100..200 (commit at 2000), a point at 3000 whose segments are gone, and a
+        // window from a backup at 5000 over 500..600 (commit at 6000).
+        let segs = vec![seg(1, 100, 200), seg(1, 500, 600)];
+        let c = catalog(
+            vec![
+                backup(1, 100, 1000),
+                backup(1, 300, 3000),
+                backup(1, 500, 5000),
+            ],
+            segs.clone(),
+            &good(&segs),
+        );
+        assert_eq!(c.windows.len(), 2);
+        assert_eq!(c.points.len(), 1);
+        assert_eq!(
+            c.point_at_time(PgTimestamp(3000)).map(|b| b.id.as_str()),
+            Some("b1-300")
+        );
+        assert!(c.point_at_time(PgTimestamp(3001)).is_none());
+        let (b, a) = c.nearest_instants(PgTimestamp(2500));
+        assert_eq!(b.unwrap().instant, PgTimestamp(2000));
+        let a = a.unwrap();
+        assert_eq!(a.instant, PgTimestamp(3000));
+        assert!(a.text.contains("--to-backup b1-300"), "{}", a.text);
+        let (b, a) = c.nearest_instants(PgTimestamp(4000));
+        assert_eq!(b.unwrap().instant, PgTimestamp(3000));
+        assert!(a.unwrap().text.contains("start of a window"));
+        let (b, a) = c.nearest_instants(PgTimestamp(999));
+        assert!(b.is_none());
+        assert_eq!(a.unwrap().instant, PgTimestamp(1000));
     }
 
     #[test]

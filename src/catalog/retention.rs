@@ -1,7 +1,7 @@
 //! Retention: which base backups and segments a backup policy keeps. Pure: a list of
-//! backups and the time in, a [`Selection`] out. Not applied yet: the next step feeds it from
-//! the [`Catalog`](super::Catalog) in `prune` (deleting a dropped backup's manifest first,
-//! then its parts; segments oldest first) and shows its reasons in `list`.
+//! backups and the time in, a [`Selection`] out. [`super::expire`] turns it into the ordered
+//! deletions `prune` applies (a dropped backup's manifest first, then its parts; segments
+//! oldest first), and `list` shows its reasons as each backup's tiers.
 //!
 //! The tiers follow restic's `forget --keep-daily/--keep-weekly/--keep-monthly`: walking the
 //! backups newest first, a tier keeps a backup when it is the newest of a day (ISO week,

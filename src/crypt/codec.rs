@@ -15,7 +15,7 @@ use bytes::Bytes;
 use super::envelope::{self, OpenError};
 use super::{CryptError, Keyring};
 use crate::object::Codec;
-use crate::store::StoreError;
+use crate::object::ObjectError;
 
 /// The keyring file's modification time and size: when either changes, it is read again.
 type Stamp = Option<(SystemTime, u64)>;
@@ -66,7 +66,7 @@ impl Codec for Sealed {
         Bytes::from(envelope::seal(&k.secret, k.id, key, &plain))
     }
 
-    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, StoreError> {
+    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, ObjectError> {
         let try_open = |keyring: &Keyring| {
             envelope::open(|id| keyring.get(id).map(|k| &k.secret), key, &stored)
         };
@@ -76,11 +76,21 @@ impl Codec for Sealed {
             r => r,
         };
         opened.map(Bytes::from).map_err(|source| {
-            CryptError::Open {
+            let e = CryptError::Open {
                 key: key.to_string(),
                 source,
+            };
+            // Damage is the object layer's one kind of damaged object (exit 5, and the
+            // catalog's "corrupt" for a segment); a missing key or a newer envelope is not.
+            if e.is_damage() {
+                ObjectError::Undecodable {
+                    key: key.to_string(),
+                    codec: "aes-256-gcm envelope",
+                    detail: e.to_string(),
+                }
+            } else {
+                e.into()
             }
-            .into()
         })
     }
 

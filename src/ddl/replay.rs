@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use tracing::warn;
 
 use crate::pgoutput::{self, Message};
-use crate::statement::quote_ident;
+use crate::sql::{quote_ident, quote_literal};
 
 use super::lex::{lex, split_statements, upper, Tok, Token};
 use super::message::{DdlMessage, SequenceValue, DDL_PREFIX};
@@ -205,7 +205,7 @@ pub fn plan_replay(msg: &DdlMessage) -> Result<Vec<String>, ReplayDdlError> {
     let path: Vec<String> = msg.search_path.iter().map(|s| quote_ident(s)).collect();
     let mut out = vec![format!(
         "SELECT pg_catalog.set_config('search_path', {}, true)",
-        quote_str(&path.join(", "))
+        quote_literal(&path.join(", "))
     )];
     let mut schema = 0;
     for stmt in split_statements(&msg.query) {
@@ -269,10 +269,6 @@ pub fn fills_rows_with_computed_values(stmt: &str) -> bool {
     })
 }
 
-fn quote_str(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
 /// One statement that sets the values of a `tidemark.sequences` message; sequences that no
 /// longer exist on the target are ignored. Its result is one row.
 pub fn setval_sql(values: &[SequenceValue]) -> Option<String> {
@@ -284,7 +280,7 @@ pub fn setval_sql(values: &[SequenceValue]) -> Option<String> {
         .map(|s| {
             format!(
                 "({}, {}::int8, {})",
-                quote_str(&format!(
+                quote_literal(&format!(
                     "{}.{}",
                     quote_ident(&s.schema),
                     quote_ident(&s.name)

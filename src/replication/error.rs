@@ -33,6 +33,14 @@ pub enum ReplicationError {
         detail: Option<String>,
         hint: Option<String>,
     },
+    /// TLS was required and refused, or its handshake failed on a certificate: retrying does
+    /// not help until someone changes the server or the connection string.
+    #[error("replication connection to {target}: {source}")]
+    Tls {
+        target: String,
+        #[source]
+        source: crate::tls::TlsError,
+    },
     /// The server asked for an authentication method this client does not implement.
     #[error("server requested unsupported authentication method {0}")]
     UnsupportedAuth(String),
@@ -46,6 +54,7 @@ impl crate::error::Classify for ReplicationError {
             | ReplicationError::Protocol(_)
             | ReplicationError::Auth { .. }
             | ReplicationError::Server { .. }
+            | ReplicationError::Tls { .. }
             | ReplicationError::UnsupportedAuth(_) => Database,
         }
     }
@@ -93,6 +102,7 @@ impl ReplicationError {
             }
             ReplicationError::Protocol(_)
             | ReplicationError::Auth { .. }
+            | ReplicationError::Tls { .. }
             | ReplicationError::UnsupportedAuth(_) => false,
         }
     }

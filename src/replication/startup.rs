@@ -1,5 +1,6 @@
-//! Opening a `replication=database` connection: socket, StartupMessage, authentication, and the
-//! server's parameters up to the first ReadyForQuery.
+//! Opening a `replication=database` connection: socket, TLS (the connection's one
+//! configuration, see `tls`), StartupMessage, authentication, and the server's parameters up
+//! to the first ReadyForQuery.
 
 use std::io;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio_postgres::config::Host;
 use super::error::ReplicationError;
 use super::wire::{unexpected, Conn, Cursor, Socket};
 use crate::conninfo::ConnInfo;
+use crate::tls::{negotiate, NegotiateError, Negotiated, SslMode};
 
 /// Tries each host in order, each within the connect timeout; returns the first connection
 /// that reaches ReadyForQuery, or the last error.
@@ -20,24 +22,30 @@ pub(crate) async fn connect(info: &ConnInfo) -> Result<Conn, ReplicationError> {
     let ports = info.config().get_ports();
     let timeout = info.connect_timeout();
     let mut last = None;
+    // sslmode=allow: plaintext first, TLS if that fails (libpq's order).
+    let tries: &[bool] = match (info.tls(), info.ssl_mode()) {
+        (None, _) => &[false],
+        (Some(_), SslMode::Allow) => &[false, true],
+        (Some(_), _) => &[true],
+    };
     for (i, host) in info.hosts().iter().enumerate() {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let target = target_name(info, host, port);
-        let attempt = async {
-            let sock = open_socket(host, port, info)
-                .await
-                .map_err(|e| ReplicationError::io(&target, e))?;
-            let mut conn = Conn::new(sock, target.clone());
-            startup(&mut conn, info).await?;
-            Ok::<_, ReplicationError>(conn)
-        };
-        let err = match tokio::time::timeout(timeout, attempt).await {
-            Ok(Ok(conn)) => return Ok(conn),
-            Ok(Err(e)) => e,
-            Err(_) => ReplicationError::io(&target, timed_out(timeout)),
-        };
-        tracing::debug!(%target, error = %err, "replication connection attempt failed");
-        last = Some(err);
+        for &tls in tries {
+            let attempt = async {
+                let sock = open_socket(host, port, info, tls, &target).await?;
+                let mut conn = Conn::new(sock, target.clone());
+                startup(&mut conn, info).await?;
+                Ok::<_, ReplicationError>(conn)
+            };
+            let err = match tokio::time::timeout(timeout, attempt).await {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => e,
+                Err(_) => ReplicationError::io(&target, timed_out(timeout)),
+            };
+            tracing::debug!(%target, tls, error = %err, "replication connection attempt failed");
+            last = Some(err);
+        }
     }
     Err(last.unwrap_or_else(|| ReplicationError::protocol("connection string names no host")))
 }
@@ -58,13 +66,38 @@ fn target_name(info: &ConnInfo, host: &Host, port: u16) -> String {
     format!("{}@{}:{}/{}", info.user(), host, port, info.dbname())
 }
 
-async fn open_socket(host: &Host, port: u16, info: &ConnInfo) -> io::Result<Box<dyn Socket>> {
+/// Opens the socket; over TCP with `tls`, asks for TLS and runs the handshake (as libpq, never
+/// on a Unix-domain socket).
+async fn open_socket(
+    host: &Host,
+    port: u16,
+    info: &ConnInfo,
+    tls: bool,
+    target: &str,
+) -> Result<Box<dyn Socket>, ReplicationError> {
+    let io = |e| ReplicationError::io(target, e);
     match host {
-        Host::Tcp(h) => Ok(Box::new(connect_tcp(h, port, info).await?)),
+        Host::Tcp(h) => {
+            let sock = connect_tcp(h, port, info).await.map_err(io)?;
+            let Some(config) = info.tls().filter(|_| tls) else {
+                return Ok(Box::new(sock));
+            };
+            match negotiate(config, h, sock).await {
+                Ok(Negotiated::Tls(s)) => Ok(Box::new(s)),
+                Ok(Negotiated::Plain(s)) => Ok(Box::new(s)),
+                Err(NegotiateError::Io(e)) => Err(io(e)),
+                Err(NegotiateError::Tls(source)) => Err(ReplicationError::Tls {
+                    target: target.to_string(),
+                    source,
+                }),
+            }
+        }
         #[cfg(unix)]
         Host::Unix(dir) => {
             let path = dir.join(format!(".s.PGSQL.{port}"));
-            Ok(Box::new(tokio::net::UnixStream::connect(path).await?))
+            Ok(Box::new(
+                tokio::net::UnixStream::connect(path).await.map_err(io)?,
+            ))
         }
     }
 }
@@ -103,6 +136,10 @@ async fn startup(conn: &mut Conn, info: &ConnInfo) -> Result<(), ReplicationErro
         ("replication", "database"),
         ("application_name", &app),
     ];
+    // The string's `options` first: the server applies the settings below after them.
+    if let Some(options) = info.options().filter(|o| !o.trim().is_empty()) {
+        params.push(("options", options));
+    }
     // pgoutput's text values are printed with the settings a restore parses them with.
     params.push(("client_encoding", "UTF8"));
     params.extend_from_slice(crate::session::TEXT_SETTINGS);
@@ -196,7 +233,7 @@ async fn scram(conn: &mut Conn, info: &ConnInfo, body: &[u8]) -> Result<(), Repl
         )));
     }
     let pw = password(info, SCRAM)?;
-    // Plaintext connection: no channel binding ("n,,").
+    // No channel binding ("n,,"), over TLS too: SCRAM-SHA-256, not -PLUS.
     let mut scram = ScramSha256::new(pw, ChannelBinding::unsupported());
     frontend::sasl_initial_response(SCRAM, scram.message(), &mut conn.wbuf)
         .map_err(|e| conn.io_err(e))?;

@@ -233,10 +233,18 @@ async fn read_frontend(sock: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
     (tag, body)
 }
 
-async fn read_startup(sock: &mut (impl AsyncRead + Unpin)) -> Vec<(String, String)> {
-    let len = sock.read_i32().await.unwrap() as usize;
+/// Reads the StartupMessage; an SSLRequest before it (sslmode=prefer, the default) is answered
+/// "no TLS here", as a server with `ssl=off` does.
+async fn read_startup(sock: &mut (impl AsyncRead + AsyncWrite + Unpin)) -> Vec<(String, String)> {
+    let mut len = sock.read_i32().await.unwrap() as usize;
     let mut body = vec![0; len - 4];
     sock.read_exact(&mut body).await.unwrap();
+    if len == 8 && body[..] == 80877103i32.to_be_bytes() {
+        sock.write_all(b"N").await.unwrap();
+        len = sock.read_i32().await.unwrap() as usize;
+        body = vec![0; len - 4];
+        sock.read_exact(&mut body).await.unwrap();
+    }
     assert_eq!(&body[..4], &0x0003_0000i32.to_be_bytes());
     let strs: Vec<String> = body[4..]
         .split(|&b| b == 0)
@@ -276,6 +284,8 @@ async fn md5_startup_queries_and_start_error_against_a_scripted_server() {
         assert_eq!(get("application_name").as_deref(), Some("tidemark"));
         assert_eq!(get("bytea_output").as_deref(), Some("hex"));
         assert_eq!(get("TimeZone").as_deref(), Some("UTC"));
+        // The connection string's options reach the server (ours still follow them).
+        assert_eq!(get("options").as_deref(), Some("-c work_mem=8MB"));
         write_all(&mut sock, &[auth(5, &[1, 2, 3, 4])]).await;
         let (tag, body) = read_frontend(&mut sock).await;
         assert_eq!(tag, b'p');
@@ -347,7 +357,7 @@ async fn md5_startup_queries_and_start_error_against_a_scripted_server() {
     });
 
     let info = ConnInfo::parse_with_env(
-        &format!("host=127.0.0.1 port={port} user=alice password=pw dbname=shop"),
+        &format!("host=127.0.0.1 port={port} user=alice password=pw dbname=shop options='-c work_mem=8MB'"),
         &|_| None,
     )
     .unwrap();

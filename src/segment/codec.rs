@@ -1,11 +1,69 @@
-//! The zstd side of the format: a compression context reused for every block of a builder, one
-//! decompression context per thread, and the check that stored bytes are exactly one frame that
-//! declares its content size (blocks of versions 2 and 3, version 3's commit index). LZ4
-//! (version 1) needs no state: the writer and the reader call `lz4_flex` directly.
+//! The segments' compression: [`Compression`], the codec a repository records for its
+//! segments (and the format version each one is written in), and the zstd side of the format: a
+//! compression context reused for every block of a builder, one decompression context per
+//! thread, and the check that stored bytes are exactly one frame that declares its content size
+//! (blocks of versions 2 and 3, version 3's commit index). LZ4 (version 1) needs no state: the
+//! writer and the reader call `lz4_flex` directly.
 
 use std::fmt;
+use std::str::FromStr;
 
-use super::{hex, ZSTD_MAGIC};
+use serde::{Deserialize, Serialize};
+
+use super::{hex, FORMAT_VERSION, ZSTD_MAGIC};
+
+/// How a repository's segments are compressed: chosen when the repository is created,
+/// recorded in its identity (`archive.json`'s `compression`), and used by every writer after.
+/// A reader needs none of it: every segment's header names its own format version, and so its
+/// codec.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// zstd frames of columns, format version 3 (about 35 B per pgbench transaction). What
+    /// every release wrote since segment format 2, so what an identity without the field means.
+    #[default]
+    Zstd,
+    /// LZ4 blocks, format version 1 (about 190 B per pgbench transaction, a little less CPU).
+    Lz4,
+}
+
+impl Compression {
+    /// Every codec, in the order `--help` names them.
+    pub const ALL: [Compression; 2] = [Compression::Zstd, Compression::Lz4];
+
+    /// The name in `archive.json` and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::Zstd => "zstd",
+            Compression::Lz4 => "lz4",
+        }
+    }
+
+    /// The segment format version a writer of this codec writes.
+    pub fn format_version(self) -> u16 {
+        match self {
+            Compression::Zstd => FORMAT_VERSION,
+            Compression::Lz4 => 1,
+        }
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Compression, String> {
+        Compression::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| format!("unknown compression {s:?}: expected zstd or lz4"))
+    }
+}
 
 /// A zstd compression context, reused for every block of a builder (its tables are allocated
 /// once), and a scratch buffer for the compressed frame.

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use crate::lsn::{Lsn, PgTimestamp};
 
-use super::codec::Zstd;
+use super::codec::{Compression, Zstd};
 use super::columns;
 use super::commit_index::{encode_commit, encode_commit_columns, CommitBase};
 use super::varint::{put_uvarint, uvarint_len, zigzag};
@@ -134,6 +134,15 @@ impl SegmentBuilder {
         self.out[8..10].copy_from_slice(&version.to_le_bytes());
         self.seal_header();
         self
+    }
+
+    /// Writes the format version of `compression` ([`Compression::format_version`]): what a
+    /// repository's writers do with the codec its identity records.
+    ///
+    /// # Panics
+    /// If records were pushed already.
+    pub fn with_compression(self, compression: Compression) -> Self {
+        self.with_format_version(compression.format_version())
     }
 
     /// Sets the zstd compression level of blocks (versions 2 and 3; default

@@ -40,10 +40,15 @@
 //! credentials files, web identity, ECS/EC2 metadata). `--s3-endpoint` (or `AWS_ENDPOINT_URL`)
 //! points at an S3-compatible store; path-style addressing is then the default.
 //!
+//! TLS: HTTPS with the system's trusted roots, or with `--s3-ca-bundle` / `AWS_CA_BUNDLE` (a
+//! PEM file checked when the store opens) in their place for a private CA.
+//!
 //! Build choices (compile time on small CI machines): `aws-config`/`aws-sdk-s3` without default
 //! features (no SSO, no SigV4a, no aws-lc), and an HTTPS client built here with rustls on `ring`.
 
+use std::fmt;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -97,7 +102,7 @@ impl Sse {
 }
 
 /// How an S3 repository is reached (the `--s3-*` flags).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct S3Options {
     /// Endpoint of an S3-compatible store (`http://127.0.0.1:9000`); `None`: AWS (or `AWS_ENDPOINT_URL`).
     pub endpoint: Option<String>,
@@ -107,8 +112,49 @@ pub struct S3Options {
     pub sse: Sse,
     /// Path-style addressing; `None`: on when an endpoint is set.
     pub path_style: Option<bool>,
-    /// Fixed credentials instead of the AWS chain (for embedding and tests).
+    /// Fixed credentials instead of the AWS chain (for embedding and tests): key id, secret.
     pub credentials: Option<(String, String)>,
+    /// PEM file of the CA certificates to trust instead of the system's roots
+    /// (`--s3-ca-bundle`); `None`: `AWS_CA_BUNDLE`, else the system's roots.
+    pub ca_bundle: Option<PathBuf>,
+}
+
+impl fmt::Debug for S3Options {
+    /// The secret access key prints `[redacted]`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("sse", &self.sse)
+            .field("path_style", &self.path_style)
+            .field(
+                "credentials",
+                &self
+                    .credentials
+                    .as_ref()
+                    .map(|(id, _)| format!("{id}:[redacted]")),
+            )
+            .field("ca_bundle", &self.ca_bundle)
+            .finish()
+    }
+}
+
+/// The CA bundle to trust: `--s3-ca-bundle`, else a non-empty `AWS_CA_BUNDLE` (as the AWS CLI,
+/// it replaces the system's roots), read and checked once so a bad file is named at start.
+fn ca_bundle(opts: &S3Options) -> Result<Option<Vec<u8>>, StoreError> {
+    let path = opts.ca_bundle.clone().or_else(|| {
+        std::env::var_os("AWS_CA_BUNDLE")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    path.map(|p| {
+        crate::tls::load_ca_bundle(&p).map_err(|e| {
+            StoreError::InvalidUrl(format!(
+                "{e}\nHINT: name a PEM file of the CA certificates that sign the S3 endpoint's certificate"
+            ))
+        })
+    })
+    .transpose()
 }
 
 /// Bounds of this module's own retry loop around each S3 call.
@@ -852,9 +898,20 @@ async fn load_config(
     use aws_config::timeout::TimeoutConfig;
     use aws_config::{BehaviorVersion, Region};
     use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
+    use aws_smithy_http_client::tls::{TlsContext, TrustStore};
 
+    // HTTPS (TLS 1.2+) with the system's roots, or only the CA bundle's.
+    let trust = match ca_bundle(opts)? {
+        Some(pem) => TrustStore::empty().with_pem_certificate(pem),
+        None => TrustStore::default(),
+    };
+    let tls = TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| StoreError::InvalidUrl(format!("{url}: TLS configuration: {e}")))?;
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(Provider::Rustls(CryptoMode::Ring))
+        .tls_context(tls)
         .build_https();
     let timeouts = TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(10))

@@ -200,6 +200,8 @@ async fn take_and_load_round_trip() {
         generation: 1,
         publication: "pub",
         parallel: 3,
+        origin: tidemark::backup::Origin::Manual,
+        tag: None,
     };
     // Small block ranges, so that tables are copied in parallel ranges.
     let opts = backup::TakeOptions {
@@ -445,6 +447,8 @@ async fn incomplete_backup_is_skipped_and_failed_take_leaves_nothing() {
         generation: 1,
         publication: "no_such_publication",
         parallel: 1,
+        origin: tidemark::backup::Origin::Manual,
+        tag: None,
     };
     let err = backup::take(&store, req).await.unwrap_err();
     assert!(err.to_string().contains("no_such_publication"), "{err}");

@@ -98,7 +98,7 @@ async fn a_later_backup_is_used_for_later_targets() {
         url: repo_s,
         dir: _repo_dir,
     } = Archiving::start(&[]).await;
-    crate::types::wait_base_backup(&repo).await;
+    support::wait_base_backup(&repo).await;
     workload_step(&c, 2).await;
     let (code, out, err) = tidemark(&[
         "backup",
@@ -132,4 +132,63 @@ async fn a_later_backup_is_used_for_later_targets() {
     );
     let restored = support::snapshot_content(&cluster.client("restored").await).await;
     support::assert_same_content(&expected, &restored, "restore from the second backup");
+}
+
+/// The repository's identity records the segments' codec: an archiver asked for lz4 on a new
+/// repository writes segment format 1 and records `"compression": "lz4"`; a command that asks
+/// for another codec on it is refused before it writes, naming both; the archive restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_keeps_the_compression_it_was_created_with() {
+    let Archiving {
+        cluster,
+        src: c,
+        archiver,
+        repo,
+        url: repo_s,
+        dir: _repo_dir,
+    } = Archiving::start(&["--compression", "lz4"]).await;
+    support::wait_base_backup(&repo).await;
+    workload_step(&c, 2).await;
+    wait_archived(&c, "tidemark", &archiver.log).await;
+    archiver.stop();
+
+    let id: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("archive.json")).unwrap()).unwrap();
+    assert_eq!(id["compression"], "lz4", "{id}");
+    let gen_dir = repo.join("segments/00000001");
+    let mut segments = 0;
+    for e in std::fs::read_dir(&gen_dir).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        // The format version, after the 8-byte magic: 1 is LZ4's.
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 1);
+        segments += 1;
+    }
+    assert!(segments > 0, "no segment in {}", gen_dir.display());
+
+    let files_before = std::fs::read_dir(repo.join("basebackups")).unwrap().count();
+    let (code, out, err) = tidemark(&[
+        "backup",
+        "--source",
+        &cluster.conninfo("app"),
+        "--repo",
+        &repo_s,
+        "--compression",
+        "zstd",
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("records compression lz4") && err.contains("--compression zstd"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(repo.join("basebackups")).unwrap().count(),
+        files_before,
+        "refused before writing"
+    );
+    let (code, out, err) = tidemark(&["backup", "--repo", &repo_s, "--compression", "brotli"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("expected zstd or lz4"), "{err}");
+
+    let expected = support::snapshot_content(&c).await;
+    crate::spine::restore_latest_equals(&cluster, &repo_s, "restored", &expected).await;
 }

@@ -12,7 +12,7 @@ use crate::spine::{
     Prepared,
 };
 use crate::support::metrics::{metric, scrape};
-use crate::support::{self, Cluster, ContentSnapshot};
+use crate::support::{self, wait_base_backup, Cluster, ContentSnapshot};
 
 /// What the source looked like at an instant.
 struct Instant {
@@ -28,23 +28,6 @@ async fn note_instant(cluster: &Cluster, client: &tokio_postgres::Client) -> Ins
         content: support::snapshot_content(client).await,
         schema: support::schema_dump(cluster, "app"),
     }
-}
-
-/// Waits until the repository holds a complete base backup: an archiver's slot is active while
-/// it takes its first one, so an active slot alone does not mean the archive covers "now" yet.
-async fn wait_base_backup(repo: &Path) {
-    for _ in 0..900 {
-        let done = std::fs::read_dir(repo.join("basebackups"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|d| d.path().join("manifest.json").is_file());
-        if done {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no base backup appeared in {}", repo.display());
 }
 
 fn restore(cluster: &Cluster, repo: &Path, db: &str, to: &[&str]) -> (i32, String, String) {

@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use crate::spine::{server_now, tidemark, wait_archived, Archiving};
-use crate::support::{self, assert_same_schema};
-use crate::types::{schema_of, wait_base_backup};
+use crate::support::{self, assert_same_schema, wait_base_backup};
+use crate::types::schema_of;
 
 const SCHEMA: &str = "
     CREATE TABLE nopk (a int, b text, big text);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::spine::{restore_into, server_now, wait_archived, Archiving};
 use crate::support::assert_same_schema;
-use crate::support::{self, Cluster, ClusterOptions};
+use crate::support::{self, wait_base_backup, Cluster, ClusterOptions};
 
 /// `pg_dump --schema-only` of `db`, normalized for comparing two databases: comments, blank
 /// lines and psql's `\restrict` guards dropped, and event triggers (installed on the source by
@@ -58,21 +58,6 @@ fn normalize_schema(dump: &str) -> String {
         out.push('\n');
     }
     out
-}
-
-/// Waits until the repository holds a complete base backup (`archive.json` is written after
-/// it): the slot is active while the archiver takes the backup, so `wait_streaming` alone
-/// returns before the restorable window opens.
-pub async fn wait_base_backup(repo: &std::path::Path) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !repo.join("archive.json").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no base backup in {} after 60 s",
-            repo.display()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// The columns shared by the keyed and the keyless table: every built-in type and more.

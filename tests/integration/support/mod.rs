@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod s3;
 mod schema;
 pub mod tcp_proxy;
+pub mod tls;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -112,6 +113,29 @@ impl ClosedPort {
             _bound: socket,
             port,
         }
+    }
+}
+
+/// Waits until the repository at `repo` (a folder) holds a complete base backup (a
+/// `manifest.json` under `basebackups/`): an archiver's slot is active while it takes its first
+/// one, so an active slot alone does not mean the archive covers "now" yet.
+pub async fn wait_base_backup(repo: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let done = std::fs::read_dir(repo.join("basebackups"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| d.path().join("manifest.json").is_file());
+        if done {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no base backup in {} after 90 s",
+            repo.display()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

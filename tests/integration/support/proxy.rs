@@ -7,6 +7,9 @@
 //!   forwarding them, drops the connection mid request body (not forwarded), drops it after
 //!   forwarding but before the response (the request did land: the client cannot tell), and drops
 //!   it mid response body;
+//! - [`Mode::Every`]: the same faults by count, not by chance: every k-th request meets one,
+//!   the kinds in turn (503 first), so a run of at least k requests always meets faults
+//!   whatever its timing;
 //! - [`Mode::Down`]: closes every connection as soon as it is accepted (an outage).
 //!
 //! Counters tell how many requests came in, by method, and how many faults were injected.
@@ -72,8 +75,14 @@ impl Faults {
 pub enum Mode {
     Pass,
     Faulty(Faults),
+    /// Every k-th request (k ≥ 2) meets a fault: `503 SlowDown`, then a connection dropped
+    /// mid request, before the response, mid response body, then a 503 again, and so on.
+    Every(u64),
     Down,
 }
+
+/// The four faults, in the order [`Mode::Every`] injects them.
+const FAULT_KINDS: usize = 4;
 
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -81,6 +90,8 @@ pub struct Counters {
     pub connections_refused: AtomicU64,
     pub slowdowns: AtomicU64,
     pub dropped: AtomicU64,
+    /// Requests seen in [`Mode::Every`] (what its count runs on).
+    pub counted: AtomicU64,
     pub by_method: Mutex<BTreeMap<String, u64>>,
     /// Every request line (`METHOD /path?query`), in arrival order.
     pub log: Mutex<Vec<String>>,
@@ -256,7 +267,26 @@ async fn handle(
         }
         Mode::Pass => None,
         Mode::Faulty(f) => Some(f).filter(|f| f.only.is_none_or(|o| line.contains(o))),
+        Mode::Every(k) => {
+            assert!(
+                k >= 2,
+                "Mode::Every(k) needs k >= 2: every request failing never ends"
+            );
+            let n = c.counted.fetch_add(1, Ordering::SeqCst) + 1;
+            let kind = n
+                .is_multiple_of(k)
+                .then(|| ((n / k - 1) % FAULT_KINDS as u64) as usize);
+            let one = |i: usize| if kind == Some(i) { 1.0 } else { 0.0 };
+            Some(Faults {
+                slowdown: one(0),
+                drop_request: one(1),
+                drop_before_response: one(2),
+                drop_response: one(3),
+                only: None,
+            })
+        }
     };
+    // In [0, 1): a fault whose fraction is 1 (Mode::Every's) is always picked.
     let roll: f64 = rand::random();
     let mut threshold = 0.0;
     let mut pick = |p: f64| {

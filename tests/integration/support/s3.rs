@@ -362,6 +362,7 @@ impl S3Server {
             sse: Sse::Aes256,
             path_style: Some(true),
             credentials: Some((ACCESS_KEY.to_string(), SECRET_KEY.to_string())),
+            ca_bundle: None,
         }
     }
 
