@@ -47,6 +47,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::store::StoreError,
         crate::crypt::CryptError,
         crate::object::ObjectError,
+        crate::rekey::RekeyError,
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
@@ -207,6 +208,7 @@ mod tests {
         use crate::crypt::envelope::OpenError;
         use crate::crypt::{CryptError, KeyId};
         use crate::lsn::{Lsn, PgTimestamp};
+        use crate::rekey::RekeyError;
         use crate::replication::ReplicationError;
         use crate::restore::{RestoreError, Target};
         use crate::segment::{Region, SegmentError};
@@ -452,6 +454,67 @@ mod tests {
                 CryptError::BadKeyring {
                     path: "k".into(),
                     detail: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "keyring exists",
+                CryptError::KeyringExists { path: "k".into() }.into(),
+                Usage,
+            ),
+            (
+                "rekey: key missing",
+                RekeyError::KeyMissing {
+                    object: s(),
+                    key_id: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "rekey: damaged header",
+                RekeyError::Damaged {
+                    object: s(),
+                    detail: s(),
+                }
+                .into(),
+                Damaged,
+            ),
+            (
+                "rekey: still written",
+                RekeyError::StillWritten {
+                    passes: 4,
+                    example: s(),
+                }
+                .into(),
+                Repository,
+            ),
+            (
+                "rekey: store",
+                RekeyError::Store(store_io()).into(),
+                Repository,
+            ),
+            (
+                "retire: still needed",
+                RekeyError::StillNeeded {
+                    key_id: s(),
+                    count: 1,
+                    example: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "retire: unchecked",
+                RekeyError::RetireUnchecked { key_id: s() }.into(),
+                Usage,
+            ),
+            (
+                "retire: current",
+                RekeyError::NotRetirable {
+                    key_id: s(),
+                    why: "it writes",
                 }
                 .into(),
                 Usage,

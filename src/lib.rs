@@ -82,6 +82,7 @@ pub mod object;
 pub mod pgbin;
 pub mod pgoutput;
 pub mod prune;
+pub mod rekey;
 pub mod replication;
 pub mod restore;
 pub mod retry;

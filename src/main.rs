@@ -51,6 +51,19 @@ enum Command {
     /// Make and rotate the keyring that encrypts a repository (--encryption-key-file).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Move every object of an encrypted repository to the keyring's current key (rewrapped
+    /// headers stored beside the objects; resumable, safe beside a running archiver), so that
+    /// older keys can be retired.
+    Rekey(RekeyArgs),
+}
+
+#[derive(Args, Debug)]
+struct RekeyArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Print the summary as JSON.
+    #[arg(long, env = "TIDEMARK_JSON")]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -67,6 +80,20 @@ enum KeysCommand {
         /// The keyring file to change.
         #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
         keyring: std::path::PathBuf,
+    },
+    /// Remove a key from the keyring, once `tidemark rekey` moved every object of the
+    /// repository off it (checked: refused while an object needs it).
+    Retire {
+        /// The keyring file to change.
+        #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+        keyring: std::path::PathBuf,
+        /// The repository the keyring encrypts, checked for objects only this key opens.
+        #[arg(long, env = "TIDEMARK_REPO")]
+        repo: Option<String>,
+        #[command(flatten)]
+        s3: S3Args,
+        /// The key's id, as `keys list` shows it.
+        id: String,
     },
     /// List the keyring's keys: id, creation time, and which one writes (never key material).
     List {
@@ -391,7 +418,7 @@ async fn open_repo(repo: &RepoArgs) -> anyhow::Result<Arc<dyn Store>> {
     })
 }
 
-fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
+async fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
     use tidemark::crypt::Keyring;
     match command {
         KeysCommand::Generate { out } => {
@@ -410,6 +437,23 @@ fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
             println!(
                 "added key {id} to {}; it encrypts new objects",
                 path.display()
+            );
+        }
+        KeysCommand::Retire {
+            keyring: path,
+            repo,
+            s3,
+            id,
+        } => {
+            let store = match repo {
+                Some(r) => Some(store::open_with(&r, &s3.options()?).await?),
+                None => None,
+            };
+            let keyring = tidemark::rekey::retire(&path, &id, store.as_ref()).await?;
+            println!(
+                "retired key {id} from {}; {} key(s) remain",
+                path.display(),
+                keyring.keys().len()
             );
         }
         KeysCommand::List { keyring: path } => {
@@ -554,7 +598,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Demo(a) => demo::run(a.source.as_deref(), a.repo.as_deref(), a.duration).await?,
-        Command::Keys(k) => run_keys(k)?,
+        Command::Keys(k) => run_keys(k).await?,
+        Command::Rekey(a) => {
+            let Some(path) = &a.repo.encryption_key_file else {
+                return Err(tidemark::exit::UsageError("rekey needs the repository's keyring: pass --encryption-key-file FILE (or TIDEMARK_ENCRYPTION_KEY_FILE)".into()).into());
+            };
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::identity::read_identity(&repo).await?;
+            let keyring = tidemark::crypt::Keyring::load(path)?;
+            let s = tidemark::rekey::rekey(&repo, &keyring).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "rekeyed {} to key {}: {} header(s) written ({} bytes), {} already under it, in {} pass(es); {} bytes stored",
+                    repo.location(), s.key, s.rewrapped, s.bytes_written, s.already, s.passes, s.bytes_stored
+                );
+            }
+        }
     }
     Ok(())
 }

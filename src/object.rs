@@ -80,6 +80,25 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn writing_key(&self) -> Option<String> {
         None
     }
+
+    /// Keys of objects that may stand in for the header of the object stored under `key`
+    /// when that header names a key this codec lacks: rekey sidecars
+    /// ([`crate::catalog::keys::rekeyed`]), the most preferred (newest key) first. Empty for a
+    /// codec without keys.
+    fn header_sidecars(&self, _key: &str) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Decodes `stored`, the object under `key`, with `header` (a sidecar's bytes) in place of
+    /// its own header.
+    fn decode_with_header(
+        &self,
+        key: &str,
+        stored: Bytes,
+        _header: Bytes,
+    ) -> Result<Bytes, ObjectError> {
+        self.decode(key, stored)
+    }
 }
 
 /// The identity codec: objects are stored as they are (all repositories so far).
@@ -117,6 +136,9 @@ impl Store for WithCodec {
     }
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.inner.get(key).await
+    }
+    async fn get_head(&self, key: &str, len: usize) -> Result<Bytes, StoreError> {
+        self.inner.get_head(key, len).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         self.inner.list(prefix).await
@@ -191,13 +213,30 @@ pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, ObjectErr
 }
 
 /// Reads the object under `key` and decodes it with `codec`.
+///
+/// An object whose own header names a key the codec lacks (a retired key) is opened with the
+/// first of its rekey sidecars that exists ([`Codec::header_sidecars`]): one more read for
+/// each key tried, only for such objects, so that reading a repository nobody rekeyed costs
+/// nothing more.
 pub async fn get_object_with(
     store: &dyn Store,
     codec: &dyn Codec,
     key: &str,
 ) -> Result<Bytes, ObjectError> {
     let stored = store.get(key).await?;
-    codec.decode(key, stored)
+    match codec.decode(key, stored.clone()) {
+        Err(ObjectError::Crypt(e)) if e.missing_key().is_some() => {
+            for sidecar in codec.header_sidecars(key) {
+                match store.get(&sidecar).await {
+                    Ok(header) => return codec.decode_with_header(key, stored, header),
+                    Err(StoreError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(ObjectError::Crypt(e))
+        }
+        decoded => decoded,
+    }
 }
 
 #[cfg(test)]

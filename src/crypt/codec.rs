@@ -67,8 +67,54 @@ impl Codec for Sealed {
     }
 
     fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, ObjectError> {
+        self.open_object(key, &stored, "")
+    }
+
+    fn writing_key(&self) -> Option<String> {
+        Some(self.keyring(false).current().id.to_string())
+    }
+
+    fn header_sidecars(&self, key: &str) -> Vec<String> {
+        let keyring = self.keyring(false);
+        // Keys are kept oldest first: the newest is the most preferred.
+        keyring
+            .keys()
+            .iter()
+            .rev()
+            .map(|k| crate::catalog::keys::rekeyed(&k.id.to_string(), key))
+            .collect()
+    }
+
+    fn decode_with_header(
+        &self,
+        key: &str,
+        stored: Bytes,
+        header: Bytes,
+    ) -> Result<Bytes, ObjectError> {
+        if header.len() != envelope::HEADER_LEN || stored.len() < envelope::HEADER_LEN {
+            return Err(ObjectError::Undecodable {
+                key: key.to_string(),
+                codec: "aes-256-gcm envelope",
+                detail: format!(
+                    "its rekeyed header has {} bytes (expected {}), the object {}",
+                    header.len(),
+                    envelope::HEADER_LEN,
+                    stored.len()
+                ),
+            });
+        }
+        let mut spliced = Vec::with_capacity(stored.len());
+        spliced.extend_from_slice(&header);
+        spliced.extend_from_slice(&stored[envelope::HEADER_LEN..]);
+        self.open_object(key, &spliced, " (with its rekeyed header)")
+    }
+}
+
+impl Sealed {
+    /// Opens the envelope `stored` of the object `key`; `how` is added to a damage's detail.
+    fn open_object(&self, key: &str, stored: &[u8], how: &str) -> Result<Bytes, ObjectError> {
         let try_open = |keyring: &Keyring| {
-            envelope::open(|id| keyring.get(id).map(|k| &k.secret), key, &stored)
+            envelope::open(|id| keyring.get(id).map(|k| &k.secret), key, stored)
         };
         let keyring = self.keyring(false);
         let opened = match try_open(&keyring) {
@@ -86,16 +132,12 @@ impl Codec for Sealed {
                 ObjectError::Undecodable {
                     key: key.to_string(),
                     codec: "aes-256-gcm envelope",
-                    detail: e.to_string(),
+                    detail: format!("{e}{how}"),
                 }
             } else {
                 e.into()
             }
         })
-    }
-
-    fn writing_key(&self) -> Option<String> {
-        Some(self.keyring(false).current().id.to_string())
     }
 }
 

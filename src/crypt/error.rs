@@ -15,6 +15,8 @@ pub enum CryptError {
     },
     #[error("the keyring {} is not valid: {detail}", path.display())]
     BadKeyring { path: PathBuf, detail: String },
+    #[error("the keyring {} already exists; `keys generate` never replaces a keyring (its keys may still open objects)\nHINT: add a key to it with `tidemark keys add --keyring {}`, or pass another --out", path.display(), path.display())]
+    KeyringExists { path: PathBuf },
     #[error("cannot write the keyring {}: {source}", path.display())]
     WriteKeyring {
         path: PathBuf,
@@ -35,7 +37,7 @@ pub enum CryptError {
 
 fn open_hint(e: &OpenError) -> &'static str {
     match e {
-        OpenError::UnknownKey(_) => "\nHINT: pass a keyring that holds this key (`tidemark keys list --keyring FILE` shows a keyring's ids)",
+        OpenError::UnknownKey(_) => "\nHINT: pass a keyring that holds this key (`tidemark keys list --keyring FILE` shows a keyring's ids); a key is retired only after `tidemark rekey` moved every object off it",
         OpenError::WrappedKey(_) | OpenError::Chunk { .. } | OpenError::Malformed(_) => {
             ": the object is damaged, truncated, reordered, or was stored under another name"
         }
@@ -49,6 +51,7 @@ impl crate::error::Classify for CryptError {
         match self {
             CryptError::ReadKeyring { .. }
             | CryptError::BadKeyring { .. }
+            | CryptError::KeyringExists { .. }
             | CryptError::KeyringNeeded { .. }
             | CryptError::NotEncrypted { .. } => Usage,
             CryptError::WriteKeyring { .. } => Unexpected,
@@ -65,6 +68,17 @@ impl crate::error::Classify for CryptError {
 }
 
 impl CryptError {
+    /// The key id an object names that the keyring lacks, if that is the error.
+    pub fn missing_key(&self) -> Option<super::KeyId> {
+        match self {
+            CryptError::Open {
+                source: OpenError::UnknownKey(id),
+                ..
+            } => Some(*id),
+            _ => None,
+        }
+    }
+
     /// Whether the error says an object's bytes are damaged (as opposed to a missing key).
     pub fn is_damage(&self) -> bool {
         use crate::error::Classify;

@@ -78,6 +78,15 @@ impl fmt::Debug for KeyId {
     }
 }
 
+/// Why [`Keyring::remove`] removed nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoveError {
+    /// The key is the current one.
+    Current,
+    /// The keyring has no such key.
+    Absent,
+}
+
 /// One key of a keyring.
 #[derive(Clone, Debug)]
 pub struct Key {
@@ -139,6 +148,20 @@ impl Keyring {
         self.current = key.id;
         self.keys.push(key);
         self.current
+    }
+
+    /// Removes key `id` (a retire: the caller checked that no object needs it). The current
+    /// key cannot be removed: new objects are encrypted with it.
+    pub fn remove(&mut self, id: &KeyId) -> Result<Key, RemoveError> {
+        if *id == self.current {
+            return Err(RemoveError::Current);
+        }
+        let i = self
+            .keys
+            .iter()
+            .position(|k| k.id == *id)
+            .ok_or(RemoveError::Absent)?;
+        Ok(self.keys.remove(i))
     }
 
     /// The key that encrypts new objects.
@@ -236,9 +259,17 @@ impl Keyring {
 
     /// Writes a new keyring file at `path` with mode 0600; an existing file is not replaced.
     pub fn create(&self, path: &Path) -> Result<(), CryptError> {
-        write_new(path, &self.to_bytes()).map_err(|source| CryptError::WriteKeyring {
-            path: path.to_path_buf(),
-            source,
+        write_new(path, &self.to_bytes()).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::AlreadyExists {
+                CryptError::KeyringExists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                CryptError::WriteKeyring {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
         })
     }
 

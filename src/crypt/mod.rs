@@ -16,7 +16,7 @@ pub mod keyring;
 
 pub use codec::Sealed;
 pub use error::CryptError;
-pub use keyring::{Key, KeyId, Keyring, SecretKey};
+pub use keyring::{Key, KeyId, Keyring, RemoveError, SecretKey};
 
 #[cfg(test)]
 mod tests;

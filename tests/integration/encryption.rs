@@ -285,4 +285,102 @@ async fn an_encrypted_archive_restores_exactly_across_a_key_rotation_and_detects
         err.contains(&a) && err.contains("does not authenticate"),
         "{err}"
     );
+
+    // keys generate never replaces a keyring: usage, pointing at keys add.
+    let (code, out, err) = tidemark(&["keys", "generate", "--out", &keyring_arg]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("already exists") && err.contains("keys add --keyring"),
+        "{err}"
+    );
+
+    // Before rekey the first key still opens the objects written before the rotation: retire
+    // refuses (and without the repository it cannot check).
+    let first_arg = first.to_string();
+    let (code, out, err) = tidemark(&["keys", "retire", "--keyring", &keyring_arg, &first_arg]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--repo"), "{err}");
+    let retire = [
+        "keys",
+        "retire",
+        "--keyring",
+        &keyring_arg,
+        "--repo",
+        &url,
+        &first_arg,
+    ];
+    let (code, out, err) = tidemark(&retire);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("still opens") && err.contains("tidemark rekey"),
+        "{err}"
+    );
+    let second_arg = second.to_string();
+    let (code, out, err) = tidemark(&[
+        "keys",
+        "retire",
+        "--keyring",
+        &keyring_arg,
+        "--repo",
+        &url,
+        &second_arg,
+    ]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("current key"), "{err}");
+
+    // Without rekey, a keyring lacking the first key fails naming the key id and an object.
+    let mut lacking = Keyring::load(&keyring).unwrap();
+    lacking.remove(&first).unwrap();
+    let lacking_path = keys.path().join("lacking.json");
+    lacking.create(&lacking_path).unwrap();
+    let lacking_env = [(
+        "TIDEMARK_ENCRYPTION_KEY_FILE",
+        lacking_path.to_str().unwrap().to_string(),
+    )];
+    let unrekeyed = copy_of(&repo, "unrekeyed");
+    cluster.create_database("unrekeyed");
+    let (code, out, err) = tidemark_env(
+        &lacking_env,
+        &[
+            "restore",
+            "--repo",
+            unrekeyed.to_str().unwrap(),
+            "--target",
+            &cluster.conninfo("unrekeyed"),
+            "--latest",
+        ],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains(&first_arg)
+            && err.contains("not in the keyring")
+            && err.contains("basebackups/"),
+        "{err}"
+    );
+
+    // Rekey writes one header per object of the first key, and a rerun none.
+    let (code, out, err) = tidemark_env(&env, &["rekey", "--repo", &url, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let summary: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let under_first = key_ids.values().filter(|k| **k == first).count() as u64;
+    assert_eq!(summary["rewrapped"], under_first, "{out}");
+    assert_eq!(summary["bytes_written"], under_first * 80, "{out}");
+    let sidecars = files(&repo.join("rekeyed").join(&second_arg));
+    assert_eq!(sidecars.len() as u64, under_first);
+    assert!(sidecars
+        .iter()
+        .all(|f| std::fs::metadata(f).unwrap().len() == 80));
+    let (code, out, err) = tidemark_env(&env, &["rekey", "--repo", &url, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let again: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(again["rewrapped"], 0, "{out}");
+
+    // Then the first key retires, and every instant still restores exactly without it.
+    let (code, out, err) = tidemark(&retire);
+    assert_eq!(code, 0, "{out}{err}");
+    let left = Keyring::load(&keyring).unwrap();
+    assert!(left.get(&first).is_none() && left.get(&second).is_some());
+    restore_each_instant(&cluster, &url, &env, &instants, "retired").await;
+    let (code, out, err) = tidemark_env(&env, &["list", "--repo", &url]);
+    assert_eq!(code, 0, "{out}{err}");
 }

@@ -1,0 +1,172 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::crypt::Sealed;
+use crate::lsn::Lsn;
+use crate::object::{get_object, put_object, with_codec, ObjectError};
+use crate::store::LocalStore;
+
+fn meta(key: &str) -> ObjectMeta {
+    ObjectMeta {
+        key: key.to_string(),
+        size: 1,
+        modified: None,
+    }
+}
+
+#[test]
+fn pending_skips_objects_with_a_sidecar_of_the_current_key_and_non_envelopes() {
+    let a = keys::segment(1, Lsn(0x10), Lsn(0x20));
+    let b = keys::segment(1, Lsn(0x20), Lsn(0x30));
+    let listing = vec![
+        meta("archive.json"),
+        meta("locks/writer/0000000001-0000000001.json"),
+        meta(&keys::rekeyed("1111111111111111", &a)),
+        meta(&keys::rekeyed("2222222222222222", &b)),
+        meta(&a),
+        meta(&b),
+    ];
+    let keys_of = |v: Vec<&ObjectMeta>| v.into_iter().map(|o| o.key.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        keys_of(pending(&listing, "1111111111111111")),
+        vec![b.clone()]
+    );
+    assert_eq!(
+        keys_of(pending(&listing, "2222222222222222")),
+        vec![a.clone()]
+    );
+    assert_eq!(
+        keys_of(pending(&listing, "3333333333333333")),
+        vec![a.clone(), b.clone()]
+    );
+    assert_eq!(sidecars(&listing)[&a].len(), 1);
+}
+
+/// A folder repository whose objects are sealed with the keyring at `path`.
+fn sealed(dir: &std::path::Path, path: &std::path::Path) -> (Arc<dyn Store>, Arc<dyn Store>) {
+    let plain: Arc<dyn Store> = Arc::new(LocalStore::new(dir));
+    let codec = Arc::new(Sealed::open(path).unwrap());
+    (plain.clone(), with_codec(plain, codec))
+}
+
+#[tokio::test]
+async fn rekey_writes_headers_only_resumes_and_lets_the_old_key_go() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let path = keys_dir.path().join("keyring.json");
+    let mut keyring = Keyring::generate();
+    keyring.create(&path).unwrap();
+    let old = keyring.current().id;
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, store) = sealed(dir.path(), &path);
+    let names: Vec<String> = (0..5u64)
+        .map(|i| keys::segment(1, Lsn(i * 16), Lsn(i * 16 + 16)))
+        .collect();
+    let body = |i: usize| Bytes::from(vec![i as u8; 200_000]);
+    for (i, n) in names.iter().enumerate().take(3) {
+        put_object(&*store, n, body(i)).await.unwrap();
+    }
+    keyring.add();
+    keyring.replace(&path).unwrap();
+    // Written after the rotation: already under the new key, no sidecar needed.
+    for (i, n) in names.iter().enumerate().skip(3) {
+        put_object(&*store, n, body(i)).await.unwrap();
+    }
+
+    // An interrupted run: one sidecar stored, by hand here.
+    let first = store.get_head(&names[0], HEADER_LEN).await.unwrap();
+    let k_old = keyring.get(&old).unwrap();
+    let cur = keyring.current();
+    let side = envelope::rewrap(&k_old.secret, &cur.secret, cur.id, &names[0], &first).unwrap();
+    plain
+        .put(
+            &keys::rekeyed(&cur.id.to_string(), &names[0]),
+            Bytes::copy_from_slice(&side),
+        )
+        .await
+        .unwrap();
+
+    let s = rekey(&plain, &keyring).await.unwrap();
+    assert_eq!((s.objects, s.rewrapped, s.already), (5, 2, 3), "{s:?}");
+    assert_eq!(s.bytes_written, 2 * HEADER_LEN as u64);
+    assert!(s.bytes_written * 100 < s.bytes_stored, "{s:?}");
+    // A rerun finds nothing to write.
+    let again = rekey(&plain, &keyring).await.unwrap();
+    assert_eq!((again.rewrapped, again.already), (0, 5), "{again:?}");
+
+    // Before retiring, nothing needs the old key alone; then it goes and all still opens.
+    assert!(needing_only(&plain, &old, &[cur.id])
+        .await
+        .unwrap()
+        .is_empty());
+    keyring.remove(&old).unwrap();
+    keyring.replace(&path).unwrap();
+    let (_, store) = sealed(dir.path(), &path);
+    for (i, n) in names.iter().enumerate() {
+        assert_eq!(get_object(&*store, n).await.unwrap(), body(i), "{n}");
+    }
+}
+
+#[tokio::test]
+async fn without_rekey_the_old_key_is_needed_and_its_absence_names_key_and_object() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let path = keys_dir.path().join("keyring.json");
+    let mut keyring = Keyring::generate();
+    keyring.create(&path).unwrap();
+    let old = keyring.current().id;
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, store) = sealed(dir.path(), &path);
+    let name = keys::segment(1, Lsn(0), Lsn(16));
+    put_object(&*store, &name, Bytes::from_static(b"rows"))
+        .await
+        .unwrap();
+    let new = keyring.add();
+    assert_eq!(
+        needing_only(&plain, &old, &[new]).await.unwrap(),
+        vec![name.clone()]
+    );
+    keyring.remove(&old).unwrap();
+    keyring.replace(&path).unwrap();
+    let (_, store) = sealed(dir.path(), &path);
+    let err = get_object(&*store, &name).await.unwrap_err();
+    assert!(matches!(err, ObjectError::Crypt(_)), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&old.to_string()) && msg.contains(&name),
+        "{msg}"
+    );
+    use crate::error::Classify;
+    assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
+    let err = rekey(&plain, &keyring).await.unwrap_err();
+    assert!(matches!(err, RekeyError::KeyMissing { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn prune_deletes_the_sidecars_of_objects_gone_and_keeps_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+    let live = keys::segment(1, Lsn(0), Lsn(16));
+    let gone = keys::segment(1, Lsn(16), Lsn(32));
+    store.put(&live, Bytes::from_static(b"x")).await.unwrap();
+    for o in [&live, &gone] {
+        store
+            .put(
+                &keys::rekeyed("0123456789abcdef", o),
+                Bytes::from_static(b"h"),
+            )
+            .await
+            .unwrap();
+    }
+    crate::catalog::expire::delete_orphan_sidecars(&store)
+        .await
+        .unwrap();
+    let left: Vec<String> = store
+        .list(keys::REKEYED)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    assert_eq!(left, vec![keys::rekeyed("0123456789abcdef", &live)]);
+}
