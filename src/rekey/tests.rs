@@ -170,3 +170,49 @@ async fn prune_deletes_the_sidecars_of_objects_gone_and_keeps_the_others() {
         .collect();
     assert_eq!(left, vec![keys::rekeyed("0123456789abcdef", &live)]);
 }
+
+/// The bench row of `bench/README.md` (rekey's bytes written against bytes stored):
+/// `cargo test --lib rekey::tests::bench_rekey_bytes_written -- --ignored --nocapture`, with
+/// `TIDEMARK_BENCH_SEGMENTS` (default 2000) segments of `TIDEMARK_BENCH_SEGMENT_BYTES` (default
+/// 1 MiB) sealed under one key, then rekeyed to a second.
+#[tokio::test]
+#[ignore = "a bench: writes segments × bytes to a temporary folder"]
+async fn bench_rekey_bytes_written() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let count = env("TIDEMARK_BENCH_SEGMENTS", 2000);
+    let size = env("TIDEMARK_BENCH_SEGMENT_BYTES", 1 << 20);
+    let keys_dir = tempfile::tempdir().unwrap();
+    let path = keys_dir.path().join("keyring.json");
+    let mut keyring = Keyring::generate();
+    keyring.create(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, store) = sealed(dir.path(), &path);
+    let body = Bytes::from(vec![0x5a; size]);
+    for i in 0..count as u64 {
+        let key = keys::segment(1, Lsn(i << 32), Lsn((i + 1) << 32));
+        put_object(&*store, &key, body.clone()).await.unwrap();
+    }
+    keyring.add();
+    keyring.replace(&path).unwrap();
+    let started = std::time::Instant::now();
+    let s = rekey(&plain, &keyring).await.unwrap();
+    let ratio = s.bytes_written as f64 / s.bytes_stored as f64;
+    println!(
+        "rekey of {count} segments of {size} bytes: {} headers, {} bytes written of {} stored = {:.5} % ({:.2?}); per segment {} bytes, so for 100,000 segments of 8 MiB {:.5} %",
+        s.rewrapped,
+        s.bytes_written,
+        s.bytes_stored,
+        100.0 * ratio,
+        started.elapsed(),
+        s.bytes_written / s.rewrapped,
+        100.0 * (s.bytes_written / s.rewrapped) as f64
+            / (envelope::HEADER_LEN as f64 + (8 << 20) as f64 + 16.0 * 128.0)
+    );
+    assert_eq!(s.rewrapped, count as u64);
+    assert!(ratio < 0.01, "{s:?}");
+}
