@@ -31,7 +31,8 @@
 //!   aborts, dedup, the one stop rule), [`restore`] point-in-time restore (plan, then apply, its
 //!   replay a sink of the changelog reader), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
-//! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`demo`] (with [`scratch`], a throwaway
+//! * commands: [`setup`], [`backup_cmd`], [`list`], [`prune`], [`rekey`] (key rotation's header
+//!   sidecars and the retire check), [`demo`] (with [`scratch`], a throwaway
 //!   cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
 //!   checked variant by variant), [`retry`] the one backoff and retry loop (with jitter and
@@ -46,7 +47,7 @@
 //! | 1. pure core (no I/O but the host's name) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
-//! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `demo`, `scratch`, `exit`, `telemetry` | everything |
+//! | 4. commands and the edge | `setup`, `backup_cmd`, `list`, `prune`, `rekey`, `demo`, `scratch`, `exit`, `telemetry` | everything |
 //!
 //! Known exceptions, to be removed: `archive` (layer 3) records its metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server

@@ -216,3 +216,65 @@ async fn bench_rekey_bytes_written() {
     assert_eq!(s.rewrapped, count as u64);
     assert!(ratio < 0.01, "{s:?}");
 }
+
+/// A store where, at rekey's first sidecar, a writer with the old keyring stores one more
+/// object (as an archiver that sealed a segment just before `keys add` reached it).
+#[derive(Debug)]
+struct LateWriter {
+    inner: Arc<dyn Store>,
+    late: std::sync::Mutex<Option<(String, Bytes)>>,
+}
+
+#[async_trait::async_trait]
+impl Store for LateWriter {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let late = self.late.lock().unwrap().take();
+        if let Some((k, b)) = late.filter(|_| key.starts_with(keys::REKEYED)) {
+            self.inner.put(&k, b).await?;
+        }
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.inner.check_writable().await
+    }
+}
+
+#[tokio::test]
+async fn an_object_of_the_old_key_written_during_a_rekey_is_rekeyed_by_its_next_pass() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let path = keys_dir.path().join("keyring.json");
+    let mut keyring = Keyring::generate();
+    keyring.create(&path).unwrap();
+    let old = keyring.current().clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, store) = sealed(dir.path(), &path);
+    let first = keys::segment(1, Lsn(0), Lsn(16));
+    put_object(&*store, &first, Bytes::from_static(b"one"))
+        .await
+        .unwrap();
+    let late_key = keys::segment(1, Lsn(16), Lsn(32));
+    let late = envelope::seal(&old.secret, old.id, &late_key, b"two");
+    keyring.add();
+    let racing: Arc<dyn Store> = Arc::new(LateWriter {
+        inner: plain.clone(),
+        late: std::sync::Mutex::new(Some((late_key.clone(), Bytes::from(late)))),
+    });
+    let s = rekey(&racing, &keyring).await.unwrap();
+    assert_eq!((s.rewrapped, s.passes), (2, 3), "{s:?}");
+    assert!(needing_only(&plain, &old.id, &[keyring.current().id])
+        .await
+        .unwrap()
+        .is_empty());
+}
