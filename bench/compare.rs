@@ -9,7 +9,7 @@
 //!   60 s live runs, a pgbench scale-50 base backup, a 10-million-row transaction).
 //! * Under `cargo test --all-targets` (no `--bench` argument) it runs tiny sizes and checks only
 //!   that every row produced a figure, so the harness cannot rot.
-//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,schedule,s3,huge` runs a subset.
+//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,schedule,s3,huge,crypt` runs a subset.
 //!
 //! pgBackRest (Debian package `pgbackrest`) is used for the archive-size comparison when it is on
 //! PATH; without it that row compares with `gzip -6` of the WAL segments, labelled as such.
@@ -100,6 +100,9 @@ fn main() {
         }
         if wanted("huge") {
             rows.extend(huge_row(&sizes).await);
+        }
+        if wanted("crypt") {
+            rows.extend(crypt_rows(&sizes).await);
         }
     });
     print_table(&rows, &sizes, started.elapsed());
@@ -1431,6 +1434,110 @@ async fn schedule_rows(sizes: &Sizes) -> Vec<Row> {
             ratio: None,
             target: "report",
             met: None,
+        },
+    ]
+}
+
+/// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat` (in ticks of
+/// USER_HZ, 100 on Linux).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Client-side encryption against none, in the same run: the archiver's CPU to drain the same
+/// pgbench backlog into a plain and into an encrypted repository (one after the other, each
+/// from its own base backup on the default slot), then restores of both alternating, five
+/// rounds in the full run (the ratio is the median of the rounds').
+async fn crypt_rows(sizes: &Sizes) -> Vec<Row> {
+    let work = tempfile::tempdir().unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        extra_conf: vec!["max_wal_size = 4GB".into(), "shared_buffers = 256MB".into()],
+        ..ClusterOptions::default()
+    });
+    cluster.create_database("bench");
+    let scale = if sizes.full { "10" } else { "1" };
+    run_ok(
+        Command::new(bin("pgbench"))
+            .args(["-i", "-q", "-s", scale, "-d", &cluster.conninfo("bench")])
+            .stdout(Stdio::null()),
+    );
+    let client = cluster.client("bench").await;
+    let keyring = work.path().join("keyring.json");
+    tidemark(&["keys", "generate", "--out", keyring.to_str().unwrap()]);
+    let key_flag = ["--encryption-key-file", keyring.to_str().unwrap()];
+    let per_client = (sizes.backlog_txns / sizes.clients as u64)
+        .max(1)
+        .to_string();
+    let clients = sizes.clients.to_string();
+
+    // (repository, extra flags, archiver CPU seconds for the backlog)
+    let mut runs: Vec<(PathBuf, Vec<&str>, f64)> = Vec::new();
+    for (name, extra) in [("plain", vec![]), ("encrypted", key_flag.to_vec())] {
+        let repo = work.path().join(name);
+        let mut flags = vec!["--heartbeat", "0s"];
+        flags.extend(&extra);
+        let a = spawn_archiver(&cluster, "bench", &repo, &flags);
+        wait_active(&client, "tidemark").await;
+        stop(a);
+        pgbench_env(
+            &cluster,
+            "bench",
+            &["-c", &clients, "-j", "2", "-t", &per_client],
+            "-c synchronous_commit=off",
+        );
+        let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+        let a = spawn_archiver(&cluster, "bench", &repo, &flags);
+        wait_confirmed(&client, "tidemark", end).await;
+        let cpu = cpu_seconds(a.id());
+        stop(a);
+        drop_slot(&client, "tidemark").await;
+        runs.push((repo, extra, cpu));
+    }
+
+    let rounds = if sizes.full { 5 } else { 1 };
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let db = format!("crypt_{round}_{i}");
+            cluster.create_database(&db);
+            let (repo, extra, _) = &runs[i];
+            let (t, _) = timed(
+                Command::new(support::tidemark_bin())
+                    .args(["restore", "--repo", repo.to_str().unwrap()])
+                    .args(extra)
+                    .args(["--target", &cluster.conninfo(&db), "--latest"])
+                    .env("TIDEMARK_LOG", "warn"),
+            );
+            times[i].push(t.as_secs_f64());
+        }
+    }
+    let ratios: Vec<f64> = times[0].iter().zip(&times[1]).map(|(p, e)| e / p).collect();
+    let restore_ratio = percentile(ratios, 0.5);
+    let (plain_cpu, enc_cpu) = (runs[0].2, runs[1].2);
+    let (plain_bytes, enc_bytes) = (dir_bytes(&runs[0].0), dir_bytes(&runs[1].0));
+    let median = |v: &[f64]| percentile(v.to_vec(), 0.5);
+    vec![
+        Row {
+            what: "encryption: archiver CPU to drain a backlog",
+            tidemark: format!("{enc_cpu:.2} s encrypted ({})", mib(enc_bytes as f64)),
+            reference: format!("{plain_cpu:.2} s plain ({})", mib(plain_bytes as f64)),
+            ratio: Some(enc_cpu / plain_cpu.max(0.01)),
+            target: "-",
+            met: None,
+        },
+        Row {
+            what: "encryption: restore --latest",
+            tidemark: format!("{:.2} s encrypted", median(&times[1])),
+            reference: format!("{:.2} s plain", median(&times[0])),
+            ratio: Some(restore_ratio),
+            target: "<= 1.05",
+            met: Some(restore_ratio <= 1.05),
         },
     ]
 }

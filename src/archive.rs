@@ -625,6 +625,7 @@ async fn run_once(
         generation: resume.generation,
         database: sys.dbname.clone().unwrap_or_default(),
         slot: opts.slot.clone(),
+        codec: store.codec(),
         compression,
     };
     stats
@@ -794,6 +795,8 @@ struct WriterContext {
     generation: u32,
     database: String,
     slot: String,
+    /// The repository's codec: a segment is encoded once, when sealed.
+    codec: Arc<dyn crate::object::Codec>,
     /// The repository's segment codec (its identity's).
     compression: crate::segment::Compression,
 }

@@ -45,7 +45,9 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::source::SourceError,
         crate::replication::ReplicationError,
         crate::store::StoreError,
+        crate::crypt::CryptError,
         crate::object::ObjectError,
+        crate::rekey::RekeyError,
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
@@ -204,13 +206,21 @@ mod tests {
         use crate::catalog::ManifestError;
         use crate::catalog::RepoError;
         use crate::conninfo::ConnInfoError;
+        use crate::crypt::envelope::OpenError;
+        use crate::crypt::{CryptError, KeyId};
         use crate::lsn::{Lsn, PgTimestamp};
+        use crate::rekey::RekeyError;
         use crate::replication::ReplicationError;
         use crate::restore::{RestoreError, Target};
         use crate::segment::{Region, SegmentError};
         use crate::source::SourceError;
         use crate::store::StoreError;
         use ExitStatus::*;
+
+        let open = |source| CryptError::Open {
+            key: "segments/x".into(),
+            source,
+        };
 
         let pg = || "port=x".parse::<tokio_postgres::Config>().unwrap_err();
         let io = || std::io::Error::other("disk");
@@ -439,6 +449,138 @@ mod tests {
                 }
                 .into(),
                 Usage,
+            ),
+            (
+                "keyring unreadable",
+                CryptError::ReadKeyring {
+                    path: "k".into(),
+                    source: io(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "keyring invalid",
+                CryptError::BadKeyring {
+                    path: "k".into(),
+                    detail: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "keyring exists",
+                CryptError::KeyringExists { path: "k".into() }.into(),
+                Usage,
+            ),
+            (
+                "rekey: key missing",
+                RekeyError::KeyMissing {
+                    object: s(),
+                    key_id: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "rekey: damaged header",
+                RekeyError::Damaged {
+                    object: s(),
+                    detail: s(),
+                }
+                .into(),
+                Damaged,
+            ),
+            (
+                "rekey: still written",
+                RekeyError::StillWritten {
+                    passes: 4,
+                    example: s(),
+                }
+                .into(),
+                Repository,
+            ),
+            (
+                "rekey: store",
+                RekeyError::Store(store_io()).into(),
+                Repository,
+            ),
+            (
+                "retire: still needed",
+                RekeyError::StillNeeded {
+                    key_id: s(),
+                    count: 1,
+                    example: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "retire: unchecked",
+                RekeyError::RetireUnchecked { key_id: s() }.into(),
+                Usage,
+            ),
+            (
+                "retire: current",
+                RekeyError::NotRetirable {
+                    key_id: s(),
+                    why: "it writes",
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "keyring unwritable",
+                CryptError::WriteKeyring {
+                    path: "k".into(),
+                    source: io(),
+                }
+                .into(),
+                Unexpected,
+            ),
+            (
+                "keyring needed",
+                CryptError::KeyringNeeded {
+                    location: s(),
+                    first_key: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
+                "repository not encrypted",
+                CryptError::NotEncrypted { location: s() }.into(),
+                Usage,
+            ),
+            (
+                "object key unknown",
+                crate::object::ObjectError::from(open(OpenError::UnknownKey(KeyId([1; 8])))).into(),
+                Usage,
+            ),
+            (
+                "object of a newer envelope",
+                open(OpenError::Version(9)).into(),
+                Repository,
+            ),
+            (
+                "object not an envelope",
+                open(OpenError::NotEnvelope).into(),
+                Damaged,
+            ),
+            (
+                "object malformed",
+                open(OpenError::Malformed(s())).into(),
+                Damaged,
+            ),
+            (
+                "object key does not authenticate",
+                RepoError::Object(open(OpenError::WrappedKey(KeyId([1; 8]))).into()).into(),
+                Damaged,
+            ),
+            (
+                "object chunk does not authenticate",
+                open(OpenError::Chunk { index: 0, count: 1 }).into(),
+                Damaged,
             ),
             (
                 "repo store",

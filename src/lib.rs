@@ -24,7 +24,8 @@
 //!   [`catalog::chain`] segment chains and their continuity, [`catalog::manifest`] the base
 //!   backups' manifests and their reading, [`catalog::tiering`] which retained backups' parts
 //!   move to the archive storage class, and [`catalog::audit`] the audit trail's records;
-//!   [`object`] the one way objects are written and read (encoded once, above every retry);
+//!   [`object`] the one way objects are written and read (encoded once, above every retry),
+//!   [`crypt`] the encryption envelope and the keyring (the encrypting codec);
 //! * the work: [`archive`] the continuous archiver, [`backup`] base backups (taking one in
 //!   `backup/take.rs`, loading one in `backup/load.rs`; both write or read the catalog's manifest),
 //!   [`changelog`] segments read into committed transactions in commit order (reassembly,
@@ -32,9 +33,9 @@
 //!   replay a sink of the changelog reader), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
 //! * commands: [`setup`] (with [`grants`], the least privilege it prints), [`backup_cmd`],
-//!   [`list`], [`prune`], [`audit_cmd`] (the audit trail's recording and `tidemark audit`),
-//!   [`demo`] (with [`scratch`], a throwaway cluster), and [`exit`] (the command line's values
-//!   and errors);
+//!   [`list`], [`prune`], [`rekey`] (key rotation's header sidecars and the retire check),
+//!   [`audit_cmd`] (the audit trail's recording and `tidemark audit`), [`demo`] (with
+//!   [`scratch`], a throwaway cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
 //!   checked variant by variant), [`retry`] the one backoff and retry loop (with jitter and
 //!   cancellation), [`sql`] the one quoting of identifiers and literals, and [`session`] the
@@ -46,9 +47,9 @@
 //! | layer | modules | may use |
 //! |---|---|---|
 //! | 1. pure core (no I/O but the host's and the OS user's names) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
-//! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `catalog`, `ddl` | layers 1–2 |
+//! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
-//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `prune`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry` | everything |
+//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry` | everything |
 //!
 //! Known exceptions, to be removed: `archive` (layer 3) records its metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server
@@ -73,6 +74,7 @@ pub mod backup_cmd;
 pub mod catalog;
 pub mod changelog;
 pub mod conninfo;
+pub mod crypt;
 pub mod ddl;
 pub mod demo;
 pub mod error;
@@ -85,6 +87,7 @@ pub mod object;
 pub mod pgbin;
 pub mod pgoutput;
 pub mod prune;
+pub mod rekey;
 pub mod replication;
 pub mod restore;
 pub mod retry;

@@ -53,6 +53,59 @@ enum Command {
     Audit(AuditArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
+    /// Make and rotate the keyring that encrypts a repository (--encryption-key-file).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Move every object of an encrypted repository to the keyring's current key (rewrapped
+    /// headers stored beside the objects; resumable, safe beside a running archiver), so that
+    /// older keys can be retired.
+    Rekey(RekeyArgs),
+}
+
+#[derive(Args, Debug)]
+struct RekeyArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Print the summary as JSON.
+    #[arg(long, env = "TIDEMARK_JSON")]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Write a new keyring of one key to FILE (mode 0600; an existing file is not replaced).
+    Generate {
+        /// The keyring file to create.
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Add a new key to the keyring; it encrypts every object written from now on (a running
+    /// archiver takes it at its next segment). Older keys still decrypt the objects they wrote.
+    Add {
+        /// The keyring file to change.
+        #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+        keyring: std::path::PathBuf,
+    },
+    /// Remove a key from the keyring, once `tidemark rekey` moved every object of the
+    /// repository off it (checked: refused while an object needs it).
+    Retire {
+        /// The keyring file to change.
+        #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+        keyring: std::path::PathBuf,
+        /// The repository the keyring encrypts, checked for objects only this key opens.
+        #[arg(long, env = "TIDEMARK_REPO")]
+        repo: Option<String>,
+        #[command(flatten)]
+        s3: S3Args,
+        /// The key's id, as `keys list` shows it.
+        id: String,
+    },
+    /// List the keyring's keys: id, creation time, and which one writes (never key material).
+    List {
+        /// The keyring file to read.
+        #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+        keyring: std::path::PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +137,10 @@ struct RepoArgs {
     repo: String,
     #[command(flatten)]
     s3: S3Args,
+    /// Keyring of an encrypted repository (made by `tidemark keys generate`): a new repository
+    /// is encrypted with it; an encrypted one cannot be read or written without it.
+    #[arg(long, env = "TIDEMARK_ENCRYPTION_KEY_FILE")]
+    encryption_key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -405,7 +462,68 @@ fn shutdown_on_signals() -> CancellationToken {
 }
 
 async fn open_repo(repo: &RepoArgs) -> anyhow::Result<Arc<dyn Store>> {
-    Ok(store::open_with(&repo.repo, &repo.s3.options()?).await?)
+    let store = store::open_with(&repo.repo, &repo.s3.options()?).await?;
+    Ok(match &repo.encryption_key_file {
+        Some(path) => {
+            let codec = tidemark::crypt::Sealed::open(path)?;
+            tidemark::object::with_codec(store, Arc::new(codec))
+        }
+        None => store,
+    })
+}
+
+async fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
+    use tidemark::crypt::Keyring;
+    match command {
+        KeysCommand::Generate { out } => {
+            let keyring = Keyring::generate();
+            keyring.create(&out)?;
+            println!(
+                "wrote keyring {} with key {}",
+                out.display(),
+                keyring.current().id
+            );
+        }
+        KeysCommand::Add { keyring: path } => {
+            let mut keyring = Keyring::load(&path)?;
+            let id = keyring.add();
+            keyring.replace(&path)?;
+            println!(
+                "added key {id} to {}; it encrypts new objects",
+                path.display()
+            );
+        }
+        KeysCommand::Retire {
+            keyring: path,
+            repo,
+            s3,
+            id,
+        } => {
+            let store = match repo {
+                Some(r) => Some(store::open_with(&r, &s3.options()?).await?),
+                None => None,
+            };
+            let keyring = tidemark::rekey::retire(&path, &id, store.as_ref()).await?;
+            println!(
+                "retired key {id} from {}; {} key(s) remain",
+                path.display(),
+                keyring.keys().len()
+            );
+        }
+        KeysCommand::List { keyring: path } => {
+            let keyring = Keyring::load(&path)?;
+            println!("{:<16}  {:<20}  writes", "id", "created");
+            for k in keyring.keys() {
+                let writes = if k.id == keyring.current().id {
+                    "yes"
+                } else {
+                    ""
+                };
+                println!("{}  {:<20}  {writes}", k.id, k.created);
+            }
+        }
+    }
+    Ok(())
 }
 
 fn archive_options(slot: &SlotArgs) -> ArchiveOptions {
@@ -592,6 +710,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
             );
         }
         Command::Demo(a) => demo::run(a.source.as_deref(), a.repo.as_deref(), a.duration).await?,
+        Command::Keys(k) => run_keys(k).await?,
+        Command::Rekey(a) => {
+            let Some(path) = &a.repo.encryption_key_file else {
+                return Err(tidemark::exit::UsageError("rekey needs the repository's keyring: pass --encryption-key-file FILE (or TIDEMARK_ENCRYPTION_KEY_FILE)".into()).into());
+            };
+            let repo = open_repo(&a.repo).await?;
+            tidemark::catalog::identity::read_identity(&repo).await?;
+            let keyring = tidemark::crypt::Keyring::load(path)?;
+            let s = tidemark::rekey::rekey(&repo, &keyring).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!(
+                    "rekeyed {} to key {}: {} header(s) written ({} bytes), {} already under it, in {} pass(es); {} bytes stored",
+                    repo.location(), s.key, s.rewrapped, s.bytes_written, s.already, s.passes, s.bytes_stored
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -1,10 +1,13 @@
 //! The object layer: every object of the archive is written and read through here, between
 //! the formats (segments, manifests, parts, the identity) and the [`Store`].
 //!
-//! Owns the [`Codec`] applied to an object's bytes on their way to the store and back: today
-//! [`Plain`], the identity; next the encryption envelope. And [`ObjectError`], what reading an
-//! object fails with: the store's error, or stored bytes the codec cannot decode
-//! ([`ObjectError::Undecodable`], a damaged object: exit 5). Does not own keys
+//! Owns the [`Codec`] applied to an object's bytes on their way to the store and back:
+//! [`Plain`], the identity, or [`crate::crypt::Sealed`], the encryption envelope. A store
+//! carries its repository's codec ([`Store::codec`], set by [`with_codec`] where a command opens
+//! the repository), so every reader and writer below takes it from the store it is given. And
+//! [`ObjectError`], what reading an object fails with: the store's error, stored bytes the codec
+//! cannot decode ([`ObjectError::Undecodable`], a damaged object: exit 5), or an envelope whose
+//! key the keyring lacks ([`ObjectError::Crypt`]). Does not own keys
 //! ([`crate::catalog::keys`]), the formats, or retrying ([`Store::put`] retries what its kind of
 //! storage can retry; the archiver's uploader retries on its own schedule above that).
 //!
@@ -21,10 +24,12 @@
 //! codec safe.)
 
 use std::fmt;
+use std::sync::Arc;
 
+use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::store::{Store, StoreError};
+use crate::store::{ObjectMeta, Store, StoreError};
 
 /// Why an object could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +46,10 @@ pub enum ObjectError {
         codec: &'static str,
         detail: String,
     },
+    /// The envelope is sound as far as it was read, but this keyring cannot open it: its key
+    /// is not in the keyring (named with the object), or it is a newer envelope version.
+    #[error(transparent)]
+    Crypt(#[from] crate::crypt::CryptError),
 }
 
 impl crate::error::Classify for ObjectError {
@@ -48,6 +57,7 @@ impl crate::error::Classify for ObjectError {
         match self {
             ObjectError::Store(e) => e.exit_status(),
             ObjectError::Undecodable { .. } => crate::error::ExitStatus::Damaged,
+            ObjectError::Crypt(e) => e.exit_status(),
         }
     }
 }
@@ -61,9 +71,34 @@ pub trait Codec: Send + Sync + fmt::Debug {
     fn encode(&self, key: &str, plain: Bytes) -> Bytes;
 
     /// The original bytes of an object stored under `key`. Stored bytes that do not decode (an
-    /// envelope that does not open: a damaged object, a wrong key) are
-    /// [`ObjectError::Undecodable`], naming the key.
+    /// envelope that does not open: a damaged object) are [`ObjectError::Undecodable`]; an
+    /// envelope of a key the keyring lacks is [`ObjectError::Crypt`]; both name the key.
     fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes, ObjectError>;
+
+    /// The id of the key new objects are encrypted with; `None` for a codec that does not
+    /// encrypt.
+    fn writing_key(&self) -> Option<String> {
+        None
+    }
+
+    /// Keys of objects that may stand in for the header of the object stored under `key`
+    /// when that header names a key this codec lacks: rekey sidecars
+    /// ([`crate::catalog::keys::rekeyed`]), the most preferred (newest key) first. Empty for a
+    /// codec without keys.
+    fn header_sidecars(&self, _key: &str) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Decodes `stored`, the object under `key`, with `header` (a sidecar's bytes) in place of
+    /// its own header.
+    fn decode_with_header(
+        &self,
+        key: &str,
+        stored: Bytes,
+        _header: Bytes,
+    ) -> Result<Bytes, ObjectError> {
+        self.decode(key, stored)
+    }
 }
 
 /// The identity codec: objects are stored as they are (all repositories so far).
@@ -80,8 +115,44 @@ impl Codec for Plain {
     }
 }
 
-/// The codec of this build's repositories.
-pub const DEFAULT: Plain = Plain;
+/// A store whose objects are encoded with `codec`: every other call goes to `inner` as it is.
+pub fn with_codec(inner: Arc<dyn Store>, codec: Arc<dyn Codec>) -> Arc<dyn Store> {
+    Arc::new(WithCodec { inner, codec })
+}
+
+#[derive(Debug)]
+struct WithCodec {
+    inner: Arc<dyn Store>,
+    codec: Arc<dyn Codec>,
+}
+
+#[async_trait]
+impl Store for WithCodec {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        self.inner.put(key, data).await
+    }
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn get_head(&self, key: &str, len: usize) -> Result<Bytes, StoreError> {
+        self.inner.get_head(key, len).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn check_writable(&self) -> Result<(), StoreError> {
+        self.inner.check_writable().await
+    }
+    fn codec(&self) -> Arc<dyn Codec> {
+        self.codec.clone()
+    }
+}
 
 /// An object encoded once, ready to be stored — and stored again, byte for byte, by a retry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,9 +189,9 @@ impl Encoded {
     }
 }
 
-/// Encodes `plain`, the object to store under `key`, with the default codec.
-pub fn encode(key: impl Into<String>, plain: Bytes) -> Encoded {
-    encode_with(&DEFAULT, key, plain)
+/// Encodes `plain`, the object to store under `key` in `store`, with the store's codec.
+pub fn encode(store: &dyn Store, key: impl Into<String>, plain: Bytes) -> Encoded {
+    encode_with(&*store.codec(), key, plain)
 }
 
 /// Encodes `plain`, the object to store under `key`, with `codec`.
@@ -133,22 +204,39 @@ pub fn encode_with(codec: &dyn Codec, key: impl Into<String>, plain: Bytes) -> E
 /// Encodes `plain` once and stores it under `key` (the store's own retries re-send the same
 /// bytes).
 pub async fn put_object(store: &dyn Store, key: &str, plain: Bytes) -> Result<(), StoreError> {
-    encode(key, plain).put(store).await
+    encode(store, key, plain).put(store).await
 }
 
-/// Reads the object under `key` and decodes it with the default codec.
+/// Reads the object under `key` and decodes it with the store's codec.
 pub async fn get_object(store: &dyn Store, key: &str) -> Result<Bytes, ObjectError> {
-    get_object_with(store, &DEFAULT, key).await
+    get_object_with(store, &*store.codec(), key).await
 }
 
 /// Reads the object under `key` and decodes it with `codec`.
+///
+/// An object whose own header names a key the codec lacks (a retired key) is opened with the
+/// first of its rekey sidecars that exists ([`Codec::header_sidecars`]): one more read for
+/// each key tried, only for such objects, so that reading a repository nobody rekeyed costs
+/// nothing more.
 pub async fn get_object_with(
     store: &dyn Store,
     codec: &dyn Codec,
     key: &str,
 ) -> Result<Bytes, ObjectError> {
     let stored = store.get(key).await?;
-    codec.decode(key, stored)
+    match codec.decode(key, stored.clone()) {
+        Err(ObjectError::Crypt(e)) if e.missing_key().is_some() => {
+            for sidecar in codec.header_sidecars(key) {
+                match store.get(&sidecar).await {
+                    Ok(header) => return codec.decode_with_header(key, stored, header),
+                    Err(StoreError::NotFound { .. }) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(ObjectError::Crypt(e))
+        }
+        decoded => decoded,
+    }
 }
 
 #[cfg(test)]
@@ -236,7 +324,7 @@ pub(crate) mod tests {
             .unwrap();
         assert_eq!(store.get("archive.json").await.unwrap(), plain);
         assert_eq!(get_object(&store, "archive.json").await.unwrap(), plain);
-        let encoded = encode("k", plain.clone());
+        let encoded = encode(&store, "k", plain.clone());
         assert_eq!((encoded.key(), encoded.bytes()), ("k", &plain));
         assert!(matches!(
             get_object(&store, "missing").await,

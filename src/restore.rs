@@ -359,7 +359,13 @@ fn refuse(cat: &Catalog, target: Target, why: Option<String>) -> RestoreError {
 pub async fn gather(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), RestoreError> {
     match identity::read_identity(store).await {
         Ok(_) => {}
-        Err(e @ (RepoError::NewerFormat { .. } | RepoError::Store(_))) => return Err(e.into()),
+        // So is a keyring that does not fit the repository (none for an encrypted one, one for
+        // a plain one): nothing could be read.
+        Err(
+            e @ (RepoError::NewerFormat { .. }
+            | RepoError::Store(_)
+            | RepoError::Object(crate::object::ObjectError::Crypt(_))),
+        ) => return Err(e.into()),
         // A damaged identity does not stop a restore: nothing it needs is in it.
         Err(e) => tracing::warn!("{e}"),
     }

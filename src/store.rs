@@ -121,6 +121,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Reads a whole object. `NotFound` if absent.
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
 
+    /// Reads the first `len` bytes of an object (all of it when shorter). `NotFound` if
+    /// absent. For reading envelope headers (rekey) without the bodies; a store that cannot
+    /// read a range reads the whole object.
+    async fn get_head(&self, key: &str, len: usize) -> Result<Bytes, StoreError> {
+        let mut b = self.get(key).await?;
+        b.truncate(len);
+        Ok(b)
+    }
+
     /// Lists objects whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
 
@@ -166,6 +175,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             location: self.location(),
             what: format!("thawing {key}"),
         })
+    }
+
+    /// The codec the repository's objects are stored with ([`crate::object`] applies it):
+    /// [`crate::object::Plain`] unless the store was opened with a keyring
+    /// ([`crate::object::with_codec`]).
+    fn codec(&self) -> Arc<dyn crate::object::Codec> {
+        Arc::new(crate::object::Plain)
     }
 }
 

@@ -161,7 +161,8 @@ impl Writer {
         Sealed {
             range: format!("{start}-{end}"),
             end,
-            object: crate::object::encode(
+            object: crate::object::encode_with(
+                &*self.ctx.codec,
                 crate::catalog::keys::segment(self.ctx.generation, start, end),
                 bytes,
             ),
@@ -392,6 +393,7 @@ mod tests {
             generation: 1,
             database: "db".into(),
             slot: "s".into(),
+            codec: std::sync::Arc::new(crate::object::Plain),
             compression: crate::segment::Compression::Zstd,
         }
     }

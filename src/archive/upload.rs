@@ -193,7 +193,8 @@ mod tests {
         Sealed {
             range: format!("{start}-{end}"),
             end,
-            object: crate::object::encode(
+            object: crate::object::encode_with(
+                &crate::object::Plain,
                 crate::catalog::keys::segment(1, start, end),
                 Bytes::from(format!("segment {i}")),
             ),

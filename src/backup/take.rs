@@ -757,7 +757,7 @@ async fn store_part(
     })?
     .map_err(io_err(format!("compressing {key}")))?;
     // The recorded size is the object's, as stored; the checksum is of its decoded bytes.
-    let object = object::encode(key.clone(), Bytes::from(stored));
+    let object = object::encode(&*store, key.clone(), Bytes::from(stored));
     let stored_bytes = object.len() as u64;
     object.put(&*store).await?;
     Ok(PartEntry {

@@ -267,22 +267,52 @@ pub async fn record(
     operation: &Operation,
     result: Outcome,
 ) -> Result<Option<String>, StoreError> {
-    if !repository_exists(store).await? {
-        tracing::debug!(
-            repository = %store.location(),
-            "no repository there: this command is not recorded"
-        );
-        return Ok(None);
+    match repository_encrypted(store).await? {
+        None => {
+            tracing::debug!(
+                repository = %store.location(),
+                "no repository there: this command is not recorded"
+            );
+            return Ok(None);
+        }
+        // A command run without the keyring of an encrypted repository (or with one on a plain
+        // repository) fails on that; its record would be the one object readers cannot open.
+        Some(encrypted) if encrypted != store.codec().writing_key().is_some() => {
+            tracing::warn!(
+                repository = %store.location(),
+                "this command is not recorded: its keyring does not fit the repository"
+            );
+            return Ok(None);
+        }
+        Some(_) => {}
     }
     let r = Record::new(started, invocation(), store.location(), operation, result);
     write(store, &r).await.map(Some)
 }
 
-/// Whether `store` holds a repository: its identity, or (a repository whose first backup is
-/// being taken, or just was) a base backup's objects.
-async fn repository_exists(store: &dyn Store) -> Result<bool, StoreError> {
-    Ok(!store.list(keys::IDENTITY).await?.is_empty()
-        || !store.list(keys::BASEBACKUPS).await?.is_empty())
+/// Whether `store` holds a repository (its identity, or, for a repository whose first backup
+/// is being taken or just was, a base backup's objects) and then whether it is encrypted (a
+/// repository without its identity yet: as this command's codec).
+async fn repository_encrypted(store: &dyn Store) -> Result<Option<bool>, StoreError> {
+    use crate::object::{self, ObjectError, Plain};
+    match object::get_object_with(store, &Plain, keys::IDENTITY).await {
+        Ok(bytes) => {
+            // An identity this build cannot parse: recorded as this command's codec says (the
+            // command itself reports the identity's fault).
+            let encrypted = super::identity::parse_identity(&store.location(), &bytes)
+                .map_or(store.codec().writing_key().is_some(), |id| {
+                    id.encryption.is_some()
+                });
+            Ok(Some(encrypted))
+        }
+        Err(ObjectError::Store(StoreError::NotFound { .. })) => {
+            Ok((!store.list(keys::BASEBACKUPS).await?.is_empty())
+                .then(|| store.codec().writing_key().is_some()))
+        }
+        Err(ObjectError::Store(e)) => Err(e),
+        // The identity is stored plain: one that does not decode is the command's to report.
+        Err(_) => Ok(Some(store.codec().writing_key().is_some())),
+    }
 }
 
 /// [`record`], best effort: a record that cannot be stored is a warning, never the command's

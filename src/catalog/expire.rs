@@ -256,7 +256,7 @@ pub async fn decide(
     policy: &Policy,
     now: SystemTime,
     opts: &PruneOptions,
-) -> Result<Expiry, StoreError> {
+) -> Result<Expiry, crate::object::ObjectError> {
     let objects = store.list("").await?;
     let scan = manifest::read_manifests(store, &objects).await?;
     let pins = pin::pinned_in(&objects);
@@ -331,6 +331,29 @@ pub async fn delete(
             store.delete(&o.key).await?;
         }
     }
+    delete_orphan_sidecars(store).await
+}
+
+/// Deletes the rekey sidecars ([`keys::REKEYED`]) whose object is gone: those of the objects
+/// just deleted, and any a crash between an object's deletion and its sidecars' left. The
+/// sidecars are listed before the objects: a sidecar is stored only after its object, so a
+/// listed sidecar's object is in the later listing unless it was deleted.
+pub async fn delete_orphan_sidecars(store: &Arc<dyn Store>) -> Result<(), StoreError> {
+    let sidecars = store.list(keys::REKEYED).await?;
+    if sidecars.is_empty() {
+        return Ok(());
+    }
+    let live: std::collections::HashSet<String> =
+        store.list("").await?.into_iter().map(|o| o.key).collect();
+    for s in sidecars {
+        let orphan = match keys::parse_rekeyed(&s.key) {
+            Some((_, object)) => !live.contains(object),
+            None => false,
+        };
+        if orphan {
+            store.delete(&s.key).await?;
+        }
+    }
     Ok(())
 }
 
@@ -341,7 +364,7 @@ pub async fn apply(
     policy: &Policy,
     now: SystemTime,
     opts: &PruneOptions,
-) -> Result<Expiry, StoreError> {
+) -> Result<Expiry, crate::object::ObjectError> {
     let expiry = decide(store, policy, now, opts).await?;
     if !opts.dry_run {
         let objects = store.list(keys::BASEBACKUPS).await?;

@@ -10,7 +10,9 @@
 //! Invariants: a repository archives one database of one cluster; a command for another source
 //! is refused before it writes anything. A repository's segments are written with the codec
 //! its identity records, whatever the command line says (a `--compression` naming another is
-//! refused).
+//! refused). A repository is encrypted from its first object or not at all: its identity says
+//! which (itself always in plain text, so that a command without the keyring is told why it
+//! cannot go on), and a command whose store's codec disagrees is refused.
 //!
 //! Extending the identity: a new field is optional with a serde default (an `archive.json`
 //! written before it has no such field, and reads as the default: what those releases did), so
@@ -25,15 +27,19 @@ use serde::{Deserialize, Serialize};
 
 use super::keys;
 use super::RepoError;
+use crate::crypt::CryptError;
 use crate::lsn::PgTimestamp;
-use crate::object::{self, ObjectError};
+use crate::object::{self, ObjectError, Plain};
 use crate::segment::Compression;
 use crate::store::{Store, StoreError};
 
 /// Key of the identity object.
 pub const IDENTITY_KEY: &str = keys::IDENTITY;
-/// The newest `archive.json` format (and repository layout) this build reads and writes.
-pub const IDENTITY_FORMAT_VERSION: u32 = 1;
+/// The newest `archive.json` format (and repository layout) this build reads and writes:
+/// 2 for an encrypted repository (older builds refuse it rather than misread its objects).
+pub const IDENTITY_FORMAT_VERSION: u32 = 2;
+/// The format of a repository that is not encrypted (still read by older builds).
+pub const PLAIN_FORMAT_VERSION: u32 = 1;
 
 /// Which cluster and database a repository archives, and how its segments are written.
 ///
@@ -52,18 +58,34 @@ pub struct Identity {
     /// segment names its own format).
     #[serde(default)]
     pub compression: Compression,
+    /// Present when every other object is encrypted (`proto/encryption.md`). No secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
 }
+
+/// How an encrypted repository's objects are encrypted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Encryption {
+    /// The envelope: `"aes-256-gcm"` of `proto/encryption.md`.
+    pub envelope: String,
+    /// The id of the key the first objects were encrypted with (later ones may use newer keys).
+    pub first_key: String,
+}
+
+/// The envelope of [`Encryption::envelope`].
+pub const ENVELOPE: &str = "aes-256-gcm";
 
 impl Identity {
     /// The identity of a new repository for (system_id, database), its segments compressed
     /// with `compression`.
     pub fn new(system_id: u64, database: &str, compression: Compression) -> Identity {
         Identity {
-            format_version: IDENTITY_FORMAT_VERSION,
+            format_version: PLAIN_FORMAT_VERSION,
             system_id: system_id.to_string(),
             database: database.to_string(),
             created_at: PgTimestamp::now(),
             compression,
+            encryption: None,
         }
     }
 }
@@ -91,13 +113,32 @@ pub fn compression_for(
 
 /// Reads the repository's identity; `None` for a new repository. An identity of a newer format
 /// than this build knows is refused ([`RepoError::NewerFormat`]): this build would misread the
-/// repository.
+/// repository. So is a store opened with a keyring for a plain repository, or without one for
+/// an encrypted repository ([`check_encryption`]).
 pub async fn read_identity(store: &Arc<dyn Store>) -> Result<Option<Identity>, RepoError> {
-    match object::get_object(&**store, IDENTITY_KEY).await {
-        Ok(bytes) => parse_identity(&store.location(), &bytes).map(Some),
-        Err(ObjectError::Store(StoreError::NotFound { .. })) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    // The identity is never encrypted: a reader must learn whether the rest is before it reads.
+    let id = match object::get_object_with(&**store, &Plain, IDENTITY_KEY).await {
+        Ok(bytes) => parse_identity(&store.location(), &bytes)?,
+        Err(ObjectError::Store(StoreError::NotFound { .. })) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    check_encryption(store, &id)?;
+    Ok(Some(id))
+}
+
+/// Checks that the store's codec encrypts exactly when the repository is encrypted.
+pub fn check_encryption(store: &Arc<dyn Store>, id: &Identity) -> Result<(), RepoError> {
+    let error = match (&id.encryption, store.codec().writing_key()) {
+        (Some(e), None) => CryptError::KeyringNeeded {
+            location: store.location(),
+            first_key: e.first_key.clone(),
+        },
+        (None, Some(_)) => CryptError::NotEncrypted {
+            location: store.location(),
+        },
+        _ => return Ok(()),
+    };
+    Err(ObjectError::from(error).into())
 }
 
 /// Parses `archive.json` of the repository at `location`, checking its format version first.
@@ -148,10 +189,22 @@ pub fn check_identity(
 /// write it: the loser's create-only put conflicts (by its creation time at least), so it
 /// accepts the winner's identity when that names the same cluster and database; the caller
 /// then writes with the winner's codec ([`compression_for`] again).
+///
+/// The identity records whether the repository is encrypted from the store's codec (and an
+/// encrypted one has `format_version` 2, a plain one keeps 1: older builds still read it).
 pub async fn write_identity(store: &Arc<dyn Store>, id: &Identity) -> Result<Identity, RepoError> {
-    let body = serde_json::to_vec_pretty(id).expect("identity serializes");
-    match object::put_object(&**store, IDENTITY_KEY, Bytes::from(body)).await {
-        Ok(()) => Ok(id.clone()),
+    let mut id = id.clone();
+    if let Some(first_key) = store.codec().writing_key() {
+        id.format_version = IDENTITY_FORMAT_VERSION;
+        id.encryption = Some(Encryption {
+            envelope: ENVELOPE.into(),
+            first_key,
+        });
+    }
+    let body = serde_json::to_vec_pretty(&id).expect("identity serializes");
+    let object = object::encode_with(&Plain, IDENTITY_KEY, Bytes::from(body));
+    match object.put(&**store).await {
+        Ok(()) => Ok(id),
         Err(StoreError::Conflict { .. }) => {
             let found = read_identity(store).await?;
             let system_id = id.system_id.parse::<u64>().unwrap_or_default();
@@ -179,8 +232,8 @@ mod tests {
         let msg = err.to_string();
         assert!(
             msg.contains("/repo")
-                && msg.contains("format_version 2")
-                && msg.contains("format_version 1 at most")
+                && msg.contains("format_version 3")
+                && msg.contains("format_version 2 at most")
                 && msg.contains("use a newer tidemark"),
             "{msg}"
         );
@@ -269,5 +322,48 @@ mod tests {
             matches!(err, RepoError::NewerFormat { found: 9, .. }),
             "{err}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_encrypted_repository_needs_its_keyring_and_a_plain_one_refuses_one() {
+        use crate::error::Classify;
+        let keys = tempfile::tempdir().unwrap();
+        let path = keys.path().join("keyring.json");
+        let keyring = crate::crypt::Keyring::generate();
+        keyring.create(&path).unwrap();
+        let sealed = || -> Arc<dyn crate::object::Codec> {
+            Arc::new(crate::crypt::Sealed::open(&path).unwrap())
+        };
+
+        let dir = tempfile::tempdir().unwrap();
+        let plain: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        let keyed = object::with_codec(plain.clone(), sealed());
+        write_identity(&keyed, &Identity::new(1, "app", Compression::Zstd))
+            .await
+            .unwrap();
+        let id = read_identity(&keyed).await.unwrap().unwrap();
+        let e = id.encryption.unwrap();
+        assert_eq!((e.envelope.as_str(), id.format_version), (ENVELOPE, 2));
+        assert_eq!(e.first_key, keyring.current().id.to_string());
+        let stored = plain.get(IDENTITY_KEY).await.unwrap();
+        assert!(
+            stored.starts_with(b"{"),
+            "the identity is stored in plain text"
+        );
+        let err = read_identity(&plain).await.unwrap_err();
+        assert!(err.to_string().contains("no keyring was given"), "{err}");
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
+
+        let dir = tempfile::tempdir().unwrap();
+        let plain: Arc<dyn Store> = Arc::new(crate::store::LocalStore::new(dir.path()));
+        write_identity(&plain, &Identity::new(1, "app", Compression::Zstd))
+            .await
+            .unwrap();
+        let id = read_identity(&plain).await.unwrap().unwrap();
+        assert_eq!((id.encryption, id.format_version), (None, 1));
+        let keyed = object::with_codec(plain.clone(), sealed());
+        let err = read_identity(&keyed).await.unwrap_err();
+        assert!(err.to_string().contains("is not encrypted"), "{err}");
+        assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
     }
 }

@@ -379,6 +379,27 @@ pub fn part(id: &str, table: usize, part: usize) -> String {
     .to_string()
 }
 
+/// Folder of the rekey sidecars: `rekeyed/<key id>/<object key>` holds the 80-byte envelope
+/// header of `<object key>` rewrapped under key `<key id>` (`proto/encryption.md`, "Rekey").
+/// Objects are create-only, so a rekey stores a header beside its object instead of
+/// rewriting it.
+pub const REKEYED: &str = "rekeyed/";
+
+/// Key of the sidecar of `object` whose header is wrapped by key `key_id` (16 lower-case hex
+/// digits).
+pub fn rekeyed(key_id: &str, object: &str) -> String {
+    format!("{REKEYED}{key_id}/{object}")
+}
+
+/// The key id and the object a sidecar's key names; `None` for any other key (a malformed key
+/// id, or an object key that is not an archive object's, or the identity, never encrypted).
+pub fn parse_rekeyed(name: &str) -> Option<(&str, &str)> {
+    let (id, object) = name.strip_prefix(REKEYED)?.split_once('/')?;
+    let hex = id.len() == 16 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    let encrypted = !matches!(Key::parse(object)?, Key::Identity);
+    (hex && encrypted).then_some((id, object))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,5 +583,34 @@ mod tests {
             assert_eq!(parse_audit(bad), None, "{bad:?}");
         }
         assert_eq!(parse_audit(&pin(ID)), None, "not an audit record");
+    }
+
+    #[test]
+    fn a_sidecar_names_its_key_and_its_object_and_nothing_else_parses() {
+        let seg = segment(1, Lsn(0x10), Lsn(0x20));
+        let key = rekeyed("0123456789abcdef", &seg);
+        assert_eq!(
+            key,
+            "rekeyed/0123456789abcdef/segments/00000001/0000000000000010-0000000000000020.seg"
+        );
+        assert_eq!(
+            parse_rekeyed(&key),
+            Some(("0123456789abcdef", seg.as_str()))
+        );
+        let part = part(ID, 7, 12);
+        assert_eq!(
+            parse_rekeyed(&rekeyed("ffffffffffffffff", &part)),
+            Some(("ffffffffffffffff", part.as_str()))
+        );
+        for bad in [
+            "rekeyed/0123456789ABCDEF/segments/00000001/0000000000000010-0000000000000020.seg",
+            "rekeyed/0123456789abcde/segments/00000001/0000000000000010-0000000000000020.seg",
+            "rekeyed/0123456789abcdef/archive.json",
+            "rekeyed/0123456789abcdef/locks/writer/0000000003-0000000012.json",
+            "rekeyed/0123456789abcdef",
+            "segments/00000001/0000000000000010-0000000000000020.seg",
+        ] {
+            assert_eq!(parse_rekeyed(bad), None, "{bad:?}");
+        }
     }
 }

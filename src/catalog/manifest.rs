@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::keys;
 use crate::lsn::{Lsn, PgTimestamp};
-use crate::object;
+use crate::object::{self, ObjectError};
 use crate::store::{ObjectMeta, Store, StoreError};
 
 /// The newest manifest format this build writes and reads: 2 when a table is stored in COPY's
@@ -218,7 +218,7 @@ pub enum ManifestError {
     Store(#[from] StoreError),
     /// A manifest that does not decode (a store error converts to [`ManifestError::Store`]).
     #[error(transparent)]
-    Object(crate::object::ObjectError),
+    Object(ObjectError),
     #[error("{key}: not a tidemark manifest: {message}")]
     Invalid { key: String, message: String },
     #[error("{key}: manifest format_version {found} is not supported by tidemark {} (it reads format_version {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); use a tidemark release that knows this format", env!("CARGO_PKG_VERSION"))]
@@ -240,10 +240,10 @@ impl crate::error::Classify for ManifestError {
     }
 }
 
-impl From<crate::object::ObjectError> for ManifestError {
-    fn from(e: crate::object::ObjectError) -> ManifestError {
+impl From<ObjectError> for ManifestError {
+    fn from(e: ObjectError) -> ManifestError {
         match e {
-            crate::object::ObjectError::Store(e) => ManifestError::Store(e),
+            ObjectError::Store(e) => ManifestError::Store(e),
             e => ManifestError::Object(e),
         }
     }
@@ -296,7 +296,7 @@ impl Manifest {
 /// The complete base backups in the store, sorted by id (generation, then position). A folder
 /// without a manifest is an incomplete backup, and a manifest that cannot be read or parsed a
 /// damaged one: each is skipped with a warning (see [`read_manifests`]).
-pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, StoreError> {
+pub async fn list_manifests(store: &Arc<dyn Store>) -> Result<Vec<Manifest>, ObjectError> {
     let objects = store.list(ROOT).await?;
     let scan = read_manifests(store, &objects).await?;
     for id in &scan.incomplete {
@@ -325,7 +325,7 @@ pub struct ManifestScan {
 pub async fn read_manifests(
     store: &Arc<dyn Store>,
     objects: &[ObjectMeta],
-) -> Result<ManifestScan, StoreError> {
+) -> Result<ManifestScan, ObjectError> {
     let mut folders: BTreeSet<String> = BTreeSet::new();
     // The highest revision of each backup's manifest (proto/layout.md, "Revisions").
     let mut complete: HashMap<String, (keys::Revision, String)> = HashMap::new();
@@ -352,8 +352,10 @@ pub async fn read_manifests(
         match read_manifest(store, &id, &key).await {
             Ok(m) => scan.manifests.push(m),
             Err(ManifestError::Store(e)) if !matches!(e, StoreError::NotFound { .. }) => {
-                return Err(e)
+                return Err(e.into())
             }
+            // A key missing from the keyring is the command's problem, not the manifest's.
+            Err(ManifestError::Object(e @ ObjectError::Crypt(_))) => return Err(e),
             Err(e) => {
                 let detail = e.to_string();
                 let detail = detail.strip_prefix(&format!("{key}: ")).unwrap_or(&detail);

@@ -273,8 +273,11 @@ pub struct Catalog {
 
 impl Catalog {
     /// Lists the repository once, reads its manifests and the segments the windows need.
-    /// Damaged objects become [`Problem`]s; only a failing store is an error.
-    pub async fn load(store: &Arc<dyn Store>) -> Result<(Catalog, Vec<Manifest>), StoreError> {
+    /// Damaged objects become [`Problem`]s; only a failing store, or an object whose key the
+    /// keyring lacks ([`ObjectError::Crypt`](crate::object::ObjectError::Crypt)), is an error.
+    pub async fn load(
+        store: &Arc<dyn Store>,
+    ) -> Result<(Catalog, Vec<Manifest>), crate::object::ObjectError> {
         let objects = store.list("").await?;
         let scan = manifest::read_manifests(store, &objects).await?;
         let problems: Vec<Problem> = scan
@@ -520,7 +523,12 @@ fn points(backups: &[BackupRef], windows: &[Window]) -> Vec<BackupRef> {
 }
 
 /// Reads one segment completely and checks it against its name.
-async fn read_fact(store: &Arc<dyn Store>, s: &SegmentRef) -> Result<SegmentFact, StoreError> {
+/// A segment that does not decode is damage like a bad checksum; a key missing from the
+/// keyring is not (it stops the command: exit 2).
+async fn read_fact(
+    store: &Arc<dyn Store>,
+    s: &SegmentRef,
+) -> Result<SegmentFact, crate::object::ObjectError> {
     use crate::object::ObjectError;
     match crate::object::get_object(&**store, &s.key).await {
         Ok(bytes) => Ok(check_segment(s, bytes)),
@@ -528,7 +536,7 @@ async fn read_fact(store: &Arc<dyn Store>, s: &SegmentRef) -> Result<SegmentFact
             Ok(SegmentFact::Corrupt("listed, but gone when read".into()))
         }
         Err(e @ ObjectError::Undecodable { .. }) => Ok(SegmentFact::Corrupt(e.to_string())),
-        Err(ObjectError::Store(e)) => Err(e),
+        Err(e) => Err(e),
     }
 }
 

@@ -275,6 +275,27 @@ impl Store for LocalStore {
         }
     }
 
+    async fn get_head(&self, key: &str, len: usize) -> Result<Bytes, StoreError> {
+        use tokio::io::AsyncReadExt;
+        let path = self.path(key);
+        let file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotFound {
+                    location: self.location(),
+                    key: key.to_string(),
+                })
+            }
+            Err(e) => return Err(self.io("get", key, e)),
+        };
+        let mut out = Vec::with_capacity(len);
+        file.take(len as u64)
+            .read_to_end(&mut out)
+            .await
+            .map_err(|e| self.io("get", key, e))?;
+        Ok(Bytes::from(out))
+    }
+
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         let this = self.clone();
         let prefix = prefix.to_string();

@@ -16,6 +16,7 @@ mod crash;
 mod damage;
 mod ddl;
 mod deadconn;
+mod encryption;
 mod fault_matrix;
 mod faults;
 mod harness_smoke;

@@ -1,0 +1,336 @@
+//! `tidemark rekey` and the check behind `tidemark keys retire` (`proto/encryption.md`,
+//! "Rekey and retire").
+//!
+//! Rekey moves every encrypted object's data key to the keyring's current key without
+//! rewriting the object: objects are create-only and their chunks bind their name, so the
+//! object's 80-byte header is rewrapped and stored beside it as a sidecar,
+//! `rekeyed/<current key id>/<object key>` ([`keys::rekeyed`]). Readers that lack the key of
+//! an object's own header use the sidecar of the newest key they hold
+//! ([`crate::object::get_object_with`]).
+//!
+//! Owns: which objects need a sidecar, writing them (create-only, encoded once), going on
+//! after an interruption (an object whose sidecar under the current key is listed is skipped),
+//! and the passes that catch objects written meanwhile. Beside a running archiver: it seals
+//! each object with the keyring it has read last (it reads the file again when it changes),
+//! so after `keys add` its objects already use the new key; an object it sealed just before
+//! with the old key is listed by the next pass, which rekeys it. Rekey ends when a pass finds
+//! nothing to do; passes that keep finding new objects of old keys mean a writer uses an older
+//! copy of the keyring ([`RekeyError::StillWritten`]).
+//!
+//! Does not own the envelope ([`crate::crypt::envelope::rewrap`]) nor deleting sidecars with
+//! their objects ([`crate::catalog::expire::delete`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use crate::catalog::keys::{self, Key};
+use crate::crypt::envelope::{self, Header, OpenError, HEADER_LEN};
+use crate::crypt::{KeyId, Keyring};
+use crate::object::{self, Plain};
+use crate::store::{ObjectMeta, Store, StoreError};
+
+/// Passes over the repository before rekey gives up on objects that keep appearing.
+pub const MAX_PASSES: u32 = 4;
+
+/// Errors of rekey and of the retire check.
+#[derive(Debug, thiserror::Error)]
+pub enum RekeyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An object none of whose headers (its own, its sidecars) names a key of the keyring.
+    #[error("object {object} is encrypted with key {key_id}, which is not in the keyring (nor is the key of any of its rekeyed headers)\nHINT: rekey with a keyring that still holds key {key_id}; a key is retired only after rekey moved every object off it")]
+    KeyMissing { object: String, key_id: String },
+    /// An object whose header or sidecar does not parse or authenticate.
+    #[error("object {object}: {detail}\nHINT: the object is damaged; `tidemark list` shows what the archive can still restore")]
+    Damaged { object: String, detail: String },
+    /// `keys retire` of a key some object still needs.
+    #[error("key {key_id} still opens {count} object(s) that no other key of the keyring opens (e.g. {example}); retiring it would make them unreadable\nHINT: run `tidemark rekey --repo REPO --encryption-key-file KEYRING` first, then retire the key")]
+    StillNeeded {
+        key_id: String,
+        count: usize,
+        example: String,
+    },
+    /// `keys retire` without the repository to check.
+    #[error("retiring key {key_id} needs the repository, to check that no object needs it any more\nHINT: pass --repo REPO (after `tidemark rekey` of that repository)")]
+    RetireUnchecked { key_id: String },
+    /// `keys retire` of the key that writes, or of a key not in the keyring.
+    #[error("cannot retire key {key_id}: {why}\nHINT: `tidemark keys list --keyring KEYRING` shows the keys; `keys add` makes a new writing key")]
+    NotRetirable { key_id: String, why: &'static str },
+    #[error("objects under older keys were still being written after {passes} passes (the last: {example})\nHINT: a writer (an archiver on another host?) uses an older copy of the keyring: give it the keyring with the new key, then run rekey again")]
+    StillWritten { passes: u32, example: String },
+}
+
+impl crate::error::Classify for RekeyError {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        use crate::error::ExitStatus::*;
+        match self {
+            RekeyError::Store(e) => e.exit_status(),
+            RekeyError::KeyMissing { .. }
+            | RekeyError::StillNeeded { .. }
+            | RekeyError::RetireUnchecked { .. }
+            | RekeyError::NotRetirable { .. } => Usage,
+            RekeyError::Damaged { .. } => Damaged,
+            RekeyError::StillWritten { .. } => Repository,
+        }
+    }
+}
+
+/// What a rekey did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RekeySummary {
+    /// The key every object can now be opened with.
+    pub key: String,
+    /// Encrypted objects of the repository (the last pass's listing).
+    pub objects: u64,
+    /// Sidecars written by this run.
+    pub rewrapped: u64,
+    /// Objects skipped: already under the key (their own header, or a sidecar of an earlier
+    /// run).
+    pub already: u64,
+    /// Bytes this run wrote (its sidecars).
+    pub bytes_written: u64,
+    /// Bytes the repository stores (the last listing, sidecars included).
+    pub bytes_stored: u64,
+    pub passes: u32,
+}
+
+/// Whether the object under `key` is an envelope in an encrypted repository: every archive
+/// object but the identity (writer leases, sidecars and unknown names are not archive objects).
+pub fn is_encrypted_object(key: &str) -> bool {
+    matches!(Key::parse(key), Some(k) if k != Key::Identity)
+}
+
+/// The sidecars of a listing: object key to the key ids of its sidecars.
+pub fn sidecars(objects: &[ObjectMeta]) -> BTreeMap<String, BTreeSet<String>> {
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for o in objects {
+        if let Some((id, object)) = keys::parse_rekeyed(&o.key) {
+            out.entry(object.to_string())
+                .or_default()
+                .insert(id.to_string());
+        }
+    }
+    out
+}
+
+/// The objects of a listing that a rekey to `current` must still look at: encrypted objects
+/// without a sidecar of `current`. Pure: what makes a rerun skip what an earlier one did.
+pub fn pending<'a>(objects: &'a [ObjectMeta], current: &str) -> Vec<&'a ObjectMeta> {
+    let side = sidecars(objects);
+    objects
+        .iter()
+        .filter(|o| is_encrypted_object(&o.key))
+        .filter(|o| !side.get(&o.key).is_some_and(|ids| ids.contains(current)))
+        .collect()
+}
+
+/// Moves every encrypted object of `store` to `keyring`'s current key (see the module doc).
+pub async fn rekey(store: &Arc<dyn Store>, keyring: &Keyring) -> Result<RekeySummary, RekeyError> {
+    let current = keyring.current();
+    let current_id = current.id.to_string();
+    let mut summary = RekeySummary {
+        key: current_id.clone(),
+        ..RekeySummary::default()
+    };
+    // Objects already found under the current key by their own header (no sidecar needed).
+    let mut native: BTreeSet<String> = BTreeSet::new();
+    for pass in 1..=MAX_PASSES + 1 {
+        let objects = store.list("").await?;
+        summary.objects = objects
+            .iter()
+            .filter(|o| is_encrypted_object(&o.key))
+            .count() as u64;
+        summary.bytes_stored = objects.iter().map(|o| o.size).sum();
+        let side = sidecars(&objects);
+        let todo: Vec<&ObjectMeta> = pending(&objects, &current_id)
+            .into_iter()
+            .filter(|o| !native.contains(&o.key))
+            .collect();
+        if pass == 1 {
+            summary.already = (summary.objects as usize - todo.len()) as u64;
+        }
+        let mut wrote = 0u64;
+        let mut last = None;
+        for o in todo {
+            let (head, opener) = readable_header(store, keyring, &o.key, &side).await?;
+            if opener == current.id && head.key_id == current.id {
+                native.insert(o.key.clone());
+                summary.already += 1;
+                continue;
+            }
+            if pass > MAX_PASSES {
+                return Err(RekeyError::StillWritten {
+                    passes: MAX_PASSES,
+                    example: o.key.clone(),
+                });
+            }
+            let old = keyring.get(&opener).expect("readable_header names a key");
+            let new = envelope::rewrap(
+                &old.secret,
+                &current.secret,
+                current.id,
+                &o.key,
+                &head.to_bytes(),
+            )
+            .map_err(|e| damaged(&o.key, e))?;
+            let sidecar = keys::rekeyed(&current_id, &o.key);
+            // Encoded once: a retry of the put re-sends these bytes (the wrap nonce is random).
+            let encoded =
+                object::encode_with(&Plain, sidecar.clone(), Bytes::copy_from_slice(&new));
+            match encoded.put(&**store).await {
+                Ok(()) => {
+                    wrote += 1;
+                    summary.bytes_written += new.len() as u64;
+                }
+                // Another rekey stored one first: as good, once it is checked.
+                Err(StoreError::Conflict { .. }) => {
+                    check_sidecar(store, keyring, &o.key, &sidecar).await?;
+                    summary.already += 1;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            last = Some(o.key.clone());
+        }
+        summary.rewrapped += wrote;
+        summary.passes = pass;
+        if last.is_none() {
+            break;
+        }
+        tracing::info!(pass, rewrapped = wrote, key = %current_id, "rekey pass done; listing again for objects written meanwhile");
+    }
+    Ok(summary)
+}
+
+/// The header of `object` that this keyring opens, and the key that opens it: the object's
+/// own header when its key is in the keyring, else its sidecar of the newest key held.
+async fn readable_header(
+    store: &Arc<dyn Store>,
+    keyring: &Keyring,
+    object: &str,
+    side: &BTreeMap<String, BTreeSet<String>>,
+) -> Result<(Header, KeyId), RekeyError> {
+    let own = store.get_head(object, HEADER_LEN).await?;
+    let head = Header::parse(&own).map_err(|e| damaged(object, e))?;
+    if keyring.get(&head.key_id).is_some() {
+        let id = head.key_id;
+        return Ok((head, id));
+    }
+    for k in keyring.keys().iter().rev() {
+        let id = k.id.to_string();
+        if side.get(object).is_some_and(|ids| ids.contains(&id)) {
+            let bytes = store.get(&keys::rekeyed(&id, object)).await?;
+            let sidecar = Header::parse(&bytes).map_err(|e| damaged(object, e))?;
+            return Ok((sidecar, k.id));
+        }
+    }
+    Err(RekeyError::KeyMissing {
+        object: object.to_string(),
+        key_id: head.key_id.to_string(),
+    })
+}
+
+/// Checks that the sidecar stored under `sidecar` opens `object`'s data key.
+async fn check_sidecar(
+    store: &Arc<dyn Store>,
+    keyring: &Keyring,
+    object: &str,
+    sidecar: &str,
+) -> Result<(), RekeyError> {
+    let bytes = store.get(sidecar).await?;
+    let head = Header::parse(&bytes).map_err(|e| damaged(sidecar, e))?;
+    let k = keyring
+        .get(&head.key_id)
+        .ok_or_else(|| RekeyError::KeyMissing {
+            object: sidecar.to_string(),
+            key_id: head.key_id.to_string(),
+        })?;
+    // Rewrapping to the same key proves the wrapped data key authenticates under `object`.
+    envelope::rewrap(&k.secret, &k.secret, k.id, object, &bytes)
+        .map_err(|e| damaged(sidecar, e))?;
+    Ok(())
+}
+
+fn damaged(object: &str, e: OpenError) -> RekeyError {
+    RekeyError::Damaged {
+        object: object.to_string(),
+        detail: e.to_string(),
+    }
+}
+
+/// The encrypted objects of `store` that only key `id` opens, given the keys a retire keeps
+/// (`kept`): neither their own header nor any sidecar names a kept key. What `keys retire`
+/// refuses on. Reads the header only of objects without a sidecar of a kept key.
+pub async fn needing_only(
+    store: &Arc<dyn Store>,
+    id: &KeyId,
+    kept: &[KeyId],
+) -> Result<Vec<String>, RekeyError> {
+    let objects = store.list("").await?;
+    let side = sidecars(&objects);
+    let kept: BTreeSet<String> = kept.iter().map(KeyId::to_string).collect();
+    let mut out = Vec::new();
+    for o in objects.iter().filter(|o| is_encrypted_object(&o.key)) {
+        if side
+            .get(&o.key)
+            .is_some_and(|ids| ids.iter().any(|i| kept.contains(i)))
+        {
+            continue;
+        }
+        let own = store.get_head(&o.key, HEADER_LEN).await?;
+        let head = Header::parse(&own).map_err(|e| damaged(&o.key, e))?;
+        if head.key_id == *id {
+            out.push(o.key.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// `tidemark keys retire`: removes key `id` from the keyring file at `path` once `store` (the
+/// repository it encrypts) holds no object that only `id` opens. Without a repository nothing
+/// can be checked, and nothing is removed. Returns the keys that remain.
+pub async fn retire(
+    path: &std::path::Path,
+    id: &str,
+    store: Option<&Arc<dyn Store>>,
+) -> anyhow::Result<Keyring> {
+    let mut keyring = Keyring::load(path)?;
+    let key_id = KeyId::parse(id).ok_or_else(|| RekeyError::NotRetirable {
+        key_id: id.to_string(),
+        why: "not a key id (16 lower-case hex digits)",
+    })?;
+    let mut kept = keyring.clone();
+    kept.remove(&key_id).map_err(|e| RekeyError::NotRetirable {
+        key_id: id.to_string(),
+        why: match e {
+            crate::crypt::RemoveError::Current => {
+                "it is the current key, which encrypts new objects"
+            }
+            crate::crypt::RemoveError::Absent => "the keyring has no such key",
+        },
+    })?;
+    let Some(store) = store else {
+        return Err(RekeyError::RetireUnchecked {
+            key_id: id.to_string(),
+        }
+        .into());
+    };
+    let others: Vec<KeyId> = kept.keys().iter().map(|k| k.id).collect();
+    let needing = needing_only(store, &key_id, &others).await?;
+    if let Some(example) = needing.first() {
+        return Err(RekeyError::StillNeeded {
+            key_id: id.to_string(),
+            count: needing.len(),
+            example: example.clone(),
+        }
+        .into());
+    }
+    keyring.remove(&key_id).expect("checked above");
+    keyring.replace(path)?;
+    Ok(keyring)
+}
+
+#[cfg(test)]
+mod tests;
