@@ -599,6 +599,9 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         let ours = [("tidemark", repo.clone()), ("tidemark2", repo2.clone())];
         let twins = ["twin", "twin2"];
         if rounds > 1 {
+            // A slot named on the command line must exist; the archiver takes the new
+            // repository's base backup, then rests at the slot's position.
+            create_slot(&client, "tidemark2").await;
             let a = spawn_archiver(
                 &cluster,
                 "bench",
