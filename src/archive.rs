@@ -863,7 +863,7 @@ async fn pipeline(
                 // This message and every whole one the same socket read brought go to the
                 // writer as one batch: one hand-over (and one wake-up) per read, not per
                 // message.
-                let mut batch = Vec::new();
+                let mut batch = Vec::with_capacity(BATCH_MESSAGES);
                 let mut batch_bytes = 0usize;
                 let mut next = msg.transpose();
                 let mut ended = false;
@@ -940,12 +940,13 @@ async fn pipeline(
 
 /// Batches of messages between the receiver and the writer. Together with the budget of sealed
 /// segments ([`in_flight_budget`]) this bounds the archiver's memory while the store is slow or
-/// unreachable: at most `EVENT_QUEUE × BATCH_MESSAGES` messages (4,096) and, but for single
+/// unreachable: at most `EVENT_QUEUE × BATCH_MESSAGES` messages (16,384) and, but for single
 /// messages larger than `BATCH_BYTES`, `EVENT_QUEUE × BATCH_BYTES` (4 MiB) of them, plus the
 /// segment being built (about `segment_bytes`), plus the budget.
 const EVENT_QUEUE: usize = 16;
-/// A batch ends after this many messages…
-const BATCH_MESSAGES: usize = 256;
+/// A batch ends after this many messages (a socket read of a backlog brings about a thousand
+/// pgbench messages; fewer hand-overs per read, each a wake-up of the writer)…
+const BATCH_MESSAGES: usize = 1024;
 /// …or once it holds this many payload bytes.
 const BATCH_BYTES: usize = 256 * 1024;
 

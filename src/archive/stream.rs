@@ -94,6 +94,14 @@ pub(super) struct Writer {
     /// The (top-level) xid of the open stream chunk.
     chunk: Option<u32>,
     transactions: u64,
+    /// `tidemark_transactions_total`, registered once (not looked up per commit).
+    transactions_total: metrics::Counter,
+    /// The records vector of the last committed transaction, emptied, for the next one (so a
+    /// backlog of small transactions allocates none).
+    spare_records: Vec<Record>,
+    /// Size of the last sealed segment: the next one's buffer is reserved at about that size
+    /// up front instead of growing by doubling.
+    last_segment_len: usize,
     /// Stops the run on a change of a table's columns that no captured DDL explains.
     guard: crate::ddl::SchemaGuard,
 }
@@ -113,6 +121,9 @@ impl Writer {
             txn: None,
             chunk: None,
             transactions: 0,
+            transactions_total: metrics::counter!(crate::telemetry::TRANSACTIONS),
+            spare_records: Vec::new(),
+            last_segment_len: 0,
             guard: crate::ddl::SchemaGuard::new(),
         }
     }
@@ -154,8 +165,14 @@ impl Writer {
     /// Seals the open segment at the stream position and opens the next one there.
     pub fn seal(&mut self) -> Sealed {
         let (start, end) = (self.seg_start, self.pos);
-        let b = std::mem::replace(&mut self.builder, new_builder(&self.ctx, end));
+        // Room for a segment like the last one (a live stream's are small, a backlog's full),
+        // never more than a full one and a block.
+        let capacity = (self.last_segment_len + self.last_segment_len / 8)
+            .min(self.segment_bytes + crate::segment::DEFAULT_BLOCK_SIZE);
+        let next = new_builder(&self.ctx, end).with_capacity(capacity);
+        let b = std::mem::replace(&mut self.builder, next);
         let bytes = b.finish(end, self.last_server_time);
+        self.last_segment_len = bytes.len();
         self.seg_start = end;
         self.commits_in_segment = 0;
         Sealed {
@@ -195,7 +212,11 @@ impl Writer {
                     ))
                 }
                 _ => {
-                    self.guard.observe(&rec.payload, &rec.lsn.to_string())?;
+                    // Only Relation and logical messages concern the guard: no LSN text is
+                    // made for the others.
+                    if matches!(tag, Some(b'R' | b'M')) {
+                        self.guard.observe(&rec.payload, &rec.lsn.to_string())?;
+                    }
                     if !t.skip {
                         t.records.push(rec);
                     }
@@ -221,11 +242,13 @@ impl Writer {
                 if skip {
                     debug!(commit = %final_lsn, "dropping duplicate transaction");
                 }
+                let mut records = std::mem::take(&mut self.spare_records);
+                records.push(rec);
                 self.txn = Some(OpenTxn {
                     final_lsn,
                     xid,
                     commit_time,
-                    records: vec![rec],
+                    records,
                     skip,
                 });
             }
@@ -284,7 +307,7 @@ impl Writer {
                 self.pos = self.pos.max(end_lsn);
                 self.commits_in_segment += 1;
                 self.transactions += 1;
-                metrics::counter!(crate::telemetry::TRANSACTIONS).increment(1);
+                self.transactions_total.increment(1);
                 return Ok(Outcome {
                     committed_data: true,
                     commit_age: age(rec.server_time, commit_time),
@@ -323,6 +346,7 @@ impl Writer {
         };
         let mut t = self.txn.take().expect("called with an open transaction");
         if t.skip {
+            self.recycle(t.records);
             return Ok(Outcome::default());
         }
         if commit_lsn != t.final_lsn {
@@ -343,14 +367,25 @@ impl Writer {
         self.pos = self.pos.max(end_lsn);
         self.commits_in_segment += 1;
         self.transactions += 1;
-        metrics::counter!(crate::telemetry::TRANSACTIONS).increment(1);
+        self.transactions_total.increment(1);
         let bookkeeping = t.records[1..t.records.len() - 1]
             .iter()
             .all(|r| is_bookkeeping(&r.payload));
+        self.recycle(t.records);
         Ok(Outcome {
             committed_data: !bookkeeping,
             commit_age: age(sent, commit_time),
         })
+    }
+
+    /// Keeps a transaction's records vector for the next one, unless a large transaction made
+    /// it large (then it goes, so that memory returns to a backlog's usual size).
+    fn recycle(&mut self, mut records: Vec<Record>) {
+        const KEEP: usize = 1024;
+        if records.capacity() <= KEEP {
+            records.clear();
+            self.spare_records = records;
+        }
     }
 }
 

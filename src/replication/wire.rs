@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -19,6 +19,12 @@ use crate::lsn::{Lsn, PgTimestamp};
 
 /// The largest backend message we accept (length field, excluding the tag).
 pub(crate) const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// Size of a fresh read buffer: one socket read takes up to this much of a backlog (about a
+/// thousand pgbench messages).
+const READ_BUFFER: usize = 256 * 1024;
+/// A read buffer with less room left than this is replaced before the next read.
+const READ_ROOM: usize = 16 * 1024;
 
 /// Backend message tags this client understands (simple query, COPY, startup).
 const KNOWN_TAGS: &[u8] = b"RKSZTDCENIWHGdcAv";
@@ -57,9 +63,14 @@ pub(crate) fn parse_frame(buf: &mut BytesMut) -> Result<Option<BackendMessage>, 
         buf.reserve(total - buf.len());
         return Ok(None);
     }
-    let mut frame = buf.split_to(total).freeze();
-    let body = frame.split_off(5);
-    Ok(Some(BackendMessage { tag, body }))
+    // One split off the shared read buffer per message (a reference count, no copy); the
+    // header is skipped in place.
+    let mut frame = buf.split_to(total);
+    frame.advance(5);
+    Ok(Some(BackendMessage {
+        tag,
+        body: frame.freeze(),
+    }))
 }
 
 /// A bounds-checked reader over a message body.
@@ -122,8 +133,9 @@ fn be_u64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-/// Parses the payload of a CopyData message received during streaming.
-pub(crate) fn parse_copy_data(body: Bytes) -> Result<ReplicationMessage, ReplicationError> {
+/// Parses the payload of a CopyData message received during streaming. An XLogData's data is
+/// `body` itself past its header (no new reference to the read buffer).
+pub(crate) fn parse_copy_data(mut body: Bytes) -> Result<ReplicationMessage, ReplicationError> {
     match body.first() {
         Some(b'w') => {
             if body.len() < 25 {
@@ -132,11 +144,15 @@ pub(crate) fn parse_copy_data(body: Bytes) -> Result<ReplicationMessage, Replica
                     body.len()
                 )));
             }
+            let wal_start = Lsn(be_u64(&body[1..9]));
+            let wal_end = Lsn(be_u64(&body[9..17]));
+            let server_time = PgTimestamp(be_u64(&body[17..25]) as i64);
+            body.advance(25);
             Ok(ReplicationMessage::XLogData {
-                wal_start: Lsn(be_u64(&body[1..9])),
-                wal_end: Lsn(be_u64(&body[9..17])),
-                server_time: PgTimestamp(be_u64(&body[17..25]) as i64),
-                data: body.slice(25..),
+                wal_start,
+                wal_end,
+                server_time,
+                data: body,
             })
         }
         Some(b'k') => {
@@ -203,7 +219,7 @@ impl Conn {
     pub fn new(sock: Box<dyn Socket>, target: String) -> Conn {
         Conn {
             sock,
-            rbuf: BytesMut::with_capacity(256 * 1024),
+            rbuf: BytesMut::with_capacity(READ_BUFFER),
             wbuf: BytesMut::with_capacity(1024),
             target,
             params: HashMap::new(),
@@ -224,6 +240,12 @@ impl Conn {
         loop {
             if let Some(msg) = self.read_buffered()? {
                 return Ok(msg);
+            }
+            if self.rbuf.capacity() - self.rbuf.len() < READ_ROOM {
+                // The messages handed out share the buffer, so the room left at its end is
+                // all a read could fill: start a new one (copying only a partial message)
+                // rather than read its last few bytes in a call of their own.
+                self.rbuf.reserve(READ_BUFFER);
             }
             let n = self
                 .sock

@@ -142,40 +142,50 @@ fn put_int_text(out: &mut Vec<u8>, v: i64) {
     out.extend_from_slice(&digits[i..]);
 }
 
-/// One column value of a parsed tuple.
+/// One column value of a parsed tuple: its kind byte and, for `t` and `b`, where its bytes lie
+/// in the payload (`n`, null, and `u`, unchanged TOAST, have none: an empty range).
 #[derive(Clone, Copy)]
-enum Value<'a> {
-    /// `n` (null) or `u` (unchanged TOAST): no data.
-    Bare(u8),
-    /// `t` or `b` with its bytes.
-    Data(u8, &'a [u8]),
+struct ValueAt {
+    kind: u8,
+    start: usize,
+    end: usize,
 }
 
-/// An Insert, Update or Delete message parsed into its parts. Tuples are `(tag, values)`.
-struct Change<'a> {
+/// An Insert, Update or Delete message's header; its tuples' values are in the encoder's
+/// scratch vectors, in the order of `tags`.
+struct ChangeHead {
     xid: Option<u32>,
     relid: u32,
-    tuples: [(u8, Vec<Value<'a>>); 2],
+    tags: [u8; 2],
     tuple_count: usize,
 }
 
 /// Reads a TupleData at `*pos` (pgoutput: Int16 column count, then per column a kind byte and,
 /// for `t` and `b`, an Int32 length and the bytes).
-fn parse_tuple<'a>(p: &'a [u8], pos: &mut usize, values: &mut Vec<Value<'a>>) -> Option<()> {
+fn parse_tuple(p: &[u8], pos: &mut usize, values: &mut Vec<ValueAt>) -> Option<()> {
     let n = u16::from_be_bytes(p.get(*pos..*pos + 2)?.try_into().ok()?);
     *pos += 2;
     values.clear();
+    values.reserve(usize::from(n));
     for _ in 0..n {
         let kind = *p.get(*pos)?;
         *pos += 1;
         match kind {
-            b'n' | b'u' => values.push(Value::Bare(kind)),
+            b'n' | b'u' => values.push(ValueAt {
+                kind,
+                start: 0,
+                end: 0,
+            }),
             b't' | b'b' => {
                 let len = u32::from_be_bytes(p.get(*pos..*pos + 4)?.try_into().ok()?) as usize;
                 *pos += 4;
-                let data = p.get(*pos..pos.checked_add(len)?)?;
-                *pos += len;
-                values.push(Value::Data(kind, data));
+                let end = pos.checked_add(len).filter(|&e| e <= p.len())?;
+                values.push(ValueAt {
+                    kind,
+                    start: *pos,
+                    end,
+                });
+                *pos = end;
             }
             _ => return None,
         }
@@ -194,13 +204,9 @@ fn first_tags(tag: u8) -> &'static [u8] {
 }
 
 /// Parses an Insert, Update or Delete payload, with (`with_xid`) or without the transaction id
-/// that messages inside a streamed transaction carry. `None` unless the layout is exactly
-/// right and uses the whole payload.
-fn parse_change<'a>(
-    p: &'a [u8],
-    with_xid: bool,
-    scratch: [Vec<Value<'a>>; 2],
-) -> Option<Change<'a>> {
+/// that messages inside a streamed transaction carry, its tuples' values into `tuples`. `None`
+/// unless the layout is exactly right and uses the whole payload.
+fn parse_change(p: &[u8], with_xid: bool, tuples: &mut [Vec<ValueAt>; 2]) -> Option<ChangeHead> {
     let tag = p[0];
     let mut pos = 1;
     let xid = if with_xid {
@@ -212,13 +218,13 @@ fn parse_change<'a>(
     };
     let relid = u32::from_be_bytes(p.get(pos..pos + 4)?.try_into().ok()?);
     pos += 4;
-    let [mut a, mut b] = scratch;
+    let [a, b] = tuples;
     let t1 = *p.get(pos)?;
     if !first_tags(tag).contains(&t1) {
         return None;
     }
     pos += 1;
-    parse_tuple(p, &mut pos, &mut a)?;
+    parse_tuple(p, &mut pos, a)?;
     let mut tuple_count = 1;
     let mut t2 = 0;
     if tag == b'U' && t1 != b'N' {
@@ -227,56 +233,67 @@ fn parse_change<'a>(
             return None;
         }
         pos += 1;
-        parse_tuple(p, &mut pos, &mut b)?;
+        parse_tuple(p, &mut pos, b)?;
         tuple_count = 2;
     }
-    (pos == p.len()).then_some(Change {
+    (pos == p.len()).then_some(ChangeHead {
         xid,
         relid,
-        tuples: [(t1, a), (t2, b)],
+        tags: [t1, t2],
         tuple_count,
     })
 }
 
 /// A column group being written: the streams of one column of one relation.
+#[derive(Default)]
 struct Group {
     relid: u32,
     column: u16,
     streams: [Vec<u8>; GROUP_STREAMS],
     ints: Vec<i64>,
+    /// How the NUM stream stores the integers, chosen when the body is written.
+    mode: u8,
 }
 
-/// Encodes a block: `framed` holds `records` records framed as in version 2. Returns the body
-/// (what the block's zstd frame holds).
-///
-/// # Panics
-/// If `framed` is not `records` well-formed version 2 records (the writer made it).
-pub(super) fn encode(framed: &[u8], records: u32) -> Vec<u8> {
-    let body = encode_with(framed, records, false);
-    if framed.len() as u64 > MAX_EXPANSION * body.len() as u64 {
-        // Cannot happen for any input we know of (the worst case is about 12x), but the bound
-        // is the format's and raw records always meet it.
-        return encode_with(framed, records, true);
+/// Groups kept for their buffers between blocks, at most (a block that needed more gives the
+/// rest back).
+const GROUP_POOL: usize = 1024;
+
+/// Version 3's encoder of one block at a time. The writer hands it each record as it frames it
+/// ([`Columns::push`]), so a block is never parsed back from its framed bytes, and every stream
+/// keeps its buffer from one block to the next. [`Columns::finish_into`] writes the body.
+#[derive(Default)]
+pub(super) struct Columns {
+    s: [Vec<u8>; FIXED_STREAMS],
+    /// The block's groups are `groups[..live]`, in the order their columns first appeared; the
+    /// rest are kept for their buffers.
+    groups: Vec<Group>,
+    live: usize,
+    /// Each relation's groups, by column number.
+    by_relid: HashMap<u32, Vec<usize>>,
+    prev_lsn: u64,
+    prev_time: i64,
+    begin_final: u64,
+    begin_time: i64,
+    begin_xid: u32,
+    change_xid: u32,
+    /// The tuples of the change being added.
+    tuples: [Vec<ValueAt>; 2],
+    records: u32,
+}
+
+impl Columns {
+    /// Adds the block's next record.
+    pub(super) fn push(&mut self, lsn: u64, time: i64, p: &[u8]) {
+        self.add(lsn, time, p, false);
     }
-    body
-}
 
-fn encode_with(framed: &[u8], records: u32, all_raw: bool) -> Vec<u8> {
-    let mut s: [Vec<u8>; FIXED_STREAMS] = Default::default();
-    let mut groups: Vec<Group> = Vec::new();
-    let mut by_relid: HashMap<u32, Vec<usize>> = HashMap::new();
-    let (mut prev_lsn, mut prev_time) = (0u64, 0i64);
-    let (mut begin_final, mut begin_time, mut begin_xid) = (0u64, 0i64, 0u32);
-    let mut change_xid = 0u32;
-    let mut pos = 0;
-    let mut scratch: [Vec<Value>; 2] = Default::default();
-    for _ in 0..records {
-        let f = super::read::frame_at(super::Version::V2, framed, pos, (prev_lsn, prev_time))
-            .expect("the writer framed this block");
-        pos = f.payload.end;
-        let (lsn, time) = (f.lsn, f.server_time);
-        let p = &framed[f.payload];
-        put_uvarint(&mut s[S_TIME], zigzag(time.wrapping_sub(prev_time)));
+    fn add(&mut self, lsn: u64, time: i64, p: &[u8], all_raw: bool) {
+        self.records += 1;
+        let prev_lsn = self.prev_lsn;
+        let s = &mut self.s;
+        put_uvarint(&mut s[S_TIME], zigzag(time.wrapping_sub(self.prev_time)));
+        (self.prev_lsn, self.prev_time) = (lsn, time);
         let lsn_delta = |from: u64| zigzag(lsn.wrapping_sub(from) as i64);
         let tag = if all_raw {
             RAW
@@ -293,9 +310,15 @@ fn encode_with(framed: &[u8], records: u32, all_raw: bool) -> Vec<u8> {
                     &mut s[S_BEGIN_FINAL],
                     zigzag(final_lsn.wrapping_sub(lsn) as i64),
                 );
-                put_uvarint(&mut s[S_BEGIN_TIME], zigzag(ts.wrapping_sub(begin_time)));
-                put_uvarint(&mut s[S_BEGIN_XID], zigzag32(xid.wrapping_sub(begin_xid)));
-                (begin_final, begin_time, begin_xid) = (final_lsn, ts, xid);
+                put_uvarint(
+                    &mut s[S_BEGIN_TIME],
+                    zigzag(ts.wrapping_sub(self.begin_time)),
+                );
+                put_uvarint(
+                    &mut s[S_BEGIN_XID],
+                    zigzag32(xid.wrapping_sub(self.begin_xid)),
+                );
+                (self.begin_final, self.begin_time, self.begin_xid) = (final_lsn, ts, xid);
             }
             COMMIT if p.len() == 26 => {
                 let mut b = &p[2..];
@@ -305,103 +328,184 @@ fn encode_with(framed: &[u8], records: u32, all_raw: bool) -> Vec<u8> {
                 s[S_COMMIT_FLAGS].push(p[1]);
                 put_uvarint(
                     &mut s[S_COMMIT_LSN],
-                    zigzag(commit_lsn.wrapping_sub(begin_final) as i64),
+                    zigzag(commit_lsn.wrapping_sub(self.begin_final) as i64),
                 );
                 put_uvarint(&mut s[S_COMMIT_END], end_lsn.wrapping_sub(commit_lsn));
-                put_uvarint(&mut s[S_COMMIT_TIME], zigzag(ts.wrapping_sub(begin_time)));
+                put_uvarint(
+                    &mut s[S_COMMIT_TIME],
+                    zigzag(ts.wrapping_sub(self.begin_time)),
+                );
             }
             b'I' | b'U' | b'D' => {
-                let parsed = parse_change(p, false, std::mem::take(&mut scratch))
-                    .or_else(|| parse_change(p, true, Default::default()));
-                // Columns this record would add to the block's groups, over the format's cap.
-                let known = |c: &Change| by_relid.get(&c.relid).map_or(0, Vec::len);
-                let too_many = |c: &Change| {
-                    let widest = c.tuples[..c.tuple_count].iter().map(|(_, v)| v.len()).max();
-                    let new = widest.unwrap_or(0).saturating_sub(known(c));
-                    groups.len() + new > MAX_GROUPS
-                };
-                let Some(c) = parsed.filter(|c| !too_many(c)) else {
-                    put_raw(&mut s, p, lsn_delta(prev_lsn));
-                    prev_lsn = lsn;
-                    prev_time = time;
-                    continue;
-                };
-                let kind = if c.xid.is_some() {
-                    tag.to_ascii_lowercase()
-                } else {
-                    tag
-                };
-                s[S_KIND].push(kind);
-                put_uvarint(&mut s[S_LSN], lsn_delta(prev_lsn));
-                if let Some(xid) = c.xid {
-                    put_uvarint(&mut s[S_CHANGE_XID], zigzag32(xid.wrapping_sub(change_xid)));
-                    change_xid = xid;
+                if !self.add_change(p, lsn_delta(prev_lsn)) {
+                    put_raw(&mut self.s, p, lsn_delta(prev_lsn));
                 }
-                put_uvarint(&mut s[S_REL], u64::from(c.relid));
-                let columns = by_relid.entry(c.relid).or_default();
-                for (t, values) in &c.tuples[..c.tuple_count] {
-                    s[S_TUPLE].push(*t);
-                    put_uvarint(&mut s[S_TUPLE], values.len() as u64);
-                    for (i, v) in values.iter().enumerate() {
-                        if columns.len() <= i {
-                            columns.push(groups.len());
-                            groups.push(Group {
-                                relid: c.relid,
-                                column: i as u16,
-                                streams: Default::default(),
-                                ints: Vec::new(),
-                            });
-                        }
-                        let g = &mut groups[columns[i]];
-                        match *v {
-                            Value::Bare(k) => g.streams[G_KIND].push(k),
-                            Value::Data(k, data) => {
-                                let int = if k == b't' { int_text(data) } else { None };
-                                if let Some(n) = int {
-                                    g.streams[G_KIND].push(INT_TEXT);
-                                    g.ints.push(n);
-                                } else {
-                                    g.streams[G_KIND].push(k);
-                                    put_uvarint(&mut g.streams[G_LEN], data.len() as u64);
-                                    g.streams[G_DATA].extend_from_slice(data);
-                                }
-                            }
-                        }
-                    }
-                }
-                let [(_, a), (_, b)] = c.tuples;
-                scratch = [a, b];
             }
-            _ => put_raw(&mut s, p, lsn_delta(prev_lsn)),
+            _ => put_raw(s, p, lsn_delta(prev_lsn)),
         }
-        prev_lsn = lsn;
-        prev_time = time;
     }
-    debug_assert_eq!(pos, framed.len(), "records fill the framed block");
 
-    // Body: lengths first, then the streams.
-    let mut modes = Vec::with_capacity(groups.len());
-    for g in &mut groups {
-        let (mode, nums) = choose_num_mode(&g.ints);
-        g.streams[G_NUM] = nums;
-        modes.push(mode);
+    /// Adds a change in columns; `false` (nothing added) if its layout is not exactly right or
+    /// its columns would take the block over [`MAX_GROUPS`].
+    fn add_change(&mut self, p: &[u8], lsn_delta: u64) -> bool {
+        let Some(c) = parse_change(p, false, &mut self.tuples)
+            .or_else(|| parse_change(p, true, &mut self.tuples))
+        else {
+            return false;
+        };
+        let known = self.by_relid.get(&c.relid).map_or(0, Vec::len);
+        let widest = self.tuples[..c.tuple_count].iter().map(Vec::len).max();
+        if self.live + widest.unwrap_or(0).saturating_sub(known) > MAX_GROUPS {
+            return false;
+        }
+        let tag = p[0];
+        let s = &mut self.s;
+        s[S_KIND].push(if c.xid.is_some() {
+            tag.to_ascii_lowercase()
+        } else {
+            tag
+        });
+        put_uvarint(&mut s[S_LSN], lsn_delta);
+        if let Some(xid) = c.xid {
+            put_uvarint(
+                &mut s[S_CHANGE_XID],
+                zigzag32(xid.wrapping_sub(self.change_xid)),
+            );
+            self.change_xid = xid;
+        }
+        put_uvarint(&mut s[S_REL], u64::from(c.relid));
+        let columns = self.by_relid.entry(c.relid).or_default();
+        for (t, values) in c.tags.iter().zip(&self.tuples[..c.tuple_count]) {
+            s[S_TUPLE].push(*t);
+            put_uvarint(&mut s[S_TUPLE], values.len() as u64);
+            for (i, v) in values.iter().enumerate() {
+                if columns.len() <= i {
+                    if self.live == self.groups.len() {
+                        self.groups.push(Group::default());
+                    }
+                    let g = &mut self.groups[self.live];
+                    (g.relid, g.column) = (c.relid, i as u16);
+                    columns.push(self.live);
+                    self.live += 1;
+                }
+                let g = &mut self.groups[columns[i]];
+                let data = &p[v.start..v.end];
+                match v.kind {
+                    k @ (b'n' | b'u') => g.streams[G_KIND].push(k),
+                    k => match if k == b't' { int_text(data) } else { None } {
+                        Some(n) => {
+                            g.streams[G_KIND].push(INT_TEXT);
+                            g.ints.push(n);
+                        }
+                        None => {
+                            g.streams[G_KIND].push(k);
+                            put_uvarint(&mut g.streams[G_LEN], data.len() as u64);
+                            g.streams[G_DATA].extend_from_slice(data);
+                        }
+                    },
+                }
+            }
+        }
+        true
     }
-    let streams = s.iter().chain(groups.iter().flat_map(|g| g.streams.iter()));
-    let total: usize = streams.clone().map(Vec::len).sum();
-    let mut body = Vec::with_capacity(total + 16 + groups.len() * 16);
-    put_uvarint(&mut body, framed.len() as u64);
-    put_uvarint(&mut body, groups.len() as u64);
-    for (g, mode) in groups.iter().zip(&modes) {
-        put_uvarint(&mut body, u64::from(g.relid));
-        put_uvarint(&mut body, u64::from(g.column));
-        body.push(*mode);
+
+    /// Writes the body of the block whose records were added (`framed`: the same records
+    /// framed as in version 2) into `body`, replacing its contents, and starts the next block.
+    /// The body is what the block's zstd frame holds.
+    ///
+    /// # Panics
+    /// If `framed` is not the added records, framed (the writer made both).
+    pub(super) fn finish_into(&mut self, framed: &[u8], body: &mut Vec<u8>) {
+        self.write_body(framed.len(), body);
+        if framed.len() as u64 > MAX_EXPANSION * body.len() as u64 {
+            // Cannot happen for any input we know of (the worst case is about 12x), but the
+            // bound is the format's and raw records always meet it.
+            let records = self.records;
+            self.reset();
+            let (mut pos, mut prev) = (0, (0, 0));
+            for _ in 0..records {
+                let f = super::read::frame_at(super::Version::V2, framed, pos, prev)
+                    .expect("the writer framed this block");
+                self.add(f.lsn, f.server_time, &framed[f.payload.clone()], true);
+                (pos, prev) = (f.payload.end, (f.lsn, f.server_time));
+            }
+            self.write_body(framed.len(), body);
+        }
+        self.reset();
     }
-    for st in streams.clone() {
-        put_uvarint(&mut body, st.len() as u64);
+
+    /// The body: lengths first, then the streams.
+    fn write_body(&mut self, framed_len: usize, body: &mut Vec<u8>) {
+        let groups = &mut self.groups[..self.live];
+        for g in groups.iter_mut() {
+            g.mode = choose_num_mode(&g.ints, &mut g.streams[G_NUM]);
+        }
+        let streams = self
+            .s
+            .iter()
+            .chain(groups.iter().flat_map(|g| g.streams.iter()));
+        let total: usize = streams.clone().map(Vec::len).sum();
+        body.clear();
+        body.reserve(total + 16 + groups.len() * 16);
+        put_uvarint(body, framed_len as u64);
+        put_uvarint(body, groups.len() as u64);
+        for g in groups.iter() {
+            put_uvarint(body, u64::from(g.relid));
+            put_uvarint(body, u64::from(g.column));
+            body.push(g.mode);
+        }
+        for st in streams.clone() {
+            put_uvarint(body, st.len() as u64);
+        }
+        for st in streams {
+            body.extend_from_slice(st);
+        }
     }
-    for st in streams {
-        body.extend_from_slice(st);
+
+    /// Empties every stream (keeping its buffer) for the next block.
+    fn reset(&mut self) {
+        self.s.iter_mut().for_each(Vec::clear);
+        for g in &mut self.groups[..self.live] {
+            g.streams.iter_mut().for_each(Vec::clear);
+            g.ints.clear();
+        }
+        self.groups.truncate(GROUP_POOL);
+        self.live = 0;
+        self.by_relid.clear();
+        (self.prev_lsn, self.prev_time) = (0, 0);
+        (self.begin_final, self.begin_time, self.begin_xid) = (0, 0, 0);
+        self.change_xid = 0;
+        self.records = 0;
     }
+}
+
+impl std::fmt::Debug for Columns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Columns")
+            .field("records", &self.records)
+            .field("groups", &self.live)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Encodes a block: `framed` holds `records` records framed as in version 2. Returns the body
+/// (what the block's zstd frame holds): what [`Columns`] writes for the same records.
+///
+/// # Panics
+/// If `framed` is not `records` well-formed version 2 records.
+#[cfg(test)]
+pub(super) fn encode(framed: &[u8], records: u32) -> Vec<u8> {
+    let mut c = Columns::default();
+    let (mut pos, mut prev) = (0, (0, 0));
+    for _ in 0..records {
+        let f = super::read::frame_at(super::Version::V2, framed, pos, prev)
+            .expect("well-formed records");
+        c.push(f.lsn, f.server_time, &framed[f.payload.clone()]);
+        (pos, prev) = (f.payload.end, (f.lsn, f.server_time));
+    }
+    assert_eq!(pos, framed.len(), "records fill the framed block");
+    let mut body = Vec::new();
+    c.finish_into(framed, &mut body);
     body
 }
 
@@ -412,9 +516,10 @@ fn put_raw(s: &mut [Vec<u8>; FIXED_STREAMS], p: &[u8], lsn_delta: u64) {
     s[S_RAW].extend_from_slice(p);
 }
 
-/// The NUM stream of a group: its integers as zigzag varints, or as zigzag varints of their
-/// differences (from 0 for the first), whichever takes fewer bytes (plain on a tie).
-fn choose_num_mode(ints: &[i64]) -> (u8, Vec<u8>) {
+/// Writes the NUM stream of a group into `out` (replacing its contents) and returns its mode:
+/// the integers as zigzag varints, or as zigzag varints of their differences (from 0 for the
+/// first), whichever takes fewer bytes (plain on a tie).
+fn choose_num_mode(ints: &[i64], out: &mut Vec<u8>) -> u8 {
     let mut plain = 0usize;
     let mut delta = 0usize;
     let mut prev = 0i64;
@@ -424,7 +529,8 @@ fn choose_num_mode(ints: &[i64]) -> (u8, Vec<u8>) {
         prev = v;
     }
     let mode = if delta < plain { NUM_DELTA } else { NUM_PLAIN };
-    let mut out = Vec::with_capacity(plain.min(delta));
+    out.clear();
+    out.reserve(plain.min(delta));
     let mut prev = 0i64;
     for &v in ints {
         let x = if mode == NUM_DELTA {
@@ -432,10 +538,10 @@ fn choose_num_mode(ints: &[i64]) -> (u8, Vec<u8>) {
         } else {
             v
         };
-        put_uvarint(&mut out, zigzag(x));
+        put_uvarint(out, zigzag(x));
         prev = v;
     }
-    (mode, out)
+    mode
 }
 
 /// Which stream, for error messages (built only when one is reported).

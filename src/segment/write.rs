@@ -36,6 +36,10 @@ pub struct SegmentBuilder {
     zstd: Option<Zstd>,
     /// Uncompressed contents of the block being filled.
     block: Vec<u8>,
+    /// Version 3: the block's records in columns, added as they are pushed.
+    columns: columns::Columns,
+    /// Version 3: the body of the block being sealed (its buffer reused for every block).
+    body: Vec<u8>,
     block_records: u32,
     /// lsn and server_time of the block's previous record (version 2 deltas; 0 at a block's
     /// start, so that every block decodes on its own).
@@ -95,6 +99,8 @@ impl SegmentBuilder {
             zstd_level: None,
             zstd: None,
             block: Vec::new(),
+            columns: columns::Columns::default(),
+            body: Vec::new(),
             block_records: 0,
             prev_lsn: 0,
             prev_time: 0,
@@ -108,6 +114,13 @@ impl SegmentBuilder {
         };
         builder.seal_header();
         builder
+    }
+
+    /// Reserves room for a file of about `bytes` in one go, so that the output does not grow
+    /// (and move) by doubling as blocks are sealed. The file's bytes are the same either way.
+    pub fn with_capacity(mut self, bytes: usize) -> Self {
+        self.out.reserve(bytes.saturating_sub(self.out.len()));
+        self
     }
 
     /// Sets the target uncompressed block size, clamped to `1..=`[`MAX_BLOCK_SIZE`].
@@ -250,6 +263,10 @@ impl SegmentBuilder {
                 self.prev_time = rec.server_time.0;
             }
         }
+        if self.version == Version::V3 {
+            self.columns
+                .push(rec.lsn.0, rec.server_time.0, &rec.payload);
+        }
         self.block.extend_from_slice(&rec.payload);
         self.block_records += 1;
         self.record_count += 1;
@@ -337,11 +354,11 @@ impl SegmentBuilder {
                 )
             }
             Version::V3 => {
-                let body = columns::encode(&self.block, self.block_records);
+                self.columns.finish_into(&self.block, &mut self.body);
                 let zstd = self.zstd.get_or_insert_with(|| Zstd::new(level));
                 append_block(
                     &mut self.out,
-                    &body,
+                    &self.body,
                     data_crc,
                     self.block_records,
                     Some(zstd),
