@@ -9,6 +9,8 @@
 //! * a put of identical bytes over an existing object succeeds; of different bytes (same size or
 //!   not) it is [`StoreError::Conflict`] and the stored object is unchanged;
 //! * a get of a missing key is [`StoreError::NotFound`];
+//! * a ranged read ([`Store::get_head`]) gives the object's first bytes (all of a shorter one,
+//!   none of an empty one, none for a length of 0), and NotFound for a missing key;
 //! * a list returns exactly the keys starting with the prefix (a string prefix, not a folder:
 //!   `a/b` matches `a/b/x` and `a/bc`), sorted, with their sizes, and nothing for a prefix that
 //!   matches nothing;
@@ -32,6 +34,7 @@ pub async fn run(store: &dyn Store, base: &str) {
     round_trip(store, &format!("{base}round-trip/")).await;
     create_only(store, &format!("{base}create-only/")).await;
     missing(store, &format!("{base}missing/")).await;
+    head(store, &format!("{base}head/")).await;
     listing(store, &format!("{base}listing/")).await;
     deletion(store, &format!("{base}deletion/")).await;
     empty_object(store, &format!("{base}empty/")).await;
@@ -192,6 +195,48 @@ pub async fn missing(store: &dyn Store, base: &str) {
                 format!("get {key}: returned {} bytes", b.len()),
             ),
         }
+    }
+}
+
+/// A ranged read gives the object's first bytes, as many as asked or as it has.
+pub async fn head(store: &dyn Store, base: &str) {
+    const CHECK: &str = "ranged read";
+    let key = format!("{base}object.seg");
+    let data = pattern(1000, 3);
+    put(store, CHECK, &key, &data).await;
+    let empty = format!("{base}empty.seg");
+    put(store, CHECK, &empty, b"").await;
+    for (key, len, want) in [
+        (&key, 80, &data[..80]),
+        (&key, 1, &data[..1]),
+        (&key, 0, &data[..0]),
+        (&key, 999, &data[..999]),
+        (&key, 1000, &data[..]),
+        (&key, 5000, &data[..]),
+        (&empty, 80, &data[..0]),
+    ] {
+        match store.get_head(key, len).await {
+            Ok(b) if b[..] == *want => {}
+            Ok(b) => fail(
+                store,
+                CHECK,
+                format!(
+                    "get_head({key}, {len}) gave {} bytes, not the first {}",
+                    b.len(),
+                    want.len()
+                ),
+            ),
+            Err(e) => fail(store, CHECK, format!("get_head({key}, {len}) failed: {e}")),
+        }
+    }
+    let absent = format!("{base}absent.seg");
+    match store.get_head(&absent, 80).await {
+        Err(StoreError::NotFound { key: k, .. }) if k == absent => {}
+        r => fail(
+            store,
+            CHECK,
+            format!("get_head of missing {absent} is not NotFound naming it: {r:?}"),
+        ),
     }
 }
 

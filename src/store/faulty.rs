@@ -15,9 +15,10 @@
 //! names them, and [`FaultyStore::calls`] lists every operation asked of the store.
 //!
 //! An injected failure never reaches the wrapped store, but a lost answer ([`Fault::AnswerLost`]):
-//! its operation does. Everything else passes through. `check_writable` and the storage-class
-//! operations are passed through untouched (`check_writable` is the wrapped store's own put and
-//! delete).
+//! its operation does. A ranged read ([`Store::get_head`]) counts as a get and is passed on as
+//! the wrapped store's ranged read. Everything else passes through. `check_writable` and the
+//! storage-class operations are passed through untouched (`check_writable` is the wrapped
+//! store's own put and delete).
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -332,6 +333,11 @@ impl Store for FaultyStore {
 
     async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         self.run(Op::Get, key, self.inner.get(key)).await
+    }
+
+    /// A ranged read is a get: the rules of [`Op::Get`] apply to it.
+    async fn get_head(&self, key: &str, len: usize) -> Result<Bytes, StoreError> {
+        self.run(Op::Get, key, self.inner.get_head(key, len)).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
