@@ -3,7 +3,7 @@
 //! `tidemark audit`, which lists the records (`--json`: `proto/audit.md`).
 //!
 //! Recorded here: `backup` (manual), `prune` (not `--dry-run`: it changes nothing), `pin`,
-//! `unpin`, `restore`. The backups `archive` takes are recorded by the function that takes
+//! `unpin`, `restore`, `rekey`. The backups `archive` takes are recorded by the function that takes
 //! every backup ([`crate::backup::take`]), with this process's invocation. A command whose
 //! repository cannot be opened (a bad `--repo`) has nowhere to record and is not recorded.
 //!
@@ -29,11 +29,12 @@ use crate::backup::Manifest;
 use crate::backup_cmd::LabelArgs;
 use crate::catalog::audit::{
     self, BackupDetails, Deleted, Invocation, Operation, Outcome, PruneDetails, Record,
-    RestoreDetails, Started,
+    RekeyDetails, RestoreDetails, Started,
 };
 use crate::catalog::expire::Expiry;
 use crate::conninfo::ConnInfo;
 use crate::lsn::PgTimestamp;
+use crate::rekey::{RekeyFailed, RekeySummary};
 use crate::restore::RestoreSummary;
 use crate::store::Store;
 
@@ -227,6 +228,31 @@ pub async fn finish_restore(
     r
 }
 
+/// Records a rekey (best effort) and hands its result on. A rekey that failed records what
+/// it did before and beside its failure ([`RekeyFailed::summary`]).
+pub async fn finish_rekey(
+    store: &Arc<dyn Store>,
+    started: Started,
+    r: anyhow::Result<RekeySummary>,
+) -> anyhow::Result<RekeySummary> {
+    let done = match &r {
+        Ok(s) => Some(s),
+        Err(e) => e.downcast_ref::<RekeyFailed>().map(|f| &f.summary),
+    };
+    let op = Operation::Rekey(done.map_or_else(RekeyDetails::default, |s| RekeyDetails {
+        key: Some(s.key.clone()),
+        objects: s.objects,
+        rewrapped: s.rewrapped,
+        already: s.already,
+        failed: s.failed,
+        failed_objects: s.failed_objects.clone(),
+        bytes_written: s.bytes_written,
+        passes: s.passes,
+    }));
+    audit::record_or_warn(&**store, started, &op, outcome(&r)).await;
+    r
+}
+
 #[derive(Serialize)]
 struct Listing<'a> {
     repository: String,
@@ -348,6 +374,13 @@ fn summary(r: &Record) -> String {
                 .map(|b| format!(" from {b}"))
                 .unwrap_or_default()
         ),
+        "rekey" => match s("key") {
+            None => "no key read".into(),
+            Some(k) => format!(
+                "to key {k}: {} rekeyed, {} skipped, {} failed of {} object(s)",
+                d["rewrapped"], d["already"], d["failed"], d["objects"]
+            ),
+        },
         _ => d.to_string(),
     }
 }

@@ -48,6 +48,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::crypt::CryptError,
         crate::object::ObjectError,
         crate::rekey::RekeyError,
+        crate::rekey::RekeyFailed,
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
         crate::archive::lease::LeaseError,
@@ -504,6 +505,30 @@ mod tests {
                 "rekey: store",
                 RekeyError::Store(store_io()).into(),
                 Repository,
+            ),
+            (
+                "rekey: incomplete, as its first failure",
+                RekeyError::Incomplete {
+                    failed: 2,
+                    first: Box::new(RekeyError::Damaged {
+                        object: s(),
+                        detail: s(),
+                    }),
+                }
+                .into(),
+                Damaged,
+            ),
+            (
+                "rekey failed, with its summary",
+                crate::rekey::RekeyFailed {
+                    summary: Default::default(),
+                    error: RekeyError::KeyMissing {
+                        object: s(),
+                        key_id: s(),
+                    },
+                }
+                .into(),
+                Usage,
             ),
             (
                 "retire: still needed",

@@ -49,7 +49,7 @@ enum Command {
     Pin(PinArgs),
     /// Unpin a base backup (delete its pin): retention decides about it again.
     Unpin(PinArgs),
-    /// List the audit trail: each backup, prune, pin, unpin and restore, who ran it, and how it ended.
+    /// List the audit trail: each backup, prune, pin, unpin, restore and rekey, who ran it, and how it ended.
     Audit(AuditArgs),
     /// Run everything end to end on a throwaway local PostgreSQL and check the result.
     Demo(DemoArgs),
@@ -715,10 +715,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let Some(path) = &a.repo.encryption_key_file else {
                 return Err(tidemark::exit::UsageError("rekey needs the repository's keyring: pass --encryption-key-file FILE (or TIDEMARK_ENCRYPTION_KEY_FILE)".into()).into());
             };
+            let started = Started::now();
             let repo = open_repo(&a.repo).await?;
-            tidemark::catalog::identity::read_identity(&repo).await?;
-            let keyring = tidemark::crypt::Keyring::load(path)?;
-            let s = tidemark::rekey::rekey(&repo, &keyring).await?;
+            let r = async {
+                tidemark::catalog::identity::read_identity(&repo).await?;
+                let keyring = tidemark::crypt::Keyring::load(path)?;
+                Ok(tidemark::rekey::rekey(&repo, &keyring).await?)
+            }
+            .await;
+            let s = audit_cmd::finish_rekey(&repo, started, r).await?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {

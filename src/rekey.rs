@@ -17,6 +17,12 @@
 //! nothing to do; passes that keep finding new objects of old keys mean a writer uses an older
 //! copy of the keyring ([`RekeyError::StillWritten`]).
 //!
+//! An object it cannot move (damaged, or of a key neither the keyring nor a sidecar holds) does
+//! not stop it: it moves every other object, counts the ones it could not, and then fails
+//! ([`RekeyError::Incomplete`], with the first one's error) — a rerun after the fix has only
+//! those left. A failing store stops it at once. Either way the caller gets what was done
+//! ([`RekeyFailed::summary`]), which `tidemark rekey` records in the audit trail.
+//!
 //! Does not own the envelope ([`crate::crypt::envelope::rewrap`]) nor deleting sidecars with
 //! their objects ([`crate::catalog::expire::delete`]).
 
@@ -61,6 +67,38 @@ pub enum RekeyError {
     NotRetirable { key_id: String, why: &'static str },
     #[error("objects under older keys were still being written after {passes} passes (the last: {example})\nHINT: a writer (an archiver on another host?) uses an older copy of the keyring: give it the keyring with the new key, then run rekey again")]
     StillWritten { passes: u32, example: String },
+    /// Some objects could not be moved (every other one was); `first` is the first one's error.
+    #[error(
+        "{failed} object(s) could not be rekeyed (every other object was); the first: {first}"
+    )]
+    Incomplete { failed: u64, first: Box<RekeyError> },
+}
+
+/// A rekey that failed, with what it did before and beside its failure. Shows as its error
+/// (the same message and causes).
+#[derive(Debug)]
+pub struct RekeyFailed {
+    /// What was done: the sidecars written stay valid (a rerun skips them).
+    pub summary: RekeySummary,
+    pub error: RekeyError,
+}
+
+impl std::fmt::Display for RekeyFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for RekeyFailed {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&self.error)
+    }
+}
+
+impl crate::error::Classify for RekeyFailed {
+    fn exit_status(&self) -> crate::error::ExitStatus {
+        self.error.exit_status()
+    }
 }
 
 impl crate::error::Classify for RekeyError {
@@ -74,6 +112,7 @@ impl crate::error::Classify for RekeyError {
             | RekeyError::NotRetirable { .. } => Usage,
             RekeyError::Damaged { .. } => Damaged,
             RekeyError::StillWritten { .. } => Repository,
+            RekeyError::Incomplete { first, .. } => first.exit_status(),
         }
     }
 }
@@ -95,7 +134,14 @@ pub struct RekeySummary {
     /// Bytes the repository stores (the last listing, sidecars included).
     pub bytes_stored: u64,
     pub passes: u32,
+    /// Objects that could not be moved (damaged, or of a key the keyring lacks).
+    pub failed: u64,
+    /// The first [`MAX_FAILED_NAMED`] of them.
+    pub failed_objects: Vec<String>,
 }
+
+/// How many of the objects a rekey could not move it names.
+pub const MAX_FAILED_NAMED: usize = 10;
 
 /// Whether the object under `key` is an envelope in an encrypted repository: every archive
 /// object but the identity (writer leases, sidecars and unknown names are not archive objects).
@@ -128,15 +174,38 @@ pub fn pending<'a>(objects: &'a [ObjectMeta], current: &str) -> Vec<&'a ObjectMe
 }
 
 /// Moves every encrypted object of `store` to `keyring`'s current key (see the module doc).
-pub async fn rekey(store: &Arc<dyn Store>, keyring: &Keyring) -> Result<RekeySummary, RekeyError> {
-    let current = keyring.current();
-    let current_id = current.id.to_string();
+pub async fn rekey(store: &Arc<dyn Store>, keyring: &Keyring) -> Result<RekeySummary, RekeyFailed> {
     let mut summary = RekeySummary {
-        key: current_id.clone(),
+        key: keyring.current().id.to_string(),
         ..RekeySummary::default()
     };
-    // Objects already found under the current key by their own header (no sidecar needed).
+    match passes(store, keyring, &mut summary).await {
+        Ok(()) => Ok(summary),
+        Err(error) => Err(RekeyFailed { summary, error }),
+    }
+}
+
+/// Whether `e` is about one object (rekey goes on with the others) rather than the store.
+fn is_per_object(e: &RekeyError) -> bool {
+    matches!(
+        e,
+        RekeyError::KeyMissing { .. } | RekeyError::Damaged { .. }
+    )
+}
+
+/// The passes of [`rekey`], counting into `summary` as they go.
+async fn passes(
+    store: &Arc<dyn Store>,
+    keyring: &Keyring,
+    summary: &mut RekeySummary,
+) -> Result<(), RekeyError> {
+    let current = keyring.current();
+    let current_id = current.id.to_string();
+    // Objects already found under the current key by their own header (no sidecar needed),
+    // and objects that could not be moved (not tried again by a later pass).
     let mut native: BTreeSet<String> = BTreeSet::new();
+    let mut failed: BTreeSet<String> = BTreeSet::new();
+    let mut first_failure: Option<RekeyError> = None;
     for pass in 1..=MAX_PASSES + 1 {
         let objects = store.list("").await?;
         summary.objects = objects
@@ -147,7 +216,7 @@ pub async fn rekey(store: &Arc<dyn Store>, keyring: &Keyring) -> Result<RekeySum
         let side = sidecars(&objects);
         let todo: Vec<&ObjectMeta> = pending(&objects, &current_id)
             .into_iter()
-            .filter(|o| !native.contains(&o.key))
+            .filter(|o| !native.contains(&o.key) && !failed.contains(&o.key))
             .collect();
         if pass == 1 {
             summary.already = (summary.objects as usize - todo.len()) as u64;
@@ -155,42 +224,38 @@ pub async fn rekey(store: &Arc<dyn Store>, keyring: &Keyring) -> Result<RekeySum
         let mut wrote = 0u64;
         let mut last = None;
         for o in todo {
-            let (head, opener) = readable_header(store, keyring, &o.key, &side).await?;
-            if opener == current.id && head.key_id == current.id {
-                native.insert(o.key.clone());
-                summary.already += 1;
-                continue;
-            }
-            if pass > MAX_PASSES {
-                return Err(RekeyError::StillWritten {
-                    passes: MAX_PASSES,
-                    example: o.key.clone(),
-                });
-            }
-            let old = keyring.get(&opener).expect("readable_header names a key");
-            let new = envelope::rewrap(
-                &old.secret,
-                &current.secret,
-                current.id,
-                &o.key,
-                &head.to_bytes(),
-            )
-            .map_err(|e| damaged(&o.key, e))?;
-            let sidecar = keys::rekeyed(&current_id, &o.key);
-            // Encoded once: a retry of the put re-sends these bytes (the wrap nonce is random).
-            let encoded =
-                object::encode_with(&Plain, sidecar.clone(), Bytes::copy_from_slice(&new));
-            match encoded.put(&**store).await {
-                Ok(()) => {
-                    wrote += 1;
-                    summary.bytes_written += new.len() as u64;
-                }
-                // Another rekey stored one first: as good, once it is checked.
-                Err(StoreError::Conflict { .. }) => {
-                    check_sidecar(store, keyring, &o.key, &sidecar).await?;
+            let moved = match readable_header(store, keyring, &o.key, &side).await {
+                Ok((head, opener)) if opener == current.id && head.key_id == current.id => {
+                    native.insert(o.key.clone());
                     summary.already += 1;
+                    continue;
                 }
-                Err(e) => return Err(e.into()),
+                Ok(_) if pass > MAX_PASSES => {
+                    return Err(RekeyError::StillWritten {
+                        passes: MAX_PASSES,
+                        example: o.key.clone(),
+                    });
+                }
+                Ok((head, opener)) => move_one(store, keyring, &o.key, &head, &opener).await,
+                Err(e) => Err(e),
+            };
+            match moved {
+                Ok(Some(bytes)) => {
+                    wrote += 1;
+                    summary.bytes_written += bytes;
+                }
+                Ok(None) => summary.already += 1,
+                Err(e) if is_per_object(&e) => {
+                    tracing::warn!(object = %o.key, "cannot rekey: {e}");
+                    failed.insert(o.key.clone());
+                    summary.failed += 1;
+                    if summary.failed_objects.len() < MAX_FAILED_NAMED {
+                        summary.failed_objects.push(o.key.clone());
+                    }
+                    first_failure.get_or_insert(e);
+                    continue;
+                }
+                Err(e) => return Err(e),
             }
             last = Some(o.key.clone());
         }
@@ -201,7 +266,46 @@ pub async fn rekey(store: &Arc<dyn Store>, keyring: &Keyring) -> Result<RekeySum
         }
         tracing::info!(pass, rewrapped = wrote, key = %current_id, "rekey pass done; listing again for objects written meanwhile");
     }
-    Ok(summary)
+    match first_failure {
+        None => Ok(()),
+        Some(first) => Err(RekeyError::Incomplete {
+            failed: summary.failed,
+            first: Box::new(first),
+        }),
+    }
+}
+
+/// Stores the sidecar of `object` under the current key, its data key unwrapped from `head`
+/// with key `opener`: the bytes written, or None when another rekey stored it first.
+async fn move_one(
+    store: &Arc<dyn Store>,
+    keyring: &Keyring,
+    object: &str,
+    head: &Header,
+    opener: &KeyId,
+) -> Result<Option<u64>, RekeyError> {
+    let current = keyring.current();
+    let old = keyring.get(opener).expect("readable_header names a key");
+    let new = envelope::rewrap(
+        &old.secret,
+        &current.secret,
+        current.id,
+        object,
+        &head.to_bytes(),
+    )
+    .map_err(|e| damaged(object, e))?;
+    let sidecar = keys::rekeyed(&current.id.to_string(), object);
+    // Encoded once: a retry of the put re-sends these bytes (the wrap nonce is random).
+    let encoded = object::encode_with(&Plain, sidecar.clone(), Bytes::copy_from_slice(&new));
+    match encoded.put(&**store).await {
+        Ok(()) => Ok(Some(new.len() as u64)),
+        // Another rekey stored one first: as good, once it is checked.
+        Err(StoreError::Conflict { .. }) => {
+            check_sidecar(store, keyring, object, &sidecar).await?;
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The header of `object` that this keyring opens, and the key that opens it: the object's

@@ -12,9 +12,9 @@
 //! [`crate::backup::take`] itself so that every backup the archiver takes (initial or
 //! scheduled) is recorded without its caller doing anything.
 //!
-//! Kinds recorded today: `backup`, `prune`, `pin`, `unpin`, `restore`. A later command adds one
-//! line to [`Operation`] (with its details type, if it has details): `rekey` (objects and keys
-//! moved), `drill` (the restore checked and its verdict), `forget` (what was erased). Readers
+//! Kinds recorded today: `backup`, `prune`, `pin`, `unpin`, `restore`, `rekey`. A later command
+//! adds one line to [`Operation`] (with its details type, if it has details): `drill` (the
+//! restore checked and its verdict), `forget` (what was erased). Readers
 //! take any kind, known or not ([`Record::kind`] is text and [`Record::details`] any JSON), so
 //! an older tidemark lists a newer one's records.
 //!
@@ -92,6 +92,7 @@ pub enum Operation {
     Pin { backup_id: String },
     Unpin { backup_id: String },
     Restore(RestoreDetails),
+    Rekey(RekeyDetails),
 }
 
 /// A base backup: manual (`tidemark backup`) or taken by `archive`.
@@ -163,6 +164,25 @@ pub struct RestoreDetails {
     pub last_commit_time: Option<PgTimestamp>,
 }
 
+/// A rekey: the key objects were moved to and what became of each encrypted object (the
+/// fields of `tidemark rekey --json`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RekeyDetails {
+    /// The keyring's current key (None: the command failed before it read the keyring).
+    pub key: Option<String>,
+    /// Encrypted objects of the repository (its last listing).
+    pub objects: u64,
+    /// Objects rekeyed: header sidecars written.
+    pub rewrapped: u64,
+    /// Objects skipped: already under the key.
+    pub already: u64,
+    /// Objects that could not be rekeyed, and the first of them.
+    pub failed: u64,
+    pub failed_objects: Vec<String>,
+    pub bytes_written: u64,
+    pub passes: u32,
+}
+
 /// How a recorded command ended.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -196,7 +216,7 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     pub format_version: u32,
-    /// `backup`, `prune`, `pin`, `unpin`, `restore`, or a later command's kind.
+    /// `backup`, `prune`, `pin`, `unpin`, `restore`, `rekey`, or a later command's kind.
     pub kind: String,
     pub started_at: PgTimestamp,
     pub finished_at: PgTimestamp,
@@ -474,6 +494,7 @@ mod tests {
                 "unpin",
             ),
             (Operation::Restore(RestoreDetails::default()), "restore"),
+            (Operation::Rekey(RekeyDetails::default()), "rekey"),
         ];
         for (op, kind) in kinds {
             let r = sample(&op, Outcome::Ok);
@@ -489,11 +510,11 @@ mod tests {
             Outcome::Ok,
         ))
         .unwrap();
-        v["kind"] = "rekey".into();
+        v["kind"] = "drill".into();
         v["details"] = serde_json::json!({"objects": 3, "new_field": [1]});
         v["a_later_field"] = true.into();
         let r = parse(&serde_json::to_vec(&v).unwrap()).unwrap();
-        assert_eq!(r.kind, "rekey");
+        assert_eq!(r.kind, "drill");
         v["format_version"] = 2.into();
         let e = parse(&serde_json::to_vec(&v).unwrap()).unwrap_err();
         assert!(e.contains("newer"), "{e}");

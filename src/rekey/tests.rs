@@ -139,7 +139,69 @@ async fn without_rekey_the_old_key_is_needed_and_its_absence_names_key_and_objec
     use crate::error::Classify;
     assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
     let err = rekey(&plain, &keyring).await.unwrap_err();
-    assert!(matches!(err, RekeyError::KeyMissing { .. }), "{err}");
+    let RekeyError::Incomplete { failed: 1, first } = &err.error else {
+        panic!("{err:?}")
+    };
+    assert!(matches!(**first, RekeyError::KeyMissing { .. }), "{err}");
+    assert_eq!(err.exit_status(), crate::error::ExitStatus::Usage);
+    assert_eq!(err.summary.failed_objects, vec![name.clone()]);
+}
+
+#[tokio::test]
+async fn an_object_rekey_cannot_move_is_counted_and_named_and_the_others_are_moved() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let path = keys_dir.path().join("keyring.json");
+    let mut keyring = Keyring::generate();
+    keyring.create(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, store) = sealed(dir.path(), &path);
+    let names: Vec<String> = (0..4u64)
+        .map(|i| keys::segment(1, Lsn(i * 16), Lsn(i * 16 + 16)))
+        .collect();
+    for n in &names {
+        put_object(&*store, n, Bytes::from_static(b"rows"))
+            .await
+            .unwrap();
+    }
+    // The second object's wrapped data key is damaged: its header no longer opens.
+    let file = dir.path().join(&names[1]);
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[40] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    keyring.add();
+    keyring.replace(&path).unwrap();
+
+    let err = rekey(&plain, &keyring).await.unwrap_err();
+    use crate::error::Classify;
+    assert_eq!(err.exit_status(), crate::error::ExitStatus::Damaged);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("1 object(s) could not be rekeyed") && msg.contains(&names[1]),
+        "{msg}"
+    );
+    let s = &err.summary;
+    assert_eq!(
+        (s.objects, s.rewrapped, s.already, s.failed),
+        (4, 3, 0, 1),
+        "{s:?}"
+    );
+    assert_eq!(s.failed_objects, vec![names[1].clone()]);
+    // Every other object has its sidecar; a rerun tries only the damaged one again.
+    let cur = keyring.current().id.to_string();
+    for n in names.iter().filter(|n| **n != names[1]) {
+        assert!(plain.get(&keys::rekeyed(&cur, n)).await.is_ok(), "{n}");
+    }
+    let again = rekey(&plain, &keyring).await.unwrap_err();
+    assert_eq!(
+        (
+            again.summary.rewrapped,
+            again.summary.already,
+            again.summary.failed
+        ),
+        (0, 3, 1),
+        "{:?}",
+        again.summary
+    );
 }
 
 #[tokio::test]
