@@ -1,7 +1,8 @@
 //! Least privilege and secrets (issue 15, points 5 and 6): archive, backup, prune and restore
 //! run as the roles and under the IAM policies `setup --print-grants` prints, with nothing
-//! more; and a full run with a SCRAM password and an S3 secret key leaves neither in any
-//! output, log, metric, stored object, error or process argument list.
+//! more; and a full run with a SCRAM password, an S3 secret key and an encryption keyring (a
+//! key added and a rekey on the way) leaves none of them in any output, log, metric, stored
+//! object (encrypted or decrypted), error or process argument list.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -13,6 +14,8 @@ use std::time::Duration;
 use crate::support::archiving::{
     server_now, tidemark_env, wait_archived, wait_heartbeats, Archiver,
 };
+use tidemark::crypt::envelope;
+
 use crate::support::s3::{S3Server, SECRET_KEY};
 use crate::support::{self, Cluster, ClusterOptions};
 
@@ -370,7 +373,12 @@ async fn no_secret_reaches_outputs_logs_metrics_objects_errors_or_process_argume
     }
     let server = S3Server::with_bucket("secrets");
     let repo = "s3://secrets/pg";
+    let keyring = files.path().join("keyring.json");
     let mut env = server.cli_env(&server.endpoint);
+    env.push((
+        "TIDEMARK_ENCRYPTION_KEY_FILE",
+        keyring.display().to_string(),
+    ));
     env.push((
         "TIDEMARK_PG_BIN",
         slow_pg_bin(files.path()).display().to_string(),
@@ -387,6 +395,10 @@ async fn no_secret_reaches_outputs_logs_metrics_objects_errors_or_process_argume
     let app = conn(&cluster, "archivist", "app");
     let sampler = ProcSampler::start();
     let mut texts: Vec<(String, String)> = Vec::new();
+    let keyring_arg = keyring.display().to_string();
+    let (code, out, err) = sampler.tidemark(&[], &["keys", "generate", "--out", &keyring_arg]);
+    assert_eq!(code, 0, "keys generate: {out}{err}");
+    texts.push(("keys generate output".into(), format!("{out}{err}")));
 
     let mut archiver_env = env.clone();
     archiver_env.push(("PGPASSFILE", passfile.display().to_string()));
@@ -412,6 +424,15 @@ async fn no_secret_reaches_outputs_logs_metrics_objects_errors_or_process_argume
     );
     assert_eq!(code, 0, "backup: {out}{err}");
     texts.push(("backup output".into(), format!("{out}{err}")));
+    // A rotation beside the archiver: it takes the new key from its next segment.
+    for args in [
+        ["keys", "add", "--keyring", keyring_arg.as_str()],
+        ["keys", "list", "--keyring", keyring_arg.as_str()],
+    ] {
+        let (code, out, err) = sampler.tidemark(&[], &args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        texts.push((args[..2].join(" ") + " output", format!("{out}{err}")));
+    }
     source
         .batch_execute("DELETE FROM shop.orders WHERE id % 9 = 0")
         .await
@@ -437,6 +458,14 @@ async fn no_secret_reaches_outputs_logs_metrics_objects_errors_or_process_argume
     let restored = cluster.client("restored").await;
     let actual = support::snapshot_content(&restored).await;
     support::assert_same_content(&expected, &actual, "restore with a SCRAM password");
+    for args in [
+        vec!["rekey", "--repo", repo, "--json"],
+        vec!["audit", "--repo", repo, "--json"],
+    ] {
+        let (code, out, err) = sampler.tidemark(&env, &args);
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        texts.push((format!("{} output", args[0]), format!("{out}{err}")));
+    }
 
     // Failing commands: a target that is not empty, a bucket that does not exist, a wrong
     // password, and a password given (against advice) in the connection string itself.
@@ -446,7 +475,31 @@ async fn no_secret_reaches_outputs_logs_metrics_objects_errors_or_process_argume
         e
     };
     let inline = format!("{target} password={PASSWORD}");
+    // A keyring of other keys: its secrets must not show either.
+    let stranger = files.path().join("stranger.json");
+    tidemark::crypt::Keyring::generate()
+        .create(&stranger)
+        .unwrap();
+    let stranger_env = {
+        let mut e = env.clone();
+        e.retain(|(k, _)| *k != "TIDEMARK_ENCRYPTION_KEY_FILE");
+        e.push((
+            "TIDEMARK_ENCRYPTION_KEY_FILE",
+            stranger.display().to_string(),
+        ));
+        e
+    };
     for (what, env, args) in [
+        (
+            "list with a keyring of other keys",
+            &stranger_env,
+            vec!["list", "--repo", repo],
+        ),
+        (
+            "rekey with a keyring of other keys",
+            &stranger_env,
+            vec!["rekey", "--repo", repo],
+        ),
         (
             "restore into a database that is not empty",
             &with_password,
@@ -479,18 +532,68 @@ async fn no_secret_reaches_outputs_logs_metrics_objects_errors_or_process_argume
     ));
     let processes = sampler.finish();
 
+    // Every stored object as stored and, when it is an envelope, decrypted.
+    // (The failed rekey with the other keyring recorded itself under that keyring's key.)
+    let keys = tidemark::crypt::Keyring::load(&keyring).unwrap();
+    assert_eq!(keys.keys().len(), 2, "keys add added a key");
+    let stranger_keys = tidemark::crypt::Keyring::load(&stranger).unwrap();
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
     for (key, bytes) in server.objects("secrets") {
-        texts.push((
-            format!("object {key}"),
-            String::from_utf8_lossy(&bytes).into(),
-        ));
+        let name = key.strip_prefix("pg/").unwrap_or(&key).to_string();
+        if tidemark::rekey::is_encrypted_object(&name) {
+            let secret_of = |id: &tidemark::crypt::KeyId| {
+                keys.get(id)
+                    .or_else(|| stranger_keys.get(id))
+                    .map(|k| &k.secret)
+            };
+            let plain =
+                envelope::open(secret_of, &name, &bytes).unwrap_or_else(|e| panic!("{key}: {e}"));
+            blobs.push((format!("object {key}, decrypted"), plain));
+        }
+        blobs.push((format!("object {key}"), bytes));
     }
     for (pid, args) in &processes {
         texts.push((format!("arguments of pid {pid}: {args}"), args.clone()));
     }
-    for (what, text) in &texts {
-        for secret in [PASSWORD, SECRET_KEY] {
-            assert!(!text.contains(secret), "{secret:?} in the {what}:\n{text}");
+    blobs.extend(texts.into_iter().map(|(w, t)| (w, t.into_bytes())));
+    // Key material in every encoding it could leak in: raw, hex (both cases), base64 (both
+    // alphabets, padded or not), and the keyring files' text.
+    let mut secrets: Vec<(String, Vec<u8>)> = vec![
+        ("the password".into(), PASSWORD.into()),
+        ("the S3 secret".into(), SECRET_KEY.into()),
+    ];
+    for k in keys.keys().iter().chain(stranger_keys.keys()) {
+        use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let raw = k.secret.expose();
+        let id = k.id;
+        secrets.push((format!("key {id}, raw"), raw.to_vec()));
+        secrets.push((format!("key {id}, hex"), hex::encode(raw).into_bytes()));
+        secrets.push((
+            format!("key {id}, HEX"),
+            hex::encode_upper(raw).into_bytes(),
+        ));
+        for (name, engine) in [
+            ("base64", &STANDARD),
+            ("base64 unpadded", &STANDARD_NO_PAD),
+            ("base64url", &URL_SAFE_NO_PAD),
+        ] {
+            secrets.push((format!("key {id}, {name}"), engine.encode(raw).into_bytes()));
+        }
+    }
+    for file in [&keyring, &stranger] {
+        secrets.push((
+            format!("the text of {}", file.display()),
+            std::fs::read(file).unwrap(),
+        ));
+    }
+    for (what, blob) in &blobs {
+        for (secret, needle) in &secrets {
+            assert!(
+                !blob.windows(needle.len()).any(|w| w == &needle[..]),
+                "{secret} in the {what}:\n{}",
+                String::from_utf8_lossy(blob)
+            );
         }
     }
     // The sampler saw the children connect, so their argument lists were checked.

@@ -25,6 +25,7 @@ mod least_privilege;
 mod oracle;
 mod prune_policy;
 mod publication;
+mod rekey;
 mod replay;
 mod replication;
 mod resilience;

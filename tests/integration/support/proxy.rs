@@ -12,7 +12,8 @@
 //!   whatever its timing;
 //! - [`Mode::Down`]: closes every connection as soon as it is accepted (an outage).
 //!
-//! Counters tell how many requests came in, by method, and how many faults were injected.
+//! Counters tell how many requests came in, by method, how many bytes the server answered them
+//! with, and how many faults were injected.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -95,6 +96,9 @@ pub struct Counters {
     pub by_method: Mutex<BTreeMap<String, u64>>,
     /// Every request line (`METHOD /path?query`), in arrival order.
     pub log: Mutex<Vec<String>>,
+    /// Every request the server answered, as its line and the answer's body size in bytes,
+    /// in the order the answers came.
+    pub responses: Mutex<Vec<(String, u64)>>,
 }
 
 struct Shared {
@@ -204,6 +208,11 @@ impl FaultProxy {
             .get(method)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The requests the server answered so far: line (`METHOD /path?query`) and body bytes.
+    pub fn responses(&self) -> Vec<(String, u64)> {
+        self.shared.counters.responses.lock().unwrap().clone()
     }
 
     /// Requests so far whose line (`METHOD /path?query`) contains `needle`.
@@ -335,6 +344,10 @@ async fn handle(
     let resp = s.client.request(up.body(Full::new(body))?).await?;
     let (rparts, rbody) = resp.into_parts();
     let rbytes = rbody.collect().await?.to_bytes();
+    c.responses
+        .lock()
+        .unwrap()
+        .push((line, rbytes.len() as u64));
     if drop_before_response {
         c.dropped.fetch_add(1, Ordering::SeqCst);
         return Err(Box::new(Dropped));
