@@ -143,6 +143,10 @@ pub enum ArchiveError {
         #[source]
         source: crate::store::StoreError,
     },
+    /// A segment sealed with a key that was retired before it could be stored (see
+    /// `upload`): not stored; starting the run over seals its changes again.
+    #[error("segment {range} was sealed with key {key_id}, which the keyring no longer holds (retired while the segment waited to be stored); it was not stored, and its changes are sealed again with the current key when archiving starts over from the archive's end\nHINT: retire a key only once every archiver has stored what it sealed before `keys add` (`tidemark rekey` run after that)")]
+    KeyRetired { range: String, key_id: String },
     #[error("repository: {0}")]
     Store(#[from] crate::store::StoreError),
     #[error("base backup: {0}")]
@@ -178,6 +182,7 @@ impl crate::error::Classify for ArchiveError {
             ArchiveError::Replication(e) => e.exit_status(),
             ArchiveError::Repo(e) => e.exit_status(),
             ArchiveError::Upload { source, .. } => source.exit_status(),
+            ArchiveError::KeyRetired { .. } => Usage,
             ArchiveError::Store(e) => e.exit_status(),
             ArchiveError::Backup(e) => e.exit_status(),
             ArchiveError::SchemaChange(e) => e.exit_status(),
@@ -208,6 +213,8 @@ impl ArchiveError {
             ArchiveError::Source(e) => source_transient(e),
             ArchiveError::Store(e) => e.is_retryable(),
             ArchiveError::Upload { source, .. } => source.is_retryable(),
+            // Started over, the run seals the segment's changes with the current key.
+            ArchiveError::KeyRetired { .. } => true,
             ArchiveError::Lease(e) => e.is_transient(),
             // Another base backup runs: the archiver's stream never waits on it.
             ArchiveError::BackupLock(_) => false,

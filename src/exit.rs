@@ -817,6 +817,15 @@ mod tests {
                 Repository,
             ),
             (
+                "archive: key retired before the segment was stored",
+                ArchiveError::KeyRetired {
+                    range: s(),
+                    key_id: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
                 "archive store",
                 ArchiveError::Store(store_io()).into(),
                 Repository,

@@ -81,6 +81,13 @@ pub trait Codec: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The id of the key the stored form `stored` was encoded with, when this codec's
+    /// keyring, as it is now, no longer holds it (retired since). `None` for a codec without
+    /// keys, and for bytes it did not encode.
+    fn missing_key(&self, _stored: &[u8]) -> Option<String> {
+        None
+    }
+
     /// Keys of objects that may stand in for the header of the object stored under `key`
     /// when that header names a key this codec lacks: rekey sidecars
     /// ([`crate::catalog::keys::rekeyed`]), the most preferred (newest key) first. Empty for a

@@ -141,13 +141,22 @@ async fn put_with_retry(
     abandon: &CancellationToken,
     lease: &Lease,
 ) -> PutOutcome {
-    /// Why an attempt failed: the store, or the fence (the lease is no longer held).
+    /// Why an attempt failed: the store, the fence (the lease is no longer held), or the key
+    /// the segment was sealed with is no longer in the keyring.
     enum Attempt {
         Store(StoreError),
         Fence(crate::archive::lease::LeaseError),
+        KeyRetired(String),
     }
+    let codec = store.codec();
     let put = || async {
         lease.check().map_err(Attempt::Fence)?;
+        // Sealed before a `keys add`, waiting (retrying) past the `rekey` and `keys retire`
+        // that followed: stored now, no key would open it. Not stored, it is streamed and
+        // sealed again with the current key when the run starts over.
+        if let Some(id) = codec.missing_key(seg.object.bytes()) {
+            return Err(Attempt::KeyRetired(id));
+        }
         let attempt = Instant::now();
         seg.object.put(store).await.map_err(Attempt::Store)?;
         Ok(attempt.elapsed())
@@ -173,6 +182,10 @@ async fn put_with_retry(
                 source,
             },
             Attempt::Fence(e) => e.into(),
+            Attempt::KeyRetired(key_id) => ArchiveError::KeyRetired {
+                range: seg.range.clone(),
+                key_id,
+            },
         }),
     }
 }
@@ -222,8 +235,18 @@ mod tests {
         faulty: impl FnOnce(FaultyStore) -> FaultyStore,
         segments: Vec<Sealed>,
     ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
+        let wrap = |local| -> Arc<dyn Store> { Arc::new(faulty(FaultyStore::new(local))) };
+        upload_segments_to(dir, wrap, segments).await
+    }
+
+    /// [`upload_segments`] into the folder `dir` as `wrap` makes it the uploader's store.
+    async fn upload_segments_to(
+        dir: &std::path::Path,
+        wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>,
+        segments: Vec<Sealed>,
+    ) -> (Result<u64, ArchiveError>, Lsn, Vec<String>) {
         let local: Arc<dyn Store> = Arc::new(LocalStore::new(dir));
-        let store: Arc<dyn Store> = Arc::new(faulty(FaultyStore::new(local.clone())));
+        let store = wrap(local.clone());
         let (tx, rx) = mpsc::channel(4);
         let (durable_tx, durable_rx) = watch::channel(Lsn(START));
         let flow = Arc::new(Flow::new(4 << 20));
@@ -269,6 +292,45 @@ mod tests {
             .collect();
         let durable = *durable_rx.borrow();
         (r, durable, keys)
+    }
+
+    #[tokio::test]
+    async fn a_segment_whose_key_was_retired_before_it_was_stored_is_not_stored() {
+        use crate::crypt::{Keyring, Sealed as SealedCodec};
+        let keys = tempfile::tempdir().unwrap();
+        let path = keys.path().join("keyring.json");
+        let mut keyring = Keyring::generate();
+        keyring.create(&path).unwrap();
+        let old = keyring.current().id;
+        let codec = Arc::new(SealedCodec::open(&path).unwrap());
+        let sealed_with = |codec: &SealedCodec, i: u64| {
+            let mut s = seg(i);
+            s.object = crate::object::encode_with(codec, key(i), Bytes::from("rows"));
+            s
+        };
+        // Segment 0 sealed under the old key; then keys add, and segment 1 under the new one.
+        let first = sealed_with(&codec, 0);
+        keyring.add();
+        keyring.replace(&path).unwrap();
+        let second = sealed_with(&codec, 1);
+        // Then the old key is retired while both wait to be stored.
+        keyring.remove(&old).unwrap();
+        keyring.replace(&path).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let wrap = |local| crate::object::with_codec(local, codec.clone());
+        let (r, durable, keys) = upload_segments_to(dir.path(), wrap, vec![first, second]).await;
+        match &r {
+            Err(e @ ArchiveError::KeyRetired { range, key_id }) => {
+                assert_eq!((range, key_id), (&seg(0).range, &old.to_string()));
+                assert!(e.is_transient(), "the run starts over and seals it again");
+            }
+            other => panic!("expected KeyRetired for segment 0, got {other:?}"),
+        }
+        assert_eq!(durable, Lsn(START));
+        assert!(
+            keys.is_empty(),
+            "nothing stored past the refused one: {keys:?}"
+        );
     }
 
     fn assert_failed_at(r: &Result<u64, ArchiveError>, i: u64) {

@@ -3,7 +3,8 @@
 //!
 //! Owns when the keyring file is read again: before each object is sealed, when the file
 //! changed (a `keys add` beside a running archiver takes effect at its next object), and once
-//! more when an object names a key the loaded keyring lacks. A keyring that no longer reads
+//! more when an object names a key the loaded keyring lacks (and when the uploader asks whether
+//! a sealed segment's key is still held, [`Codec::missing_key`]). A keyring that no longer reads
 //! keeps the one loaded (with a warning): a half-edited file must not stop the archiver.
 
 use std::path::{Path, PathBuf};
@@ -72,6 +73,15 @@ impl Codec for Sealed {
 
     fn writing_key(&self) -> Option<String> {
         Some(self.keyring(false).current().id.to_string())
+    }
+
+    fn missing_key(&self, stored: &[u8]) -> Option<String> {
+        let head = envelope::Header::parse(stored).ok()?;
+        let keyring = self.keyring(false);
+        keyring
+            .get(&head.key_id)
+            .is_none()
+            .then(|| head.key_id.to_string())
     }
 
     fn header_sidecars(&self, key: &str) -> Vec<String> {
