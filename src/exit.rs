@@ -541,6 +541,16 @@ mod tests {
                 Usage,
             ),
             (
+                "retire: stored meanwhile",
+                RekeyError::StoredMeanwhile {
+                    key_id: s(),
+                    count: 1,
+                    example: s(),
+                }
+                .into(),
+                Usage,
+            ),
+            (
                 "retire: unchecked",
                 RekeyError::RetireUnchecked { key_id: s() }.into(),
                 Usage,

@@ -71,6 +71,8 @@ struct RekeyArgs {
     json: bool,
 }
 
+// Parsed once per process: the size of its largest variant (retire's S3 flags) costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum KeysCommand {
     /// Write a new keyring of one key to FILE (mode 0600; an existing file is not replaced).
@@ -95,6 +97,12 @@ enum KeysCommand {
         /// The repository the keyring encrypts, checked for objects only this key opens.
         #[arg(long, env = "TIDEMARK_REPO")]
         repo: Option<String>,
+        /// After removing the key, wait this long for stores already under way (an archiver
+        /// that sealed an object before it had the new key), then check the repository again;
+        /// an object stored meanwhile puts the key back. Longer than a store call with its
+        /// retries.
+        #[arg(long, env = "TIDEMARK_RETIRE_SETTLE", default_value = "2m", value_parser = humantime::parse_duration)]
+        settle: Duration,
         #[command(flatten)]
         s3: S3Args,
         /// The key's id, as `keys list` shows it.
@@ -496,6 +504,7 @@ async fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Retire {
             keyring: path,
             repo,
+            settle,
             s3,
             id,
         } => {
@@ -503,7 +512,7 @@ async fn run_keys(command: KeysCommand) -> anyhow::Result<()> {
                 Some(r) => Some(store::open_with(&r, &s3.options()?).await?),
                 None => None,
             };
-            let keyring = tidemark::rekey::retire(&path, &id, store.as_ref()).await?;
+            let keyring = tidemark::rekey::retire(&path, &id, store.as_ref(), settle).await?;
             println!(
                 "retired key {id} from {}; {} key(s) remain",
                 path.display(),

@@ -59,6 +59,14 @@ pub enum RekeyError {
         count: usize,
         example: String,
     },
+    /// `keys retire` found, after the key left the keyring, an object stored meanwhile that
+    /// only it opens (a store already under way); the key was put back.
+    #[error("key {key_id} was put back into the keyring: {count} object(s) that only it opens were stored while retire waited (e.g. {example}), by a writer that sealed them before it had the new key\nHINT: run `tidemark rekey` again, then retire the key again")]
+    StoredMeanwhile {
+        key_id: String,
+        count: usize,
+        example: String,
+    },
     /// `keys retire` without the repository to check.
     #[error("retiring key {key_id} needs the repository, to check that no object needs it any more\nHINT: pass --repo REPO (after `tidemark rekey` of that repository)")]
     RetireUnchecked { key_id: String },
@@ -108,6 +116,7 @@ impl crate::error::Classify for RekeyError {
             RekeyError::Store(e) => e.exit_status(),
             RekeyError::KeyMissing { .. }
             | RekeyError::StillNeeded { .. }
+            | RekeyError::StoredMeanwhile { .. }
             | RekeyError::RetireUnchecked { .. }
             | RekeyError::NotRetirable { .. } => Usage,
             RekeyError::Damaged { .. } => Damaged,
@@ -395,10 +404,18 @@ pub async fn needing_only(
 /// `tidemark keys retire`: removes key `id` from the keyring file at `path` once `store` (the
 /// repository it encrypts) holds no object that only `id` opens. Without a repository nothing
 /// can be checked, and nothing is removed. Returns the keys that remain.
+///
+/// A writer may have sealed an object with `id` before it read the keyring with the new key
+/// and be storing it still, within one store call (the archiver checks before each attempt
+/// that the key is still held, [`crate::object::Codec::missing_key`], but not during one). So
+/// once the key is out of the file, retire waits `settle` (longer than a store call with its
+/// retries) and checks the repository again: an object stored meanwhile that only `id` opens
+/// puts the key back ([`RekeyError::StoredMeanwhile`]).
 pub async fn retire(
     path: &std::path::Path,
     id: &str,
     store: Option<&Arc<dyn Store>>,
+    settle: std::time::Duration,
 ) -> anyhow::Result<Keyring> {
     let mut keyring = Keyring::load(path)?;
     let key_id = KeyId::parse(id).ok_or_else(|| RekeyError::NotRetirable {
@@ -431,8 +448,30 @@ pub async fn retire(
         }
         .into());
     }
-    keyring.remove(&key_id).expect("checked above");
+    let at = keyring
+        .keys()
+        .iter()
+        .position(|k| k.id == key_id)
+        .expect("checked above");
+    let removed = keyring.remove(&key_id).expect("checked above");
     keyring.replace(path)?;
+    if settle.is_zero() {
+        return Ok(keyring);
+    }
+    tracing::warn!(key = id, settle = ?settle, "key removed from the keyring; waiting for stores already under way, then checking the repository again");
+    tokio::time::sleep(settle).await;
+    let needing = needing_only(store, &key_id, &others).await?;
+    if let Some(example) = needing.first() {
+        let mut back = Keyring::load(path)?;
+        back.reinstate(at, removed);
+        back.replace(path)?;
+        return Err(RekeyError::StoredMeanwhile {
+            key_id: id.to_string(),
+            count: needing.len(),
+            example: example.clone(),
+        }
+        .into());
+    }
     Ok(keyring)
 }
 

@@ -164,6 +164,14 @@ impl Keyring {
         Ok(self.keys.remove(i))
     }
 
+    /// Puts back `key`, removed by [`Keyring::remove`] from position `at` (a retire undone).
+    /// A keyring that holds its id already is left as it is.
+    pub fn reinstate(&mut self, at: usize, key: Key) {
+        if self.get(&key.id).is_none() {
+            self.keys.insert(at.min(self.keys.len()), key);
+        }
+    }
+
     /// The key that encrypts new objects.
     pub fn current(&self) -> &Key {
         self.keys

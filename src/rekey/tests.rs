@@ -340,3 +340,43 @@ async fn an_object_of_the_old_key_written_during_a_rekey_is_rekeyed_by_its_next_
         .unwrap()
         .is_empty());
 }
+
+#[tokio::test]
+async fn an_object_of_the_key_stored_while_retire_waits_puts_the_key_back() {
+    let keys_dir = tempfile::tempdir().unwrap();
+    let path = keys_dir.path().join("keyring.json");
+    let mut keyring = Keyring::generate();
+    keyring.create(&path).unwrap();
+    let old = keyring.current().clone();
+    keyring.add();
+    keyring.replace(&path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plain: Arc<dyn Store> = Arc::new(LocalStore::new(dir.path()));
+    let id = old.id.to_string();
+    // Nothing needs the old key yet; a writer that sealed with it stores while retire waits.
+    let late = keys::segment(1, Lsn(0), Lsn(16));
+    let sealed = Bytes::from(envelope::seal(&old.secret, old.id, &late, b"rows"));
+    let writer = {
+        let (store, late) = (plain.clone(), late.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            store.put(&late, sealed).await.unwrap();
+        })
+    };
+    let settle = std::time::Duration::from_millis(500);
+    let err = retire(&path, &id, Some(&plain), settle).await.unwrap_err();
+    writer.await.unwrap();
+    let e = err.downcast_ref::<RekeyError>().expect("a rekey error");
+    assert!(
+        matches!(e, RekeyError::StoredMeanwhile { count: 1, example, .. } if *example == late),
+        "{e}"
+    );
+    // Back in the keyring, in its place, and the object opens.
+    let back = Keyring::load(&path).unwrap();
+    assert_eq!(back.keys()[0].id, old.id);
+    assert_eq!(back.keys().len(), 2);
+    // Once rekeyed, it retires.
+    rekey(&plain, &back).await.unwrap();
+    let left = retire(&path, &id, Some(&plain), settle).await.unwrap();
+    assert!(left.get(&old.id).is_none());
+}

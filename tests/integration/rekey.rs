@@ -244,8 +244,11 @@ async fn rekey_on_s3_reads_only_headers_and_after_retire_every_instant_restores(
         .count() as u64;
     assert_eq!(sidecars, under_first);
 
-    // The first key retires, and every instant restores exactly without it.
-    let (code, out, err) = tidemark_env(&env, &retire);
+    // The first key retires (the archiver stopped: no store under way to wait for), and every
+    // instant restores exactly without it.
+    let mut no_wait = env.clone();
+    no_wait.push(("TIDEMARK_RETIRE_SETTLE", "0s".into()));
+    let (code, out, err) = tidemark_env(&no_wait, &retire);
     assert_eq!(code, 0, "{out}{err}");
     assert!(Keyring::load(Path::new(&keyring))
         .unwrap()
@@ -329,6 +332,8 @@ async fn rekey_beside_an_archiver_under_load_keeps_every_instant_restorable() {
         &keyring,
         "--repo",
         &url,
+        "--settle",
+        "2s",
         &first_arg,
     ]);
     assert_eq!(code, 0, "retire beside the archiver: {out}{err}");
@@ -365,4 +370,85 @@ async fn rekey_beside_an_archiver_under_load_keeps_every_instant_restorable() {
     let records = rekey_records(&env, &url);
     assert_eq!(records.len(), 1, "{records:#?}");
     assert_eq!(records[0]["details"]["rewrapped"], summary["rewrapped"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_sealed_before_the_rotation_and_stored_after_retire_is_sealed_again() {
+    let keys = tempfile::tempdir().unwrap();
+    let (keyring, first) = new_keyring(keys.path());
+    let s3 = ProxiedS3::start("retired", Mode::Pass);
+    let key_env = ("TIDEMARK_ENCRYPTION_KEY_FILE", keyring.clone());
+    // The archiver reaches S3 through the proxy; rekey and retire (another host) directly.
+    let mut env = s3.cli_env();
+    env.push(key_env.clone());
+    let mut direct = s3.server.cli_env(&s3.server.endpoint);
+    direct.push(key_env);
+    let Archiving {
+        cluster,
+        src,
+        mut archiver,
+        url,
+        ..
+    } = Archiving::builder()
+        .repo_url("s3://retired/app")
+        .env(&env)
+        .start()
+        .await;
+    let mut instants = Vec::new();
+    workload_step(&src, 2).await;
+    instants.push((server_now(&src).await, snapshot_content(&src).await));
+    wait_archived(&src, "tidemark", &archiver.log).await;
+
+    // The archiver cannot reach S3: it seals the next changes with the first key and retries.
+    s3.proxy.set_mode(Mode::Down);
+    workload_step(&src, 3).await;
+    instants.push((server_now(&src).await, snapshot_content(&src).await));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Meanwhile a new key, a rekey and the first key's retirement, all from elsewhere. Retire
+    // waits out the archiver's store call in flight (S3's retries last at most 30 s); the
+    // archiver's next attempt sees the key gone and does not store the segment.
+    let second = add_key(&keyring);
+    let (code, summary, text) = rekey(&direct, &url);
+    assert_eq!(code, 0, "{text}");
+    assert!(summary["rewrapped"].as_u64().unwrap() > 0, "{summary}");
+    let first_arg = first.to_string();
+    let (code, out, err) = tidemark_env(
+        &direct,
+        &[
+            "keys",
+            "retire",
+            "--keyring",
+            &keyring,
+            "--repo",
+            &url,
+            "--settle",
+            "40s",
+            &first_arg,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    archiver.assert_running();
+
+    // S3 back: the segment of the first key is not stored; its changes are sealed again.
+    s3.proxy.set_mode(Mode::Pass);
+    workload_step(&src, 4).await;
+    instants.push((server_now(&src).await, snapshot_content(&src).await));
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    archiver.assert_running();
+    let log = archiver.log_text();
+    archiver.stop();
+    assert!(
+        log.contains(&format!(
+            "was sealed with key {first}, which the keyring no longer holds"
+        )),
+        "the archiver did not refuse the segment of the retired key:\n{log}"
+    );
+    let stored: BTreeMap<String, Vec<u8>> = s3
+        .server
+        .objects("retired")
+        .into_iter()
+        .filter_map(|(k, b)| Some((k.strip_prefix("app/")?.to_string(), b)))
+        .collect();
+    all_under(&stored, &second);
+    restore_each_instant(&cluster, &url, &env, &instants, "resealed").await;
 }
