@@ -532,8 +532,29 @@ mod tests {
             }),
             Outcome::error(4, "/r: delete segments/x: permission denied\nHINT: fix it"),
         );
+        let rekeyed = Record::new(
+            started,
+            Invocation {
+                command: "rekey".into(),
+                arguments: vec![],
+            },
+            "/r".into(),
+            &Operation::Rekey(RekeyDetails {
+                key: Some("0123456789abcdef".into()),
+                objects: 9,
+                rewrapped: 5,
+                already: 3,
+                failed: 1,
+                ..Default::default()
+            }),
+            Outcome::error(5, "1 object(s) could not be rekeyed"),
+        );
         let trail = audit::Trail {
-            records: vec![("a".into(), ok), ("b".into(), failed)],
+            records: vec![
+                ("a".into(), ok),
+                ("b".into(), failed),
+                ("r".into(), rekeyed),
+            ],
             unreadable: vec![("audit/c.json".into(), "not a record".into())],
         };
         let text = table("/r", &trail);
@@ -550,6 +571,10 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("HINT"), "{text}");
+        assert!(
+            text.contains("to key 0123456789abcdef: 5 rekeyed, 3 skipped, 1 failed of 9 object(s)"),
+            "{text}"
+        );
         assert!(
             text.contains("unreadable record audit/c.json: not a record"),
             "{text}"
