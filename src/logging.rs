@@ -90,10 +90,27 @@ where
 /// Installs the process's logger: `filter` as [`directives`] makes it, `format`, to stderr.
 pub fn init(filter: &str, format: LogFormat) {
     let journal = std::env::var_os("JOURNAL_STREAM").is_some_and(|v| !v.is_empty());
-    let filter = tracing_subscriber::EnvFilter::new(directives(filter));
+    let ansi = !journal && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let subscriber = subscriber(filter, format, journal, ansi, std::io::stderr);
+    // Only fails when a logger is installed already (never in the binary).
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+/// The logger [`init`] installs, writing to `writer`; `journal`: with the priority prefix and
+/// without timestamps (journald stamps each line itself); `ansi`: colours (a terminal only).
+fn subscriber<W>(
+    filter: &str,
+    format: LogFormat,
+    journal: bool,
+    ansi: bool,
+    writer: W,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_env_filter(tracing_subscriber::EnvFilter::new(directives(filter)))
+        .with_writer(writer);
     match format {
         LogFormat::Json => {
             let json = builder.json().with_current_span(false);
@@ -101,23 +118,21 @@ pub fn init(filter: &str, format: LogFormat) {
                 let fmt = tracing_subscriber::fmt::format()
                     .json()
                     .with_current_span(false);
-                json.event_format(Prioritised(fmt)).init();
+                Box::new(json.event_format(Prioritised(fmt)).finish())
             } else {
-                json.init();
+                Box::new(json.finish())
             }
         }
         LogFormat::Text => {
-            // Colours only on a terminal: journald, kubectl logs and files get plain text.
-            let ansi = !journal && std::io::IsTerminal::is_terminal(&std::io::stderr());
             let text = builder.with_ansi(ansi).with_target(false);
             if journal {
                 let fmt = tracing_subscriber::fmt::format()
                     .with_ansi(false)
-                    .with_target(false);
-                // journald stamps each line itself.
-                text.event_format(Prioritised(fmt.without_time())).init();
+                    .with_target(false)
+                    .without_time();
+                Box::new(text.event_format(Prioritised(fmt)).finish())
             } else {
-                text.init();
+                Box::new(text.finish())
             }
         }
     }
@@ -139,6 +154,66 @@ mod tests {
         assert!(d.contains("aws_sdk_s3=error"), "{d}");
         // An invalid filter falls back to info.
         assert!(directives("tidemark=[").starts_with("info,"));
+    }
+
+    /// What the logger writes for one warning and one info line.
+    fn lines(format: LogFormat, journal: bool) -> Vec<String> {
+        let buf = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        let out = buf.clone();
+        let writer = move || Sink(out.clone());
+        let s = subscriber("info", format, journal, false, writer);
+        tracing::subscriber::with_default(s, || {
+            tracing::warn!(segment = "0/10-0/20", "storing failed");
+            tracing::info!("archiving");
+            tracing::warn!(target: "aws_smithy_runtime", "raw HTTP response");
+        });
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_string).collect()
+    }
+
+    struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn journal_lines_carry_their_priority_and_the_sdk_is_quiet() {
+        let l = lines(LogFormat::Text, true);
+        assert_eq!(l.len(), 2, "{l:?}");
+        assert!(
+            l[0].starts_with("<4>") && l[0].contains("storing failed"),
+            "{l:?}"
+        );
+        assert!(
+            l[1].starts_with("<6>") && l[1].contains("archiving"),
+            "{l:?}"
+        );
+        let l = lines(LogFormat::Text, false);
+        assert!(l.iter().all(|l| !l.starts_with('<')), "{l:?}");
+    }
+
+    #[test]
+    fn json_lines_are_objects_with_level_and_fields() {
+        for journal in [false, true] {
+            let l = lines(LogFormat::Json, journal);
+            assert_eq!(l.len(), 2, "{l:?}");
+            let first = if journal {
+                l[0].strip_prefix("<4>").expect("priority prefix")
+            } else {
+                &l[0]
+            };
+            let v: serde_json::Value = serde_json::from_str(first).unwrap();
+            assert_eq!(v["level"], "WARN", "{v}");
+            assert_eq!(v["fields"]["message"], "storing failed", "{v}");
+            assert_eq!(v["fields"]["segment"], "0/10-0/20", "{v}");
+        }
     }
 
     #[test]
