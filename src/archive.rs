@@ -295,7 +295,10 @@ pub async fn run(
     let health = telemetry::health::health();
     match &r {
         Ok(_) => health.set_stream(Stream::Stopped("shut down".into())),
-        Err(e) => health.set_stream(Stream::Stopped(crate::error::chain(e))),
+        // The message's first line (its hints are in the log).
+        Err(e) => health.set_stream(Stream::Stopped(
+            e.to_string().lines().next().unwrap_or_default().to_string(),
+        )),
     }
     r
 }
@@ -358,7 +361,9 @@ async fn run_attempts(
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
-                telemetry::health::health().set_stream(Stream::Down(e.to_string()));
+                telemetry::health::health().set_stream(Stream::Down(
+                    e.to_string().lines().next().unwrap_or_default().to_string(),
+                ));
                 warn!(error = %e, retry_in = ?delay, durable = %total.durable, "archiving interrupted; starting over from the archive's end");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(total),
