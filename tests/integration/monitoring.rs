@@ -180,6 +180,31 @@ async fn the_alert_rules_and_the_dashboard_name_only_exported_metrics() {
     let exported = loop {
         let m = scrape(&addr);
         if wanted.iter().all(|w| metric(&m, w).is_some()) {
+            // The test cluster keeps the default: no limit on the WAL a slot retains, which
+            // the archiver warns about.
+            assert_eq!(
+                metric(&m, "tidemark_max_slot_wal_keep_size_bytes"),
+                Some(-1.0),
+                "{m}"
+            );
+            assert!(
+                metric(&m, "tidemark_slot_retained_wal_bytes") > Some(0.0),
+                "{m}"
+            );
+            assert!(
+                m.contains(&format!(
+                    "tidemark_build_info{{version=\"{}\",git_commit=",
+                    env!("CARGO_PKG_VERSION")
+                )),
+                "{m}"
+            );
+            assert!(
+                archiver
+                    .log_text()
+                    .contains("max_slot_wal_keep_size is unlimited"),
+                "{}",
+                archiver.log_text()
+            );
             break names(&m);
         }
         assert!(
