@@ -56,6 +56,7 @@ use crate::segment::Record;
 use crate::source::{Source, SourceError};
 use crate::store::Store;
 use crate::telemetry;
+use crate::telemetry::health::Stream;
 
 /// Settings of an archiving run.
 #[derive(Clone, Debug)]
@@ -293,9 +294,19 @@ pub async fn run(
     opts: &ArchiveOptions,
     shutdown: CancellationToken,
 ) -> Result<ArchiveSummary, ArchiveError> {
+    // Every repository request of the run is measured (latency, errors, health).
+    let store = telemetry::metered::metered(store);
     let lease = Arc::new(Lease::new(store.clone(), opts.lease_ttl, &opts.slot));
     let r = run_attempts(source_info, store, opts, shutdown, &lease).await;
     lease.release().await;
+    let health = telemetry::health::health();
+    match &r {
+        Ok(_) => health.set_stream(Stream::Stopped("shut down".into())),
+        // The message's first line (its hints are in the log).
+        Err(e) => health.set_stream(Stream::Stopped(
+            e.to_string().lines().next().unwrap_or_default().to_string(),
+        )),
+    }
     r
 }
 
@@ -357,6 +368,9 @@ async fn run_attempts(
                     backoff.reset();
                 }
                 let delay = backoff.next_delay();
+                telemetry::health::health().set_stream(Stream::Down(
+                    e.to_string().lines().next().unwrap_or_default().to_string(),
+                ));
                 warn!(error = %e, retry_in = ?delay, durable = %total.durable, "archiving interrupted; starting over from the archive's end");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(total),
@@ -556,6 +570,9 @@ async fn run_once(
             Resume { generation, start }
         }
     };
+    if taken.is_some() {
+        metrics::gauge!(telemetry::LAST_BASE_BACKUP_SUCCESS).set(1.0);
+    }
     if identity.is_none() {
         let id = Identity::new(sys.system_id, &source.database, compression);
         // Another command may have created the repository meanwhile: its codec is the one.
@@ -563,7 +580,20 @@ async fn run_once(
         compression =
             identity::compression_for(&store.location(), Some(&written), opts.compression)?;
     }
-    drop(source);
+    slot_watch::check_wal_keep(&source.client).await;
+    // The normal connection stays open for the retained-WAL poll until the attempt ends.
+    let _retained = {
+        let stop = run_token.child_token();
+        tokio::spawn(slot_watch::poll_retained_wal(
+            source.client,
+            opts.slot.clone(),
+            stop.clone(),
+        ));
+        stop.drop_guard()
+    };
+    if telemetry::server::installed() {
+        telemetry::catalog::record(&store, resume.generation, Some(resume.start)).await;
+    }
 
     let pubs = crate::sql::quote_ident(&opts.publication);
     let plugin_options = stream::plugin_options(repl.server_version_num(), &pubs);
@@ -726,6 +756,9 @@ struct Sealed {
     /// The segment as stored, encoded once at seal time so that every retry puts the same bytes
     /// (`crate::object`).
     object: crate::object::Encoded,
+    /// The commit time of the newest transaction at or below its end (this segment's or an
+    /// earlier one's; None: none committed this run yet): the lag in seconds once it is stored.
+    last_commit: Option<PgTimestamp>,
     /// Its share of the in-memory budget, released when it is stored (dropped).
     admitted: Option<tokio::sync::OwnedSemaphorePermit>,
 }
@@ -795,6 +828,10 @@ async fn pipeline(
     let mut result: Result<(), ArchiveError> = Ok(());
     metrics::gauge!(telemetry::ARCHIVING).set(1.0);
     metrics::gauge!(telemetry::DURABLE_LSN).set(start.0 as f64);
+    // An attempt that stores nothing from here on shows as stalled from its start.
+    metrics::gauge!(telemetry::LAST_DURABLE).set(telemetry::unix_now());
+    let health = telemetry::health::health();
+    health.set_stream(Stream::Live);
     loop {
         tokio::select! {
             biased;
@@ -811,6 +848,10 @@ async fn pipeline(
                     if let Err(e) = stream.send_status(received.max(acked), acked, acked, false).await {
                         result = Err(e.into());
                         break;
+                    }
+                    if !health.ready() {
+                        health.set_ready();
+                        metrics::gauge!(telemetry::READY).set(1.0);
                     }
                 }
             }
@@ -982,6 +1023,9 @@ use upload::uploader_task;
 
 /// Holes and orphans in the chain being extended.
 mod resume;
+
+/// The WAL the slot retains on the source.
+mod slot_watch;
 
 /// One writer per repository: the writer lease and the fence before each put.
 pub mod lease;

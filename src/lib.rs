@@ -49,7 +49,7 @@
 //! | 1. pure core (no I/O but the host's and the OS user's names) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
-//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry` | everything |
+//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry`, `logging` | everything |
 //!
 //! Known exceptions, to be removed: `archive` (layer 3) records its metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server
@@ -82,6 +82,7 @@ pub mod exit;
 pub mod grants;
 pub mod host;
 pub mod list;
+pub mod logging;
 pub mod lsn;
 pub mod object;
 pub mod pgbin;

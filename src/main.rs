@@ -25,6 +25,9 @@ struct Cli {
     /// Log filter (error, warn, info, debug, or a tracing filter like tidemark=debug).
     #[arg(long, global = true, env = "TIDEMARK_LOG", default_value = "info")]
     log: String,
+    /// Log line format: text, or json (one object per line, for log pipelines).
+    #[arg(long, global = true, env = "TIDEMARK_LOG_FORMAT", value_enum, default_value_t = tidemark::logging::LogFormat::Text)]
+    log_format: tidemark::logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -248,10 +251,16 @@ struct ArchiveArgs {
     /// Connections used by base backups.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
-    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9187, GET /metrics). With it, an
-    /// archiver stopped by an unexplained schema change stays up (metrics show it) until signalled.
+    /// Serve Prometheus metrics and health on this address (e.g. 0.0.0.0:9898): GET /metrics,
+    /// /healthz (200 while archiving, 503 with the reason), /readyz (200 once the slot was first
+    /// acknowledged). With it, an archiver stopped by an unexplained schema change stays up
+    /// (metrics and /healthz show it) until signalled.
     #[arg(long, env = "TIDEMARK_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
+    /// /healthz answers 503 once the repository has failed, or not answered a request, for
+    /// this long.
+    #[arg(long, env = "TIDEMARK_HEALTH_STORE_TIMEOUT", default_value = "60s", value_parser = tidemark::exit::parse_positive_duration)]
+    health_store_timeout: Duration,
     /// How long the repository's writer lease lasts without renewal (for tests).
     #[arg(long, env = "TIDEMARK_LEASE_TTL", default_value = "5m", value_parser = tidemark::exit::parse_positive_duration, hide = true)]
     lease_ttl: Duration,
@@ -394,15 +403,7 @@ fn main() -> ExitCode {
     if let Some(invocation) = audit_cmd::invocation_of(&definition, &matches) {
         audit::set_invocation(invocation);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: journald, kubectl logs and files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+    tidemark::logging::init(&cli.log, cli.log_format);
     // The archiver runs on one thread. Its receiver, writer and uploader hand every batch of
     // messages to each other; on a multi-threaded runtime each hand-over parks and wakes a worker
     // thread, which cost three to four times the CPU of the work itself (mostly in the kernel)
@@ -595,8 +596,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 compression: a.compression.compression,
                 ..archive_options(&a.slot)
             };
+            tidemark::telemetry::health::health().set_store_timeout(a.health_store_timeout);
             if let Some(addr) = a.metrics_address {
-                tidemark::telemetry::install(addr).map_err(anyhow::Error::msg)?;
+                tidemark::telemetry::server::install(addr)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
             }
             let shutdown = shutdown_on_signals();
             let summary = match archive::run(&source, repo, &opts, shutdown.clone()).await {

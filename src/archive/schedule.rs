@@ -237,6 +237,7 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
             |f: &Failure| matches!(f, Failure::Failed(_)),
             |f, r| {
                 metrics::counter!(telemetry::BASE_BACKUP_FAILURES).increment(1);
+                metrics::gauge!(telemetry::LAST_BASE_BACKUP_SUCCESS).set(0.0);
                 if let Failure::Failed(e) = f {
                     warn!(error = %crate::error::chain(e), attempt = r.attempt, retry_in = ?r.delay, "scheduled base backup failed; retrying");
                 }
@@ -260,8 +261,12 @@ pub async fn run(ctx: Context, stop: CancellationToken) {
         // A server clock behind ours must not make the same fire time due again.
         newest = Some(at.max(due));
 
+        metrics::gauge!(telemetry::LAST_BASE_BACKUP_SUCCESS).set(1.0);
         if let Some(policy) = &ctx.retention {
             expire(&ctx.store, policy, &ctx.archive_class).await;
+        }
+        if telemetry::server::installed() {
+            telemetry::catalog::record(&ctx.store, ctx.generation, None).await;
         }
     }
 }

@@ -90,6 +90,8 @@ pub(super) struct Writer {
     commits_in_segment: u64,
     pos: Lsn,
     last_server_time: PgTimestamp,
+    /// The commit time of the newest transaction written (heartbeats included).
+    last_commit: Option<PgTimestamp>,
     txn: Option<OpenTxn>,
     /// The (top-level) xid of the open stream chunk.
     chunk: Option<u32>,
@@ -118,6 +120,7 @@ impl Writer {
             commits_in_segment: 0,
             pos: start,
             last_server_time: PgTimestamp(0),
+            last_commit: None,
             txn: None,
             chunk: None,
             transactions: 0,
@@ -183,6 +186,7 @@ impl Writer {
                 crate::catalog::keys::segment(self.ctx.generation, start, end),
                 bytes,
             ),
+            last_commit: self.last_commit,
             admitted: None,
         }
     }
@@ -308,6 +312,7 @@ impl Writer {
                 self.commits_in_segment += 1;
                 self.transactions += 1;
                 self.transactions_total.increment(1);
+                self.last_commit = self.last_commit.max(Some(commit_time));
                 return Ok(Outcome {
                     committed_data: true,
                     commit_age: age(rec.server_time, commit_time),
@@ -364,6 +369,7 @@ impl Writer {
             commit_time: commit_time.max(t.commit_time),
             first_record,
         });
+        self.last_commit = self.last_commit.max(Some(commit_time.max(t.commit_time)));
         self.pos = self.pos.max(end_lsn);
         self.commits_in_segment += 1;
         self.transactions += 1;

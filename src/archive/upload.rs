@@ -44,6 +44,10 @@ pub(super) async fn uploader_task(
     lease: Arc<Lease>,
 ) -> Result<u64, ArchiveError> {
     let mut prefix = DurablePrefix::new(*durable.borrow());
+    // The newest commit time at or below each segment end still in flight: what the lag in
+    // seconds becomes once the prefix reaches that end.
+    let mut commits: std::collections::BTreeMap<Lsn, crate::lsn::PgTimestamp> =
+        std::collections::BTreeMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, PutOutcome)>();
     // Cancelled at the first failure: puts waiting to retry stop trying.
     let abandon = CancellationToken::new();
@@ -59,6 +63,9 @@ pub(super) async fn uploader_task(
             item = sealed.recv(), if accepting && prefix.in_flight() < concurrency => {
                 let Some(seg) = item else { input_open = false; continue };
                 let id = prefix.push(seg.end, seg.object.key().to_string());
+                if let Some(t) = seg.last_commit {
+                    commits.insert(seg.end, t);
+                }
                 if let Err(e) = lease.admit(seg.object.key()) {
                     prefix.failed(id);
                     failed.cancel();
@@ -84,6 +91,10 @@ pub(super) async fn uploader_task(
                     stats.segments.fetch_add(1, Ordering::SeqCst);
                     metrics::counter!(telemetry::SEGMENTS_STORED).increment(1);
                     if let Some(lsn) = prefix.stored(id) {
+                        let rest = commits.split_off(&Lsn(lsn.0.saturating_add(1)));
+                        if let Some(t) = std::mem::replace(&mut commits, rest).into_values().max() {
+                            telemetry::stored_commit(t);
+                        }
                         durable.send_replace(lsn);
                     }
                 }
@@ -211,6 +222,7 @@ mod tests {
                 crate::catalog::keys::segment(1, start, end),
                 Bytes::from(format!("segment {i}")),
             ),
+            last_commit: None,
             admitted: None,
         }
     }

@@ -312,6 +312,13 @@ async fn a_column_change_without_ddl_capture_stops_the_archiver() {
         "the stopped archiver stays up while serving metrics:\n{}",
         archiver.log_text()
     );
+    // …and /healthz says why.
+    let (status, body) = crate::support::metrics::get(&metrics_addr, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("archiving stopped") && body.contains("without a captured schema change"),
+        "{body}"
+    );
     Command::new("kill")
         .args(["-TERM", &archiver.child.id().to_string()])
         .status()

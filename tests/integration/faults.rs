@@ -16,7 +16,7 @@ use tidemark::store::{LocalStore, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::spine::{wait_archived, Archiver, Archiving, Prepared};
-use crate::support::metrics::{metric, scrape};
+use crate::support::metrics::{self, metric, scrape};
 use crate::support::Cluster;
 
 const SCHEMA: &str = "CREATE TABLE t (id bigint PRIMARY KEY, v text NOT NULL);";
@@ -60,28 +60,9 @@ fn keep_writing(
     })
 }
 
-/// Starts the archiver serving metrics on a free port (picked, then bound by the archiver:
-/// another test may take it between, so a few ports are tried).
+/// Starts the archiver on `app` serving metrics (see [`metrics::start_with_metrics`]).
 async fn start_with_metrics(cluster: &Cluster, repo: &Path) -> (Archiver, String) {
-    for _ in 0..10 {
-        let addr = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().to_string()
-        };
-        let archiver = Archiver::start(cluster, "app", repo, &["--metrics-address", &addr]);
-        let deadline = std::time::Instant::now() + Duration::from_secs(90);
-        loop {
-            let log = archiver.log_text();
-            if log.contains("cannot serve metrics") {
-                break;
-            }
-            if log.contains("INFO archiving") || std::time::Instant::now() > deadline {
-                return (archiver, addr);
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    panic!("no free port for the metrics endpoint");
+    metrics::start_with_metrics(&cluster.conninfo("app"), repo.to_str().unwrap(), &[], &[]).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,7 @@ mod faults;
 mod harness_smoke;
 mod lease;
 mod least_privilege;
+mod monitoring;
 mod oracle;
 mod prune_policy;
 mod publication;
