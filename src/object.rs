@@ -23,13 +23,14 @@
 //! bytes. (A deterministic, SIV-style envelope would also be safe; encoding once keeps any
 //! codec safe.)
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::store::{ObjectMeta, Store, StoreError};
+use crate::store::{ObjectMeta, Residence, StorageClass, Store, StoreError, ThawTier};
 
 /// Why an object could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +156,24 @@ impl Store for WithCodec {
     }
     async fn check_writable(&self) -> Result<(), StoreError> {
         self.inner.check_writable().await
+    }
+    fn has_storage_classes(&self) -> bool {
+        self.inner.has_storage_classes()
+    }
+    async fn storage_classes(
+        &self,
+        prefix: &str,
+    ) -> Result<BTreeMap<String, StorageClass>, StoreError> {
+        self.inner.storage_classes(prefix).await
+    }
+    async fn residence(&self, key: &str) -> Result<Residence, StoreError> {
+        self.inner.residence(key).await
+    }
+    async fn set_storage_class(&self, key: &str, class: &StorageClass) -> Result<(), StoreError> {
+        self.inner.set_storage_class(key, class).await
+    }
+    async fn thaw(&self, key: &str, tier: ThawTier, days: u32) -> Result<(), StoreError> {
+        self.inner.thaw(key, tier, days).await
     }
     fn codec(&self) -> Arc<dyn Codec> {
         self.codec.clone()
@@ -366,6 +385,86 @@ pub(crate) mod tests {
         assert!(
             matches!(missing, crate::catalog::RepoError::Store(_)),
             "{missing}"
+        );
+    }
+
+    /// A store with storage classes that records which class calls reach it.
+    #[derive(Debug, Default)]
+    struct Classy(std::sync::Mutex<Vec<String>>);
+
+    #[async_trait]
+    impl Store for Classy {
+        fn location(&self) -> String {
+            "classy".into()
+        }
+        async fn put(&self, _key: &str, _data: Bytes) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+            Err(StoreError::NotFound {
+                location: self.location(),
+                key: key.into(),
+            })
+        }
+        async fn list(&self, _prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn delete(&self, _key: &str) -> Result<(), StoreError> {
+            Ok(())
+        }
+        async fn check_writable(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+        fn has_storage_classes(&self) -> bool {
+            true
+        }
+        async fn storage_classes(
+            &self,
+            prefix: &str,
+        ) -> Result<BTreeMap<String, StorageClass>, StoreError> {
+            self.0.lock().unwrap().push(format!("classes {prefix}"));
+            Ok(BTreeMap::new())
+        }
+        async fn residence(&self, key: &str) -> Result<Residence, StoreError> {
+            self.0.lock().unwrap().push(format!("residence {key}"));
+            Ok(Residence::standard())
+        }
+        async fn set_storage_class(
+            &self,
+            key: &str,
+            class: &StorageClass,
+        ) -> Result<(), StoreError> {
+            self.0.lock().unwrap().push(format!("set {key} {class}"));
+            Ok(())
+        }
+        async fn thaw(&self, key: &str, _tier: ThawTier, days: u32) -> Result<(), StoreError> {
+            self.0.lock().unwrap().push(format!("thaw {key} {days}"));
+            Ok(())
+        }
+    }
+
+    /// An encrypted repository on S3 keeps its storage classes: the codec wrapper passes every
+    /// class call to the store beneath (it once answered as a folder would, refusing them).
+    #[tokio::test]
+    async fn a_codec_keeps_the_storage_classes_of_the_store_beneath() {
+        let inner = Arc::new(Classy::default());
+        let store = with_codec(inner.clone(), Arc::new(Plain));
+        assert!(store.has_storage_classes());
+        store.storage_classes("basebackups/").await.unwrap();
+        store.residence("k").await.unwrap();
+        store
+            .set_storage_class("k", &StorageClass::Glacier)
+            .await
+            .unwrap();
+        store.thaw("k", ThawTier::Bulk, 3).await.unwrap();
+        assert_eq!(
+            *inner.0.lock().unwrap(),
+            [
+                "classes basebackups/",
+                "residence k",
+                "set k GLACIER",
+                "thaw k 3"
+            ]
         );
     }
 }
