@@ -59,6 +59,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::pgbin::PgBinError,
         crate::segment::SegmentError,
         crate::ddl::UnexplainedSchemaChange,
+        crate::verify::Damage,
     );
     None
 }
@@ -250,6 +251,15 @@ mod tests {
         };
         let cases: Vec<(&str, anyhow::Error, ExitStatus)> = vec![
             ("usage", UsageError(s()).into(), Usage),
+            (
+                "verify found damage",
+                crate::verify::Damage {
+                    location: s(),
+                    count: 1,
+                }
+                .into(),
+                Damaged,
+            ),
             ("lsn", "x".parse::<Lsn>().unwrap_err().into(), Usage),
             ("conninfo parse", ConnInfoError::Parse(s()).into(), Usage),
             (

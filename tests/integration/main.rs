@@ -36,3 +36,4 @@ mod tables;
 mod tls;
 mod txn;
 mod types;
+mod verify;
