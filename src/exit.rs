@@ -60,6 +60,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::segment::SegmentError,
         crate::ddl::UnexplainedSchemaChange,
         crate::verify::Damage,
+        crate::verify::NothingToVerify,
     );
     None
 }
@@ -259,6 +260,11 @@ mod tests {
                 }
                 .into(),
                 Damaged,
+            ),
+            (
+                "verify of an empty repository",
+                crate::verify::NothingToVerify { location: s() }.into(),
+                Repository,
             ),
             ("lsn", "x".parse::<Lsn>().unwrap_err().into(), Usage),
             ("conninfo parse", ConnInfoError::Parse(s()).into(), Usage),

@@ -322,7 +322,7 @@ struct VerifyArgs {
     #[arg(long, env = "TIDEMARK_FROM")]
     from: Option<String>,
     /// Check listings, object sizes and the segment chain without reading objects (but the
-    /// manifests): finds missing and truncated objects, not flipped bytes.
+    /// manifests): finds missing segments and parts and truncated parts, not flipped bytes.
     #[arg(long, env = "TIDEMARK_QUICK")]
     quick: bool,
     /// Objects read and checked at once (each is held whole while it is checked).

@@ -229,6 +229,20 @@ impl Classify for Damage {
     }
 }
 
+/// The error of a verify of a repository that holds nothing (exit 4): a wrong `--repo` must
+/// not pass as a sound archive.
+#[derive(Debug, thiserror::Error)]
+#[error("{location} holds no archive: no base backup and no segment to verify\nHINT: check --repo (and the S3 flags); `tidemark list` shows what a repository holds")]
+pub struct NothingToVerify {
+    pub location: String,
+}
+
+impl Classify for NothingToVerify {
+    fn exit_status(&self) -> ExitStatus {
+        ExitStatus::Repository
+    }
+}
+
 /// The message of an error without its `HINT:` lines, and without a leading `key: `.
 fn detail(key: &str, e: &dyn std::fmt::Display) -> String {
     let (text, _) = split_hints(&e.to_string());
@@ -718,6 +732,12 @@ pub async fn verify(
 /// (exit 5) when anything is wrong.
 pub async fn run(store: &Arc<dyn Store>, opts: &VerifyOptions, json: bool) -> anyhow::Result<()> {
     let r = verify(store, opts).await?;
+    if r.ok && r.windows.is_empty() && r.points.is_empty() && r.checked.segments == 0 {
+        return Err(NothingToVerify {
+            location: r.repository,
+        }
+        .into());
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

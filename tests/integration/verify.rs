@@ -118,6 +118,15 @@ async fn verify_names_each_damaged_or_missing_object_and_quick_only_what_listing
         .all(|w| w["restorable"] == true));
     assert!(report["checked"]["bytes_read"].as_u64().unwrap() > 0);
 
+    // A repository that holds nothing (a wrong --repo) is no sound archive: exit 4.
+    let empty = repo.with_file_name("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, out, err) = verify(&empty, &[]);
+    assert!(
+        code == 4 && err.contains("holds no archive"),
+        "{code} {out}{err}"
+    );
+
     // A flipped byte in the first segment (list reads only the last ones): named, exit 5;
     // --quick reads no segment and does not see it.
     let flipped = copy_of(&repo, "flipped");
