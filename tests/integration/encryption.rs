@@ -38,7 +38,7 @@ fn files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn key_of(repo: &Path, file: &Path) -> String {
+pub(crate) fn key_of(repo: &Path, file: &Path) -> String {
     file.strip_prefix(repo)
         .unwrap()
         .to_str()
@@ -61,7 +61,7 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 }
 
 /// Flips one bit in the middle of `file`.
-fn flip_bit(file: &Path) {
+pub(crate) fn flip_bit(file: &Path) {
     let mut bytes = std::fs::read(file).unwrap();
     let i = bytes.len() / 2;
     bytes[i] ^= 0x10;

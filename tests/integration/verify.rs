@@ -7,19 +7,12 @@
 use std::path::{Path, PathBuf};
 
 use crate::damage::{copy_of, manifests, segments};
+use crate::encryption::{flip_bit, key_of};
 use crate::spine::{
     server_now, tidemark, tidemark_env, wait_archived, wait_heartbeat_received, workload_step,
     Archiving,
 };
 use crate::support::s3::S3Server;
-
-/// The key of a file of a folder repository.
-fn key_of(repo: &Path, path: &Path) -> String {
-    path.strip_prefix(repo)
-        .unwrap()
-        .to_string_lossy()
-        .into_owned()
-}
 
 /// The first table part of the repository's first base backup: its file.
 fn first_part(repo: &Path) -> PathBuf {
@@ -33,14 +26,6 @@ fn first_part(repo: &Path) -> PathBuf {
         .next()
         .expect("a backup with a table part");
     repo.join(&part.key)
-}
-
-/// Flips one byte in the middle of a file.
-fn flip_middle(path: &Path) {
-    let mut bytes = std::fs::read(path).unwrap();
-    let i = bytes.len() / 2;
-    bytes[i] ^= 0x20;
-    std::fs::write(path, &bytes).unwrap();
 }
 
 /// Cuts a file to half its length.
@@ -132,7 +117,7 @@ async fn verify_names_each_damaged_or_missing_object_and_quick_only_what_listing
     let flipped = copy_of(&repo, "flipped");
     let first = &segments(&flipped)[0].path;
     let first_key = key_of(&flipped, first);
-    flip_middle(first);
+    flip_bit(first);
     let (code, out, err) = tidemark(&["list", "--repo", flipped.to_str().unwrap()]);
     assert!(
         code == 0 && !out.contains("damaged"),
@@ -244,7 +229,7 @@ async fn verify_on_s3_names_a_flipped_segment_and_a_missing_part() {
     let segment_key = key_of(&root, &segment);
     let part = first_part(&root);
     let part_key = key_of(&root, &part);
-    flip_middle(&segment);
+    flip_bit(&segment);
     std::fs::remove_file(&part).unwrap();
     let (code, out, err) = tidemark_env(&env, &["verify", "--repo", &url]);
     assert_eq!(code, 5, "{out}{err}");
