@@ -42,7 +42,10 @@ pub use crate::catalog::manifest::{
     ManifestError, Origin, PartEntry, SchemaEntry, SequenceEntry, TableEntry, Totals,
     FORMAT_VERSION, MIN_FORMAT_VERSION,
 };
-pub use load::{raise_sequences, LoadPhase, LoadStats, Loader, RESTORE_MAINTENANCE_WORK_MEM};
+pub use load::{
+    check_part, check_schema, raise_sequences, LoadPhase, LoadStats, Loader,
+    RESTORE_MAINTENANCE_WORK_MEM,
+};
 pub use take::{take, take_with, BackupRequest, TakeOptions, PART_LIMIT, SPLIT_BLOCKS};
 
 /// Why a backup could not be taken or loaded.

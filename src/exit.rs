@@ -60,6 +60,8 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::pgbin::PgBinError,
         crate::segment::SegmentError,
         crate::ddl::UnexplainedSchemaChange,
+        crate::verify::Damage,
+        crate::verify::NothingToVerify,
     );
     None
 }
@@ -251,6 +253,20 @@ mod tests {
         };
         let cases: Vec<(&str, anyhow::Error, ExitStatus)> = vec![
             ("usage", UsageError(s()).into(), Usage),
+            (
+                "verify found damage",
+                crate::verify::Damage {
+                    location: s(),
+                    count: 1,
+                }
+                .into(),
+                Damaged,
+            ),
+            (
+                "verify of an empty repository",
+                crate::verify::NothingToVerify { location: s() }.into(),
+                Repository,
+            ),
             ("lsn", "x".parse::<Lsn>().unwrap_err().into(), Usage),
             ("conninfo parse", ConnInfoError::Parse(s()).into(), Usage),
             (

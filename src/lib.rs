@@ -33,7 +33,9 @@
 //!   replay a sink of the changelog reader), [`ddl`] schema changes and sequence
 //!   values carried in the stream as logical messages (capture, replay, the schema guard);
 //! * commands: [`setup`] (with [`grants`], the least privilege it prints), [`backup_cmd`],
-//!   [`list`], [`prune`], [`rekey`] (key rotation's header sidecars and the retire check),
+//!   [`list`], [`verify`] (every object read and checked, and every window `list` shows proved),
+//!   [`status`] (health, retention breaches, sizes by tier), [`prune`], [`rekey`] (key
+//!   rotation's header sidecars and the retire check),
 //!   [`audit_cmd`] (the audit trail's recording and `tidemark audit`), [`demo`] (with
 //!   [`scratch`], a throwaway cluster), and [`exit`] (the command line's values and errors);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
@@ -49,7 +51,7 @@
 //! | 1. pure core (no I/O but the host's and the OS user's names) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
-//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry`, `logging` | everything |
+//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `verify`, `status`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry`, `logging` | everything |
 //!
 //! Known exceptions, to be removed: `archive` (layer 3) records its metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server
@@ -64,8 +66,8 @@
 //! [`restore::Plan`]'s path; the encryption envelope is an
 //! [`object::Codec`] (applied once per object, above the retries); compaction and GDPR erasure
 //! read with the [`changelog`] reader and write rewritten objects under a new revision of their
-//! [`catalog::keys`] name; verify walks the catalog with the checks `restore` uses; a status
-//! command reads the catalog and the source's slot.
+//! [`catalog::keys`] name; a `drill` stores its result under `drills/` (`proto/status.md`),
+//! where [`status`] already reads it.
 
 pub mod archive;
 pub mod audit_cmd;
@@ -99,6 +101,8 @@ pub mod setup;
 pub mod source;
 pub mod sql;
 pub mod statement;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
+pub mod verify;

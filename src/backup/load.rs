@@ -337,6 +337,52 @@ fn verify(key: &str, data: &[u8], expected: u32) -> Result<(), BackupError> {
     Ok(())
 }
 
+/// Checks a stored part's bytes as loading it would, without a database: its CRC-32, that
+/// its lz4 frame decompresses (in pieces, checking the frame's own checksum) to exactly the
+/// size the manifest records. Pure; what `verify` runs on every part.
+pub fn check_part(p: &PartEntry, stored: &[u8]) -> Result<(), BackupError> {
+    verify(&p.key, stored, p.crc32)?;
+    let bad = |message: String| BackupError::BadObject {
+        key: p.key.clone(),
+        message,
+    };
+    let mut raw = 0u64;
+    for piece in pieces(stored, COPY_MESSAGE) {
+        raw += piece
+            .map_err(|e| bad(format!("cannot decompress: {e}")))?
+            .len() as u64;
+        if raw > p.raw_bytes {
+            return Err(bad(format!(
+                "decompresses to more than the {} bytes the manifest records",
+                p.raw_bytes
+            )));
+        }
+    }
+    if raw != p.raw_bytes {
+        return Err(bad(format!(
+            "decompresses to {raw} bytes, the manifest records {}",
+            p.raw_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Checks the schema dump's bytes against the manifest: its CRC-32 and its size. Pure.
+pub fn check_schema(m: &Manifest, dump: &[u8]) -> Result<(), BackupError> {
+    verify(&m.schema.key, dump, m.schema.crc32)?;
+    if dump.len() as u64 != m.schema.bytes {
+        return Err(BackupError::BadObject {
+            key: m.schema.key.clone(),
+            message: format!(
+                "it is {} bytes, the manifest records {}",
+                dump.len(),
+                m.schema.bytes
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// A post-data TOC list (`pg_restore -l`) the target's role can restore: event triggers (such as
 /// tidemark's own DDL capture, which a base backup of a captured source holds) need a superuser,
 /// so for any other role they are left out, with a warning.
@@ -661,5 +707,38 @@ mod tests {
         assert!(msg.contains("basebackups/x/tables/00000.0000.copy.lz4"));
         assert!(msg.contains("00000007"));
         assert!(msg.contains(&format!("{:08x}", crc32fast::hash(b"abc"))));
+    }
+
+    #[test]
+    fn a_part_is_checked_by_checksum_frame_and_size() {
+        let raw = b"1\tone\n2\ttwo\n".repeat(1000);
+        let stored = super::super::compress(&raw).unwrap();
+        let part = PartEntry {
+            key: "basebackups/x/tables/00000.0000.copy.lz4".into(),
+            rows: 2000,
+            raw_bytes: raw.len() as u64,
+            stored_bytes: stored.len() as u64,
+            crc32: crc32fast::hash(&stored),
+        };
+        check_part(&part, &stored).unwrap();
+        let mut flipped = stored.clone();
+        flipped[stored.len() / 2] ^= 1;
+        let e = check_part(&part, &flipped).unwrap_err();
+        assert!(matches!(e, BackupError::Corrupt { .. }), "{e}");
+        // A frame that checks out but holds other content than the manifest says.
+        let short = PartEntry {
+            raw_bytes: raw.len() as u64 + 1,
+            ..part.clone()
+        };
+        let e = check_part(&short, &stored).unwrap_err().to_string();
+        assert!(e.contains("the manifest records"), "{e}");
+        // The right checksum over bytes that are no lz4 frame.
+        let garbage = b"not a frame".to_vec();
+        let bad = PartEntry {
+            crc32: crc32fast::hash(&garbage),
+            ..part
+        };
+        let e = check_part(&bad, &garbage).unwrap_err().to_string();
+        assert!(e.contains("cannot decompress"), "{e}");
     }
 }

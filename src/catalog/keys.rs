@@ -30,6 +30,9 @@ pub const PINS: &str = "pins/";
 /// Folder of the audit trail: one `audit/<record>.json` per recorded command
 /// ([`super::audit`]). Nothing deletes these.
 pub const AUDIT: &str = "audit/";
+/// Folder of restore drills' results: `drills/<start>-<random>.json`, named as audit records
+/// are, so a listing sorts by start time (`proto/status.md`). `status` reads the newest.
+pub const DRILLS: &str = "drills/";
 
 /// A revision of an object: 1 is the original (no suffix in its name), a rewrite is 2 or more.
 pub type Revision = u32;

@@ -525,7 +525,7 @@ fn points(backups: &[BackupRef], windows: &[Window]) -> Vec<BackupRef> {
 /// Reads one segment completely and checks it against its name.
 /// A segment that does not decode is damage like a bad checksum; a key missing from the
 /// keyring is not (it stops the command: exit 2).
-async fn read_fact(
+pub async fn read_fact(
     store: &Arc<dyn Store>,
     s: &SegmentRef,
 ) -> Result<SegmentFact, crate::object::ObjectError> {

@@ -3,7 +3,8 @@
 //! work (and equal the source at that instant), and a target in a hole or after damage is
 //! refused with exit code 6 and the same windows.
 //!
-//! Each test archives once and damages copies of the repository.
+//! Each test archives once and damages copies of the repository (the helpers that copy and
+//! damage are shared with `verify`).
 
 use std::path::{Path, PathBuf};
 
@@ -29,21 +30,21 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 /// A copy of `repo` next to it, named `name`.
-fn copy_of(repo: &Path, name: &str) -> PathBuf {
+pub(crate) fn copy_of(repo: &Path, name: &str) -> PathBuf {
     let to = repo.with_file_name(name);
     copy_tree(repo, &to);
     to
 }
 
 /// A stored segment: its file, generation and commit times.
-struct StoredSegment {
-    path: PathBuf,
-    generation: u32,
-    commits: Vec<PgTimestamp>,
+pub(crate) struct StoredSegment {
+    pub(crate) path: PathBuf,
+    pub(crate) generation: u32,
+    pub(crate) commits: Vec<PgTimestamp>,
 }
 
 /// The segments of a local repository, by generation and LSN.
-fn segments(repo: &Path) -> Vec<StoredSegment> {
+pub(crate) fn segments(repo: &Path) -> Vec<StoredSegment> {
     let mut out = Vec::new();
     let mut gens: Vec<_> = std::fs::read_dir(repo.join("segments"))
         .unwrap()
@@ -73,7 +74,7 @@ fn segments(repo: &Path) -> Vec<StoredSegment> {
 }
 
 /// The manifests of a local repository, by backup id.
-fn manifests(repo: &Path) -> Vec<PathBuf> {
+pub(crate) fn manifests(repo: &Path) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = std::fs::read_dir(repo.join("basebackups"))
         .unwrap()
         .flatten()

@@ -38,7 +38,7 @@ fn files(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-fn key_of(repo: &Path, file: &Path) -> String {
+pub(crate) fn key_of(repo: &Path, file: &Path) -> String {
     file.strip_prefix(repo)
         .unwrap()
         .to_str()
@@ -61,7 +61,7 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 }
 
 /// Flips one bit in the middle of `file`.
-fn flip_bit(file: &Path) {
+pub(crate) fn flip_bit(file: &Path) {
     let mut bytes = std::fs::read(file).unwrap();
     let i = bytes.len() / 2;
     bytes[i] ^= 0x10;
@@ -190,6 +190,10 @@ async fn an_encrypted_archive_restores_exactly_across_a_key_rotation_and_detects
     restore_each_instant(&cluster, &url, &env, &instants, "rotated").await;
     let (code, out, err) = tidemark_env(&env, &["list", "--repo", &url]);
     assert_eq!(code, 0, "{out}{err}");
+    // verify opens every object, under both keys.
+    let (code, out, err) = tidemark_env(&env, &["verify", "--repo", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("no damage found"), "{out}");
 
     // Without the key: refused, saying what to pass.
     let (code, out, err) = restore_into(&cluster, &url, "nokey", &["--latest"]);
@@ -233,6 +237,12 @@ async fn an_encrypted_archive_restores_exactly_across_a_key_rotation_and_detects
     let last_segment = key_of(&repo, segments.last().unwrap());
     let bad = copy_of(&repo, "flipped-segment");
     flip_bit(&bad.join(&last_segment));
+    let (code, out, err) = tidemark_env(&env, &["verify", "--repo", bad.to_str().unwrap()]);
+    assert_eq!(code, 5, "{out}{err}");
+    assert!(
+        out.contains(&last_segment) && out.contains("does not authenticate"),
+        "{out}"
+    );
     let (code, out, err) = restore_damaged(bad, "flipped_segment");
     assert_ne!(code, 0, "{out}{err}");
     assert!(

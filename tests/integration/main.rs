@@ -38,3 +38,4 @@ mod tables;
 mod tls;
 mod txn;
 mod types;
+mod verify;
