@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::archiving::{
-    tidemark, tidemark_env, wait_archived, workload_step, Archiver, Archiving,
+    restore_latest_equals, tidemark, tidemark_env, wait_archived, workload_step, Archiver,
+    Archiving,
 };
-use crate::support::{self, snapshot_content};
+use crate::support::{self, snapshot_content, Cluster, ClusterOptions};
 
 /// The ids of the complete base backups `list --json` shows, oldest first.
 fn listed_backups(repo: &str) -> Vec<String> {
@@ -303,4 +304,74 @@ async fn kill_9_mid_scheduled_backup_lists_no_backup_and_the_next_run_takes_the_
     assert!(out.contains(after.last().unwrap().as_str()), "{out}");
     let restored = snapshot_content(&cluster.client("restored").await).await;
     support::assert_same_content(&expected, &restored, "restore after the missed backup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_archive_waits_for_a_running_manual_backup_and_takes_it_as_its_base() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    cluster.psql("app", BIG);
+    let source = cluster.conninfo("app");
+    let (code, out, err) = tidemark(&["setup", "--source", &source]);
+    assert_eq!(code, 0, "{out}{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap().to_string();
+    let manual = {
+        let (source, url) = (source.clone(), url.clone());
+        std::thread::spawn(move || {
+            tidemark(&[
+                "backup",
+                "--source",
+                &source,
+                "--repo",
+                &url,
+                "--parallel",
+                "1",
+            ])
+        })
+    };
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !backup_in_progress(&repo) {
+            assert!(Instant::now() < deadline, "the manual backup never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
+    tokio::task::block_in_place(|| {
+        wait_log(
+            &mut archiver,
+            "another base backup is running: waiting for its lock",
+            1,
+            Duration::from_secs(60),
+        )
+    });
+    assert!(
+        !archiver.log_text().contains("created slot"),
+        "no slot while waiting"
+    );
+    let (code, out, err) = manual.join().unwrap();
+    assert_eq!(code, 0, "the manual backup: {out}{err}");
+    // Listed again under the lock, the manual backup is the slot's generation's base: the
+    // archiver takes none of its own and streams from the slot.
+    tokio::task::block_in_place(|| {
+        wait_log(&mut archiver, "archiving", 1, Duration::from_secs(120))
+    });
+    let src = cluster.client("app").await;
+    src.execute("INSERT INTO ticks DEFAULT VALUES", &[])
+        .await
+        .unwrap();
+    let expected = snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &archiver.log.clone()).await;
+    let text = archiver.log_text();
+    archiver.stop();
+    assert!(
+        text.contains("released the base-backup lock")
+            && !text.contains("base backup stored")
+            && !text.contains("created slot"),
+        "waited, then used the manual backup:\n{text}"
+    );
+    assert_eq!(listed_backups(&url).len(), 1, "the manual one only");
+    restore_latest_equals(&cluster, &url, "restored", &expected).await;
 }
