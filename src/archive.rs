@@ -486,15 +486,24 @@ async fn run_once(
     // a run that takes its generation's first backup takes the lock first (before it creates
     // a slot, which then holds no WAL while this waits), then lists again under it, so a
     // backup that finished meanwhile is seen (and, in the slot's generation, is the base).
+    // A lock left by the archiver whose writer lease this one took over (killed during its
+    // own first backup) is taken over at once; a live manual backup's is waited for.
     let mut first_backup_lock = None;
     if needs_first_backup(slot.is_some(), &manifests, &chains) {
-        let lock = BackupLock::acquire(
-            store.clone(),
-            opts.backup_lock_ttl,
-            &opts.slot,
-            FIRST_BACKUP_LOCK_WAIT,
-        )
-        .await?;
+        let lock = tokio::select! {
+            l = BackupLock::acquire_for(
+                lease,
+                store.clone(),
+                opts.backup_lock_ttl,
+                &opts.slot,
+                FIRST_BACKUP_LOCK_WAIT,
+            ) => l?,
+            e = fenced(lease, &run_token) => return Err(e.into()),
+            _ = shutdown.cancelled() => {
+                info!("stopping while waiting for the base-backup lock; nothing was written");
+                return Ok(());
+            }
+        };
         match list_backups_and_segments(&store).await {
             Ok(l) => (manifests, chains) = l,
             Err(e) => {
@@ -540,7 +549,7 @@ async fn run_once(
             let lock = first_backup_lock.take().ok_or_else(|| {
                 ArchiveError::Internal("no base-backup lock for the first backup".into())
             })?;
-            let (created, m) = take_under(lock, async {
+            let (created, m) = take_under(lock, fenced(lease, &run_token), async {
                 let created = repl.create_logical_slot(&opts.slot, false, true).await?;
                 let snapshot = created.snapshot_name.clone().ok_or_else(|| {
                     ArchiveError::Internal("CREATE_REPLICATION_SLOT returned no snapshot".into())
@@ -586,6 +595,7 @@ async fn run_once(
                 })?;
                 let m = take_under(
                     lock,
+                    fenced(lease, &run_token),
                     take_backup_with_temporary_slot(&store, backup_req(generation)),
                 )
                 .await?;
@@ -648,6 +658,7 @@ async fn run_once(
             parallel: opts.backup_parallel,
             slot: opts.slot.clone(),
             lock_ttl: opts.backup_lock_ttl,
+            writer: lease.clone(),
             newest: schedule::newest_of(&manifests, resume.generation).max(taken),
             retention: opts.retention.clone(),
             archive_class: opts.archive_class.clone(),
@@ -745,10 +756,12 @@ fn needs_first_backup(has_slot: bool, manifests: &[backup::Manifest], chains: &C
     !has_slot || !manifests.iter().any(|m| m.generation == newest)
 }
 
-/// Runs `backup` under the base-backup `lock`, stopped when the lock is lost; releases the
-/// lock however it ends (a lock left behind would hold the next attempt up to its expiry).
+/// Runs `backup` under the base-backup `lock`, stopped when the lock is lost or when `fenced`
+/// ends (the writer lease is lost); releases the lock however it ends (a lock left behind
+/// would hold the next attempt up to its expiry).
 async fn take_under<T>(
     lock: BackupLock,
+    fenced: impl std::future::Future<Output = lease::LeaseError>,
     backup: impl std::future::Future<Output = Result<T, ArchiveError>>,
 ) -> Result<T, ArchiveError> {
     let lost = lock.lost();
@@ -758,9 +771,21 @@ async fn take_under<T>(
             Err(e) => e.into(),
             Ok(()) => ArchiveError::Internal("the base-backup lock's renewal stopped".into()),
         }),
+        e = fenced => Err(e.into()),
     };
     lock.release().await;
     r
+}
+
+/// Ends when this run's writer lease is lost (its renewal cancelled `run` and the lease is no
+/// longer held): another archiver took the repository over, and this one's first backup must
+/// stop. Never ends on a shutdown (`run` cancelled, the lease still held).
+async fn fenced(lease: &Lease, run: &CancellationToken) -> lease::LeaseError {
+    run.cancelled().await;
+    match lease.check() {
+        Err(e) => e,
+        Ok(()) => std::future::pending().await,
+    }
 }
 
 /// Takes a base backup aligned with the stream through a temporary slot's exported snapshot.

@@ -924,6 +924,7 @@ mod tests {
                         acquired_at: PgTimestamp::default(),
                         expires_at: PgTimestamp::default(),
                         released: false,
+                        writer: None,
                     }),
                     waited: std::time::Duration::ZERO,
                 })
