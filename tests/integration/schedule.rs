@@ -1,7 +1,8 @@
 //! Scheduled base backups inside `archive`, and the one-backup-at-a-time lock: the schedule
 //! fires while archiving under writes and a restore from its backup equals the source; a
 //! manual `backup` while a scheduled one runs waits or gives up clearly; kill -9 in the middle
-//! of a scheduled backup leaves no backup listed and the next run takes the missed one at start.
+//! of a scheduled backup leaves no backup listed and the next run takes the missed one at start;
+//! on S3 a manual `backup` beside a running one gives up naming it, and runs once it ends.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -374,4 +375,70 @@ async fn a_new_archive_waits_for_a_running_manual_backup_and_takes_it_as_its_bas
     );
     assert_eq!(listed_backups(&url).len(), 1, "the manual one only");
     restore_latest_equals(&cluster, &url, "restored", &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_a_manual_backup_beside_a_running_one_gives_up_naming_it_then_runs_once_it_ends() {
+    let s3 = support::s3::S3Server::with_bucket("locks");
+    let env = s3.cli_env(&s3.endpoint);
+    let url = "s3://locks/app";
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    cluster.psql("app", BIG);
+    let source = cluster.conninfo("app");
+    let (code, out, err) = tidemark(&["setup", "--source", &source]);
+    assert_eq!(code, 0, "{out}{err}");
+    let backup = [
+        "backup",
+        "--source",
+        &source,
+        "--repo",
+        url,
+        "--parallel",
+        "1",
+    ];
+    let mut first = std::process::Command::new(support::tidemark_bin())
+        .args(backup)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("TIDEMARK_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its first part stored (the server keeps objects as files): it holds the lock, taken
+    // before any object of the backup.
+    let stored = s3.bucket_dir("locks").join("app");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !backup_in_progress(&stored) {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first backup ended early"
+        );
+        assert!(Instant::now() < deadline, "the first backup never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = backup.to_vec();
+    second.extend(["--lock-wait", "0s"]);
+    let (code, out, err) = tidemark_env(&env, &second);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("another base backup is running")
+            && err.contains(&format!("pid {}", first.id()))
+            && err.contains("--lock-wait"),
+        "names the running backup: {err}"
+    );
+    assert!(first.wait().unwrap().success(), "the first backup");
+    // Released: the next one takes the lock at once.
+    let (code, out, err) = tidemark_env(&env, &second);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = tidemark_env(&env, &["list", "--repo", url, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let listing: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        listing["generations"][0]["backups"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{out}"
+    );
 }
