@@ -29,7 +29,7 @@
 //! * One writer per repository: a run takes the repository's writer lease before its first
 //!   write and renews it while it runs; a live lease of another archiver refuses the run
 //!   (exit 4, naming it), and every segment is put only while the lease is held and only if it
-//!   starts where the chain ends (`lease.rs`).
+//!   starts where the chain ends ([`crate::lease`]).
 //! * Memory is bounded: the channels between the stages are bounded, so a slow store makes the
 //!   receiver stop reading (the slot holds the WAL meanwhile).
 //!   A transaction sent whole is buffered until its commit: with streaming on, the server
@@ -280,7 +280,7 @@ struct Resume {
 /// after a backoff (1 s doubling to 30 s), as many times as it takes. Each attempt resumes exactly
 /// where the durable archive ends, so a retry neither loses nor duplicates.
 ///
-/// The repository's writer lease (`lease.rs`) is taken by the first attempt, kept across
+/// The repository's writer lease ([`crate::lease`]) is taken by the first attempt, kept across
 /// attempts, and released when the run ends, however it ends.
 pub async fn run(
     source_info: &ConnInfo,
@@ -1097,14 +1097,11 @@ use upload::uploader_task;
 /// Holes and orphans in the chain being extended.
 mod resume;
 
-/// One writer per repository: the writer lease and the fence before each put.
-pub mod lease;
-
 /// Base backups on a schedule, beside the stream.
 pub mod schedule;
 /// How long the end of an attempt waits for its scheduled backup to stop and release its lock.
 const SCHEDULE_STOP: Duration = Duration::from_secs(15);
-use lease::Lease;
+use crate::lease::{self, Lease};
 
 async fn writer_task(
     mut events: mpsc::Receiver<Vec<Event>>,

@@ -176,7 +176,7 @@ pub struct Context {
     pub lock_ttl: Duration,
     /// The archiver's writer lease, which its locks name (a restarted archiver takes a lock
     /// held for the writer lease it took over at once: `backup/lock.rs`).
-    pub writer: Arc<super::lease::Lease>,
+    pub writer: Arc<crate::lease::Lease>,
     /// The newest complete base backup of the generation when the attempt started.
     pub newest: Option<DateTime<Utc>>,
     /// The retention policy applied after each scheduled backup (as `tidemark prune` applies

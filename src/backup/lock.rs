@@ -2,7 +2,7 @@
 //!
 //! Owns the lock's records (`locks/base-backup/<term>-<seq>.json`) and the waiting for them.
 //! The records, the decision to take, keep or refuse, the renewal and the release are the
-//! writer lease's ([`crate::archive::lease`], a [`Kind`] of its own): create-only puts (so it
+//! writer lease's ([`crate::lease`], a [`Kind`] of its own): create-only puts (so it
 //! works on S3), owner, host, pid and expiry in each record, renewed every sixth of its time
 //! to live while the backup runs, released when it ends. Unlike the writer lease there is no
 //! same-slot takeover: a live record is waited for, and one whose holder was killed is taken
@@ -30,8 +30,8 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::info;
 
 #[cfg(doc)]
-use crate::archive::lease::Takeover;
-use crate::archive::lease::{Kind, Lease, LeaseError, LeaseRecord};
+use crate::lease::Takeover;
+use crate::lease::{Kind, Lease, LeaseError, LeaseRecord};
 use crate::store::Store;
 
 /// Prefix of the lock's records.
@@ -234,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lock_held_for_a_writer_lease_taken_over_is_taken_over_at_once() {
-        use crate::archive::lease::{DEFAULT_TTL as LEASE_TTL, LEASE_PREFIX};
+        use crate::lease::{DEFAULT_TTL as LEASE_TTL, LEASE_PREFIX};
         let dir = tempfile::tempdir().unwrap();
         // Archiver a, holding its writer lease and, for it, the lock of a backup.
         let a = Lease::new(store(dir.path()), LEASE_TTL, "tm");
@@ -314,12 +314,12 @@ mod tests {
             .map(|o| o.key)
             .collect();
         assert!(
-            keys.contains(&crate::archive::lease::record_key(LOCK_PREFIX, 2, 0)),
+            keys.contains(&crate::lease::record_key(LOCK_PREFIX, 2, 0)),
             "{keys:?}"
         );
         assert!(
             store(dir.path())
-                .list(crate::archive::lease::LEASE_PREFIX)
+                .list(crate::lease::LEASE_PREFIX)
                 .await
                 .unwrap()
                 .is_empty(),

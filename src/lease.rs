@@ -1,9 +1,12 @@
-//! The writer lease: one archiver writes a repository's segments at a time.
+//! The writer lease: one archiver writes a repository's segments at a time; and the lease
+//! records every repository lock is made of.
 //!
 //! Owns the lease objects (`locks/writer/<term>-<seq>.json`), the decision to take, keep or
 //! refuse the lease, its renewal, its release, and the fence every segment passes before it
-//! is put. It does not own the uploads themselves (`upload.rs`) nor the resume point
-//! (`resume.rs`).
+//! is put. It does not own the uploads themselves (`archive/upload.rs`) nor the resume point
+//! (`archive/resume.rs`). A module of its own, beside `archive` rather than inside it, so that
+//! the base-backup lock (`backup/lock.rs`, built on the same records) does not depend on the
+//! archiver that depends on `backup`.
 //!
 //! Objects are create-only, so a lease is a sequence of immutable records. Each *term* (one
 //! writer's tenure) starts with record `<term>-0000000000` and is renewed by records
@@ -29,7 +32,7 @@
 //! create-only, and reads nothing. A renewal that conflicts is the one that reads: its name was
 //! taken by an earlier attempt of ours whose answer was lost (then the lease is still ours), or
 //! by another archiver closing our term (a takeover, which stops this one for good). Every
-//! [`CHECK_EVERY`](crate::archive::lease::CHECK_EVERY)th renewal also reads the newest record (a writer that took the next term
+//! [`CHECK_EVERY`]th renewal also reads the newest record (a writer that took the next term
 //! without closing ours, or records deleted by hand) and lists the current generation's tail
 //! (the segments whose start shares the chain end's 16 MiB region), stopping the run if a
 //! segment this run did not write appears there. An idle repository thus sees one PUT and one
