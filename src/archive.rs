@@ -29,7 +29,7 @@
 //! * One writer per repository: a run takes the repository's writer lease before its first
 //!   write and renews it while it runs; a live lease of another archiver refuses the run
 //!   (exit 4, naming it), and every segment is put only while the lease is held and only if it
-//!   starts where the chain ends (`lease.rs`).
+//!   starts where the chain ends ([`crate::lease`]).
 //! * Memory is bounded: the channels between the stages are bounded, so a slow store makes the
 //!   receiver stop reading (the slot holds the WAL meanwhile).
 //!   A transaction sent whole is buffered until its commit: with streaming on, the server
@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backup::lock::BackupLock;
 use crate::backup::{self, BackupRequest};
 use crate::catalog::{self, chain, identity, Identity};
 use crate::conninfo::ConnInfo;
@@ -217,8 +218,9 @@ impl ArchiveError {
             // Started over, the run seals the segment's changes with the current key.
             ArchiveError::KeyRetired { .. } => true,
             ArchiveError::Lease(e) => e.is_transient(),
-            // Another base backup runs: the archiver's stream never waits on it.
-            ArchiveError::BackupLock(_) => false,
+            // The generation's first backup waited its time for another backup: try again.
+            ArchiveError::BackupLock(backup::lock::LockError::Held { .. }) => true,
+            ArchiveError::BackupLock(backup::lock::LockError::Lease(e)) => e.is_transient(),
             ArchiveError::Backup(e) => match e {
                 backup::BackupError::Store(s) => s.is_retryable(),
                 backup::BackupError::Connect(_) => true,
@@ -286,7 +288,7 @@ struct Resume {
 /// after a backoff (1 s doubling to 30 s), as many times as it takes. Each attempt resumes exactly
 /// where the durable archive ends, so a retry neither loses nor duplicates.
 ///
-/// The repository's writer lease (`lease.rs`) is taken by the first attempt, kept across
+/// The repository's writer lease ([`crate::lease`]) is taken by the first attempt, kept across
 /// attempts, and released when the run ends, however it ends.
 pub async fn run(
     source_info: &ConnInfo,
@@ -401,6 +403,11 @@ async fn drop_slot_when_released(
     }
 }
 
+/// How long the generation's first base backup waits for another backup holding the
+/// repository's base-backup lock (as `backup --lock-wait`'s default) before the attempt fails
+/// and is retried.
+const FIRST_BACKUP_LOCK_WAIT: Duration = Duration::from_secs(600);
+
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// An attempt that streamed at least this long resets the backoff (no jitter: one archiver per
@@ -495,8 +502,38 @@ async fn run_once(
             .for_each(|m| tracing::warn!("not archived: {m}")),
         Err(e) => tracing::warn!(error = %e, "cannot list what the archive will not carry"),
     }
-    let manifests = backup::list_manifests(&store).await?;
-    let chains = chain::list_segments(&store).await?;
+    let (mut manifests, mut chains) = list_backups_and_segments(&store).await?;
+    // At most one base backup per repository at a time (a `tidemark backup` may be running):
+    // a run that takes its generation's first backup takes the lock first (before it creates
+    // a slot, which then holds no WAL while this waits), then lists again under it, so a
+    // backup that finished meanwhile is seen (and, in the slot's generation, is the base).
+    // A lock left by the archiver whose writer lease this one took over (killed during its
+    // own first backup) is taken over at once; a live manual backup's is waited for.
+    let mut first_backup_lock = None;
+    if needs_first_backup(slot.is_some(), &manifests, &chains) {
+        let lock = tokio::select! {
+            l = BackupLock::acquire_for(
+                lease,
+                store.clone(),
+                opts.backup_lock_ttl,
+                &opts.slot,
+                FIRST_BACKUP_LOCK_WAIT,
+            ) => l?,
+            e = fenced(lease, &run_token) => return Err(e.into()),
+            _ = shutdown.cancelled() => {
+                info!("stopping while waiting for the base-backup lock; nothing was written");
+                return Ok(());
+            }
+        };
+        match list_backups_and_segments(&store).await {
+            Ok(l) => (manifests, chains) = l,
+            Err(e) => {
+                lock.release().await;
+                return Err(e);
+            }
+        }
+        first_backup_lock = Some(lock);
+    }
     let current_gen = manifests
         .iter()
         .map(|m| m.generation)
@@ -519,24 +556,35 @@ async fn run_once(
 
     // The generation's first base backup, when this attempt takes it.
     let mut taken = None;
-    let resume = match slot {
+    let resume = async {
+    Ok::<_, ArchiveError>(match slot {
         None => {
             let generation = current_gen + 1;
-            if current_gen > 0 {
+            if chains.contains_key(&current_gen) {
                 metrics::counter!(telemetry::NEW_GENERATIONS, "reason" => "slot_lost").increment(1);
                 warn!(slot = %opts.slot, generation, "the slot is gone: starting a new generation; changes after the end of generation {current_gen} were not archived");
+            } else if current_gen > 0 {
+                // Backups taken by `tidemark backup` before any archiving: nothing was lost.
+                info!(slot = %opts.slot, generation, "the repository has base backups but no change archive yet: starting generation {generation}");
             }
-            let created = repl.create_logical_slot(&opts.slot, false, true).await?;
-            let snapshot = created.snapshot_name.clone().ok_or_else(|| {
-                ArchiveError::Internal("CREATE_REPLICATION_SLOT returned no snapshot".into())
+            let lock = first_backup_lock.take().ok_or_else(|| {
+                ArchiveError::Internal("no base-backup lock for the first backup".into())
             })?;
-            info!(slot = %opts.slot, point = %created.consistent_point, "created slot; taking the base backup of generation {generation}");
-            let req = BackupRequest {
-                snapshot: &snapshot,
-                consistent_point: created.consistent_point,
-                ..backup_req(generation)
-            };
-            let m = backup::take(&store, req).await?;
+            let (created, m) = take_under(lock, fenced(lease, &run_token), async {
+                let created = repl.create_logical_slot(&opts.slot, false, true).await?;
+                let snapshot = created.snapshot_name.clone().ok_or_else(|| {
+                    ArchiveError::Internal("CREATE_REPLICATION_SLOT returned no snapshot".into())
+                })?;
+                info!(slot = %opts.slot, point = %created.consistent_point, "created slot; taking the base backup of generation {generation}");
+                let req = BackupRequest {
+                    snapshot: &snapshot,
+                    consistent_point: created.consistent_point,
+                    ..backup_req(generation)
+                };
+                let m = backup::take(&store, req).await?;
+                Ok((created, m))
+            })
+            .await?;
             info!(backup = %m.id, "base backup stored");
             taken = Some(m.snapshot_time.to_datetime());
             Resume {
@@ -563,13 +611,29 @@ async fn run_once(
                     generation,
                     "no base backup in this generation yet: taking one"
                 );
-                let m = take_backup_with_temporary_slot(&store, backup_req(generation)).await?;
+                let lock = first_backup_lock.take().ok_or_else(|| {
+                    ArchiveError::Internal("no base-backup lock for the first backup".into())
+                })?;
+                let m = take_under(
+                    lock,
+                    fenced(lease, &run_token),
+                    take_backup_with_temporary_slot(&store, backup_req(generation)),
+                )
+                .await?;
                 info!(backup = %m.id, "base backup stored");
                 taken = Some(m.snapshot_time.to_datetime());
             }
             Resume { generation, start }
         }
-    };
+    })
+    }
+    .await;
+    // Not taken (a backup of the slot's generation finished while this waited), or left by an
+    // error: released now rather than at its expiry.
+    if let Some(lock) = first_backup_lock.take() {
+        lock.release().await;
+    }
+    let resume = resume?;
     if taken.is_some() {
         metrics::gauge!(telemetry::LAST_BASE_BACKUP_SUCCESS).set(1.0);
     }
@@ -631,6 +695,7 @@ async fn run_once(
             parallel: opts.backup_parallel,
             slot: opts.slot.clone(),
             lock_ttl: opts.backup_lock_ttl,
+            writer: lease.clone(),
             newest: schedule::newest_of(&manifests, resume.generation).max(taken),
             retention: opts.retention.clone(),
             archive_class: opts.archive_class.clone(),
@@ -702,6 +767,62 @@ async fn mend_chain(
         info!(object = %seg.key, "deleted a segment stored past a hole");
     }
     Ok(plan.end)
+}
+
+/// Segment chains by generation, each sorted by LSN.
+type Chains = std::collections::BTreeMap<u32, Vec<catalog::SegmentRef>>;
+
+/// The repository's complete base backups and its segment chains, by generation.
+async fn list_backups_and_segments(
+    store: &Arc<dyn Store>,
+) -> Result<(Vec<backup::Manifest>, Chains), ArchiveError> {
+    let manifests = backup::list_manifests(store).await?;
+    Ok((manifests, chain::list_segments(store).await?))
+}
+
+/// Whether this run takes its generation's first base backup: with no slot it starts a new
+/// generation (which needs one); with the slot, when the newest generation has none yet.
+fn needs_first_backup(has_slot: bool, manifests: &[backup::Manifest], chains: &Chains) -> bool {
+    let newest = manifests
+        .iter()
+        .map(|m| m.generation)
+        .chain(chains.keys().copied())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    !has_slot || !manifests.iter().any(|m| m.generation == newest)
+}
+
+/// Runs `backup` under the base-backup `lock`, stopped when the lock is lost or when `fenced`
+/// ends (the writer lease is lost); releases the lock however it ends (a lock left behind
+/// would hold the next attempt up to its expiry).
+async fn take_under<T>(
+    lock: BackupLock,
+    fenced: impl std::future::Future<Output = lease::LeaseError>,
+    backup: impl std::future::Future<Output = Result<T, ArchiveError>>,
+) -> Result<T, ArchiveError> {
+    let lost = lock.lost();
+    let r = tokio::select! {
+        m = backup => m,
+        _ = lost.cancelled() => Err(match lock.check() {
+            Err(e) => e.into(),
+            Ok(()) => ArchiveError::Internal("the base-backup lock's renewal stopped".into()),
+        }),
+        e = fenced => Err(e.into()),
+    };
+    lock.release().await;
+    r
+}
+
+/// Ends when this run's writer lease is lost (its renewal cancelled `run` and the lease is no
+/// longer held): another archiver took the repository over, and this one's first backup must
+/// stop. Never ends on a shutdown (`run` cancelled, the lease still held).
+async fn fenced(lease: &Lease, run: &CancellationToken) -> lease::LeaseError {
+    run.cancelled().await;
+    match lease.check() {
+        Err(e) => e,
+        Ok(()) => std::future::pending().await,
+    }
 }
 
 /// Takes a base backup aligned with the stream through a temporary slot's exported snapshot.
@@ -1027,14 +1148,11 @@ mod resume;
 /// The WAL the slot retains on the source.
 mod slot_watch;
 
-/// One writer per repository: the writer lease and the fence before each put.
-pub mod lease;
-
 /// Base backups on a schedule, beside the stream.
 pub mod schedule;
 /// How long the end of an attempt waits for its scheduled backup to stop and release its lock.
 const SCHEDULE_STOP: Duration = Duration::from_secs(15);
-use lease::Lease;
+use crate::lease::{self, Lease};
 
 async fn writer_task(
     mut events: mpsc::Receiver<Vec<Event>>,

@@ -51,7 +51,7 @@ pub fn classify(e: &(dyn std::error::Error + 'static)) -> Option<ExitStatus> {
         crate::rekey::RekeyFailed,
         crate::catalog::RepoError,
         crate::archive::ArchiveError,
-        crate::archive::lease::LeaseError,
+        crate::lease::LeaseError,
         crate::backup::lock::LockError,
         crate::backup::BackupError,
         crate::catalog::ManifestError,
@@ -203,7 +203,6 @@ mod tests {
     /// hides the inner error from the cause chain, so the wrapper must ask it).
     #[test]
     fn every_error_variant_has_its_exit_code() {
-        use crate::archive::lease::LeaseError;
         use crate::archive::ArchiveError;
         use crate::backup::BackupError;
         use crate::catalog::ManifestError;
@@ -211,6 +210,7 @@ mod tests {
         use crate::conninfo::ConnInfoError;
         use crate::crypt::envelope::OpenError;
         use crate::crypt::{CryptError, KeyId};
+        use crate::lease::LeaseError;
         use crate::lsn::{Lsn, PgTimestamp};
         use crate::rekey::RekeyError;
         use crate::replication::ReplicationError;
@@ -973,7 +973,7 @@ mod tests {
                 ArchiveError::BackupLock(crate::backup::lock::LockError::Held {
                     location: s(),
                     key: s(),
-                    holder: Box::new(crate::archive::lease::LeaseRecord {
+                    holder: Box::new(crate::lease::LeaseRecord {
                         format_version: 1,
                         term: 1,
                         seq: 0,
@@ -984,6 +984,7 @@ mod tests {
                         acquired_at: PgTimestamp::default(),
                         expires_at: PgTimestamp::default(),
                         released: false,
+                        writer: None,
                     }),
                     waited: std::time::Duration::ZERO,
                 })

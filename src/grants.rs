@@ -519,14 +519,14 @@ pub fn render_s3(bucket: &str, prefix: &str) -> String {
             "MoveArchivesToTheArchiveClass",
             bucket,
             &format!("{under}{}", crate::catalog::keys::BASEBACKUPS),
-            &["s3:PutObject"],
+            &["s3:PutObject", "s3:AbortMultipartUpload"],
         ),
         audit(),
     ]);
     let notes = serde_json::json!({
         "archiver": "tidemark archive and tidemark backup. s3:ListBucket: ListObjectsV2 of the repository (segments, base backups, the writer lease) and HeadBucket (a missing bucket told from a missing key); s3:ListBucketMultipartUploads: uploads left by a retried CreateMultipartUpload; s3:PutObject: segments, base backups, archive.json, writer-lease records, the write probe (PutObject and the multipart calls); s3:GetObject: GetObject and HeadObject (identity, lease, a retried write compared); s3:DeleteObject: the write probe, superseded lease records, segments stored past a failed upload, the objects of a failed base backup; s3:AbortMultipartUpload: a failed large upload.",
         "restore": "tidemark restore and tidemark list: s3:ListBucket (ListObjectsV2) and s3:GetObject; s3:RestoreObject under basebackups/ (restore --thaw of a backup in a cold class); s3:PutObject under audit/ only (restore's audit record); nothing else is written.",
-        "prune": "tidemark prune, pin and unpin: s3:ListBucket and s3:GetObject (the catalog), s3:DeleteObject (what the policy does not keep, a pin), s3:PutObject under pins/ (a pin), audit/ (the command's audit record) and basebackups/ (with --archive-storage-class: each part copied onto itself in the archive class; drop that statement without it).",
+        "prune": "tidemark prune, pin and unpin: s3:ListBucket and s3:GetObject (the catalog), s3:DeleteObject (what the policy does not keep, a pin), s3:PutObject under pins/ (a pin), audit/ (the command's audit record) and basebackups/ (with --archive-storage-class: each part copied onto itself in the archive class, one above 5 GiB by a multipart copy, whose failure aborts it: s3:AbortMultipartUpload; drop that statement without it).",
         "kms": "with --s3-sse aws:kms, writers also need kms:GenerateDataKey and readers kms:Decrypt on the key (multipart uploads need both)."
     });
     let all = serde_json::json!({
@@ -687,6 +687,7 @@ mod tests {
         assert_eq!(
             actions("prune"),
             set(&[
+                "s3:AbortMultipartUpload",
                 "s3:DeleteObject",
                 "s3:GetObject",
                 "s3:ListBucket",

@@ -26,7 +26,9 @@
 //!   move to the archive storage class, and [`catalog::audit`] the audit trail's records;
 //!   [`object`] the one way objects are written and read (encoded once, above every retry),
 //!   [`crypt`] the encryption envelope and the keyring (the encrypting codec);
-//! * the work: [`archive`] the continuous archiver, [`backup`] base backups (taking one in
+//! * the work: [`archive`] the continuous archiver, [`lease`] the repository's create-only
+//!   lease records (the archiver's writer lease and fence, the base-backup lock's records),
+//!   [`backup`] base backups (taking one in
 //!   `backup/take.rs`, loading one in `backup/load.rs`; both write or read the catalog's manifest),
 //!   [`changelog`] segments read into committed transactions in commit order (reassembly,
 //!   aborts, dedup, the one stop rule), [`restore`] point-in-time restore (plan, then apply, its
@@ -50,10 +52,10 @@
 //! |---|---|---|
 //! | 1. pure core (no I/O but the host's and the OS user's names) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
-//! | 3. the work | `backup`, `archive`, `restore` | layers 1–3 |
+//! | 3. the work | `lease`, `backup`, `archive`, `restore` | layers 1–3 |
 //! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `verify`, `status`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry`, `logging` | everything |
 //!
-//! Known exceptions, to be removed: `archive` (layer 3) records its metrics under the names
+//! Known exceptions, to be removed: `archive` and `lease` (layer 3) record their metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server
 //! apart from them); the unit tests of `segment` (layer 1) name segments with
 //! [`catalog::keys`] (tests only: the format itself does not know object names). `exit` is the
@@ -83,6 +85,7 @@ pub mod error;
 pub mod exit;
 pub mod grants;
 pub mod host;
+pub mod lease;
 pub mod list;
 pub mod logging;
 pub mod lsn;

@@ -174,6 +174,9 @@ pub struct Context {
     pub slot: String,
     /// The base-backup lock's time to live.
     pub lock_ttl: Duration,
+    /// The archiver's writer lease, which its locks name (a restarted archiver takes a lock
+    /// held for the writer lease it took over at once: `backup/lock.rs`).
+    pub writer: Arc<crate::lease::Lease>,
     /// The newest complete base backup of the generation when the attempt started.
     pub newest: Option<DateTime<Utc>>,
     /// The retention policy applied after each scheduled backup (as `tidemark prune` applies
@@ -300,7 +303,7 @@ async fn expire(
 /// it (retried by the caller), stopped when the lock is lost or the attempt ends.
 async fn take_one(ctx: &Context, stop: &CancellationToken) -> Result<Manifest, Failure> {
     let lock = tokio::select! {
-        l = BackupLock::acquire(ctx.store.clone(), ctx.lock_ttl, &ctx.slot, Duration::ZERO) => {
+        l = BackupLock::acquire_for(&ctx.writer, ctx.store.clone(), ctx.lock_ttl, &ctx.slot, Duration::ZERO) => {
             l.map_err(|e| Failure::Failed(e.into()))?
         }
         _ = stop.cancelled() => return Err(Failure::Stopped),

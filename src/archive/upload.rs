@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::durable::DurablePrefix;
-use super::lease::Lease;
 use super::{ArchiveError, AttemptStats, Flow, Sealed};
+use crate::lease::Lease;
 use crate::lsn::Lsn;
 use crate::retry::{retry, Backoff, Jitter, Policy, RetryError, Retrying};
 use crate::store::{Store, StoreError};
@@ -156,7 +156,7 @@ async fn put_with_retry(
     /// the segment was sealed with is no longer in the keyring.
     enum Attempt {
         Store(StoreError),
-        Fence(crate::archive::lease::LeaseError),
+        Fence(crate::lease::LeaseError),
         KeyRetired(String),
     }
     let codec = store.codec();
@@ -204,7 +204,7 @@ async fn put_with_retry(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::archive::lease::LeaseError;
+    use crate::lease::LeaseError;
     use crate::store::faulty::{Fault, FaultyStore, Op, Times};
     use crate::store::LocalStore;
     use bytes::Bytes;

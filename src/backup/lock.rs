@@ -2,15 +2,22 @@
 //!
 //! Owns the lock's records (`locks/base-backup/<term>-<seq>.json`) and the waiting for them.
 //! The records, the decision to take, keep or refuse, the renewal and the release are the
-//! writer lease's ([`crate::archive::lease`], a [`Kind`] of its own): create-only puts (so it
+//! writer lease's ([`crate::lease`], a [`Kind`] of its own): create-only puts (so it
 //! works on S3), owner, host, pid and expiry in each record, renewed every sixth of its time
 //! to live while the backup runs, released when it ends. Unlike the writer lease there is no
-//! same-slot takeover: a live record is always waited for, and one whose holder was killed is
-//! taken over once it has expired ([`DEFAULT_TTL`] after its last renewal).
+//! same-slot takeover: a live record is waited for, and one whose holder was killed is taken
+//! over once it has expired ([`DEFAULT_TTL`] after its last renewal) — with one exception. An
+//! archiver holds the lock on behalf of its writer lease (each record names that lease's
+//! owner, `writer`), and an archiver whose writer lease took over another's live term (a
+//! restart after a kill -9: the same slot, free) knows that holder is dead or fenced: a lock
+//! held for that writer is taken over at once ([`Takeover::WriterGone`]), its term closed so
+//! that a holder still alive loses it at its next renewal and stops its backup. A manual
+//! backup's lock names no writer and is always waited for.
 //!
-//! Held by the archiver's scheduled backups (`archive/schedule.rs`, which skips and retries
-//! while another holds it) and by `tidemark backup` (which waits up to `--lock-wait`, then
-//! gives up with exit 4). Does not own the backup itself (`take.rs`).
+//! Held by the archiver's first base backup of a generation (`archive.rs`, which waits for
+//! it), its scheduled backups (`archive/schedule.rs`, which skip and retry while another holds
+//! it) and by `tidemark backup` (which waits up to `--lock-wait`, then gives up with exit 4).
+//! Does not own the backup itself (`take.rs`).
 //!
 //! Invariant: a backup's first object is stored only while its taker holds the lock; a lock
 //! lost meanwhile (not renewed in time, or taken over after expiring) cancels [`BackupLock::lost`],
@@ -22,7 +29,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::info;
 
-use crate::archive::lease::{Kind, Lease, LeaseError, LeaseRecord};
+#[cfg(doc)]
+use crate::lease::Takeover;
+use crate::lease::{Kind, Lease, LeaseError, LeaseRecord};
 use crate::store::Store;
 
 /// Prefix of the lock's records.
@@ -82,7 +91,26 @@ impl BackupLock {
         slot: &str,
         wait: Duration,
     ) -> Result<BackupLock, LockError> {
-        let lease = Arc::new(Lease::of_kind(KIND, store, ttl, slot));
+        BackupLock::take(Lease::of_kind(KIND, store, ttl, slot), wait).await
+    }
+
+    /// [`acquire`](Self::acquire), for a backup of the archiver holding `writer` (its writer
+    /// lease): the records name that lease, and a lock held for a writer lease `writer` took
+    /// over is taken over at once.
+    pub async fn acquire_for(
+        writer: &Lease,
+        store: Arc<dyn Store>,
+        ttl: Duration,
+        slot: &str,
+        wait: Duration,
+    ) -> Result<BackupLock, LockError> {
+        let lease =
+            Lease::of_kind(KIND, store, ttl, slot).for_writer(writer.owner(), writer.superseded());
+        BackupLock::take(lease, wait).await
+    }
+
+    async fn take(lease: Lease, wait: Duration) -> Result<BackupLock, LockError> {
+        let lease = Arc::new(lease);
         let started = Instant::now();
         let mut logged = false;
         loop {
@@ -205,6 +233,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lock_held_for_a_writer_lease_taken_over_is_taken_over_at_once() {
+        use crate::lease::{DEFAULT_TTL as LEASE_TTL, LEASE_PREFIX};
+        let dir = tempfile::tempdir().unwrap();
+        // Archiver a, holding its writer lease and, for it, the lock of a backup.
+        let a = Lease::new(store(dir.path()), LEASE_TTL, "tm");
+        a.acquire(false).await.unwrap();
+        let a_lock =
+            BackupLock::acquire_for(&a, store(dir.path()), DEFAULT_TTL, "tm", Duration::ZERO)
+                .await
+                .unwrap();
+        // A manual backup waits for it, and so does an archiver that took nothing over.
+        let manual = BackupLock::acquire(store(dir.path()), DEFAULT_TTL, "tm", Duration::ZERO)
+            .await
+            .err()
+            .expect("held");
+        assert!(matches!(manual, LockError::Held { .. }), "{manual}");
+        let b = Lease::new(store(dir.path()), LEASE_TTL, "tm");
+        let early =
+            BackupLock::acquire_for(&b, store(dir.path()), DEFAULT_TTL, "tm", Duration::ZERO)
+                .await
+                .err()
+                .expect("held for a writer b has not taken over");
+        assert!(matches!(early, LockError::Held { .. }), "{early}");
+        // b takes a's writer lease over (its slot free: a is gone): a's lock goes to b at once.
+        b.acquire(true).await.unwrap();
+        assert_eq!(b.superseded().as_deref(), Some(a.owner()));
+        let b_lock =
+            BackupLock::acquire_for(&b, store(dir.path()), DEFAULT_TTL, "tm", Duration::ZERO)
+                .await
+                .expect("taken over at once");
+        b_lock.check().unwrap();
+        // a, were it alive, loses the lock at its next renewal, and its backup stops.
+        let err = a_lock.lease.renew().await.unwrap_err();
+        assert!(matches!(err, LeaseError::Lost { .. }), "{err}");
+        assert!(a_lock.check().is_err());
+        // The lock's records name the writer lease they serve; the writer's do not.
+        let newest = store(dir.path())
+            .list(LOCK_PREFIX)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let r: LeaseRecord =
+            serde_json::from_slice(&store(dir.path()).get(&newest.key).await.unwrap()).unwrap();
+        assert_eq!(r.writer.as_deref(), Some(b.owner()));
+        let newest = store(dir.path())
+            .list(LEASE_PREFIX)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        let r: LeaseRecord =
+            serde_json::from_slice(&store(dir.path()).get(&newest.key).await.unwrap()).unwrap();
+        assert_eq!(r.writer, None);
+    }
+
+    #[tokio::test]
     async fn the_same_slot_is_no_takeover_but_an_expired_lock_is_taken_over() {
         let dir = tempfile::tempdir().unwrap();
         // A holder killed without releasing: its lease is dropped without a release record,
@@ -229,12 +314,12 @@ mod tests {
             .map(|o| o.key)
             .collect();
         assert!(
-            keys.contains(&crate::archive::lease::record_key(LOCK_PREFIX, 2, 0)),
+            keys.contains(&crate::lease::record_key(LOCK_PREFIX, 2, 0)),
             "{keys:?}"
         );
         assert!(
             store(dir.path())
-                .list(crate::archive::lease::LEASE_PREFIX)
+                .list(crate::lease::LEASE_PREFIX)
                 .await
                 .unwrap()
                 .is_empty(),

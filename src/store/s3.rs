@@ -222,6 +222,12 @@ pub struct S3Store {
     no_conditional_put: AtomicBool,
     /// Storage class of new objects; `None`: the bucket's default (`STANDARD`), no header.
     pub storage_class: Option<StorageClass>,
+    /// A move to another class copies objects larger than this with a multipart copy
+    /// (`UploadPartCopy`), the others with one `CopyObject` (at most 5 GiB).
+    pub copy_threshold: u64,
+    /// Size of each part of such a multipart copy but the last (at least 5 MiB; raised when the
+    /// object would need more than 10,000 parts).
+    pub copy_part_size: u64,
 }
 
 /// Parses `s3://BUCKET[/PREFIX]` into bucket and prefix (no leading or trailing slash).
@@ -283,6 +289,8 @@ impl S3Store {
             multipart_checksums: true,
             no_conditional_put: AtomicBool::new(false),
             storage_class: None,
+            copy_threshold: tiers::MAX_COPY_BYTES,
+            copy_part_size: tiers::DEFAULT_COPY_PART,
         }
     }
 

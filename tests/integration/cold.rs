@@ -3,7 +3,9 @@
 //! moving a backup that became a weekly archive (its parts only, encryption kept); `list`
 //! showing each backup's class; a restore from the cold backup refused naming its objects and
 //! the thaw command; `--thaw standard` thawing (and waiting) then restoring equal to the
-//! source. And on a folder the storage-class flags are refused (exit 2).
+//! source. An object above the single-copy limit (lowered for the test) moved by a multipart
+//! copy and read back identical after a thaw. And on a folder the storage-class flags are
+//! refused (exit 2).
 
 use std::time::{Duration, Instant};
 
@@ -313,4 +315,89 @@ fn a_folder_repository_refuses_the_storage_class_flags() {
     let (code, _, err) = tidemark(&["list", "--repo", repo, "--s3-storage-class", "GLACIER"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--archive-storage-class"), "{err}");
+}
+
+/// An object above the single-copy threshold (lowered here from 5 GiB to 5 MiB) moves to the
+/// archive class with a multipart copy onto itself: in the new class, encrypted as before,
+/// unreadable until thawed, then byte for byte the object it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_above_the_copy_threshold_moves_by_multipart_copy_and_reads_after_a_thaw() {
+    use tidemark::store::{StorageClass, Store, ThawTier};
+    let moto = MotoServer::with_bucket(BUCKET).await;
+    let mut store = moto.store(URL).await;
+    store.copy_threshold = 5 << 20;
+    store.copy_part_size = 5 << 20;
+    let s3 = store.client().clone();
+    let big: bytes::Bytes = (0..(12usize << 20) + 4321)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let small = bytes::Bytes::from_static(b"below the threshold: one CopyObject");
+    let (big_key, small_key) = ("basebackups/b/tables/big.copy", "basebackups/b/toc.json");
+    store.put(big_key, big.clone()).await.unwrap();
+    store.put(small_key, small.clone()).await.unwrap();
+
+    store
+        .set_storage_class(big_key, &StorageClass::Glacier)
+        .await
+        .unwrap();
+    store
+        .set_storage_class(small_key, &StorageClass::Glacier)
+        .await
+        .unwrap();
+    let head = |key: &'static str| {
+        let s3 = s3.clone();
+        async move {
+            s3.head_object()
+                .bucket(BUCKET)
+                .key(format!("app/{key}"))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let (h, hs) = (head(big_key).await, head(small_key).await);
+    assert_eq!(
+        h.storage_class().map(|c| c.as_str()),
+        Some("GLACIER"),
+        "{h:?}"
+    );
+    assert_eq!(h.content_length(), Some(big.len() as i64));
+    assert_eq!(
+        h.server_side_encryption(),
+        Some(&ServerSideEncryption::Aes256)
+    );
+    // A multipart ETag names its parts: 12 MiB and a bit in 5 MiB parts is three.
+    assert!(
+        h.e_tag()
+            .is_some_and(|e| e.trim_matches('"').ends_with("-3")),
+        "not a three-part copy: {:?}",
+        h.e_tag()
+    );
+    assert_eq!(hs.storage_class().map(|c| c.as_str()), Some("GLACIER"));
+    assert!(
+        hs.e_tag().is_some_and(|e| !e.contains('-')),
+        "a small object is copied whole: {:?}",
+        hs.e_tag()
+    );
+    assert!(
+        store.get(big_key).await.is_err(),
+        "a GLACIER object read without a thaw"
+    );
+    // Moving again to the class it is in does nothing.
+    store
+        .set_storage_class(big_key, &StorageClass::Glacier)
+        .await
+        .unwrap();
+    assert_eq!(head(big_key).await.e_tag(), h.e_tag());
+
+    store.thaw(big_key, ThawTier::Standard, 1).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !store.residence(big_key).await.unwrap().readable() {
+        assert!(Instant::now() < deadline, "the thaw never completed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        store.get(big_key).await.unwrap() == big,
+        "the thawed object's bytes differ from the original's"
+    );
 }

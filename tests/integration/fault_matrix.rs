@@ -109,6 +109,13 @@ async fn kill_9_during_base_backups_loses_nothing() {
     let mut instants = Vec::new();
     let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
     archiver.wait_streaming(&src, "tidemark").await;
+    // The killed archiver's base-backup lock is taken over at once (its writer lease was),
+    // not waited for until it expires.
+    let text = archiver.log_text();
+    assert!(
+        text.contains("held by the archiver whose writer lease this one took over"),
+        "the dead archiver's lock taken over:\n{text}"
+    );
     for step in 2..3 {
         note_instant(&src, step, &mut instants).await;
     }

@@ -1,7 +1,8 @@
 //! Scheduled base backups inside `archive`, and the one-backup-at-a-time lock: the schedule
 //! fires while archiving under writes and a restore from its backup equals the source; a
 //! manual `backup` while a scheduled one runs waits or gives up clearly; kill -9 in the middle
-//! of a scheduled backup leaves no backup listed and the next run takes the missed one at start.
+//! of a scheduled backup leaves no backup listed and the next run takes the missed one at start;
+//! on S3 a manual `backup` beside a running one gives up naming it, and runs once it ends.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::support::archiving::{
-    tidemark, tidemark_env, wait_archived, workload_step, Archiver, Archiving,
+    restore_latest_equals, tidemark, tidemark_env, wait_archived, workload_step, Archiver,
+    Archiving,
 };
-use crate::support::{self, snapshot_content};
+use crate::support::{self, snapshot_content, Cluster, ClusterOptions};
 
 /// The ids of the complete base backups `list --json` shows, oldest first.
 fn listed_backups(repo: &str) -> Vec<String> {
@@ -303,4 +305,140 @@ async fn kill_9_mid_scheduled_backup_lists_no_backup_and_the_next_run_takes_the_
     assert!(out.contains(after.last().unwrap().as_str()), "{out}");
     let restored = snapshot_content(&cluster.client("restored").await).await;
     support::assert_same_content(&expected, &restored, "restore after the missed backup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_archive_waits_for_a_running_manual_backup_and_takes_it_as_its_base() {
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    cluster.psql("app", BIG);
+    let source = cluster.conninfo("app");
+    let (code, out, err) = tidemark(&["setup", "--source", &source]);
+    assert_eq!(code, 0, "{out}{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let url = repo.to_str().unwrap().to_string();
+    let manual = {
+        let (source, url) = (source.clone(), url.clone());
+        std::thread::spawn(move || {
+            tidemark(&[
+                "backup",
+                "--source",
+                &source,
+                "--repo",
+                &url,
+                "--parallel",
+                "1",
+            ])
+        })
+    };
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !backup_in_progress(&repo) {
+            assert!(Instant::now() < deadline, "the manual backup never started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut archiver = Archiver::start(&cluster, "app", &repo, &[]);
+    tokio::task::block_in_place(|| {
+        wait_log(
+            &mut archiver,
+            "another base backup is running: waiting for its lock",
+            1,
+            Duration::from_secs(60),
+        )
+    });
+    assert!(
+        !archiver.log_text().contains("created slot"),
+        "no slot while waiting"
+    );
+    let (code, out, err) = manual.join().unwrap();
+    assert_eq!(code, 0, "the manual backup: {out}{err}");
+    // Listed again under the lock, the manual backup is the slot's generation's base: the
+    // archiver takes none of its own and streams from the slot.
+    tokio::task::block_in_place(|| {
+        wait_log(&mut archiver, "archiving", 1, Duration::from_secs(120))
+    });
+    let src = cluster.client("app").await;
+    src.execute("INSERT INTO ticks DEFAULT VALUES", &[])
+        .await
+        .unwrap();
+    let expected = snapshot_content(&src).await;
+    wait_archived(&src, "tidemark", &archiver.log.clone()).await;
+    let text = archiver.log_text();
+    archiver.stop();
+    assert!(
+        text.contains("released the base-backup lock")
+            && !text.contains("base backup stored")
+            && !text.contains("created slot"),
+        "waited, then used the manual backup:\n{text}"
+    );
+    assert_eq!(listed_backups(&url).len(), 1, "the manual one only");
+    restore_latest_equals(&cluster, &url, "restored", &expected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_s3_a_manual_backup_beside_a_running_one_gives_up_naming_it_then_runs_once_it_ends() {
+    let s3 = support::s3::S3Server::with_bucket("locks");
+    let env = s3.cli_env(&s3.endpoint);
+    let url = "s3://locks/app";
+    let cluster = Cluster::start(ClusterOptions::default());
+    cluster.create_database("app");
+    cluster.psql("app", BIG);
+    let source = cluster.conninfo("app");
+    let (code, out, err) = tidemark(&["setup", "--source", &source]);
+    assert_eq!(code, 0, "{out}{err}");
+    let backup = [
+        "backup",
+        "--source",
+        &source,
+        "--repo",
+        url,
+        "--parallel",
+        "1",
+    ];
+    let mut first = std::process::Command::new(support::tidemark_bin())
+        .args(backup)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("TIDEMARK_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Its first part stored (the server keeps objects as files): it holds the lock, taken
+    // before any object of the backup.
+    let stored = s3.bucket_dir("locks").join("app");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !backup_in_progress(&stored) {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first backup ended early"
+        );
+        assert!(Instant::now() < deadline, "the first backup never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = backup.to_vec();
+    second.extend(["--lock-wait", "0s"]);
+    let (code, out, err) = tidemark_env(&env, &second);
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(
+        err.contains("another base backup is running")
+            && err.contains(&format!("pid {}", first.id()))
+            && err.contains("--lock-wait"),
+        "names the running backup: {err}"
+    );
+    assert!(first.wait().unwrap().success(), "the first backup");
+    // Released: the next one takes the lock at once.
+    let (code, out, err) = tidemark_env(&env, &second);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = tidemark_env(&env, &["list", "--repo", url, "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let listing: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        listing["generations"][0]["backups"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{out}"
+    );
 }

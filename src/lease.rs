@@ -1,9 +1,12 @@
-//! The writer lease: one archiver writes a repository's segments at a time.
+//! The writer lease: one archiver writes a repository's segments at a time; and the lease
+//! records every repository lock is made of.
 //!
 //! Owns the lease objects (`locks/writer/<term>-<seq>.json`), the decision to take, keep or
 //! refuse the lease, its renewal, its release, and the fence every segment passes before it
-//! is put. It does not own the uploads themselves (`upload.rs`) nor the resume point
-//! (`resume.rs`).
+//! is put. It does not own the uploads themselves (`archive/upload.rs`) nor the resume point
+//! (`archive/resume.rs`). A module of its own, beside `archive` rather than inside it, so that
+//! the base-backup lock (`backup/lock.rs`, built on the same records) does not depend on the
+//! archiver that depends on `backup`.
 //!
 //! Objects are create-only, so a lease is a sequence of immutable records. Each *term* (one
 //! writer's tenure) starts with record `<term>-0000000000` and is renewed by records
@@ -29,7 +32,7 @@
 //! create-only, and reads nothing. A renewal that conflicts is the one that reads: its name was
 //! taken by an earlier attempt of ours whose answer was lost (then the lease is still ours), or
 //! by another archiver closing our term (a takeover, which stops this one for good). Every
-//! [`CHECK_EVERY`](crate::archive::lease::CHECK_EVERY)th renewal also reads the newest record (a writer that took the next term
+//! [`CHECK_EVERY`]th renewal also reads the newest record (a writer that took the next term
 //! without closing ours, or records deleted by hand) and lists the current generation's tail
 //! (the segments whose start shares the chain end's 16 MiB region), stopping the run if a
 //! segment this run did not write appears there. An idle repository thus sees one PUT and one
@@ -51,7 +54,9 @@
 //!
 //! The records, the decision, the renewal and the release serve other locks too: a [`Kind`]
 //! names their prefix and whether the same-slot takeover applies (the base-backup lock,
-//! `backup/lock.rs`, is a lease without it and without a chain to fence).
+//! `backup/lock.rs`, is a lease without it and without a chain to fence; instead, a lock held
+//! on behalf of a writer lease this process took over, [`Lease::superseded`], is taken over at
+//! once).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -124,6 +129,11 @@ pub struct LeaseRecord {
     /// The holder stopped cleanly: the lease is free.
     #[serde(default)]
     pub released: bool,
+    /// A base-backup lock held by an archiver: the `owner` of that archiver's writer lease.
+    /// A taker whose writer lease took over that one (so its holder is dead or fenced) takes
+    /// the lock over at once. Absent in writer-lease records and manual backups' locks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer: Option<String>,
 }
 
 impl LeaseRecord {
@@ -175,6 +185,9 @@ pub enum Takeover {
     Expired,
     /// The last holder archived the same slot, which is free now: it is gone.
     SlotFree,
+    /// The last holder is a lock held for an archiver whose writer lease this process took
+    /// over (a closed term: that archiver is dead or fenced).
+    WriterGone,
 }
 
 /// What taking the lease does, given the newest record.
@@ -193,14 +206,18 @@ pub enum Decision {
 }
 
 /// The lease decision, pure. `owner` and `slot` are this archiver's, `held` the term this run
-/// held (if any), `slot_free` whether the slot is unused (absent or not streaming), `margin`
-/// how long before its expiry a lease is no longer renewed ([`renewable`]).
+/// held (if any), `slot_free` whether the slot is unused (absent or not streaming),
+/// `gone_writer` the owner of a writer lease this process took over (a record held for that
+/// writer is taken over), `margin` how long before its expiry a lease is no longer renewed
+/// ([`renewable`]).
+#[allow(clippy::too_many_arguments)]
 pub fn decide(
     newest: Option<&LeaseRecord>,
     owner: &str,
     slot: &str,
     held: Option<u64>,
     slot_free: bool,
+    gone_writer: Option<&str>,
     now: PgTimestamp,
     margin: Duration,
 ) -> Decision {
@@ -230,6 +247,8 @@ pub fn decide(
         Takeover::Expired
     } else if r.slot == slot && slot_free {
         Takeover::SlotFree
+    } else if gone_writer.is_some() && r.writer.as_deref() == gone_writer {
+        Takeover::WriterGone
     } else {
         return Decision::Refuse;
     };
@@ -416,6 +435,9 @@ struct State {
     /// Why the lease is lost for good (another writer, a foreign segment).
     lost: Option<Lost>,
     chain: Option<Chain>,
+    /// The owner of the live term this run closed to take the lease over (expired, or of a
+    /// free slot): that holder is dead or fenced.
+    superseded: Option<String>,
 }
 
 /// This archiver's writer lease on one repository, shared by the run, its renewal task and
@@ -429,6 +451,10 @@ pub struct Lease {
     host: String,
     pid: u32,
     slot: String,
+    /// Written into each record: the writer lease on whose behalf this lock is held.
+    writer: Option<String>,
+    /// A record held for this writer is taken over at once ([`Takeover::WriterGone`]).
+    gone_writer: Option<String>,
     state: Mutex<State>,
     /// Serializes the writes of records (a renewal and the release never race).
     io: tokio::sync::Mutex<()>,
@@ -450,9 +476,31 @@ impl Lease {
             host: crate::host::hostname(),
             pid: std::process::id(),
             slot: slot.to_string(),
+            writer: None,
+            gone_writer: None,
             state: Mutex::new(State::default()),
             io: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// This lease held on behalf of the archiver whose writer lease's owner is `writer`,
+    /// taking over at once a record held for `gone_writer` (a writer lease that archiver took
+    /// over: see [`Lease::superseded`]).
+    pub fn for_writer(mut self, writer: &str, gone_writer: Option<String>) -> Lease {
+        self.writer = Some(writer.to_string());
+        self.gone_writer = gone_writer;
+        self
+    }
+
+    /// The random id this lease's records carry as `owner`.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The owner of another holder's live term this lease took over (closing it): that holder
+    /// is dead or fenced, and so are the locks held on its behalf.
+    pub fn superseded(&self) -> Option<String> {
+        self.state().superseded.clone()
     }
 
     fn location(&self) -> String {
@@ -545,6 +593,7 @@ impl Lease {
                 PgTimestamp(now.0.saturating_add(self.ttl.as_micros() as i64))
             },
             released,
+            writer: self.writer.clone(),
         }
     }
 
@@ -605,6 +654,7 @@ impl Lease {
                 &self.slot,
                 last_term,
                 slot_free && self.kind.slot_takeover,
+                self.gone_writer.as_deref(),
                 PgTimestamp::now(),
                 self.margin(),
             );
@@ -617,9 +667,11 @@ impl Lease {
                 }
                 Decision::Take { term, why } => {
                     if let Some((key, r)) = &newest {
-                        if matches!(why, Takeover::Expired | Takeover::SlotFree)
-                            && !self.close_term(r).await?
-                        {
+                        let live = matches!(
+                            why,
+                            Takeover::Expired | Takeover::SlotFree | Takeover::WriterGone
+                        );
+                        if live && !self.close_term(r).await? {
                             // The holder renewed first: it is alive after all. Decide again
                             // on its new record.
                             if attempt < TAKE_ATTEMPTS {
@@ -640,7 +692,13 @@ impl Lease {
                             Takeover::SlotFree => {
                                 info!(previous = %r.describe(), record = %key, "the previous archiver of slot {:?} is gone (the slot is free): taking the repository over", r.slot)
                             }
+                            Takeover::WriterGone => {
+                                info!(previous = %r.describe(), record = %key, "the {} was held by the archiver whose writer lease this one took over: taking it over", self.kind.name)
+                            }
                             Takeover::Released | Takeover::Fresh => {}
+                        }
+                        if live && r.owner != self.owner {
+                            self.state().superseded = Some(r.owner.clone());
                         }
                     }
                     break (newest, keys, term, 0, PgTimestamp::now());
@@ -989,6 +1047,7 @@ mod tests {
             acquired_at: PgTimestamp(0),
             expires_at: PgTimestamp(expires),
             released: false,
+            writer: None,
         }
     }
 
@@ -999,6 +1058,7 @@ mod tests {
             "tidemark",
             held,
             slot_free,
+            None,
             PgTimestamp(NOW),
             Duration::from_micros(MARGIN as u64),
         )
@@ -1051,6 +1111,36 @@ mod tests {
             }
         );
         assert_eq!(d(Some(&live), None, false), Decision::Refuse);
+    }
+
+    #[test]
+    fn a_live_lock_is_taken_over_only_when_held_for_the_writer_taken_over() {
+        let decide_gone = |r: &LeaseRecord, gone: Option<&str>| {
+            decide(
+                Some(r),
+                "me",
+                "tidemark",
+                None,
+                false,
+                gone,
+                PgTimestamp(NOW),
+                Duration::from_micros(MARGIN as u64),
+            )
+        };
+        let mut lock = rec(4, 7, "other", "tidemark", NOW + 1);
+        lock.writer = Some("dead-archiver".into());
+        assert_eq!(
+            decide_gone(&lock, Some("dead-archiver")),
+            Decision::Take {
+                term: 5,
+                why: Takeover::WriterGone
+            }
+        );
+        assert_eq!(decide_gone(&lock, Some("another")), Decision::Refuse);
+        assert_eq!(decide_gone(&lock, None), Decision::Refuse);
+        // A manual backup's lock names no writer: always waited for.
+        lock.writer = None;
+        assert_eq!(decide_gone(&lock, Some("dead-archiver")), Decision::Refuse);
     }
 
     #[test]
