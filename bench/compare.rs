@@ -5,12 +5,15 @@
 //! integration tests' harness, `tests/integration/support`), runs pgbench, `pg_recvlogical`,
 //! `pg_dump`/`pg_restore` and, when installed, pgBackRest, and prints one table.
 //!
-//! * `cargo bench --bench compare` runs the full sizes of issues 6 and 16 (a 600,000-transaction
-//!   backlog at pgbench scale 10, drained in two alternating rounds; 60 s live runs, a pgbench
-//!   scale-50 base backup, a 10-million-row transaction).
+//! * `cargo bench --bench compare` runs the full sizes of issues 6 and 16 (catch-up backlogs of
+//!   600,000 and 2,000,000 pgbench transactions at scale 10 and of 200,000 inserts of a 2 KiB
+//!   text row, each drained in two alternating rounds; 60 s live runs, a pgbench scale-50 base
+//!   backup, a 10-million-row transaction).
 //! * Under `cargo test --all-targets` (no `--bench` argument) it runs tiny sizes and checks only
 //!   that every row produced a figure, so the harness cannot rot.
-//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,schedule,s3,huge,crypt` runs a subset.
+//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,schedule,s3,huge,crypt` runs a subset;
+//!   `TIDEMARK_BENCH_BACKLOGS=pgbench:600000,wide:200000` picks the catch-up backlogs (one row
+//!   each), `TIDEMARK_BENCH_CRYPT_TXNS` the encryption rows' backlog.
 //!
 //! pgBackRest (Debian package `pgbackrest`) is used for the archive-size comparison when it is on
 //! PATH; without it that row compares with `gzip -6` of the WAL segments, labelled as such.
@@ -28,7 +31,7 @@ struct Sizes {
     full: bool,
     /// The catch-up rows' backlogs, one row each.
     backlogs: Vec<Backlog>,
-    /// The encryption rows' pgbench backlog.
+    /// The encryption rows' pgbench backlog (`TIDEMARK_BENCH_CRYPT_TXNS` overrides it).
     backlog_txns: u64,
     live: Duration,
     clients: u32,
@@ -47,7 +50,7 @@ impl Sizes {
             Sizes {
                 full,
                 backlogs: Backlog::from_env("pgbench:600000,pgbench:2000000,wide:200000"),
-                backlog_txns: 600_000,
+                backlog_txns: env_count("TIDEMARK_BENCH_CRYPT_TXNS", 600_000),
                 live: Duration::from_secs(60),
                 clients: 4,
                 stream_scale: 10,
@@ -60,7 +63,7 @@ impl Sizes {
             Sizes {
                 full,
                 backlogs: Backlog::from_env("pgbench:400,wide:100"),
-                backlog_txns: 400,
+                backlog_txns: env_count("TIDEMARK_BENCH_CRYPT_TXNS", 400),
                 live: Duration::from_secs(3),
                 clients: 2,
                 stream_scale: 1,
@@ -123,6 +126,19 @@ impl Backlog {
             Workload::Pgbench => format!("{} pgbench transactions", thousands(self.txns)),
             Workload::Wide => format!("{} inserts of a 2 KiB text row", thousands(self.txns)),
         }
+    }
+}
+
+/// A positive count from environment variable `name`, else `default`.
+fn env_count(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .replace('_', "")
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("{name}: {v:?} is not a positive number of transactions")),
+        Err(_) => default,
     }
 }
 
