@@ -5,12 +5,15 @@
 //! integration tests' harness, `tests/integration/support`), runs pgbench, `pg_recvlogical`,
 //! `pg_dump`/`pg_restore` and, when installed, pgBackRest, and prints one table.
 //!
-//! * `cargo bench --bench compare` runs the full sizes of issues 6 and 16 (a 600,000-transaction
-//!   backlog at pgbench scale 10, drained in two alternating rounds; 60 s live runs, a pgbench
-//!   scale-50 base backup, a 10-million-row transaction).
+//! * `cargo bench --bench compare` runs the full sizes of issues 6 and 16 (catch-up backlogs of
+//!   600,000 and 2,000,000 pgbench transactions at scale 10 and of 200,000 inserts of a 2 KiB
+//!   text row, each drained in two alternating rounds; 60 s live runs, a pgbench scale-50 base
+//!   backup, a 10-million-row transaction).
 //! * Under `cargo test --all-targets` (no `--bench` argument) it runs tiny sizes and checks only
 //!   that every row produced a figure, so the harness cannot rot.
-//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,schedule,s3,huge,crypt` runs a subset.
+//! * `TIDEMARK_BENCH_ONLY=catchup,live,backup,schedule,s3,huge,crypt` runs a subset;
+//!   `TIDEMARK_BENCH_BACKLOGS=pgbench:600000,wide:200000` picks the catch-up backlogs (one row
+//!   each), `TIDEMARK_BENCH_CRYPT_TXNS` the encryption rows' backlog.
 //!
 //! pgBackRest (Debian package `pgbackrest`) is used for the archive-size comparison when it is on
 //! PATH; without it that row compares with `gzip -6` of the WAL segments, labelled as such.
@@ -26,6 +29,9 @@ use support::{Cluster, ClusterOptions};
 
 struct Sizes {
     full: bool,
+    /// The catch-up rows' backlogs, one row each.
+    backlogs: Vec<Backlog>,
+    /// The encryption rows' pgbench backlog (`TIDEMARK_BENCH_CRYPT_TXNS` overrides it).
     backlog_txns: u64,
     live: Duration,
     clients: u32,
@@ -43,7 +49,8 @@ impl Sizes {
         if full {
             Sizes {
                 full,
-                backlog_txns: 600_000,
+                backlogs: Backlog::from_env("pgbench:600000,pgbench:2000000,wide:200000"),
+                backlog_txns: env_count("TIDEMARK_BENCH_CRYPT_TXNS", 600_000),
                 live: Duration::from_secs(60),
                 clients: 4,
                 stream_scale: 10,
@@ -55,7 +62,8 @@ impl Sizes {
         } else {
             Sizes {
                 full,
-                backlog_txns: 400,
+                backlogs: Backlog::from_env("pgbench:400,wide:100"),
+                backlog_txns: env_count("TIDEMARK_BENCH_CRYPT_TXNS", 400),
                 live: Duration::from_secs(3),
                 clients: 2,
                 stream_scale: 1,
@@ -68,9 +76,88 @@ impl Sizes {
     }
 }
 
+/// What the transactions of a catch-up backlog write.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Workload {
+    /// pgbench's TPC-B transactions (three updates and an insert).
+    Pgbench,
+    /// One insert of a row with a 2 KiB text column into table `wide`.
+    Wide,
+}
+
+/// One catch-up backlog: its workload and its number of transactions.
+#[derive(Clone, Copy, Debug)]
+struct Backlog {
+    workload: Workload,
+    txns: u64,
+}
+
+impl Backlog {
+    /// `TIDEMARK_BENCH_BACKLOGS` (e.g. `pgbench:600000,wide:200000`), else `default`.
+    fn from_env(default: &str) -> Vec<Backlog> {
+        let text = std::env::var("TIDEMARK_BENCH_BACKLOGS").unwrap_or_else(|_| default.into());
+        text.split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+            .map(|b| {
+                let parsed = b.split_once(':').and_then(|(w, n)| {
+                    let workload = match w {
+                        "pgbench" => Workload::Pgbench,
+                        "wide" => Workload::Wide,
+                        _ => return None,
+                    };
+                    Some(Backlog {
+                        workload,
+                        txns: n.replace('_', "").parse().ok().filter(|n| *n > 0)?,
+                    })
+                });
+                parsed.unwrap_or_else(|| {
+                    panic!(
+                        "TIDEMARK_BENCH_BACKLOGS: {b:?} is not WORKLOAD:TRANSACTIONS \
+                         (pgbench:600000 or wide:200000)"
+                    )
+                })
+            })
+            .collect()
+    }
+
+    fn describe(&self) -> String {
+        match self.workload {
+            Workload::Pgbench => format!("{} pgbench transactions", thousands(self.txns)),
+            Workload::Wide => format!("{} inserts of a 2 KiB text row", thousands(self.txns)),
+        }
+    }
+}
+
+/// A positive count from environment variable `name`, else `default`.
+fn env_count(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .replace('_', "")
+            .parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("{name}: {v:?} is not a positive number of transactions")),
+        Err(_) => default,
+    }
+}
+
+/// 2000000 as "2,000,000".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// One line of the result table.
 struct Row {
-    what: &'static str,
+    what: String,
     tidemark: String,
     reference: String,
     ratio: Option<f64>,
@@ -126,9 +213,14 @@ fn main() {
 fn print_table(rows: &[Row], sizes: &Sizes, took: Duration) {
     println!();
     println!(
-        "tidemark compare ({} sizes: backlog {} txns, live {:?} x {} clients, scale {}, huge txn {} rows; {} cores; took {:.0?})",
+        "tidemark compare ({} sizes: backlogs {}, live {:?} x {} clients, scale {}, huge txn {} rows; {} cores; took {:.0?})",
         if sizes.full { "full" } else { "smoke" },
-        sizes.backlog_txns,
+        sizes
+            .backlogs
+            .iter()
+            .map(Backlog::describe)
+            .collect::<Vec<_>>()
+            .join(" / "),
         sizes.live,
         sizes.clients,
         sizes.scale,
@@ -165,6 +257,43 @@ fn print_table(rows: &[Row], sizes: &Sizes, took: Duration) {
 
 fn bin(name: &str) -> PathBuf {
     support::pg_bindir().join(name)
+}
+
+/// The bench's cluster settings (room for a large backlog's WAL, shared buffers for pgbench's
+/// tables) with `extra` lines added.
+fn bench_options(extra: &[&str]) -> ClusterOptions {
+    let mut extra_conf = vec![
+        "max_wal_size = 4GB".to_string(),
+        "shared_buffers = 256MB".to_string(),
+    ];
+    extra_conf.extend(extra.iter().map(|line| line.to_string()));
+    ClusterOptions {
+        extra_conf,
+        ..ClusterOptions::default()
+    }
+}
+
+/// Creates database `db` in `cluster`, fills it with `pgbench -i` at `scale`; a client of it.
+async fn pgbench_init(cluster: &Cluster, db: &str, scale: u32) -> tokio_postgres::Client {
+    cluster.create_database(db);
+    run_ok(
+        Command::new(bin("pgbench"))
+            .args(["-i", "-q", "-s", &scale.to_string()])
+            .args(["-d", &cluster.conninfo(db)])
+            .stdout(Stdio::null()),
+    );
+    cluster.client(db).await
+}
+
+/// A cluster of [`bench_options`] with `extra`, holding a pgbench database `db` at `scale`.
+async fn pgbench_cluster(
+    db: &str,
+    scale: u32,
+    extra: &[&str],
+) -> (Cluster, tokio_postgres::Client) {
+    let cluster = Cluster::start(bench_options(extra));
+    let client = pgbench_init(&cluster, db, scale).await;
+    (cluster, client)
 }
 
 fn run_ok(cmd: &mut Command) -> String {
@@ -535,14 +664,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
     let work = tempfile::tempdir().unwrap();
     let pgbr_dir = work.path().join("pgbackrest");
     let pgbr = pgbackrest_conf(&pgbr_dir);
-    let mut opts = ClusterOptions {
-        extra_conf: vec![
-            "max_wal_size = 4GB".into(),
-            "checkpoint_timeout = 30min".into(),
-            "shared_buffers = 256MB".into(),
-        ],
-        ..ClusterOptions::default()
-    };
+    let mut opts = bench_options(&["checkpoint_timeout = 30min"]);
     match &pgbr {
         Some(p) => opts.extra_conf.extend([
             "archive_mode = on".to_string(),
@@ -576,14 +698,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
                 .args(["--stanza=bench", "stanza-create"]),
         );
     }
-    cluster.create_database("bench");
-    let scale = sizes.stream_scale.to_string();
-    run_ok(
-        Command::new(bin("pgbench"))
-            .args(["-i", "-q", "-s", &scale, "-d", &cluster.conninfo("bench")])
-            .stdout(Stdio::null()),
-    );
-    let client = cluster.client("bench").await;
+    let client = pgbench_init(&cluster, "bench", sizes.stream_scale).await;
     let repo = work.path().join("repo");
     let repo_s = repo.to_str().unwrap().to_string();
     let mut rows = Vec::new();
@@ -594,134 +709,18 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
     stop(a);
 
     if catchup {
-        // One backlog, drained by four consumers whose slots all rest at its start: in round
-        // 0 pg_recvlogical (slot `twin`) then tidemark (slot `tidemark`), in round 1 tidemark
-        // (slot `tidemark2`, a repository of its own) then pg_recvlogical (`twin2`). The order
-        // alternates (a drain on a shared machine moves by several percent), and the backlog is
-        // built once (on this machine pgbench builds it at about a thousand transactions a
-        // second). The ratio is the median of the rounds'.
-        let rounds: usize = if sizes.full { 2 } else { 1 };
-        let repo2 = work.path().join("repo2");
-        let ours = [("tidemark", repo.clone()), ("tidemark2", repo2.clone())];
-        let twins = ["twin", "twin2"];
-        if rounds > 1 {
-            // A slot named on the command line must exist; the archiver takes the new
-            // repository's base backup, then rests at the slot's position.
-            create_slot(&client, "tidemark2").await;
-            let a = spawn_archiver(
-                &cluster,
-                "bench",
-                &repo2,
-                &["--heartbeat", "0s", "--slot", "tidemark2"],
-            );
-            wait_active(&client, "tidemark2").await;
-            stop(a);
+        let mut wide = false;
+        for (i, backlog) in sizes.backlogs.iter().enumerate() {
+            if backlog.workload == Workload::Wide && !wide {
+                client
+                    .batch_execute("CREATE TABLE wide (id bigserial PRIMARY KEY, v text NOT NULL)")
+                    .await
+                    .unwrap();
+                wide = true;
+            }
+            let repo2 = work.path().join(format!("repo2-{i}"));
+            rows.push(catchup_row(sizes, &cluster, &client, *backlog, [&repo, &repo2]).await);
         }
-        for twin in &twins[..rounds] {
-            create_slot(&client, twin).await;
-        }
-        let per_client = (sizes.backlog_txns / sizes.clients as u64)
-            .max(1)
-            .to_string();
-        let clients = sizes.clients.to_string();
-        // The backlog is built fast (no wait for WAL flush at each commit); only draining it
-        // is timed.
-        pgbench_env(
-            &cluster,
-            "bench",
-            &["-c", &clients, "-j", "2", "-t", &per_client],
-            "-c synchronous_commit=off",
-        );
-        let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
-        let end_text: String = client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .unwrap()
-            .get(0);
-        let mut drains = Pair::default();
-        let mut cpu = Vec::new();
-        for round in 0..rounds {
-            let recv = || {
-                timed(recvlogical(&cluster, twins[round]).args([
-                    "--endpos",
-                    &end_text,
-                    "--no-loop",
-                    "-f",
-                    "/dev/null",
-                ]))
-                .0
-            };
-            let (slot, dir) = &ours[round];
-            let archiver = || async {
-                let before = segment_records(&dir.join("segments"));
-                let a = spawn_archiver(
-                    &cluster,
-                    "bench",
-                    dir,
-                    &["--heartbeat", "0s", "--slot", slot],
-                );
-                let t = wait_confirmed(&client, slot, end).await;
-                let used = cpu_seconds(a.id());
-                stop(a);
-                let messages = segment_records(&dir.join("segments")) - before;
-                (t, used, messages)
-            };
-            let (recv_time, (tm_time, used, messages)) = if round.is_multiple_of(2) {
-                let r = recv();
-                (r, archiver().await)
-            } else {
-                let t = archiver().await;
-                (recv(), t)
-            };
-            drains.reference.push(recv_time.as_secs_f64());
-            drains.ours.push(tm_time.as_secs_f64());
-            cpu.push((used, messages));
-        }
-        for twin in &twins[..rounds] {
-            drop_slot(&client, twin).await;
-        }
-        if rounds > 1 {
-            drop_slot(&client, "tidemark2").await;
-        }
-        let recv_time = Duration::from_secs_f64(median(drains.reference.clone()));
-        let tm_time = Duration::from_secs_f64(median(drains.ours.clone()));
-        let ratio = median(
-            drains
-                .reference
-                .iter()
-                .zip(&drains.ours)
-                .map(|(r, o)| r / o)
-                .collect(),
-        );
-        let n = sizes.backlog_txns as f64;
-        let per_message: Vec<String> = cpu
-            .iter()
-            .map(|((user, sys), m)| {
-                format!(
-                    "{:.2} µs ({user:.2} s user + {sys:.2} s sys / {m} messages)",
-                    (user + sys) * 1e6 / (*m).max(1) as f64
-                )
-            })
-            .collect();
-        rows.push(Row {
-            what: "catch-up: drain a pgbench backlog",
-            tidemark: format!(
-                "{:.0} txn/s ({:.1?}; rounds {}); archiver CPU per message: {}",
-                n / tm_time.as_secs_f64(),
-                tm_time,
-                times_text(&drains.ours),
-                per_message.join(", ")
-            ),
-            reference: format!(
-                "pg_recvlogical: {:.0} txn/s ({:.1?}; rounds {})",
-                n / recv_time.as_secs_f64(),
-                recv_time,
-                times_text(&drains.reference)
-            ),
-            ratio: Some(ratio),
-            target: ">= 0.95",
-            met: Some(ratio >= 0.95),
-        });
     }
 
     if live {
@@ -772,7 +771,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         };
         let ratio = ratios.iter().sum::<f64>() / ratios.len() as f64;
         rows.push(Row {
-            what: "live: pgbench TPS with the consumer attached",
+            what: "live: pgbench TPS with the consumer attached".into(),
             tidemark: format!("{} tps", tps_text(&tps.0)),
             reference: format!(
                 "pg_recvlogical -s 1 -F 1: {} tps; no consumer: {tps_none:.0} tps",
@@ -783,7 +782,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
             met: Some(ratio >= 0.97),
         });
         rows.push(Row {
-            what: "live lag, p99",
+            what: "live lag, p99".into(),
             tidemark: format!("{tm_lag_secs:.2} s, {}", mib(tm_lag_bytes)),
             reference: format!(
                 "pg_recvlogical: {recv_lag_secs:.2} s, {}",
@@ -794,7 +793,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
             met: Some(tm_lag_secs <= 1.0),
         });
         rows.push(Row {
-            what: "RPO, p99: commit -> segment stored (local folder)",
+            what: "RPO, p99: commit -> segment stored (local folder)".into(),
             tidemark: format!("{tm_lag_secs:.2} s"),
             reference: "the slot is acknowledged only when stored".into(),
             ratio: None,
@@ -812,7 +811,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         let ref_bytes = per(archive_after.saturating_sub(archive_before) as f64);
         let ratio = tm_bytes / ref_bytes;
         rows.push(Row {
-            what: "archive bytes per pgbench transaction",
+            what: "archive bytes per pgbench transaction".into(),
             tidemark: format!("{tm_bytes:.0} B"),
             reference: format!("{archive_label}: {ref_bytes:.0} B; WAL written: {wal_bytes:.0} B"),
             ratio: Some(ratio),
@@ -820,7 +819,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
             met: Some(ratio <= 0.25),
         });
         rows.push(Row {
-            what: "memory: archiver RSS under load (max)",
+            what: "memory: archiver RSS under load (max)".into(),
             tidemark: mib(rss as f64),
             reference: "-".into(),
             ratio: None,
@@ -840,7 +839,7 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         let rate = replayed as f64 / replay_secs.max(1e-3);
         let ratio = rate / tps_tm;
         rows.push(Row {
-            what: "replay during restore",
+            what: "replay during restore".into(),
             tidemark: format!("{rate:.0} txn/s ({replayed} txns)"),
             reference: format!("source commit rate: {tps_tm:.0} txn/s"),
             ratio: Some(ratio),
@@ -849,6 +848,157 @@ async fn stream_rows(sizes: &Sizes, catchup: bool, live: bool) -> Vec<Row> {
         });
     }
     rows
+}
+
+/// The catch-up row of one backlog. The backlog is built once and drained by four consumers
+/// whose slots all rest at its start: in round 0 pg_recvlogical (slot `twin`) then tidemark
+/// (slot `tidemark`, repository `repos[0]`), in round 1 tidemark (slot `tidemark2`, a new
+/// repository `repos[1]`) then pg_recvlogical (`twin2`). The order alternates (a drain on a
+/// shared machine moves by several percent), and the backlog is built once (on this machine
+/// pgbench builds it at a few thousand transactions a second). The ratio is the median of the
+/// rounds'. On return the slot `tidemark` rests at the backlog's end; the others are dropped.
+async fn catchup_row(
+    sizes: &Sizes,
+    cluster: &Cluster,
+    client: &tokio_postgres::Client,
+    backlog: Backlog,
+    repos: [&Path; 2],
+) -> Row {
+    let rounds: usize = if sizes.full { 2 } else { 1 };
+    let ours = [("tidemark", repos[0]), ("tidemark2", repos[1])];
+    let twins = ["twin", "twin2"];
+    if rounds > 1 {
+        // A slot named on the command line must exist; the archiver takes the new
+        // repository's base backup, then rests at the slot's position.
+        create_slot(client, "tidemark2").await;
+        let a = spawn_archiver(
+            cluster,
+            "bench",
+            repos[1],
+            &["--heartbeat", "0s", "--slot", "tidemark2"],
+        );
+        wait_active(client, "tidemark2").await;
+        stop(a);
+    }
+    for twin in &twins[..rounds] {
+        create_slot(client, twin).await;
+    }
+    build_backlog(sizes, cluster, backlog, repos[0].parent().unwrap());
+    let end = lsn_of(client, "SELECT pg_current_wal_lsn()").await;
+    let end_text: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let mut drains = Pair::default();
+    let mut cpu = Vec::new();
+    for round in 0..rounds {
+        let recv = || {
+            timed(recvlogical(cluster, twins[round]).args([
+                "--endpos",
+                &end_text,
+                "--no-loop",
+                "-f",
+                "/dev/null",
+            ]))
+            .0
+        };
+        let (slot, dir) = ours[round];
+        let archiver = || async {
+            let before = segment_records(&dir.join("segments"));
+            let a = spawn_archiver(
+                cluster,
+                "bench",
+                dir,
+                &["--heartbeat", "0s", "--slot", slot],
+            );
+            let t = wait_confirmed(client, slot, end).await;
+            let used = cpu_seconds(a.id());
+            stop(a);
+            let messages = segment_records(&dir.join("segments")) - before;
+            (t, used, messages)
+        };
+        let (recv_time, (tm_time, used, messages)) = if round.is_multiple_of(2) {
+            let r = recv();
+            (r, archiver().await)
+        } else {
+            let t = archiver().await;
+            (recv(), t)
+        };
+        drains.reference.push(recv_time.as_secs_f64());
+        drains.ours.push(tm_time.as_secs_f64());
+        cpu.push((used, messages));
+    }
+    for twin in &twins[..rounds] {
+        drop_slot(client, twin).await;
+    }
+    if rounds > 1 {
+        drop_slot(client, "tidemark2").await;
+        // Its repository is not read again; the disk is the next backlog's.
+        let _ = std::fs::remove_dir_all(repos[1]);
+    }
+    let recv_time = Duration::from_secs_f64(median(drains.reference.clone()));
+    let tm_time = Duration::from_secs_f64(median(drains.ours.clone()));
+    // In rate: the median of the rounds' reference / ours in time.
+    let ratio = median(
+        drains
+            .reference
+            .iter()
+            .zip(&drains.ours)
+            .map(|(r, o)| r / o)
+            .collect(),
+    );
+    let n = backlog.txns as f64;
+    let per_message: Vec<String> = cpu
+        .iter()
+        .map(|((user, sys), m)| {
+            format!(
+                "{:.2} µs ({user:.2} s user + {sys:.2} s sys / {m} messages)",
+                (user + sys) * 1e6 / (*m).max(1) as f64
+            )
+        })
+        .collect();
+    Row {
+        what: format!("catch-up: drain a backlog of {}", backlog.describe()),
+        tidemark: format!(
+            "{:.0} txn/s ({:.1?}; rounds {}); archiver CPU per message: {}",
+            n / tm_time.as_secs_f64(),
+            tm_time,
+            times_text(&drains.ours),
+            per_message.join(", ")
+        ),
+        reference: format!(
+            "pg_recvlogical: {:.0} txn/s ({:.1?}; rounds {})",
+            n / recv_time.as_secs_f64(),
+            recv_time,
+            times_text(&drains.reference)
+        ),
+        ratio: Some(ratio),
+        target: ">= 0.95",
+        met: Some(ratio >= 0.95),
+    }
+}
+
+/// Writes `backlog` into database `bench` with 4 clients (pgbench `-c 4 -j 2`, the clients of
+/// the run's sizes) and `synchronous_commit=off`: built fast (no wait for a WAL flush at each
+/// commit); only draining it is timed. The wide rows' pgbench script is written in `scratch`.
+fn build_backlog(sizes: &Sizes, cluster: &Cluster, backlog: Backlog, scratch: &Path) {
+    let per_client = (backlog.txns / sizes.clients as u64).max(1).to_string();
+    let clients = sizes.clients.to_string();
+    let mut args = vec!["-c", &clients, "-j", "2", "-t", &per_client];
+    let script = scratch.join("wide.sql");
+    if backlog.workload == Workload::Wide {
+        // 64 md5 digests: 2,048 characters that zstd cannot fold into each other.
+        std::fs::write(
+            &script,
+            "INSERT INTO wide (v) SELECT string_agg(md5(random()::text), '') \
+             FROM generate_series(1, 64);\n",
+        )
+        .unwrap();
+        args.extend(["-f", script.to_str().unwrap()]);
+    }
+    pgbench_env(cluster, "bench", &args, "-c synchronous_commit=off");
+    let _ = std::fs::remove_file(&script);
 }
 
 /// One live pgbench run with a consumer attached.
@@ -1026,22 +1176,7 @@ async fn backup_rows(sizes: &Sizes) -> Vec<Row> {
     let work = tempfile::tempdir().unwrap();
     // Autovacuum off: the second restore would otherwise share the machine with the vacuum of
     // the tables the first one just loaded.
-    let cluster = Cluster::start(ClusterOptions {
-        extra_conf: vec![
-            "max_wal_size = 4GB".into(),
-            "shared_buffers = 256MB".into(),
-            "autovacuum = off".into(),
-        ],
-        ..ClusterOptions::default()
-    });
-    cluster.create_database("big");
-    run_ok(
-        Command::new(bin("pgbench"))
-            .args(["-i", "-q", "-s", &sizes.scale.to_string()])
-            .args(["-d", &cluster.conninfo("big")])
-            .stdout(Stdio::null()),
-    );
-    let client = cluster.client("big").await;
+    let (cluster, client) = pgbench_cluster("big", sizes.scale, &["autovacuum = off"]).await;
     client.batch_execute("CHECKPOINT").await.unwrap();
     client.batch_execute("VACUUM ANALYZE").await.unwrap();
     tidemark(&["setup", "--source", &cluster.conninfo("big")]);
@@ -1141,7 +1276,7 @@ async fn backup_rows(sizes: &Sizes) -> Vec<Row> {
     let r = restores.ratio();
     vec![
         Row {
-            what: "base backup of a pgbench database",
+            what: "base backup of a pgbench database".into(),
             tidemark: format!(
                 "{}, {}",
                 backups.ours_text(),
@@ -1157,7 +1292,7 @@ async fn backup_rows(sizes: &Sizes) -> Vec<Row> {
             met: Some(b <= 1.0),
         },
         Row {
-            what: "restore of that base backup",
+            what: "restore of that base backup".into(),
             tidemark: restores.ours_text(),
             reference: format!("pg_restore -j 2: {}", restores.reference_text()),
             ratio: Some(r),
@@ -1276,7 +1411,7 @@ async fn huge_row(sizes: &Sizes) -> Vec<Row> {
         .map(|p| (p / mean.max(1.0) - 1.0).abs())
         .fold(0.0, f64::max);
     vec![Row {
-        what: "memory through one huge transaction (RSS)",
+        what: "memory through one huge transaction (RSS)".into(),
         tidemark: format!(
             "{} max ({} idle); quarter peaks {} MiB (±{:.0} %); archived in {took:.1?}",
             mib(max_rss as f64),
@@ -1309,13 +1444,7 @@ async fn s3_rows(sizes: &Sizes) -> Vec<Row> {
     proxy.set_mode(Mode::Pass);
     let env = server.cli_env(&proxy.endpoint);
     let cluster = Cluster::start(ClusterOptions::default());
-    cluster.create_database("bench");
-    run_ok(
-        Command::new(bin("pgbench"))
-            .args(["-i", "-q", "-s", "1", "-d", &cluster.conninfo("bench")])
-            .stdout(Stdio::null()),
-    );
-    let client = cluster.client("bench").await;
+    let client = pgbench_init(&cluster, "bench", 1).await;
     let child = Command::new(support::tidemark_bin())
         .args(["archive", "--source", &cluster.conninfo("bench")])
         .args(["--repo", "s3://bench/db"])
@@ -1352,7 +1481,7 @@ async fn s3_rows(sizes: &Sizes) -> Vec<Row> {
     let idle_puts_per_min = (p1 - p0) as f64 * 60.0 / idle.as_secs_f64();
     vec![
         Row {
-            what: "S3 requests, idle database",
+            what: "S3 requests, idle database".into(),
             tidemark: format!(
                 "{:.0}/h ({:.0} PUT/h = {idle_puts_per_min:.1} PUT/min, {:.0} GET/h incl. LIST)",
                 per_hour(r1 - r0, idle),
@@ -1365,7 +1494,7 @@ async fn s3_rows(sizes: &Sizes) -> Vec<Row> {
             met: Some(idle_puts_per_min <= 3.0 && g1 == g0),
         },
         Row {
-            what: "S3 requests, busy database (pgbench)",
+            what: "S3 requests, busy database (pgbench)".into(),
             tidemark: format!(
                 "{:.0}/h ({:.0} PUT/h, {:.0} GET/h incl. LIST)",
                 per_hour(r2 - r1, busy),
@@ -1378,7 +1507,7 @@ async fn s3_rows(sizes: &Sizes) -> Vec<Row> {
             met: None,
         },
         Row {
-            what: "RPO, p99: commit -> segment stored (S3 store)",
+            what: "RPO, p99: commit -> segment stored (S3 store)".into(),
             tidemark: format!("{rpo:.2} s"),
             reference: "the slot is acknowledged only when stored".into(),
             ratio: None,
@@ -1443,18 +1572,7 @@ async fn live_scheduled(
 
 async fn schedule_rows(sizes: &Sizes) -> Vec<Row> {
     let work = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(ClusterOptions {
-        extra_conf: vec!["max_wal_size = 4GB".into(), "shared_buffers = 256MB".into()],
-        ..ClusterOptions::default()
-    });
-    cluster.create_database("sched");
-    run_ok(
-        Command::new(bin("pgbench"))
-            .args(["-i", "-q", "-s", &sizes.scale.to_string()])
-            .args(["-d", &cluster.conninfo("sched")])
-            .stdout(Stdio::null()),
-    );
-    let client = cluster.client("sched").await;
+    let (cluster, client) = pgbench_cluster("sched", sizes.scale, &[]).await;
     client.batch_execute("VACUUM ANALYZE").await.unwrap();
     tidemark(&["setup", "--source", &cluster.conninfo("sched")]);
     let repo = work.path().join("repo");
@@ -1509,7 +1627,7 @@ async fn schedule_rows(sizes: &Sizes) -> Vec<Row> {
     };
     vec![
         Row {
-            what: "live: pgbench TPS during scheduled base backups (back to back)",
+            what: "live: pgbench TPS during scheduled base backups (back to back)".into(),
             tidemark: format!("{} tps", list(&with)),
             reference: format!("same archiver, no schedule: {} tps", list(&plain)),
             ratio: Some(ratio),
@@ -1517,7 +1635,7 @@ async fn schedule_rows(sizes: &Sizes) -> Vec<Row> {
             met: None,
         },
         Row {
-            what: "scheduled base backup throughput (table data read)",
+            what: "scheduled base backup throughput (table data read)".into(),
             tidemark: throughput,
             reference: "-".into(),
             ratio: None,
@@ -1528,56 +1646,49 @@ async fn schedule_rows(sizes: &Sizes) -> Vec<Row> {
 }
 
 /// Client-side encryption against none, in the same run: the archiver's CPU to drain the same
-/// pgbench backlog into a plain and into an encrypted repository (one after the other, each
-/// from its own base backup on the default slot), then restores of both alternating, five
-/// rounds in the full run (the ratio is the median of the rounds').
+/// pgbench backlog into a plain and into an encrypted repository (each from its own base backup
+/// on a slot of its own, both slots resting at the backlog's start, built once), then restores
+/// of both alternating, five rounds in the full run (the ratio is the median of the rounds').
 async fn crypt_rows(sizes: &Sizes) -> Vec<Row> {
     let work = tempfile::tempdir().unwrap();
-    let cluster = Cluster::start(ClusterOptions {
-        extra_conf: vec!["max_wal_size = 4GB".into(), "shared_buffers = 256MB".into()],
-        ..ClusterOptions::default()
-    });
-    cluster.create_database("bench");
-    let scale = if sizes.full { "10" } else { "1" };
-    run_ok(
-        Command::new(bin("pgbench"))
-            .args(["-i", "-q", "-s", scale, "-d", &cluster.conninfo("bench")])
-            .stdout(Stdio::null()),
-    );
-    let client = cluster.client("bench").await;
+    let (cluster, client) = pgbench_cluster("bench", sizes.stream_scale, &[]).await;
     let keyring = work.path().join("keyring.json");
     tidemark(&["keys", "generate", "--out", keyring.to_str().unwrap()]);
     let key_flag = ["--encryption-key-file", keyring.to_str().unwrap()];
-    let per_client = (sizes.backlog_txns / sizes.clients as u64)
-        .max(1)
-        .to_string();
-    let clients = sizes.clients.to_string();
 
-    // (repository, extra flags, archiver CPU seconds for the backlog)
-    let mut runs: Vec<(PathBuf, Vec<&str>, f64)> = Vec::new();
-    for (name, extra) in [("plain", vec![]), ("encrypted", key_flag.to_vec())] {
+    // (repository, extra flags, the archiver's flags, its slot)
+    let mut runs: Vec<(PathBuf, Vec<&str>, Vec<&str>, &str)> = Vec::new();
+    for (name, slot, extra) in [
+        ("plain", "tidemark", vec![]),
+        ("encrypted", "tidemark2", key_flag.to_vec()),
+    ] {
         let repo = work.path().join(name);
         let mut flags = vec!["--heartbeat", "0s"];
         flags.extend(&extra);
+        if slot != "tidemark" {
+            // A slot named on the command line must exist; the default one is created.
+            create_slot(&client, slot).await;
+            flags.extend(["--slot", slot]);
+        }
         let a = spawn_archiver(&cluster, "bench", &repo, &flags);
-        wait_active(&client, "tidemark").await;
+        wait_active(&client, slot).await;
         stop(a);
-        pgbench_env(
-            &cluster,
-            "bench",
-            &["-c", &clients, "-j", "2", "-t", &per_client],
-            "-c synchronous_commit=off",
-        );
-        let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
-        let a = spawn_archiver(&cluster, "bench", &repo, &flags);
-        wait_confirmed(&client, "tidemark", end).await;
-        let cpu = {
-            let (user, sys) = cpu_seconds(a.id());
-            user + sys
-        };
+        runs.push((repo, extra, flags, slot));
+    }
+    let backlog = Backlog {
+        workload: Workload::Pgbench,
+        txns: sizes.backlog_txns,
+    };
+    build_backlog(sizes, &cluster, backlog, work.path());
+    let end = lsn_of(&client, "SELECT pg_current_wal_lsn()").await;
+    // Archiver CPU seconds for the backlog, plain then encrypted.
+    let mut cpu = Vec::new();
+    for (repo, _, flags, slot) in &runs {
+        let a = spawn_archiver(&cluster, "bench", repo, flags);
+        wait_confirmed(&client, slot, end).await;
+        let (user, sys) = cpu_seconds(a.id());
+        cpu.push(user + sys);
         stop(a);
-        drop_slot(&client, "tidemark").await;
-        runs.push((repo, extra, cpu));
     }
 
     let rounds = if sizes.full { 5 } else { 1 };
@@ -1587,7 +1698,7 @@ async fn crypt_rows(sizes: &Sizes) -> Vec<Row> {
         for i in order {
             let db = format!("crypt_{round}_{i}");
             cluster.create_database(&db);
-            let (repo, extra, _) = &runs[i];
+            let (repo, extra, _, _) = &runs[i];
             let (t, _) = timed(
                 Command::new(support::tidemark_bin())
                     .args(["restore", "--repo", repo.to_str().unwrap()])
@@ -1600,12 +1711,12 @@ async fn crypt_rows(sizes: &Sizes) -> Vec<Row> {
     }
     let ratios: Vec<f64> = times[0].iter().zip(&times[1]).map(|(p, e)| e / p).collect();
     let restore_ratio = percentile(ratios, 0.5);
-    let (plain_cpu, enc_cpu) = (runs[0].2, runs[1].2);
+    let (plain_cpu, enc_cpu) = (cpu[0], cpu[1]);
     let (plain_bytes, enc_bytes) = (dir_bytes(&runs[0].0), dir_bytes(&runs[1].0));
     let median = |v: &[f64]| percentile(v.to_vec(), 0.5);
     vec![
         Row {
-            what: "encryption: archiver CPU to drain a backlog",
+            what: "encryption: archiver CPU to drain a backlog".into(),
             tidemark: format!("{enc_cpu:.2} s encrypted ({})", mib(enc_bytes as f64)),
             reference: format!("{plain_cpu:.2} s plain ({})", mib(plain_bytes as f64)),
             ratio: Some(enc_cpu / plain_cpu.max(0.01)),
@@ -1613,7 +1724,7 @@ async fn crypt_rows(sizes: &Sizes) -> Vec<Row> {
             met: None,
         },
         Row {
-            what: "encryption: restore --latest",
+            what: "encryption: restore --latest".into(),
             tidemark: format!("{:.2} s encrypted", median(&times[1])),
             reference: format!("{:.2} s plain", median(&times[0])),
             ratio: Some(restore_ratio),
