@@ -245,8 +245,9 @@ struct ArchiveArgs {
     /// Connections used by base backups.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
-    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9187, GET /metrics). With it, an
-    /// archiver stopped by an unexplained schema change stays up (metrics show it) until signalled.
+    /// Serve Prometheus metrics on this address (e.g. 0.0.0.0:9898, GET /metrics; 9187 is
+    /// postgres_exporter's). With it, an archiver stopped by an unexplained schema change stays
+    /// up (metrics show it) until signalled.
     #[arg(long, env = "TIDEMARK_METRICS_ADDRESS")]
     metrics_address: Option<std::net::SocketAddr>,
     /// While the source is not accepting connections yet (refused, unreachable, starting up:
