@@ -12,15 +12,17 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Command};
 
 /// Commands that only read the repository (restore and audit write nothing but their audit
-/// record): their `--help` does not show the S3 options that only matter to writers.
-pub const READ_ONLY: &[&str] = &["list", "restore", "audit"];
+/// record): their `--help` does not show the S3 options that only matter to writers. A name
+/// the binary does not have (yet) is skipped.
+pub const READ_ONLY: &[&str] = &["list", "restore", "audit", "verify", "status"];
 
 /// S3 options that only a command writing objects uses (the server-side encryption and storage
 /// class of new objects). Hidden on [`READ_ONLY`] commands, still accepted there (an
 /// environment shared with the archiver keeps working, and restore's audit record honours them).
 pub const WRITE_OPTIONS: &[&str] = &["s3_sse", "s3_sse_kms_key_id", "s3_storage_class"];
 
-/// Short examples shown after each main command's `--help`.
+/// Short examples shown after each main command's `--help` (a command the binary does not have
+/// is skipped).
 pub const EXAMPLES: &[(&str, &str)] = &[
     (
         "setup",
@@ -57,6 +59,16 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     (
         "audit",
         "tidemark audit --repo s3://backups/app --since \"2026-12-01 00:00\"",
+    ),
+    (
+        "verify",
+        "tidemark verify --repo s3://backups/app
+  tidemark verify --repo /var/lib/tidemark/app --json",
+    ),
+    (
+        "status",
+        "tidemark status --repo s3://backups/app
+  tidemark status --repo s3://backups/app --json",
     ),
     (
         "completions",
