@@ -102,6 +102,9 @@ pub struct ArchiveOptions {
     pub retention: Option<crate::catalog::retention::Policy>,
     /// Where that retention moves weekly and monthly archives (`--archive-storage-class`).
     pub archive_class: Option<crate::store::StorageClass>,
+    /// Before the first stream, retry this long while the source is not accepting connections
+    /// yet (`--source-wait`: a server starting beside the archiver); zero: fail at once.
+    pub source_wait: Duration,
 }
 
 impl Default for ArchiveOptions {
@@ -126,6 +129,7 @@ impl Default for ArchiveOptions {
             compression: None,
             retention: None,
             archive_class: None,
+            source_wait: Duration::ZERO,
         }
     }
 }
@@ -204,6 +208,16 @@ impl ArchiveError {
     pub fn lost_publication(&self, publication: &str) -> bool {
         matches!(self, ArchiveError::Replication(crate::replication::ReplicationError::Server { code, message, .. })
             if code == "42704" && *message == format!("publication \"{publication}\" does not exist"))
+    }
+
+    /// The source is not accepting connections yet: refused, unreachable, or starting up. A
+    /// wrong password, a missing database or privilege is not.
+    pub fn source_not_up(&self) -> bool {
+        match self {
+            ArchiveError::Source(SourceError::Unreachable { not_up, .. }) => *not_up,
+            ArchiveError::Replication(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 
     /// Whether starting the run over (after a pause) may succeed: the server or the store went
@@ -322,6 +336,7 @@ async fn run_attempts(
     let mut total = ArchiveSummary::default();
     let mut streamed_once = false;
     let mut backoff = crate::retry::Backoff::new(RETRY_FIRST, RETRY_MAX);
+    let waiting_since = Instant::now();
     for attempt in 0u64.. {
         let stats = Arc::new(AttemptStats::default());
         let started = Instant::now();
@@ -363,6 +378,20 @@ async fn run_attempts(
                 );
                 drop_slot_when_released(source_info, &opts.slot, opts.slot_wait).await?;
                 streamed_once = true;
+            }
+            Err(e)
+                if !streamed_once
+                    && e.source_not_up()
+                    && waiting_since.elapsed() < opts.source_wait
+                    && !shutdown.is_cancelled() =>
+            {
+                let left = opts.source_wait.saturating_sub(waiting_since.elapsed());
+                let delay = backoff.next_delay().min(left);
+                warn!(error = %e, retry_in = ?delay, "the source is not accepting connections yet; retrying for up to {} more (--source-wait)", humantime::format_duration(Duration::from_secs(left.as_secs())));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(total),
+                    _ = tokio::time::sleep(delay) => {}
+                }
             }
             Err(e) if streamed_once && e.is_transient() && !shutdown.is_cancelled() => {
                 metrics::counter!(telemetry::RESTARTS).increment(1);

@@ -330,6 +330,7 @@ mod tests {
                 SourceError::Unreachable {
                     target: s(),
                     detail: s(),
+                    not_up: true,
                 }
                 .into(),
                 Database,

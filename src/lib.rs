@@ -39,7 +39,8 @@
 //!   [`status`] (health, retention breaches, sizes by tier), [`prune`], [`rekey`] (key
 //!   rotation's header sidecars and the retire check),
 //!   [`audit_cmd`] (the audit trail's recording and `tidemark audit`), [`demo`] (with
-//!   [`scratch`], a throwaway cluster), and [`exit`] (the command line's values and errors);
+//!   [`scratch`], a throwaway cluster), [`exit`] (the command line's values and errors) and
+//!   [`cli`] (what every command shares: boolean environment variables, help, a closed stdout);
 //! * shared by all: [`error`] the one error classification (every module error's exit code,
 //!   checked variant by variant), [`retry`] the one backoff and retry loop (with jitter and
 //!   cancellation), [`sql`] the one quoting of identifiers and literals, and [`session`] the
@@ -53,7 +54,7 @@
 //! | 1. pure core (no I/O but the host's and the OS user's names) | `error`, `host`, `retry`, `lsn`, `sql`, `session`, `pgoutput`, `statement`, `segment`, `changelog` | layer 1 |
 //! | 2. the outside world | `conninfo`, `tls`, `replication`, `source`, `pgbin`, `store`, `object`, `crypt`, `catalog`, `ddl` | layers 1–2 |
 //! | 3. the work | `lease`, `backup`, `archive`, `restore` | layers 1–3 |
-//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `verify`, `status`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `telemetry`, `logging` | everything |
+//! | 4. commands and the edge | `setup`, `grants`, `backup_cmd`, `list`, `verify`, `status`, `prune`, `rekey`, `audit_cmd`, `demo`, `scratch`, `exit`, `cli`, `telemetry`, `logging` | everything |
 //!
 //! Known exceptions, to be removed: `archive` and `lease` (layer 3) record their metrics under the names
 //! `telemetry` (layer 4) owns (the metric names belong below the work, or `telemetry`'s server
@@ -77,6 +78,7 @@ pub mod backup;
 pub mod backup_cmd;
 pub mod catalog;
 pub mod changelog;
+pub mod cli;
 pub mod conninfo;
 pub mod crypt;
 pub mod ddl;

@@ -73,6 +73,11 @@ enum Command {
     /// headers stored beside the objects; resumable, safe beside a running archiver), so that
     /// older keys can be retired.
     Rekey(RekeyArgs),
+    /// Print a shell completion script on standard output (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -261,7 +266,7 @@ struct ArchiveArgs {
     /// Connections used by base backups.
     #[arg(long, env = "TIDEMARK_PARALLEL", default_value_t = 2)]
     parallel: usize,
-    /// Serve Prometheus metrics and health on this address (e.g. 0.0.0.0:9898): GET /metrics,
+    /// Serve Prometheus metrics and health on this address (e.g. 0.0.0.0:9898; 9187 is postgres_exporter's): GET /metrics,
     /// /healthz (200 while archiving, 503 with the reason), /readyz (200 once the slot was first
     /// acknowledged). With it, an archiver stopped by an unexplained schema change stays up
     /// (metrics and /healthz show it) until signalled.
@@ -271,6 +276,12 @@ struct ArchiveArgs {
     /// this long.
     #[arg(long, env = "TIDEMARK_HEALTH_STORE_TIMEOUT", default_value = "60s", value_parser = tidemark::exit::parse_positive_duration)]
     health_store_timeout: Duration,
+    /// While the source is not accepting connections yet (refused, unreachable, starting up:
+    /// a server starting beside the archiver), retry its first connection this long (1 s
+    /// doubling to 30 s) before giving up with exit 3. A wrong password, database or privilege
+    /// fails at once. "0s" (the default) fails at once on any error.
+    #[arg(long, env = "TIDEMARK_SOURCE_WAIT", default_value = "0s", value_parser = humantime::parse_duration)]
+    source_wait: Duration,
     /// How long the repository's writer lease lasts without renewal (for tests).
     #[arg(long, env = "TIDEMARK_LEASE_TTL", default_value = "5m", value_parser = tidemark::exit::parse_positive_duration, hide = true)]
     lease_ttl: Duration,
@@ -438,9 +449,21 @@ struct DemoArgs {
 }
 
 fn main() -> ExitCode {
-    let definition = Cli::command();
+    tidemark::cli::end_quietly_on_closed_stdout();
+    let mut definition = tidemark::cli::finish(Cli::command());
     let matches = definition.clone().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let Command::Completions { shell } = cli.command {
+        let mut script = Vec::new();
+        clap_complete::generate(shell, &mut definition, "tidemark", &mut script);
+        return match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                eprintln!("error: writing the completion script: {e}");
+                ExitCode::from(ExitStatus::Unexpected as u8)
+            }
+            _ => ExitCode::SUCCESS,
+        };
+    }
     // What the audit trail records as this process's command and arguments (no secrets).
     if let Some(invocation) = audit_cmd::invocation_of(&definition, &matches) {
         audit::set_invocation(invocation);
@@ -638,6 +661,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 archive_class: a.archive_class.archive_storage_class.clone(),
                 backup_lock_ttl: a.schedule.lock.base_backup_lock_ttl,
                 compression: a.compression.compression,
+                source_wait: a.source_wait,
                 ..archive_options(&a.slot)
             };
             tidemark::telemetry::health::health().set_store_timeout(a.health_store_timeout);
@@ -775,22 +799,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             .await;
             let s = audit_cmd::finish_restore(&repo, started, &a.target, asked, restored).await?;
-            println!(
-                "restored backup {} and {} transactions (last commit {} at {}) in {:.1}s (replay {:.2}s)",
-                s.backup_id,
-                s.transactions_replayed,
-                s.last_commit_lsn
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                s.last_commit_time
-                    .map(|t| t.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                s.seconds,
-                s.replay_seconds
-            );
+            println!("{s}");
         }
         Command::Demo(a) => demo::run(a.source.as_deref(), a.repo.as_deref(), a.duration).await?,
         Command::Keys(k) => run_keys(k).await?,
+        Command::Completions { .. } => unreachable!("printed before the runtime starts"),
         Command::Rekey(a) => {
             let Some(path) = &a.repo.encryption_key_file else {
                 return Err(tidemark::exit::UsageError("rekey needs the repository's keyring: pass --encryption-key-file FILE (or TIDEMARK_ENCRYPTION_KEY_FILE)".into()).into());

@@ -389,6 +389,27 @@ pub struct RestoreSummary {
     pub replay_seconds: f64,
 }
 
+/// The summary an operator reads: `restored base backup ID and N transactions (last commit LSN
+/// at TIME) in 12.3s (replay 4.56s)`; with nothing replayed, the backup alone.
+impl std::fmt::Display for RestoreSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "restored base backup {}", self.backup_id)?;
+        match (self.last_commit_lsn, self.last_commit_time) {
+            (Some(lsn), Some(time)) => write!(
+                f,
+                " and {} transaction(s) (last commit {lsn} at {time})",
+                self.transactions_replayed
+            )?,
+            _ => write!(f, " (no transaction replayed)")?,
+        }
+        write!(
+            f,
+            " in {:.1}s (replay {:.2}s)",
+            self.seconds, self.replay_seconds
+        )
+    }
+}
+
 /// Where a restore goes: a stop target, or exactly one backup's instant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Goal {
@@ -516,7 +537,7 @@ pub async fn run_with(
         seconds: started.elapsed().as_secs_f64(),
         replay_seconds,
     };
-    info!(?summary, "restore complete");
+    info!("restore complete: {summary}");
     Ok(summary)
 }
 
@@ -723,6 +744,31 @@ mod tests {
             "{err}"
         );
         assert_eq!(err.exit_status(), crate::error::ExitStatus::Repository);
+    }
+
+    #[test]
+    fn the_summary_reads_as_a_sentence_not_a_struct() {
+        let mut s = RestoreSummary {
+            backup_id: "20261128T020000Z".into(),
+            transactions_replayed: 42,
+            last_commit_lsn: Some(Lsn(0x16B3748)),
+            last_commit_time: Some(PgTimestamp(0)),
+            seconds: 12.34,
+            replay_seconds: 4.567,
+        };
+        assert_eq!(
+            s.to_string(),
+            "restored base backup 20261128T020000Z and 42 transaction(s) (last commit 0/16B3748 at 2000-01-01 00:00:00.000000+00) in 12.3s (replay 4.57s)"
+        );
+        (
+            s.last_commit_lsn,
+            s.last_commit_time,
+            s.transactions_replayed,
+        ) = (None, None, 0);
+        assert_eq!(
+            s.to_string(),
+            "restored base backup 20261128T020000Z (no transaction replayed) in 12.3s (replay 4.57s)"
+        );
     }
 
     fn keys(p: &Plan) -> Vec<&str> {

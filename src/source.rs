@@ -13,7 +13,13 @@ use crate::statement::quote_ident;
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("cannot reach the source database {target}: {detail}\nHINT: check the connection string (--source / TIDEMARK_SOURCE, PG* variables), that the server is running and accepts connections from here (listen_addresses, pg_hba.conf)")]
-    Unreachable { target: String, detail: String },
+    Unreachable {
+        target: String,
+        detail: String,
+        /// The server is not accepting connections yet (refused, reset, timed out, starting
+        /// up or shutting down), as opposed to refusing these credentials or this database.
+        not_up: bool,
+    },
     #[error("the source server has wal_level={0}, but logical decoding needs wal_level=logical\nHINT: run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL")]
     WalLevel(String),
     #[error("role {0:?} may not use replication\nHINT: ALTER ROLE {1} REPLICATION; (or connect as a role that has it)")]
@@ -63,13 +69,23 @@ impl From<ConnInfoError> for SourceError {
             ConnInfoError::Connect { target, source } => SourceError::Unreachable {
                 target,
                 detail: crate::error::describe_pg(&source),
+                not_up: server_not_up(&source),
             },
             other => SourceError::Unreachable {
                 target: String::new(),
                 detail: other.to_string(),
+                not_up: false,
             },
         }
     }
+}
+
+/// A connection that failed because the server is not there or not ready yet (a socket error, a
+/// closed connection, SQLSTATE class 08 or 57P01–57P03), not because it refused us.
+fn server_not_up(e: &tokio_postgres::Error) -> bool {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let code = e.code().map(|c| c.code()).unwrap_or_default();
+    io || e.is_closed() || code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
 }
 
 fn q(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> SourceError {

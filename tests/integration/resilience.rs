@@ -90,3 +90,66 @@ async fn archiving_survives_a_dropped_connection_and_a_server_crash() {
     let restored = support::snapshot_content(&cluster.client("restored_latest").await).await;
     support::assert_same_content(&last, &restored, "restore --latest");
 }
+
+/// A source that is still starting (the pod's PostgreSQL beside the archiver, a server booting
+/// with the machine) is waited for with `--source-wait` instead of the exit that crash-loops a
+/// container; without it the archiver fails at once (exit 3), and one the server refuses (no
+/// such database) fails at once even with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_waits_with_source_wait_for_a_server_still_starting() {
+    let crate::spine::Prepared {
+        mut cluster,
+        src,
+        url,
+        dir: _dir,
+        ..
+    } = Archiving::builder().prepare().await;
+    drop(src);
+    cluster.stop();
+    let source = cluster.conninfo("app");
+    let (code, _, err) = tidemark(&["archive", "--source", &source, "--repo", &url]);
+    assert_eq!(code, 3, "without --source-wait: {err}");
+
+    let mut archiver =
+        crate::spine::Archiver::start_source(&source, &url, &["--source-wait", "2m"], &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !archiver
+        .log_text()
+        .contains("the source is not accepting connections yet")
+    {
+        archiver.assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no wait logged:\n{}",
+            archiver.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Waiting through a few retries, not exiting.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    archiver.assert_running();
+    cluster.start_again();
+    let src = cluster.client("app").await;
+    archiver.wait_streaming(&src, "tidemark").await;
+    workload_step(&src, 2).await;
+    wait_archived(&src, "tidemark", &archiver.log).await;
+    archiver.stop();
+
+    let started = std::time::Instant::now();
+    let (code, _, err) = tidemark(&[
+        "archive",
+        "--source",
+        &cluster.conninfo("no_such_database"),
+        "--repo",
+        &url,
+        "--source-wait",
+        "2m",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("no_such_database"), "{err}");
+    assert!(
+        !err.contains("not accepting connections yet")
+            && started.elapsed() < Duration::from_secs(60),
+        "a refusal was waited on:\n{err}"
+    );
+}
