@@ -1104,12 +1104,12 @@ async fn live_recvlogical(
 fn parse_restore(out: &str) -> (u64, f64) {
     let line = out
         .lines()
-        .find(|l| l.starts_with("restored backup"))
+        .find(|l| l.starts_with("restored base backup"))
         .unwrap_or_else(|| panic!("no summary in restore output:\n{out}"));
     let words: Vec<&str> = line.split_whitespace().collect();
     let n = words
         .iter()
-        .position(|w| *w == "transactions")
+        .position(|w| *w == "transaction(s)")
         .and_then(|i| words[i - 1].parse().ok())
         .unwrap_or(0);
     let secs = |marker: &str| {
