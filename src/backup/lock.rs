@@ -178,6 +178,13 @@ mod tests {
         Arc::new(LocalStore::new(dir))
     }
 
+    /// The newest record under `prefix` of the repository in `dir`.
+    async fn newest_record(dir: &std::path::Path, prefix: &str) -> LeaseRecord {
+        let store = store(dir);
+        let newest = store.list(prefix).await.unwrap().pop().unwrap();
+        serde_json::from_slice(&store.get(&newest.key).await.unwrap()).unwrap()
+    }
+
     #[tokio::test]
     async fn a_second_taker_waits_then_gives_up_naming_the_holder() {
         let dir = tempfile::tempdir().unwrap();
@@ -269,23 +276,9 @@ mod tests {
         assert!(matches!(err, LeaseError::Lost { .. }), "{err}");
         assert!(a_lock.check().is_err());
         // The lock's records name the writer lease they serve; the writer's do not.
-        let newest = store(dir.path())
-            .list(LOCK_PREFIX)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
-        let r: LeaseRecord =
-            serde_json::from_slice(&store(dir.path()).get(&newest.key).await.unwrap()).unwrap();
+        let r = newest_record(dir.path(), LOCK_PREFIX).await;
         assert_eq!(r.writer.as_deref(), Some(b.owner()));
-        let newest = store(dir.path())
-            .list(LEASE_PREFIX)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
-        let r: LeaseRecord =
-            serde_json::from_slice(&store(dir.path()).get(&newest.key).await.unwrap()).unwrap();
+        let r = newest_record(dir.path(), LEASE_PREFIX).await;
         assert_eq!(r.writer, None);
     }
 

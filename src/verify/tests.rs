@@ -156,6 +156,19 @@ async fn repository() -> (tempfile::TempDir, Arc<dyn Store>, Manifest) {
     (dir, store, m)
 }
 
+/// `verify --quick` of `store`.
+async fn verify_quick(store: &Arc<dyn Store>) -> VerifyReport {
+    verify(
+        store,
+        &VerifyOptions {
+            quick: true,
+            ..VerifyOptions::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 fn kinds(r: &VerifyReport) -> Vec<&'static str> {
     r.problems
         .iter()
@@ -190,15 +203,7 @@ async fn a_sound_repository_verifies_and_every_object_is_read() {
     assert!(r.checked.bytes_read >= r.checked.segment_bytes + r.checked.backup_bytes);
     assert_eq!(r.windows.len(), 1);
     assert!(r.windows[0].restorable && r.windows[0].checked);
-    let quick = verify(
-        &store,
-        &VerifyOptions {
-            quick: true,
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let quick = verify_quick(&store).await;
     assert!(
         quick.ok && quick.checked.bytes_read == 0,
         "{}",
@@ -229,15 +234,7 @@ async fn damage_in_the_middle_of_a_window_is_named_and_quick_does_not_read_it() 
         "{text}"
     );
     assert!(!r.windows[0].restorable);
-    let quick = verify(
-        &store,
-        &VerifyOptions {
-            quick: true,
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let quick = verify_quick(&store).await;
     assert!(quick.ok, "--quick reads no segment: {}", describe(&quick));
     // --from after the damaged segment's commit: a restore to those instants still replays
     // it (the window's only backup lies before it).
@@ -256,15 +253,7 @@ async fn damage_in_the_middle_of_a_window_is_named_and_quick_does_not_read_it() 
     std::fs::remove_file(dir.path().join(&m.tables[0].parts[0].key)).unwrap();
     let schema = dir.path().join(&m.schema.key);
     std::fs::write(&schema, b"a schema").unwrap();
-    let r = verify(
-        &store,
-        &VerifyOptions {
-            quick: true,
-            ..VerifyOptions::default()
-        },
-    )
-    .await
-    .unwrap();
+    let r = verify_quick(&store).await;
     assert_eq!(
         kinds(&r),
         ["missing_object", "broken_window"],
